@@ -1,0 +1,32 @@
+"""Packaging for the `llama` inference package.
+
+Runtime dependencies are read from requirements.txt. The `test` extra holds
+tools that only the test suite needs (pytest, and Hugging Face `transformers`
+as an independent reference implementation).
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+def read_requirements(path: Path) -> list:
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+here = Path(__file__).resolve().parent
+
+setup(
+    name="llama",
+    version="0.1.0",
+    description="Minimal, correct and fast Llama 2 / 3 / 3.1 inference on CPU and GPU, one node or many",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["llama", "llama.*"]),
+    install_requires=read_requirements(here / "requirements.txt"),
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.45"],
+    },
+)
