@@ -1,0 +1,106 @@
+"""Model hyper-parameters: what params.json says, validated, plus runtime limits."""
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+# Keys that params.json may hold. Runtime limits (max_batch_size, max_seq_len)
+# are not file parameters and are rejected if they appear there.
+_RUNTIME_FIELDS = {"max_batch_size", "max_seq_len"}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shape of a Llama 2 / 3 / 3.1 transformer.
+
+    Defaults are those of Llama 2 params.json files, which omit `n_kv_heads`
+    (plain multi-head attention) and `rope_theta` (10000).
+    """
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # -1: take it from the tokenizer (Llama 2)
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1 long-context RoPE frequencies
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.vocab_size, int) and (self.vocab_size > 0 or self.vocab_size == -1)):
+            raise ValueError(f"vocab_size must be a positive integer or -1, got {self.vocab_size!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} does not divide dim={self.dim}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension dim/n_heads={self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
+                "grouped-query attention shares each KV head between a whole number of query heads"
+            )
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+            raise ValueError(f"ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier!r}")
+        if not (self.norm_eps > 0 and self.rope_theta > 0):
+            raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps!r}, {self.rope_theta!r}")
+
+    @classmethod
+    def from_params(cls, params: dict, **runtime) -> "ModelArgs":
+        """Builds args from a params.json dict plus runtime limits.
+
+        Unknown keys are an error rather than silently ignored: a key this code
+        does not understand may change the model (as `use_scaled_rope` did).
+        """
+        known = {f.name for f in fields(cls)} - _RUNTIME_FIELDS
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(
+                f"params.json has keys this model does not know: {sorted(unknown)} "
+                f"(known keys: {sorted(known)})"
+            )
+        return cls(**params, **runtime)
+
+    @classmethod
+    def from_json(cls, path, **runtime) -> "ModelArgs":
+        """Reads and validates a params.json file; errors name the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a Meta checkpoint directory holds a params.json next to its .pth files")
+        try:
+            params = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-download it or restore the original file") from e
+        if not isinstance(params, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(params).__name__}")
+        try:
+            return cls.from_params(params, **runtime)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden size: 2/3 of 4*dim, scaled, rounded up to `multiple_of`."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def to_params(self) -> dict:
+        """The params.json dict for these args (runtime limits left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RUNTIME_FIELDS}

@@ -1,0 +1,232 @@
+"""The Llama transformer, built from fairscale model-parallel layers.
+
+One definition serves Llama 2, Llama 3 and Llama 3.1 and every
+model-parallel size: each rank holds `1/mp` of the attention heads and of the
+feed-forward hidden units, and the layers all-reduce or all-gather where the
+math needs the whole vector.
+"""
+
+import math
+from typing import Literal, Optional, Tuple
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+
+from .args import ModelArgs
+
+# Llama 2 checkpoints split the embedding table along the model dimension
+# (fairscale ParallelEmbedding), Llama 3 along the vocabulary
+# (VocabParallelEmbedding). Only the shapes inside a checkpoint tell.
+EmbeddingLayout = Literal["dim", "vocab"]
+
+
+def _keep(x):  # init_method: weights come from the checkpoint, never from an initializer
+    return x
+
+
+def _meta_weights(layer: nn.Module) -> nn.Module:
+    """Replaces a fairscale layer's weight by a meta tensor of the same shape.
+
+    fairscale allocates its parameters with the legacy `torch.Tensor(rows, cols)`
+    constructor, which ignores the `torch.device("meta")` context: without this,
+    building a 70B model would reserve its full size in float32 before the real
+    weights are assigned. Doing it layer by layer keeps that waste to one layer.
+    """
+    layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
+    return layer
+
+
+def kv_replication(n_kv_heads: int, mp_size: int) -> int:
+    """How many ranks share each KV head (1 unless there are more ranks than KV heads)."""
+    if mp_size <= n_kv_heads:
+        if n_kv_heads % mp_size:
+            raise ValueError(f"{mp_size} model-parallel ranks cannot split {n_kv_heads} KV heads evenly")
+        return 1
+    if mp_size % n_kv_heads:
+        raise ValueError(f"{mp_size} model-parallel ranks cannot share {n_kv_heads} KV heads evenly")
+    return mp_size // n_kv_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 (as Meta does), then scale in the model dtype.
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, theta: float, use_scaled: bool) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, fp32, shape (head_dim/2,)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return _llama31_scaling(freqs) if use_scaled else freqs
+
+
+def _llama31_scaling(
+    freqs: torch.Tensor,
+    scale_factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: float = 8192.0,
+) -> torch.Tensor:
+    # Llama 3.1 stretches long wavelengths by `scale_factor`, keeps short ones,
+    # and blends linearly in between.
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    out = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, out)
+
+
+def rope_table(args: ModelArgs, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position up to max_seq_len, each (max_seq_len, head_dim/2), fp32."""
+    freqs = rope_frequencies(args.head_dim, args.rope_theta, args.use_scaled_rope)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (x[2i], x[2i+1]) — Meta's interleaved layout — in fp32.
+
+    x: (bs, seq, heads, head_dim); cos, sin: (seq, head_dim/2). This is the
+    complex product x * e^(i*angle) of Meta's code without complex tensors,
+    which CPU bf16 does not support.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seq, heads, head_dim/2, 2)
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp_size = fs_init.get_model_parallel_world_size()
+        if args.n_heads % mp_size:
+            raise ValueError(f"{mp_size} model-parallel ranks cannot split {args.n_heads} attention heads evenly")
+        replicas = kv_replication(args.n_kv_heads, mp_size)
+        self.n_local_heads = args.n_heads // mp_size
+        self.n_local_kv_heads = args.n_kv_heads * replicas // mp_size
+        self.head_dim = args.head_dim
+
+        kv_out = args.n_kv_heads * replicas * self.head_dim
+        self.wq = _meta_weights(ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep))
+        self.wk = _meta_weights(ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=_keep))
+        self.wv = _meta_weights(ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=_keep))
+        self.wo = _meta_weights(RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep))
+        self.cache_k: Optional[torch.Tensor] = None
+        self.cache_v: Optional[torch.Tensor] = None
+
+    def allocate_cache(self, max_batch_size: int, max_seq_len: int, device, dtype) -> None:
+        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seq, local_heads, head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seq, local_kv_heads, head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+
+        end = start_pos + seqlen
+        self.cache_k[:bsz, :, start_pos:end] = xk.transpose(1, 2)
+        self.cache_v[:bsz, :, start_pos:end] = xv.transpose(1, 2)
+        keys = self.cache_k[:bsz, :, :end]  # (bs, local_kv_heads, end, head_dim)
+        values = self.cache_v[:bsz, :, :end]
+
+        # Query i sits at position start_pos + i and sees keys 0..start_pos + i.
+        # One new token sees the whole cache; a fresh prompt is plainly causal;
+        # only a chunk appended to a non-empty cache needs an explicit mask.
+        mask, causal = None, False
+        if seqlen > 1 and start_pos == 0:
+            causal = True
+        elif seqlen > 1:
+            mask = torch.ones(seqlen, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        out = F.scaled_dot_product_attention(
+            xq.transpose(1, 2), keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True
+        )  # (bs, local_heads, seq, head_dim)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = _meta_weights(ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep))
+        self.w2 = _meta_weights(RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep))
+        self.w3 = _meta_weights(ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Build it under `torch.device("meta")`, load weights with
+    `load_state_dict(..., assign=True)`, then call `setup_caches` once."""
+
+    def __init__(self, params: ModelArgs, embedding_layout: EmbeddingLayout = "vocab"):
+        super().__init__()
+        if params.vocab_size < 1:
+            raise ValueError("vocab_size must be resolved (from the tokenizer) before building the model")
+        self.params = params
+        self.embedding_layout = embedding_layout
+        embedding_cls = VocabParallelEmbedding if embedding_layout == "vocab" else ParallelEmbedding
+        self.tok_embeddings = _meta_weights(embedding_cls(params.vocab_size, params.dim, init_method=_keep))
+        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = _meta_weights(ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep))
+        self.rope_cos: Optional[torch.Tensor] = None
+        self.rope_sin: Optional[torch.Tensor] = None
+
+    def setup_caches(self, device, dtype) -> None:
+        """Allocates the KV cache and the RoPE table on `device` (after weights are loaded)."""
+        self.rope_cos, self.rope_sin = rope_table(self.params, device)
+        for layer in self.layers:
+            layer.attention.allocate_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, *, last_logits_only: bool = False) -> torch.Tensor:
+        """Runs `tokens` (bs, seq) at positions start_pos.. and fills the KV cache.
+
+        Returns float logits (bs, seq, vocab) for every position, or
+        (bs, 1, vocab) for the last one if `last_logits_only` (what decoding needs).
+        """
+        _bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.params.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={self.params.max_seq_len}")
+        cos = self.rope_cos[start_pos : start_pos + seqlen]
+        sin = self.rope_sin[start_pos : start_pos + seqlen]
+        h = self.tok_embeddings(tokens)  # (bs, seq, dim)
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin)
+        if last_logits_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()  # (bs, seq or 1, vocab)
