@@ -1,0 +1,235 @@
+"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 / 3.1 (tiktoken BPE).
+
+Both share one small interface (`encode`, `decode`, `n_words`, `bos_id`,
+`eos_id`, `pad_id`, `stop_tokens`, `special_tokens`), and
+`Tokenizer.from_file` picks the kind from the file's contents, so a user never
+has to say which one they hold. No torch here.
+"""
+
+import base64
+import binascii
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Dict, FrozenSet, Iterator, List, Sequence
+
+# The Llama 3 pre-tokenizer split pattern.
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+
+# Names of the first special tokens after the 128000 base tokens, as Llama 3.1
+# names them (Llama 3.0 called 128002-128005, 128008 and 128010 reserved
+# tokens; the ids are the same). The remaining ids are reserved tokens.
+LLAMA31_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",  # end of message: the model waits for a tool result
+    "<|eot_id|>",  # end of turn
+    "<|python_tag|>",
+]
+
+# tiktoken fails on very long inputs and on very long runs of whitespace or
+# non-whitespace (openai/tiktoken#195); we encode such text in pieces.
+_MAX_ENCODE_CHARS = 400_000
+_MAX_RUN_CHARS = 25_000
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, corrupt or of a kind we cannot read."""
+
+
+class Tokenizer(ABC):
+    """What every tokenizer offers. Build one with `Tokenizer.from_file(path)`."""
+
+    kind: str
+    n_words: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    stop_tokens: FrozenSet[int]
+    special_tokens: Dict[str, int]
+
+    @staticmethod
+    def from_file(path) -> "Tokenizer":
+        """Loads a SentencePiece (Llama 2) or tiktoken (Llama 3) tokenizer.model,
+        deciding which from the file itself."""
+        kind = detect_kind(path)
+        return SentencePieceTokenizer(path) if kind == "sentencepiece" else TiktokenTokenizer(path)
+
+    @abstractmethod
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        """Encodes text to token ids, optionally framed by bos/eos.
+
+        Text that looks like a special token (say a user typing "<|eot_id|>")
+        is encoded as ordinary text, never as the control token.
+        """
+
+    @abstractmethod
+    def decode(self, t: Sequence[int]) -> str:
+        """Decodes token ids to text."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={str(self.path)!r}, n_words={self.n_words})"
+
+
+def _read_head(path: Path, n: int = 4096) -> bytes:
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file {path} not found: pass --tokenizer_path pointing to a tokenizer.model")
+    if path.is_dir():
+        raise TokenizerError(f"{path} is a directory: pass the tokenizer.model file inside it")
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def detect_kind(path) -> str:
+    """Returns "sentencepiece" or "tiktoken" for a tokenizer file, or raises a
+    TokenizerError that names the file and what is wrong with it."""
+    path = Path(path)
+    head = _read_head(path)
+    if not head.strip():
+        raise TokenizerError(f"{path} is empty: download it again")
+    if head.lstrip()[:1] == b"<" or b"<html" in head.lower():
+        raise TokenizerError(
+            f"{path} is a web page, not a tokenizer: the download failed (an expired or "
+            "mistyped link saves an HTML error page). Download the file again."
+        )
+    first_line = head.split(b"\n", 1)[0].strip()
+    if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first_line):
+        return "tiktoken"
+    # A SentencePiece model is a serialized protobuf (binary); let the
+    # SentencePiece loader judge whether it really is one.
+    return "sentencepiece"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Llama 2: SentencePiece, 32000 tokens, bos 1, eos 2, no pad token."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path):
+        from sentencepiece import SentencePieceProcessor
+
+        self.path = Path(path)
+        if detect_kind(self.path) == "tiktoken":
+            raise TokenizerError(
+                f"{self.path} is a tiktoken BPE file (Llama 3), not a SentencePiece model (Llama 2); "
+                "use Tokenizer.from_file, or the tokenizer.model that came with your Llama 2 download"
+            )
+        self.sp_model = SentencePieceProcessor()
+        try:
+            self.sp_model.Load(str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise TokenizerError(
+                f"{self.path} is neither a SentencePiece model nor a tiktoken BPE file "
+                f"(SentencePiece says: {e}); it may be truncated or corrupt: download it again"
+            ) from e
+        self.n_words = self.sp_model.vocab_size()
+        self.bos_id = self.sp_model.bos_id()
+        self.eos_id = self.sp_model.eos_id()
+        self.pad_id = self.sp_model.pad_id()
+        self.stop_tokens = frozenset({self.eos_id})
+        self.special_tokens = {}
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode expects str, got {type(s).__name__}")
+        t = self.sp_model.encode(s)
+        return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
+
+    def decode(self, t: Sequence[int]) -> str:
+        return self.sp_model.decode(list(t))
+
+
+def load_tiktoken_bpe(path: Path) -> Dict[bytes, int]:
+    """Reads a tiktoken BPE file: one `base64(token) rank` per line."""
+    ranks: Dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error) as e:
+                raise TokenizerError(
+                    f"{path}, line {lineno}: expected 'base64-token rank', got {line[:60]!r}; "
+                    "the file is corrupt: download it again"
+                ) from e
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: token ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
+    return ranks
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3 / 3.1: tiktoken BPE with 128000 base tokens and 256 special tokens."""
+
+    kind = "tiktoken"
+
+    def __init__(self, path):
+        import tiktoken
+
+        self.path = Path(path)
+        if detect_kind(self.path) != "tiktoken":
+            raise TokenizerError(
+                f"{self.path} is not a tiktoken BPE file (Llama 3); a Llama 2 tokenizer.model is "
+                "SentencePiece: use Tokenizer.from_file, which detects the kind"
+            )
+        mergeable_ranks = load_tiktoken_bpe(self.path)
+        n_base = len(mergeable_ranks)
+        names = LLAMA31_SPECIAL_TOKENS + [
+            f"<|reserved_special_token_{i}|>"
+            for i in range(2, LLAMA3_NUM_SPECIAL_TOKENS - len(LLAMA31_SPECIAL_TOKENS) + 2)
+        ]
+        self.special_tokens = {name: n_base + i for i, name in enumerate(names)}
+        self.model = tiktoken.Encoding(
+            name=self.path.name,
+            pat_str=LLAMA3_PATTERN,
+            mergeable_ranks=mergeable_ranks,
+            special_tokens=self.special_tokens,
+        )
+        self.n_words = self.model.n_vocab
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        # <|eom_id|> only occurs in Llama 3.1 output; as a stop token it is harmless for 3.0.
+        self.stop_tokens = frozenset(
+            self.special_tokens[name] for name in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
+        )
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        if not isinstance(s, str):
+            raise TypeError(f"encode expects str, got {type(s).__name__}")
+        t: List[int] = []
+        for piece in _pieces(s):
+            # disallowed_special=() turns the check off: special-token text is plain text.
+            t.extend(self.model.encode(piece, allowed_special=set(), disallowed_special=()))
+        return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
+
+    def decode(self, t: Sequence[int]) -> str:
+        return self.model.decode(list(t))
+
+
+_LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_MAX_RUN_CHARS + 1, _MAX_RUN_CHARS + 1))
+
+
+def _pieces(s: str) -> Iterator[str]:
+    """Cuts text into pieces of at most 400,000 characters whose runs of
+    whitespace or non-whitespace are at most 25,000 characters (cut points are
+    those of Meta's reference tokenizer)."""
+    for i in range(0, max(len(s), 1), _MAX_ENCODE_CHARS):
+        chunk = s[i : i + _MAX_ENCODE_CHARS]
+        start = 0
+        for run in _LONG_RUN.finditer(chunk):
+            for cut in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
+                yield chunk[start:cut]
+                start = cut
+        yield chunk[start:]
