@@ -1,0 +1,115 @@
+"""Writing Meta-format checkpoint directories safely.
+
+Every file is written under a temporary name and renamed only when all of
+them are complete, so a crash or a full disk never leaves a directory that
+looks like a finished checkpoint. A `checklist.chk` (md5) lists the files.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+
+_TMP = ".tmp"
+
+
+class _HashingWriter:
+    """A write-only file wrapper that computes the md5 of what passes through."""
+
+    def __init__(self, f):
+        self.f, self.md5 = f, hashlib.md5()
+
+    def write(self, data) -> int:
+        self.md5.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _md5_of(path: Path) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+    return md5.hexdigest()
+
+
+def _save_tensors(state: Dict[str, torch.Tensor], path: Path) -> str:
+    """torch.save to `path`, fsync'ed; returns the file's md5, computed while writing."""
+    # torch.save writes a view's whole underlying storage: copy views of bigger tensors.
+    state = {k: v if v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes else v.clone(memory_format=torch.contiguous_format)
+             for k, v in state.items()}
+    with open(path, "wb") as f:
+        hashed = _HashingWriter(f)
+        torch.save(state, hashed)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashed.md5.hexdigest()
+
+
+def shard_name(i: int) -> str:
+    return f"consolidated.{i:02d}.pth"
+
+
+def prepare_output_dir(out_dir: Path, force: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuses to write into `out_dir` if it holds files (unless `force`) or is an input."""
+    out = out_dir.resolve()
+    for p in protect:
+        if out == Path(p).resolve():
+            raise ValueError(f"output directory {out_dir} is the input directory; choose another output")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ValueError(f"output directory {out_dir} is not empty; choose an empty one or pass --force to overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_checkpoint(
+    out_dir,
+    params: dict,
+    shards: Iterable[Dict[str, torch.Tensor]],
+    tokenizer_path: Optional[Path] = None,
+    force: bool = False,
+    protect: Iterable[Path] = (),
+    progress: Callable[[str], None] = lambda msg: None,
+) -> Path:
+    """Writes params.json, consolidated.NN.pth (one per item of `shards`,
+    consumed one at a time so only one is in memory), tokenizer.model and
+    checklist.chk into `out_dir`."""
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir, force, protect)
+    md5s: Dict[str, str] = {}
+    written = []  # names (without the temporary suffix) of files begun so far
+    try:
+        for i, state in enumerate(shards):
+            name = shard_name(i)
+            written.append(name)
+            md5s[name] = _save_tensors(state, out_dir / (name + _TMP))
+            progress(f"wrote {out_dir / name} ({len(state)} tensors)")
+            del state
+        written.append("params.json")
+        (out_dir / ("params.json" + _TMP)).write_text(json.dumps(params, indent=2) + "\n")
+        md5s["params.json"] = _md5_of(out_dir / ("params.json" + _TMP))
+        if tokenizer_path is not None:
+            written.append("tokenizer.model")
+            shutil.copyfile(tokenizer_path, out_dir / ("tokenizer.model" + _TMP))
+            md5s["tokenizer.model"] = _md5_of(out_dir / ("tokenizer.model" + _TMP))
+    except BaseException:
+        for name in written:
+            (out_dir / (name + _TMP)).unlink(missing_ok=True)
+        raise
+    # All files are complete: drop shards a previous (forced-over) run left, then publish.
+    for stale in out_dir.glob("consolidated.*.pth"):
+        if stale.name not in md5s:
+            stale.unlink()
+    for name in written:
+        os.replace(out_dir / (name + _TMP), out_dir / name)
+    checklist = "".join(f"{md5s[name]}  {name}\n" for name in sorted(md5s))
+    (out_dir / ("checklist.chk" + _TMP)).write_text(checklist)
+    os.replace(out_dir / ("checklist.chk" + _TMP), out_dir / "checklist.chk")
+    return out_dir

@@ -1,0 +1,117 @@
+"""Process group, device and dtype setup, and rank-0 printing.
+
+Works under `torchrun` (one process per model-parallel rank, on one node or
+many) and under plain `python` (a one-process group, no rendezvous needed).
+"""
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel.initialize import (
+    get_model_parallel_world_size,
+    initialize_model_parallel,
+    model_parallel_is_initialized,
+)
+
+logger = logging.getLogger("llama")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+# How long a collective may wait for a peer before this rank gives up. A rank
+# that died or hangs otherwise leaves the others blocked forever.
+DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 300))
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """`None` means CUDA if this machine has it, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but this PyTorch sees no CUDA GPU; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
+    """`None` means bfloat16 (float16 on a CUDA GPU without bf16 support)."""
+    if dtype is None:
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    if dtype == "float16" and device.type == "cpu":
+        # CPU fp16 matmuls fall back to a slow single-threaded kernel.
+        raise ValueError("float16 on CPU is very slow; use bfloat16 (half the memory of float32) or float32")
+    return DTYPES[dtype]
+
+
+def init_distributed(device: Optional[str], model_parallel_size: Optional[int] = None,
+                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Joins (or reuses) the process group and the fairscale model-parallel group.
+
+    Under torchrun the group spans every process (world size = model-parallel
+    size). Without torchrun it is a group of one. Calling this again in the same
+    process reuses the groups.
+    """
+    dev = resolve_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:  # launched by torchrun (or set up by hand)
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # Plain `python`: a one-process group needs no rendezvous.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    world_size = dist.get_world_size()
+    if model_parallel_size is not None and model_parallel_size != world_size:
+        raise ValueError(
+            f"model_parallel_size={model_parallel_size} but {world_size} processes were launched; "
+            "every process holds one model-parallel shard, so launch that many processes "
+            "(torchrun --nproc_per_node / --nnodes) or leave model_parallel_size unset"
+        )
+    if model_parallel_is_initialized():
+        if get_model_parallel_world_size() != world_size:
+            raise RuntimeError("the model-parallel group does not span all processes; this code needs it to")
+    else:
+        # fairscale prints three "> initializing ..." lines on rank 0; they read
+        # like generated answers in the examples' output, so keep them out of it.
+        with contextlib.redirect_stdout(io.StringIO()):
+            initialize_model_parallel(world_size)
+    return DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print_rank0(*args, **kwargs) -> None:
+    """print() on global rank 0 only (LOCAL_RANK 0 would print once per node)."""
+    if is_rank0():
+        print(*args, **kwargs)
