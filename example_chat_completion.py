@@ -1,0 +1,97 @@
+"""Chat with an instruction-tuned Llama model; answers stream as they are decoded.
+
+    torchrun --nproc_per_node 1 example_chat_completion.py \
+        --ckpt_dir Meta-Llama-3-8B-Instruct/ \
+        --tokenizer_path Meta-Llama-3-8B-Instruct/tokenizer.model --device cpu
+
+Runs under plain `python` too, and on any number of processes or machines
+(see the README's "Distributed inference").
+"""
+
+from typing import List, Optional
+
+from llama import Dialog, Llama
+from llama.cli import run
+from llama.distributed import print_rank0
+
+DIALOGS: List[Dialog] = [
+    [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
+    [
+        {"role": "user", "content": "I am going to Paris, what should I see?"},
+        {
+            "role": "assistant",
+            "content": "Paris, the capital of France, is known for its stunning architecture, art museums, "
+            "historical landmarks, and romantic atmosphere. Here are some of the top attractions to see in Paris:\n\n"
+            "1. The Eiffel Tower: The iconic Eiffel Tower is one of the most recognizable landmarks in the world "
+            "and offers breathtaking views of the city.\n"
+            "2. The Louvre Museum: The Louvre is one of the world's largest and most famous museums, housing an "
+            "impressive collection of art and artifacts, including the Mona Lisa.\n"
+            "3. Notre-Dame Cathedral: This beautiful cathedral is one of the most famous landmarks in Paris and is "
+            "known for its Gothic architecture and stunning stained glass windows.",
+        },
+        {"role": "user", "content": "What is so great about #1?"},
+    ],
+    [
+        {"role": "system", "content": "Always answer with Haiku"},
+        {"role": "user", "content": "I am going to Paris, what should I see?"},
+    ],
+    [
+        {"role": "system", "content": "Always answer with emojis"},
+        {"role": "user", "content": "How to go from Beijing to NY?"},
+    ],
+]
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = None,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+    stream: bool = True,
+):
+    """Answers a few example dialogs.
+
+    Args:
+        ckpt_dir: Meta checkpoint directory (params.json, consolidated.*.pth).
+        tokenizer_path: tokenizer.model (Llama 2 SentencePiece or Llama 3 tiktoken).
+        temperature: 0 for greedy decoding.
+        top_p: Nucleus sampling threshold.
+        max_seq_len: Dialog plus answer, in tokens.
+        max_batch_size: Dialogs run together when not streaming.
+        max_gen_len: Most tokens per answer (default: until the model stops or the context is full).
+        device: "cpu" or "cuda" (default: cuda if available).
+        dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
+        stream: Print each answer token by token (one dialog at a time);
+            --nostream answers all dialogs in one batch, then prints.
+    """
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=dtype,
+    )
+    dialogs = DIALOGS[:max_batch_size]
+    if not stream:
+        results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    for i, dialog in enumerate(dialogs):
+        for msg in dialog:
+            print_rank0(f"{msg['role'].capitalize()}: {msg['content']}\n")
+        print_rank0("> Assistant: ", end="", flush=True)
+        if stream:
+            for event in generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len):
+                print_rank0(event.text, end="", flush=True)
+            print_rank0()
+        else:
+            print_rank0(results[i]["generation"]["content"])
+        print_rank0("\n==================================\n")
+
+
+if __name__ == "__main__":
+    run(main)

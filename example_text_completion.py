@@ -1,0 +1,76 @@
+"""Text completion with a pretrained Llama model.
+
+    torchrun --nproc_per_node 1 example_text_completion.py \
+        --ckpt_dir llama-2-7b/ --tokenizer_path tokenizer.model --device cpu
+
+Runs under plain `python` too, and on any number of processes or machines
+(see the README's "Distributed inference").
+"""
+
+from typing import Optional
+
+from llama import Llama
+from llama.cli import run
+from llama.distributed import print_rank0
+
+PROMPTS = [
+    # For these prompts, the expected answer is the natural continuation of the prompt
+    "I believe the meaning of life is",
+    "Simply put, the theory of relativity states that ",
+    """A brief message congratulating the team on the launch:
+
+        Hi everyone,
+
+        I just """,
+    # Few shot prompt (providing a few examples before asking model to complete more);
+    """Translate English to French:
+
+        sea otter => loutre de mer
+        peppermint => menthe poivrée
+        plush girafe => girafe peluche
+        cheese =>""",
+]
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    device: Optional[str] = None,
+    dtype: Optional[str] = None,
+):
+    """Completes a few example prompts in one batch.
+
+    Args:
+        ckpt_dir: Meta checkpoint directory (params.json, consolidated.*.pth).
+        tokenizer_path: tokenizer.model (Llama 2 SentencePiece or Llama 3 tiktoken).
+        temperature: 0 for greedy decoding.
+        top_p: Nucleus sampling threshold.
+        max_seq_len: Prompt plus generation, in tokens.
+        max_gen_len: Tokens to generate per prompt.
+        max_batch_size: Prompts run together.
+        device: "cpu" or "cuda" (default: cuda if available).
+        dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
+    """
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        device=device,
+        dtype=dtype,
+    )
+    prompts = PROMPTS[:max_batch_size]
+    results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    for prompt, result in zip(prompts, results):
+        print_rank0(prompt)
+        print_rank0(f"> {result['generation']}")
+        print_rank0("\n==================================\n")
+
+
+if __name__ == "__main__":
+    run(main)
