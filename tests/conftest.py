@@ -1,0 +1,70 @@
+"""Shared fixtures: real and tiny tokenizers, tiny random checkpoints.
+
+The real Llama 3 tokenizer.model ships inside the `llama-models` wheel on
+PyPI; it is downloaded once (pip download, no install) into a cache directory
+($LLAMA_TEST_CACHE, default ~/.cache/llama-tests) and checked by md5.
+"""
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("LLAMA_TEST_CACHE", Path.home() / ".cache" / "llama-tests"))
+
+# Tiny shapes: the whole suite runs in minutes on two CPU cores.
+TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32}
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_path() -> Path:
+    """The real Llama 3 tiktoken tokenizer.model (2,183,982 bytes)."""
+    from utils.fetch_llama3_tokenizer import fetch_llama3_tokenizer
+
+    return fetch_llama3_tokenizer(CACHE / "llama3_tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer_path(tmp_path_factory) -> Path:
+    """A 512-token SentencePiece BPE model trained here, with Llama 2's ids
+    (bos 1, eos 2, no pad) and normalizer settings (identity, spaces kept)."""
+    import sentencepiece as spm
+
+    corpus = (REPO / "tests" / "data" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=512, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=-1, unk_id=0, bos_id=1, eos_id=2, minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        split_digits=True, allow_whitespace_only_pieces=True,
+    )
+    path = tmp_path_factory.mktemp("sp") / "tokenizer.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_ckpt(tmp_path_factory, llama3_tokenizer_path, sp_tokenizer_path):
+    """Factory: make_ckpt(family, shards=1, dtype=float32, **shape) -> checkpoint dir (cached).
+
+    Llama 2 checkpoints use the tiny SentencePiece tokenizer; Llama 3 / 3.1
+    ones the real tiktoken tokenizer. The tokenizer is copied into the dir.
+    """
+    import torch
+    from utils.make_random_checkpoint import make_random_checkpoint, random_params
+
+    made = {}
+
+    def make(family="llama3", shards=1, dtype=torch.float32, seed=0, **shape):
+        key = (family, shards, dtype, seed, tuple(sorted(shape.items())))
+        if key not in made:
+            dims = {**TINY, **shape}
+            tokenizer = sp_tokenizer_path if family == "llama2" else llama3_tokenizer_path
+            params = random_params(family, vocab_size=128256, **dims)
+            out = tmp_path_factory.mktemp(f"ckpt_{family}_{shards}")
+            made[key] = make_random_checkpoint(out, params, tokenizer, n_shards=shards, seed=seed, dtype=dtype, force=True)
+        return made[key]
+
+    return make

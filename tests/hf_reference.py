@@ -1,0 +1,55 @@
+"""Hugging Face `transformers` LlamaForCausalLM loaded with the same weights
+as a Meta checkpoint: an independent implementation to compare against."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from llama.args import ModelArgs
+from llama.checkpoint import find_shards, load_shard
+
+
+def meta_to_hf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta rotates interleaved pairs (x0, x1), (x2, x3)...; HF rotates halves.
+    Reorder each head's rows from interleaved to half-split."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_model_from_meta(ckpt_dir, vocab_size: int):
+    """LlamaForCausalLM (fp32, eager attention) with an MP=1 checkpoint's weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    params = json.loads((Path(ckpt_dir) / "params.json").read_text())
+    args = ModelArgs.from_params({**params, "vocab_size": vocab_size})
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
+        num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+        rms_norm_eps=args.norm_eps, max_position_embeddings=131072, rope_parameters=rope,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    config._attn_implementation = "eager"
+    (shard,) = find_shards(ckpt_dir)
+    meta = load_shard(shard)
+    hf = {"model.embed_tokens.weight": meta["tok_embeddings.weight"], "model.norm.weight": meta["norm.weight"],
+          "lm_head.weight": meta["output.weight"]}
+    for i in range(args.n_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        hf[h + "self_attn.q_proj.weight"] = meta_to_hf_qk(meta[m + "attention.wq.weight"], args.n_heads)
+        hf[h + "self_attn.k_proj.weight"] = meta_to_hf_qk(meta[m + "attention.wk.weight"], args.n_kv_heads)
+        hf[h + "self_attn.v_proj.weight"] = meta[m + "attention.wv.weight"]
+        hf[h + "self_attn.o_proj.weight"] = meta[m + "attention.wo.weight"]
+        hf[h + "mlp.gate_proj.weight"] = meta[m + "feed_forward.w1.weight"]
+        hf[h + "mlp.down_proj.weight"] = meta[m + "feed_forward.w2.weight"]
+        hf[h + "mlp.up_proj.weight"] = meta[m + "feed_forward.w3.weight"]
+        hf[h + "input_layernorm.weight"] = meta[m + "attention_norm.weight"]
+        hf[h + "post_attention_layernorm.weight"] = meta[m + "ffn_norm.weight"]
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True)
+    return model.eval()

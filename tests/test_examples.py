@@ -1,0 +1,41 @@
+"""The example scripts, run as users run them: plain python and torchrun."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_text_completion_example(make_ckpt, launcher):
+    ckpt = make_ckpt("llama3")
+    prefix = [sys.executable] if launcher == "python" else TORCHRUN + ["--nproc_per_node", "1"]
+    r = run(prefix + ["example_text_completion.py", "--ckpt_dir", str(ckpt), "--tokenizer_path",
+                      str(ckpt / "tokenizer.model"), "--max_gen_len", "6", "--temperature", "0", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    assert "I believe the meaning of life is" in r.stdout and r.stdout.count("\n> ") == 4 and r.stdout.count("=====\n") == 4
+
+
+@pytest.mark.slow
+def test_chat_example_streams(make_ckpt):
+    ckpt = make_ckpt("llama2")
+    r = run([sys.executable, "example_chat_completion.py", "--ckpt_dir", str(ckpt), "--tokenizer_path",
+             str(ckpt / "tokenizer.model"), "--max_gen_len", "6", "--temperature", "0", "--max_batch_size", "2"])
+    assert r.returncode == 0, r.stderr
+    assert "User: what is the recipe of mayonnaise?" in r.stdout and r.stdout.count("> Assistant: ") == 2
+
+
+def test_example_reports_bad_input_without_traceback(tmp_path, llama3_tokenizer_path):
+    r = run([sys.executable, "example_chat_completion.py", "--ckpt_dir", str(tmp_path / "missing"),
+             "--tokenizer_path", str(llama3_tokenizer_path)])
+    assert r.returncode == 2
+    assert "error: checkpoint directory" in r.stderr and "Traceback" not in r.stderr
