@@ -142,8 +142,7 @@ file_size() { local n; n=$(wc -c < "$1"); say $((n)); }
 
 # The signed URL for path $1 on the server: the '*' of the URL replaced by it.
 signed_url() {
-    local url=${PRESIGNED_URL/\*/"$1"}
-    say "$url"
+    say "${PRESIGNED_URL%%\**}$1${PRESIGNED_URL#*\*}"
 }
 
 # After a failed download, the HTTP status of the last response ('' if none).
@@ -175,7 +174,9 @@ curl_get() {
         range="$have_bytes-"
         if ((chunk > 0)); then range="$have_bytes-$((have_bytes + chunk - 1))"; fi
         rc=0
-        code=$(curl --fail --location --progress-bar --range "$range" \
+        # No --fail: the status code decides, and curl stays quiet about the 416
+        # that ends a file whose size is a multiple of the chunk.
+        code=$(curl --location --progress-bar --range "$range" \
             -o "$piece" -w '%{http_code}' "$url") || rc=$?
         case $code in
             206)
@@ -268,7 +269,7 @@ verify() {
         sum=$(lowercase "$sum")
         listed="$listed$name "
         if [[ ! -f $dir/$name ]]; then
-            say "  MISSING $dir/$name"
+            say "  MISSING $name: listed in $list but not downloaded"
             bad=1
             continue
         fi

@@ -485,12 +485,12 @@ print({"-q": digest, "-r": "%s %s" % (digest, args[0]), "": "MD5 (%s) = %s" % (a
 
 @pytest.fixture
 def macos_path(tmp_path):
-    """PATH with md5sum hidden and a fake macOS `md5` in front."""
+    """A macOS-like PATH: md5sum and wget hidden (macOS has md5 and curl), a fake `md5` in front."""
     fake = tmp_path / "fake-md5-bin"
     fake.mkdir()
     (fake / "md5").write_text(FAKE_MD5)
     (fake / "md5").chmod(0o755)
-    return f"{fake}{os.pathsep}{path_without(tmp_path, 'md5sum')}"
+    return f"{fake}{os.pathsep}{path_without(tmp_path, 'md5sum', 'wget')}"
 
 
 def test_macos_md5_verifies(tmp_path, macos_path):
