@@ -6,10 +6,12 @@ feed-forward hidden units, and the layers all-reduce or all-gather where the
 math needs the whole vector.
 """
 
+import contextlib
 import math
 from typing import Literal, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import (
@@ -38,10 +40,28 @@ def _meta_weights(layer: nn.Module) -> nn.Module:
     fairscale allocates its parameters with the legacy `torch.Tensor(rows, cols)`
     constructor, which ignores the `torch.device("meta")` context: without this,
     building a 70B model would reserve its full size in float32 before the real
-    weights are assigned. Doing it layer by layer keeps that waste to one layer.
+    weights are assigned. Doing it layer by layer keeps that waste to one
+    (never touched, so never resident) layer.
     """
     layer.weight = nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
     return layer
+
+
+@contextlib.contextmanager
+def _without_fairscale_init():
+    """Turns off fairscale's weight initialization while the model is built.
+
+    With more than one rank it builds each layer's full master weight and
+    copies this rank's slice out of it; under the meta device that copy fails
+    (meta to CPU), and it would be wasted work anyway: the weights come from
+    the checkpoint.
+    """
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original
 
 
 def kv_replication(n_kv_heads: int, mp_size: int) -> int:
@@ -199,10 +219,11 @@ class Transformer(nn.Module):
         self.params = params
         self.embedding_layout = embedding_layout
         embedding_cls = VocabParallelEmbedding if embedding_layout == "vocab" else ParallelEmbedding
-        self.tok_embeddings = _meta_weights(embedding_cls(params.vocab_size, params.dim, init_method=_keep))
-        self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+        with _without_fairscale_init():
+            self.tok_embeddings = _meta_weights(embedding_cls(params.vocab_size, params.dim, init_method=_keep))
+            self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
+            self.output = _meta_weights(ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = _meta_weights(ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep))
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
 
