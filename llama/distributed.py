@@ -5,6 +5,7 @@ many) and under plain `python` (a one-process group, no rendezvous needed).
 """
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -24,9 +25,11 @@ logger = logging.getLogger("llama")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
-# How long a collective may wait for a peer before this rank gives up. A rank
-# that died or hangs otherwise leaves the others blocked forever.
-DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 300))
+# How long a collective may wait for a peer before this rank gives up, so that a
+# hung rank does not block the others forever (a dead one is noticed at once:
+# its connections close). Generous, because the first collective also waits
+# for the slowest rank to finish loading its weights.
+DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 600))
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,12 @@ def init_distributed(device: Optional[str], model_parallel_size: Optional[int] =
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(
+                f"local rank {local_rank} has no GPU of its own: this machine has {torch.cuda.device_count()}; "
+                "launch at most that many processes per node (--nproc_per_node)"
+            )
+        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
 
     if not dist.is_initialized():
@@ -102,9 +110,26 @@ def init_distributed(device: Optional[str], model_parallel_size: Optional[int] =
     else:
         # fairscale prints three "> initializing ..." lines on rank 0; they read
         # like generated answers in the examples' output, so keep them out of it.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _new_groups_with_timeout(timedelta(seconds=timeout_s)):
             initialize_model_parallel(world_size)
     return DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=dev)
+
+
+@contextlib.contextmanager
+def _new_groups_with_timeout(timeout: timedelta):
+    """Gives the process groups fairscale creates our timeout.
+
+    fairscale calls dist.new_group() without one, and new groups then wait
+    30 minutes (torch's default), not the timeout of the default group: every
+    model-parallel collective runs on fairscale's group, so a hung rank would
+    block the others for half an hour.
+    """
+    original = dist.new_group
+    dist.new_group = functools.partial(original, timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.new_group = original
 
 
 def is_rank0() -> bool:
