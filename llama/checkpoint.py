@@ -240,31 +240,53 @@ def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, siz
     return out
 
 
-def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_size: int):
-    """This rank's weights from a checkpoint directory written for any MP size.
+def weights_vocab_size(paths: Sequence[Path]) -> int:
+    """Vocabulary size the weights were trained with (output rows across all shards)."""
+    out = LazyShards(paths[:1])[0].get("output.weight")
+    if out is None:
+        raise CheckpointError(f"{paths[0]} has no output.weight: it is not a Meta Llama checkpoint")
+    return out.shape[0] * len(paths)
 
-    Returns (state_dict, embedding_layout). Every tensor is checked against the
-    shapes params.json implies, so a mismatch is reported by name, not by a
-    stack trace from deep inside torch.
+
+def inspect_checkpoint(ckpt_dir, args: ModelArgs, raw_vocab_size: int):
+    """Finds the shards and checks shard 0 against params.json.
+
+    Returns (shard paths, embedding layout). A mismatch is reported by tensor
+    name and shape, not by a stack trace from deep inside torch.
     """
     paths = find_shards(ckpt_dir)
-    shards = LazyShards(paths)
-    layout = detect_embedding_layout(shards[0], len(paths), args, default_embedding_layout(raw_vocab_size))
+    shard0 = LazyShards(paths)[0]
+    layout = detect_embedding_layout(shard0, len(paths), args, default_embedding_layout(raw_vocab_size))
     check_world_size(args, len(paths), f"{ckpt_dir} has {len(paths)} shards")
-    out = shards[0].get("output.weight")
-    if out is not None and out.shape[0] * len(paths) != args.vocab_size:
+    vocab = weights_vocab_size(paths)
+    if vocab != args.vocab_size:
         raise CheckpointError(
-            f"the weights in {ckpt_dir} have a vocabulary of {out.shape[0] * len(paths)} tokens but the "
+            f"the weights in {ckpt_dir} have a vocabulary of {vocab} tokens but the "
             f"tokenizer (or params.json) has {args.vocab_size}: pass the tokenizer.model of this model"
         )
     check_shapes(
-        shards[0], expected_shapes(args, len(paths), layout), str(paths[0]),
+        shard0, expected_shapes(args, len(paths), layout), str(paths[0]),
         f"Check that params.json belongs to these weights and that all {len(paths)} shards are present.",
     )
+    return paths, layout
+
+
+def checked_rank_state(paths: Sequence[Path], args: ModelArgs, rank: int, size: int,
+                       layout: EmbeddingLayout) -> StateDict:
+    """rank_state_dict over freshly opened shards, with every shape checked."""
+    state = rank_state_dict(LazyShards(paths), args, rank, size, layout)
+    check_shapes(state, expected_shapes(args, size, layout), f"{paths[0].parent} (rank {rank} of {size})",
+                 "The shards do not agree with each other: they come from different checkpoints.")
+    return state
+
+
+def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_size: int):
+    """This rank's weights from a checkpoint directory written for any MP size.
+
+    Returns (state_dict, embedding_layout).
+    """
+    paths, layout = inspect_checkpoint(ckpt_dir, args, raw_vocab_size)
     if len(paths) != size:
         logger.info("Resharding %s from %d to %d model-parallel ranks on the fly (utils/shard_model_checkpoint.py "
                     "does it once, ahead of time)", ckpt_dir, len(paths), size)
-    state = rank_state_dict(shards, args, rank, size, layout)
-    check_shapes(state, expected_shapes(args, size, layout), f"{ckpt_dir} (rank {rank} of {size})",
-                 "The shards do not agree with each other: they come from different checkpoints.")
-    return state, layout
+    return checked_rank_state(paths, args, rank, size, layout), layout

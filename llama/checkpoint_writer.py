@@ -5,6 +5,7 @@ them are complete, so a crash or a full disk never leaves a directory that
 looks like a finished checkpoint. A `checklist.chk` (md5) lists the files.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
+
+from .args import ModelArgs
+from .checkpoint import check_world_size, checked_rank_state, find_shards, inspect_checkpoint, weights_vocab_size
 
 _TMP = ".tmp"
 
@@ -113,3 +117,35 @@ def write_checkpoint(
     (out_dir / ("checklist.chk" + _TMP)).write_text(checklist)
     os.replace(out_dir / ("checklist.chk" + _TMP), out_dir / "checklist.chk")
     return out_dir
+
+
+
+def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[Path] = None, force: bool = False,
+                       progress: Callable[[str], None] = print) -> Path:
+    """Splits or merges a Meta checkpoint into `n_shards` files.
+
+    Works one output shard at a time from memory-mapped inputs, so peak
+    memory is about one output shard, not the whole model. params.json is
+    copied as is; tokenizer.model is copied from `tokenizer_path`, or from the
+    input directory if it has one (Llama 3).
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise FileNotFoundError(f"input checkpoint directory {in_dir} not found")
+    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+        raise ValueError(f"the number of shards must be a positive integer, got {n_shards!r}")
+    file_args = ModelArgs.from_json(in_dir / "params.json")  # validates; errors name the file
+    # Llama 2 files say vocab_size -1; the weights know the real size.
+    args = dataclasses.replace(file_args, vocab_size=weights_vocab_size(find_shards(in_dir)))
+    paths, layout = inspect_checkpoint(in_dir, args, file_args.vocab_size)
+    check_world_size(args, n_shards, f"splitting into {n_shards} shards")
+    if tokenizer_path is None and (in_dir / "tokenizer.model").is_file():
+        tokenizer_path = in_dir / "tokenizer.model"
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found")
+    params = json.loads((in_dir / "params.json").read_text())
+    progress(f"{in_dir}: {len(paths)} shard(s) -> {out_dir}: {n_shards} shard(s)")
+    # A fresh memory map per output shard: pages read for one shard are released before the next.
+    shards = (checked_rank_state(paths, args, rank, n_shards, layout) for rank in range(n_shards))
+    return write_checkpoint(out_dir, params, shards, tokenizer_path=tokenizer_path, force=force,
+                            protect=[in_dir], progress=progress)

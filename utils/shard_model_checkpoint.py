@@ -1,0 +1,41 @@
+"""Splits (or merges) a Meta checkpoint into N shards, one per worker.
+
+    python utils/shard_model_checkpoint.py -n 2 -i llama-2-7b-chat/ -o llama-2-7b-chat-2-workers/
+
+Writes consolidated.00.pth .. consolidated.NN.pth, params.json, tokenizer.model
+(from the input directory, or --tokenizer) and checklist.chk. Works one output
+shard at a time from memory-mapped inputs: peak memory is about one output
+shard, so a model bigger than this machine's RAM can be split. Files appear
+under their final names only once all are complete.
+
+Not needed to run a checkpoint on a different number of workers (Llama.build
+reshards on the fly), but then every worker reads the original files; with
+pre-split shards each worker only needs its own file.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from llama.checkpoint_writer import reshard_checkpoint
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", "--num_shards", type=int, required=True, help="number of output shards (workers)")
+    parser.add_argument("-i", "--input", type=Path, required=True, help="input checkpoint directory")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="output checkpoint directory")
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy (default: the input's, if any)")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    a = parser.parse_args(argv)
+    try:
+        reshard_checkpoint(a.input, a.output, a.num_shards, tokenizer_path=a.tokenizer, force=a.force)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {a.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
