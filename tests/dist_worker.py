@@ -1,0 +1,34 @@
+"""A worker for the distributed tests: builds a model on however many ranks it
+is launched with, generates greedily and (rank 0) saves tokens and logits."""
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from llama import Llama
+from llama.cli import run
+
+PROMPTS = ["The llama is a domesticated", "Model parallelism splits every layer across workers: each", "Hi"]
+
+
+def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, max_seq_len: int = 64,
+         step_delay: float = 0.0, progress: Optional[str] = None):
+    gen = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=len(PROMPTS),
+                      device="cpu", dtype="float32")
+    prompts = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
+    if step_delay:  # slow generation down, so a test can kill a rank in the middle of it
+        for i, _ in enumerate(gen.generate_stream(prompts[:1], max_gen_len, temperature=0)):
+            if progress and dist.get_rank() == 0:
+                Path(progress).write_text(str(i + 1))
+            time.sleep(step_delay)
+    tokens, _ = gen.generate(prompts, max_gen_len, temperature=0)
+    logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
+    if dist.get_rank() == 0:
+        torch.save({"tokens": tokens, "logits": logits, "world_size": dist.get_world_size()}, out)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,134 @@
+"""Real torchrun launches on CPU (gloo): model parallelism gives the same
+tokens and logits as one process, for any checkpoint MP on any world size,
+on one node or two, and a dead or hung rank makes the others exit."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+WORKER = str(REPO / "tests" / "dist_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_cmd(ckpt, out, nproc=None, node=None, port=None, **kw):
+    """plain python (nproc None), torchrun on one node, or node `node` of two."""
+    args = [WORKER, "--ckpt_dir", str(ckpt), "--tokenizer_path", str(ckpt / "tokenizer.model"), "--out", str(out)]
+    args += [f"--{k}={v}" for k, v in kw.items()]
+    if nproc is None:
+        return [sys.executable] + args
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    if node is not None:
+        cmd += ["--nnodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    else:
+        cmd += ["--master_port", str(free_port())]
+    return cmd + args
+
+
+def run_worker(ckpt, tmp_path, nproc=None, **kw):
+    out = tmp_path / f"out_{nproc}_{len(list(tmp_path.iterdir()))}.pt"
+    r = subprocess.run(worker_cmd(ckpt, out, nproc, **kw), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(make_ckpt, tmp_path_factory):
+    """MP=1 results, one process, per family."""
+    tmp = tmp_path_factory.mktemp("ref")
+    return {fam: run_worker(make_ckpt(fam), tmp) for fam in ("llama2", "llama3")}
+
+
+def assert_same(result, ref, world_size):
+    assert result["world_size"] == world_size
+    assert result["tokens"] == ref["tokens"]
+    torch.testing.assert_close(result["logits"], ref["logits"], atol=1e-4, rtol=1e-4)  # fp32 reduction order
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_mp2_equals_mp1(family, make_ckpt, reference, tmp_path):
+    assert_same(run_worker(make_ckpt(family, shards=2), tmp_path, nproc=2), reference[family], 2)
+
+
+def test_mp1_checkpoint_on_two_and_four_workers(make_ckpt, reference, tmp_path):
+    ckpt = make_ckpt("llama3")
+    assert_same(run_worker(ckpt, tmp_path, nproc=2), reference["llama3"], 2)
+    # 4 workers, 2 KV heads: each KV head is replicated on two ranks.
+    assert_same(run_worker(ckpt, tmp_path, nproc=4), reference["llama3"], 4)
+
+
+def test_mp2_checkpoint_on_one_worker(make_ckpt, reference, tmp_path):
+    for family in ("llama2", "llama3"):
+        assert_same(run_worker(make_ckpt(family, shards=2), tmp_path), reference[family], 1)
+
+
+def test_two_nodes(make_ckpt, reference, tmp_path):
+    ckpt, port = make_ckpt("llama3", shards=2), free_port()
+    out = tmp_path / "two_nodes.pt"
+    procs = [subprocess.Popen(worker_cmd(ckpt, out, 1, node=n, port=port), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    assert_same(torch.load(out, weights_only=True), reference["llama3"], 2)
+
+
+def _start_two_nodes_and_wait_for_progress(ckpt, tmp_path, env):
+    port, progress = free_port(), tmp_path / "progress"
+    kw = {"max_gen_len": 400, "max_seq_len": 512, "step_delay": 0.05, "progress": str(progress)}
+    procs = [subprocess.Popen(worker_cmd(ckpt, tmp_path / "x.pt", 1, node=n, port=port, **kw), cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for n in (0, 1)]
+    deadline = time.time() + 120
+    while not (progress.exists() and int(progress.read_text() or 0) >= 3):
+        assert time.time() < deadline and procs[0].poll() is None, "generation did not start"
+        time.sleep(0.1)
+    return procs
+
+
+def _worker_pid(launcher_pid: int) -> int:
+    """The python worker torchrun started (its only child)."""
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+@pytest.mark.parametrize("how, bound", [("killed", 30), ("hung", 40)])
+def test_other_rank_exits_when_one_dies_or_hangs(how, bound, make_ckpt, tmp_path):
+    """Rank 1 (node 1) is killed, or frozen, mid-generation: rank 0 must exit
+    non-zero with a clear message within the bound (LLAMA_DIST_TIMEOUT=10 s
+    for the hung case), not wait forever."""
+    env = {**os.environ, "LLAMA_DIST_TIMEOUT": "10"}
+    procs = _start_two_nodes_and_wait_for_progress(make_ckpt("llama3"), tmp_path, env)
+    workers = [_worker_pid(p.pid) for p in procs]  # torchrun puts them in sessions of their own
+    start = time.time()
+    os.kill(workers[1], signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+    try:
+        output = procs[0].communicate(timeout=bound)[0]
+        elapsed = time.time() - start
+    finally:
+        for pid in workers + [p.pid for p in procs]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # already exited
+                pass
+        for p in procs:
+            p.wait()
+    assert procs[0].returncode != 0
+    assert "[rank 0] error: lost contact with another rank" in output, output
+    assert elapsed < bound
+    if how == "hung":
+        assert elapsed > 9  # it waited for the configured timeout, not less
