@@ -5,7 +5,7 @@ Llama 3.1 (scaled RoPE) shapes."""
 import pytest
 import torch
 
-from hf_reference import hf_model_from_meta
+from benchmarks.hf_reference import hf_model_from_meta
 from llama import Llama
 from llama.model import rope_frequencies
 

@@ -17,8 +17,9 @@ def meta_to_hf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def hf_model_from_meta(ckpt_dir, vocab_size: int):
-    """LlamaForCausalLM (fp32, eager attention) with an MP=1 checkpoint's weights."""
+def hf_model_from_meta(ckpt_dir, vocab_size: int, dtype=torch.float32, attn_implementation: str = "eager"):
+    """LlamaForCausalLM with an MP=1 checkpoint's weights (eager attention by
+    default: the tests compare against the plainest implementation)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     params = json.loads((Path(ckpt_dir) / "params.json").read_text())
@@ -34,7 +35,7 @@ def hf_model_from_meta(ckpt_dir, vocab_size: int):
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
-    config._attn_implementation = "eager"
+    config._attn_implementation = attn_implementation
     (shard,) = find_shards(ckpt_dir)
     meta = load_shard(shard)
     hf = {"model.embed_tokens.weight": meta["tok_embeddings.weight"], "model.norm.weight": meta["norm.weight"],
@@ -50,6 +51,8 @@ def hf_model_from_meta(ckpt_dir, vocab_size: int):
         hf[h + "mlp.up_proj.weight"] = meta[m + "feed_forward.w3.weight"]
         hf[h + "input_layernorm.weight"] = meta[m + "attention_norm.weight"]
         hf[h + "post_attention_layernorm.weight"] = meta[m + "ffn_norm.weight"]
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in hf.items()}, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers were on meta
     return model.eval()
