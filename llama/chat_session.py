@@ -36,8 +36,10 @@ def read_line_rank0(prompt: str) -> Optional[str]:
 
     line = None
     if not dist.is_initialized() or dist.get_rank() == 0:
+        # Not input(prompt): on a terminal that writes the prompt to stderr.
+        print(prompt, end="", flush=True)
         try:
-            line = input(prompt)
+            line = input()
         except EOFError:
             line = None
     return from_rank0(line)
