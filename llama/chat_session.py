@@ -7,7 +7,8 @@ enters the dialog from outside the model (the user's lines, the date in the
 system prompt, tool results) is taken from rank 0 (`from_rank0`).
 """
 
-from datetime import date
+import functools
+from datetime import date, timedelta
 from typing import Callable, List, Mapping, Optional
 
 from .chat_format import Llama3ChatFormat, Message, StopReason
@@ -26,8 +27,18 @@ def from_rank0(value):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_waiting_group())
     return box[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _waiting_group():
+    """A gloo group (CPU objects, whatever the model's backend) without the
+    model's timeout: the other ranks wait here while rank 0's user types, which
+    may take any time. A rank that dies is still noticed at once."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
 
 
 def read_line_rank0(prompt: str) -> Optional[str]:

@@ -4,6 +4,7 @@ pipe and on a terminal (pty), with a tiny random-weight checkpoint."""
 import os
 import pty
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -19,19 +20,41 @@ def command(ckpt, *extra):
             "--max_batch_size", "1", "--device", "cpu", *extra]
 
 
-@pytest.mark.slow
-def test_interactive_through_a_pipe(make_ckpt):
-    """Several turns, a message too long for the context, a new conversation, an empty line to quit."""
-    lines = ["Hello there", "How are you?", "word " * 600, "/new", "Hi again", "", "never read"]
-    r = subprocess.run(command(make_ckpt("llama3"), "--max_seq_len", "512"), cwd=REPO, input="\n".join(lines) + "\n",
-                       capture_output=True, text=True, timeout=300)
+# Several turns, a message too long for the context, a new conversation, an empty line to quit.
+LINES = ["Hello there", "How are you?", "word " * 600, "/new", "Hi again", "", "never read"]
+
+
+def chat_through_pipe(cmd):
+    r = subprocess.run(cmd, cwd=REPO, input="\n".join(LINES) + "\n", capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    out = r.stdout
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_interactive_through_a_pipe(make_ckpt):
+    out = chat_through_pipe(command(make_ckpt("llama3"), "--max_seq_len", "512"))
     assert out.startswith("Chatting. An empty line or Ctrl-D ends, /new starts a new conversation.\n")
     assert out.count("> Assistant: ") == 3 and out.count("> User: ") == 6
     assert "[the conversation no longer fits max_seq_len=512; start a new one with /new" in out
     assert "(new conversation)" in out
+
+
+@pytest.mark.slow
+def test_interactive_on_two_ranks_equals_one_process(make_ckpt):
+    """Under torchrun rank 0 reads the input and broadcasts it; both ranks
+    generate together and the transcript is that of a single process."""
+    single = chat_through_pipe(command(make_ckpt("llama3", shards=2), "--max_seq_len", "512"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port())]
+    two = chat_through_pipe(torchrun + command(make_ckpt("llama3", shards=2), "--max_seq_len", "512")[1:])
+    assert two == single
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.slow
