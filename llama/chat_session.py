@@ -97,16 +97,19 @@ class ChatSession:
     def run(self, read_line: Callable[[str], Optional[str]] = read_line_rank0) -> None:
         """Reads user lines until an empty line or the end of input, answering each."""
         self.write(f"Chatting. An empty line or Ctrl-D ends, {NEW_CONVERSATION} starts a new conversation.\n")
-        while True:
-            line = read_line("\n> User: ")
-            if line is None or not line.strip():
-                self.write("\n" if line is None else "")
-                return
-            if line.strip() == NEW_CONVERSATION:
-                self.reset()
-                self.write("(new conversation)\n")
-                continue
-            self.ask(line)
+        try:
+            while True:
+                line = read_line("\n> User: ")
+                if line is None or not line.strip():
+                    self.write("\n" if line is None else "")
+                    return
+                if line.strip() == NEW_CONVERSATION:
+                    self.reset()
+                    self.write("(new conversation)\n")
+                    continue
+                self.ask(line)
+        except KeyboardInterrupt:  # Ctrl-C ends the chat too, without a traceback
+            self.write("\n")
 
     def ask(self, text: str) -> Optional[Message]:
         """Adds a user message and answers it, completing tool calls on the way.

@@ -143,3 +143,13 @@ def test_llama2_chats_without_tools(sp_tokenizer_path):
     message = chat.ask("Hello")
     assert chat.system is None and chat.tools == {} and message["content"] == "Hi there"
     assert [m["role"] for m in chat.dialog] == ["user", "assistant"]
+
+
+def test_ctrl_c_ends_the_chat_without_a_traceback(fmt):
+    chat, _, out = session(fmt, [])
+
+    def interrupted(prompt):
+        raise KeyboardInterrupt
+
+    chat.run(interrupted)
+    assert out[-1] == "\n"
