@@ -4,6 +4,9 @@
         --ckpt_dir Meta-Llama-3-8B-Instruct/ \
         --tokenizer_path Meta-Llama-3-8B-Instruct/tokenizer.model --device cpu
 
+With --interactive it is a multi-turn chat on the terminal instead, in which
+Llama 3.1 can call a local calculator and clock.
+
 Runs under plain `python` too, and on any number of processes or machines
 (see the README's "Distributed inference").
 """
@@ -11,6 +14,7 @@ Runs under plain `python` too, and on any number of processes or machines
 from typing import List, Optional
 
 from llama import Dialog, Llama
+from llama.chat_session import ChatSession
 from llama.cli import run
 from llama.distributed import print_rank0
 
@@ -53,6 +57,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     stream: bool = True,
+    interactive: bool = False,
 ):
     """Answers a few example dialogs.
 
@@ -68,6 +73,8 @@ def main(
         dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
         stream: Print each answer token by token (one dialog at a time);
             --nostream answers all dialogs in one batch, then prints.
+        interactive: Chat on the terminal instead of answering the examples;
+            an empty line or Ctrl-D ends, /new starts a new conversation.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -77,6 +84,10 @@ def main(
         device=device,
         dtype=dtype,
     )
+    if interactive:
+        write = lambda text: print_rank0(text, end="", flush=True)  # noqa: E731
+        ChatSession(generator, write, temperature, top_p, max_gen_len).run()
+        return
     dialogs = DIALOGS[:max_batch_size]
     if not stream:
         results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)

@@ -6,8 +6,10 @@ from .checkpoint import CheckpointError
 from .generation import ChatPrediction, CompletionPrediction, Llama, TokenEvent
 from .model import Transformer
 from .tokenizer import Tokenizer, TokenizerError
+from .tool_calls import BuiltinTool, CallSyntax, ToolCall, ToolDefinition, ToolParam
 
 __all__ = [
     "ChatFormat", "ChatPrediction", "CheckpointError", "CompletionPrediction", "Dialog", "DialogError",
     "Llama", "Message", "ModelArgs", "StopReason", "TokenEvent", "Tokenizer", "TokenizerError", "Transformer",
+    "BuiltinTool", "CallSyntax", "ToolCall", "ToolDefinition", "ToolParam",
 ]

@@ -1,4 +1,5 @@
-"""Dialogs to prompt tokens: Llama 2 `[INST]` and Llama 3 header formats.
+"""Dialogs to prompt tokens, and generated tokens back to messages: Llama 2
+`[INST]` and Llama 3 header formats, with Llama 3.1 tool calls.
 
 The format follows the tokenizer (`ChatFormat.for_tokenizer`): SentencePiece
 means Llama 2, tiktoken means Llama 3 / 3.1. No torch here.
@@ -9,16 +10,9 @@ from enum import Enum
 from typing import List, Literal, Sequence, TypedDict
 
 from .tokenizer import Tokenizer
+from .tool_calls import ToolCall, parse_tool_call
 
 Role = Literal["system", "user", "assistant", "ipython"]
-
-
-class Message(TypedDict):
-    role: Role
-    content: str
-
-
-Dialog = Sequence[Message]
 
 
 class StopReason(str, Enum):
@@ -35,6 +29,28 @@ class StopReason(str, Enum):
         return cls.END_OF_TURN
 
 
+class _RequiredMessage(TypedDict):
+    role: Role
+    content: str
+
+
+class Message(_RequiredMessage, total=False):
+    """A message: `role` and `content`; assistant messages may also have
+
+    tool_calls: the tool calls it makes (Llama 3.1), written after the content.
+    stop_reason: how the model ended it. END_OF_MESSAGE is encoded as
+        <|eom_id|> (the model waits for a tool result), the others as
+        <|eot_id|>. Without it, a message with a call after <|python_tag|> ends
+        with <|eom_id|>, as the model writes those.
+    """
+
+    tool_calls: List[ToolCall]
+    stop_reason: StopReason
+
+
+Dialog = Sequence[Message]
+
+
 class DialogError(ValueError):
     """A dialog that no chat format can encode; the message says why."""
 
@@ -47,6 +63,11 @@ def _check_messages(dialog: Dialog, roles: Sequence[str]) -> None:
     for i, msg in enumerate(dialog):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise DialogError(f"message {i} must be a dict with 'role' and 'content', got {msg!r:.80}")
+        if "ipython" not in roles and (msg["role"] == "ipython" or msg.get("tool_calls")):
+            what = "a tool result (role ipython)"
+            if msg["role"] != "ipython":
+                what = "an assistant message with tool calls"
+            raise DialogError(f"message {i} is {what}, but tool calling needs Llama 3.1")
         if msg["role"] not in roles:
             raise DialogError(f"message {i} has unknown role {msg['role']!r}; this model knows {list(roles)}")
         if not isinstance(msg["content"], str):
@@ -75,6 +96,25 @@ def _check_order(dialog: Dialog, follows: dict) -> None:
         )
 
 
+def _check_tool_fields(dialog: Dialog) -> None:
+    """Checks `tool_calls` and `stop_reason`, the optional keys of assistant messages."""
+    for i, msg in enumerate(dialog):
+        calls = msg.get("tool_calls")
+        if calls and msg["role"] != "assistant":
+            raise DialogError(f"message {i} ({msg['role']}) has tool_calls; only assistant messages make tool calls")
+        if calls is not None and not (isinstance(calls, (list, tuple)) and all(isinstance(c, ToolCall) for c in calls)):
+            raise DialogError(f"message {i} tool_calls must be a list of llama.ToolCall, got {calls!r:.80}")
+        for j, call in enumerate(calls or ()):
+            try:
+                call.render()
+            except ValueError as e:
+                raise DialogError(f"message {i}, tool call {j}: {e}") from None
+        if "stop_reason" in msg and msg["stop_reason"] not in {r.value for r in StopReason}:
+            raise DialogError(
+                f"message {i} has stop_reason {msg['stop_reason']!r}; use one of {[r.value for r in StopReason]}"
+            )
+
+
 class ChatFormat(ABC):
     """Turns a dialog into the prompt tokens its model was fine-tuned on."""
 
@@ -91,6 +131,20 @@ class ChatFormat(ABC):
     @abstractmethod
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
         """Prompt tokens for the assistant's next turn; raises DialogError if malformed."""
+
+    def decode_assistant_message(self, tokens: Sequence[int], stop_reason: StopReason) -> Message:
+        """The assistant message made of generated `tokens` (a trailing stop
+        token, if given, sets the stop reason). Formats without tool calls give
+        the decoded text as content."""
+        tokens, stop_reason = self._without_stop_token(tokens, stop_reason)
+        content = self.tokenizer.decode(tokens)
+        return {"role": "assistant", "content": content, "tool_calls": [], "stop_reason": stop_reason}
+
+    def _without_stop_token(self, tokens: Sequence[int], stop_reason: StopReason):
+        tokens, stop_reason = list(tokens), StopReason(stop_reason)
+        if tokens and tokens[-1] in self.tokenizer.stop_tokens:
+            stop_reason = StopReason.for_stop_token(tokens.pop(), self.tokenizer)
+        return tokens, stop_reason
 
 
 class Llama2ChatFormat(ChatFormat):
@@ -143,13 +197,66 @@ class Llama3ChatFormat(ChatFormat):
         )
 
     def encode_message(self, message: Message) -> List[int]:
-        content = self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
-        return self.encode_header(message["role"]) + content + [self.tokenizer.special_tokens["<|eot_id|>"]]
+        """Header, stripped content, tool calls (each after <|python_tag|> if
+        its syntax has one), then <|eom_id|> or <|eot_id|> (see `Message`)."""
+        special = self.tokenizer.special_tokens
+        tokens = self.encode_header(message["role"])
+        tokens += self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
+        calls = message.get("tool_calls") or []
+        for call in calls:
+            if call.syntax.python_tag:
+                tokens.append(special["<|python_tag|>"])
+            tokens += self.tokenizer.encode(call.render(), bos=False, eos=False)
+        if message["role"] == "assistant" and "stop_reason" in message:
+            eom = message["stop_reason"] == StopReason.END_OF_MESSAGE
+        else:
+            eom = any(call.syntax.python_tag for call in calls)
+        return tokens + [special["<|eom_id|>" if eom else "<|eot_id|>"]]
 
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
         _check_messages(dialog, ("system", "user", "assistant", "ipython"))
         _check_order(dialog, self.FOLLOWS)
+        _check_tool_fields(dialog)
         tokens = [self.tokenizer.special_tokens["<|begin_of_text|>"]]
         for message in dialog:
             tokens += self.encode_message(message)
         return tokens + self.encode_header("assistant")
+
+    def decode_assistant_message(self, tokens: Sequence[int], stop_reason: StopReason) -> Message:
+        """The assistant message made of generated `tokens`, with its tool calls.
+
+        Text before <|python_tag|> is content; each piece after a tag is one
+        call, and a piece that is no builtin or JSON call is code_interpreter
+        code (Meta's rule; this also keeps the tag of a cut-off call, so check
+        `stop_reason` before running anything). Without a tag, an answer that
+        is entirely a function-tag or JSON call is that call, and malformed or
+        cut-off call text stays content. A trailing stop token, if given, sets
+        the stop reason.
+
+        Never raises. `encode_message` of the result gives back the header,
+        `tokens` and the end token, unless the content has surrounding
+        whitespace (stripped, as in every message) or the tokens are not the
+        ones the tokenizer would choose for their text.
+        """
+        tokens, stop_reason = self._without_stop_token(tokens, stop_reason)
+        tag = self.tokenizer.special_tokens["<|python_tag|>"]
+        if tag in tokens:
+            first = tokens.index(tag)
+            content = self.tokenizer.decode(tokens[:first])
+            pieces = _split(tokens[first + 1 :], tag)
+            calls = [parse_tool_call(self.tokenizer.decode(piece), python_tag=True) for piece in pieces]
+        else:
+            content = self.tokenizer.decode(tokens)
+            call = parse_tool_call(content, python_tag=False)
+            content, calls = ("", [call]) if call else (content, [])
+        return {"role": "assistant", "content": content, "tool_calls": calls, "stop_reason": stop_reason}
+
+
+def _split(tokens: List[int], sep: int) -> List[List[int]]:
+    pieces: List[List[int]] = [[]]
+    for t in tokens:
+        if t == sep:
+            pieces.append([])
+        else:
+            pieces[-1].append(t)
+    return pieces

@@ -142,10 +142,16 @@ class Llama:
         Returns:
             (tokens per prompt, logprobs per prompt or None).
         """
+        tokens, token_logprobs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        return tokens, token_logprobs
+
+    @torch.inference_mode()
+    def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False):
+        """`generate`, plus the StopReason of each row."""
         rows = _Rows(prompt_tokens, echo)
         for cur_pos, next_tokens, token_logprobs in self._decode(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
             rows.record(cur_pos, next_tokens, token_logprobs)
-        return rows.result(self.tokenizer.stop_tokens, max_gen_len, logprobs)
+        return rows.result(self.tokenizer, max_gen_len, logprobs)
 
     @torch.inference_mode()
     def generate_stream(
@@ -288,20 +294,25 @@ class Llama:
         Args:
             dialogs: Lists of {"role", "content"} messages in the model family's
                 order (optional system first, then user/assistant turns, ending
-                with user; Llama 3 also takes ipython tool results).
+                with user; Llama 3 also takes ipython tool results, and
+                assistant messages with "tool_calls", see `Message`).
             temperature, top_p, logprobs: as in `generate`.
             max_gen_len: Default: max_seq_len - 1.
 
         Returns:
-            One {"generation": {"role": "assistant", "content": str}} per dialog
-            (plus "tokens" and "logprobs" if asked).
+            One {"generation": message} per dialog (plus "tokens" and
+            "logprobs" if asked), the message being {"role": "assistant",
+            "content": str, "tool_calls": [ToolCall, ...], "stop_reason":
+            StopReason}: END_OF_MESSAGE means the model waits for the result
+            of its tool calls (send it as an "ipython" message), OUT_OF_TOKENS
+            that the answer was cut off.
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        tokens, lps, reasons = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
         return [
-            self._prediction({"role": "assistant", "content": self.tokenizer.decode(t)}, t, lps[i] if logprobs else None)
+            self._prediction(self.formatter.decode_assistant_message(t, reasons[i]), t, lps[i] if logprobs else None)
             for i, t in enumerate(tokens)
         ]
 
@@ -380,19 +391,22 @@ class _Rows:
                 self.tokens[row].append(tok)
                 self.logprobs[row].append(lps[row] if lps is not None else 0.0)
 
-    def result(self, stop_tokens, max_gen_len: int, logprobs: bool):
-        out_tokens, out_logprobs = [], []
+    def result(self, tokenizer: Tokenizer, max_gen_len: int, logprobs: bool):
+        """(tokens, logprobs or None, stop reasons), one entry per row."""
+        out_tokens, out_logprobs, stop_reasons = [], [], []
         for row, toks in enumerate(self.tokens):
             n_prompt = len(self.prompt_tokens[row])
             end = min(len(toks), n_prompt + max_gen_len)
+            reason = StopReason.OUT_OF_TOKENS
             for i in range(n_prompt, end):  # cut at the first stop token the model produced
-                if toks[i] in stop_tokens:
-                    end = i
+                if toks[i] in tokenizer.stop_tokens:
+                    end, reason = i, StopReason.for_stop_token(toks[i], tokenizer)
                     break
             start = 0 if self.echo else n_prompt
             out_tokens.append(toks[start:end])
             out_logprobs.append(self.logprobs[row][start:end])
-        return out_tokens, (out_logprobs if logprobs else None)
+            stop_reasons.append(reason)
+        return out_tokens, (out_logprobs if logprobs else None), stop_reasons
 
 
 class _TextStream:

@@ -90,7 +90,7 @@ def test_malformed_dialogs(fmt3, dialog, message):
 
 
 def test_llama2_rejects_ipython_and_tags(fmt2):
-    with pytest.raises(DialogError, match="unknown role 'ipython'"):
+    with pytest.raises(DialogError, match="tool calling needs Llama 3.1"):
         fmt2.encode_dialog_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                    {"role": "ipython", "content": "c"}])
     with pytest.raises(DialogError, match=r"message 0 contains '\[/INST\]'"):

@@ -1,0 +1,171 @@
+"""An interactive, multi-turn chat: streams answers, keeps the conversation and
+completes tool calls with local tools (`example_chat_completion.py --interactive`).
+
+Under torchrun every rank must run the same generation steps, so every rank
+runs the session; rank 0 alone reads the keyboard and prints, and whatever
+enters the dialog from outside the model (the user's lines, the date in the
+system prompt, tool results) is taken from rank 0 (`from_rank0`).
+"""
+
+import functools
+from datetime import date, timedelta
+from typing import Callable, List, Mapping, Optional
+
+from .chat_format import Llama3ChatFormat, Message, StopReason
+from .local_tools import LOCAL_TOOLS, LocalTool, run_tool_call
+from .tool_calls import ToolCall, system_prompt
+
+INSTRUCTIONS = "You are a helpful assistant."
+NEW_CONVERSATION = "/new"
+
+
+def from_rank0(value):
+    """`value` as rank 0 has it, on every rank. Every rank must call this at
+    the same point; without a multi-process group it returns `value`."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_waiting_group())
+    return box[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _waiting_group():
+    """A gloo group (CPU objects, whatever the model's backend) without the
+    model's timeout: the other ranks wait here while rank 0's user types, which
+    may take any time. A rank that dies is still noticed at once."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+
+def read_line_rank0(prompt: str) -> Optional[str]:
+    """A line typed on rank 0, on every rank; None at end of input (Ctrl-D)."""
+    import torch.distributed as dist
+
+    line = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        # Not input(prompt): on a terminal that writes the prompt to stderr.
+        print(prompt, end="", flush=True)
+        try:
+            line = input()
+        except EOFError:
+            line = None
+    return from_rank0(line)
+
+
+class ChatSession:
+    """One conversation with a generator (a `Llama`, or any object with its
+    `formatter`, `model.params.max_seq_len` and `chat_completion_stream`).
+
+    Llama 3 formats get a system prompt that offers `tools` (default: a
+    calculator and a clock) as custom tools; Llama 2 chats without tools.
+    """
+
+    def __init__(
+        self,
+        generator,
+        write: Callable[[str], None],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        tools: Mapping[str, LocalTool] = LOCAL_TOOLS,
+        max_tool_rounds: int = 4,
+    ):
+        self.generator = generator
+        self.formatter = generator.formatter
+        self.max_seq_len = generator.model.params.max_seq_len
+        self.write = write
+        self.sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        self.tools = dict(tools) if isinstance(self.formatter, Llama3ChatFormat) else {}
+        self.max_tool_rounds = max_tool_rounds
+        self.system = None
+        if self.tools:
+            definitions = [tool.definition for tool in self.tools.values()]
+            # The date must be rank 0's: ranks may straddle midnight.
+            prompt = system_prompt(custom_tools=definitions, instructions=INSTRUCTIONS, today=date.today())
+            self.system = from_rank0(prompt)
+        self.dialog: List[Message] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Starts a new conversation."""
+        self.dialog = [{"role": "system", "content": self.system}] if self.system else []
+
+    def run(self, read_line: Callable[[str], Optional[str]] = read_line_rank0) -> None:
+        """Reads user lines until an empty line or the end of input, answering each."""
+        self.write(f"Chatting. An empty line or Ctrl-D ends, {NEW_CONVERSATION} starts a new conversation.\n")
+        try:
+            while True:
+                line = read_line("\n> User: ")
+                if line is None or not line.strip():
+                    self.write("\n" if line is None else "")
+                    return
+                if line.strip() == NEW_CONVERSATION:
+                    self.reset()
+                    self.write("(new conversation)\n")
+                    continue
+                self.ask(line)
+        except KeyboardInterrupt:  # Ctrl-C ends the chat too, without a traceback
+            self.write("\n")
+
+    def ask(self, text: str) -> Optional[Message]:
+        """Adds a user message and answers it, completing tool calls on the way.
+
+        Returns the final assistant message, or None if the conversation no
+        longer fits in max_seq_len (then it is left as it was before `text`).
+        """
+        start = len(self.dialog)
+        self.dialog.append({"role": "user", "content": text})
+        for round_ in range(self.max_tool_rounds + 1):
+            message = self._answer()
+            if message is None:
+                del self.dialog[start:]
+                self.write(self._does_not_fit(fresh=start == (1 if self.system else 0)))
+                return None
+            self.dialog.append(message)
+            if message["stop_reason"] == StopReason.OUT_OF_TOKENS:
+                self.write("[cut off: the answer reached max_gen_len or max_seq_len]\n")
+                return message
+            if not message["tool_calls"]:
+                return message
+            if round_ == self.max_tool_rounds:
+                self.write(f"[stopped after {self.max_tool_rounds} rounds of tool calls]\n")
+                return message
+            self.dialog.append({"role": "ipython", "content": self._run_tools(message["tool_calls"])})
+        return None  # not reached
+
+    def _does_not_fit(self, fresh: bool) -> str:
+        if not fresh:
+            return (f"[the conversation no longer fits max_seq_len={self.max_seq_len}; start a new one with "
+                    f"{NEW_CONVERSATION}, or quit (empty line) and raise --max_seq_len]\n")
+        system = ""
+        if self.system:
+            n = len(self.formatter.encode_dialog_prompt([{"role": "system", "content": self.system},
+                                                         {"role": "user", "content": ""}]))
+            system = f" (the system prompt with the tool definitions takes {n} tokens)"
+        return f"[this does not fit max_seq_len={self.max_seq_len}{system}; shorten it or raise --max_seq_len]\n"
+
+    def _answer(self) -> Optional[Message]:
+        """Streams the assistant's next message; None if the prompt does not fit."""
+        if len(self.formatter.encode_dialog_prompt(self.dialog)) >= self.max_seq_len:
+            return None
+        self.write("> Assistant: ")
+        tokens, stop_reason = [], StopReason.OUT_OF_TOKENS
+        for event in self.generator.chat_completion_stream(self.dialog, **self.sampling):
+            self.write(event.text)
+            tokens.append(event.token)  # a final stop token is dropped by the decoder
+            stop_reason = event.stop_reason or stop_reason
+        self.write("\n")
+        return self.formatter.decode_assistant_message(tokens, stop_reason)
+
+    def _run_tools(self, calls: List[ToolCall]) -> str:
+        """Runs the calls and returns the tool message's text (rank 0's, on every rank)."""
+        results = []
+        for call in calls:
+            result = run_tool_call(call, self.tools)
+            self.write(f"  [{call.tool_name}] {result}\n")
+            results.append(result if len(calls) == 1 else f"{call.tool_name}: {result}")
+        return from_rank0("\n".join(results))
