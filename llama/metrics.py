@@ -1,0 +1,156 @@
+"""Inference metrics: what one `generate` call cost, measured without slowing it.
+
+Definitions (the Llama 2 CPU / multi-node README's, made precise for batches
+whose rows stop at different steps):
+
+* T, latency: seconds from the start of generation (prompts already
+  tokenized) until the last step's token is known.
+* L, decoded length: the number of decoding steps the batch ran. Each step
+  runs the model once and gives every still-active row one new token; the
+  first step also processes the prompts (prefill). With prompts of equal
+  length, L is the longest generation in the batch (stop token included);
+  a longer prompt's tail is fed one token per step while shorter rows
+  already generate, so then L adds the difference in prompt lengths.
+* Per-token latency: T / L, the average time of one step.
+* Throughput: generated tokens / T, where generated tokens count, for each
+  row, the tokens it produced up to and including its stop token. This equals
+  B * L / T when every row runs all L steps, and does not count the idle
+  slots of rows that stopped early.
+* Time to first token: the first step (prefill plus sampling one token).
+* Decode throughput: tokens generated after the first step / time after it.
+* Bandwidth achieved: bytes of weights read per step (all parameters except
+  the embedding table, of which a step reads only B rows, summed over all
+  model-parallel ranks) x decode steps per second.
+* Peak memory: on CPU the process's resident-set high-water mark (VmHWM);
+  on GPU the allocator's peak during the call. Per rank.
+"""
+
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class GenerationMetrics:
+    batch_size: int
+    prompt_tokens: int  # summed over rows
+    generated_tokens: int  # summed over rows, stop tokens included
+    decode_steps: int  # L
+    seconds: float  # T
+    first_token_seconds: float
+    weight_bytes: int  # read per step, all ranks
+    peak_memory_bytes: int
+    model_parallel_size: int = 1
+
+    @property
+    def per_token_latency(self) -> float:
+        return self.seconds / self.decode_steps if self.decode_steps else float("nan")
+
+    @property
+    def throughput(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.seconds - self.first_token_seconds
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        first_step_tokens = min(self.batch_size, self.generated_tokens)
+        if self.decode_steps < 2 or self.decode_seconds <= 0:
+            return float("nan")
+        return (self.generated_tokens - first_step_tokens) / self.decode_seconds
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        if self.decode_steps < 2 or self.decode_seconds <= 0:
+            return float("nan")
+        return self.weight_bytes * (self.decode_steps - 1) / self.decode_seconds
+
+    def to_dict(self) -> dict:
+        """Every field and derived figure, JSON-ready (seconds, tokens/s, bytes, bytes/s)."""
+        return {
+            **asdict(self),
+            "latency_s": self.seconds,
+            "per_token_latency_s": self.per_token_latency,
+            "throughput_tokens_per_s": self.throughput,
+            "time_to_first_token_s": self.first_token_seconds,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "bandwidth_bytes_per_s": self.bandwidth_bytes_per_s,
+        }
+
+    def report(self) -> str:
+        """The README's block, plus the figures peers report."""
+        return "\n".join([
+            "------ Inference metrics ------",
+            f"Generated tokens: {self.generated_tokens}",
+            f"Latency: {self.seconds:.2f} (s).",
+            f"Per-token latency: {self.per_token_latency:.2f} (s/token)",
+            f"Throughput: {self.throughput:.2f} (tokens/s)",
+            f"Time to first token: {self.first_token_seconds:.2f} (s)",
+            f"Decode throughput: {self.decode_tokens_per_s:.2f} (tokens/s)",
+            f"Peak memory: {self.peak_memory_bytes / 1e9:.2f} (GB)",
+            f"Bandwidth achieved: {self.bandwidth_bytes_per_s / 1e9:.2f} (GB/s)",
+            "-------------------------------",
+        ])
+
+
+def write_json(metrics, path) -> None:
+    """Writes one metrics object, or a list of them, as JSON."""
+    data = [m.to_dict() for m in metrics] if isinstance(metrics, (list, tuple)) else metrics.to_dict()
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def cpu_peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class MetricsRecorder:
+    """Timestamps one generate call.
+
+    `synchronize` (torch.cuda.synchronize on GPU) runs only at the first token
+    and at the end, never once per token; `clock` and `peak_memory` can be
+    replaced in tests.
+    """
+
+    def __init__(self, batch_size: int, prompt_tokens: int, weight_bytes: int, model_parallel_size: int = 1,
+                 clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None,
+                 peak_memory: Callable[[], int] = cpu_peak_rss_bytes):
+        self.batch_size, self.prompt_tokens = batch_size, prompt_tokens
+        self.weight_bytes, self.model_parallel_size = weight_bytes, model_parallel_size
+        self.clock, self.synchronize, self.peak_memory = clock, synchronize, peak_memory
+        self.start = clock()
+        self.first_token_time: Optional[float] = None
+        self.steps = 0
+
+    def step(self) -> None:
+        """Call after each step's tokens are sampled."""
+        self.steps += 1
+        if self.steps == 1:
+            self.synchronize()
+            self.first_token_time = self.clock()
+
+    def finish(self, generated_tokens: int) -> GenerationMetrics:
+        self.synchronize()
+        end = self.clock()
+        first = (self.first_token_time if self.first_token_time is not None else end) - self.start
+        return GenerationMetrics(
+            batch_size=self.batch_size, prompt_tokens=self.prompt_tokens, generated_tokens=generated_tokens,
+            decode_steps=self.steps, seconds=end - self.start, first_token_seconds=first,
+            weight_bytes=self.weight_bytes, peak_memory_bytes=self.peak_memory(),
+            model_parallel_size=self.model_parallel_size,
+        )
