@@ -1,0 +1,124 @@
+"""Matrix-multiply kernels for the model-parallel linear layers.
+
+fairscale's ColumnParallelLinear / RowParallelLinear compute `F.linear(x, W)`
+and then all-gather or all-reduce across ranks. Decoding one token reads every
+weight once, so on CPU its speed is the memory bandwidth the matmul kernel
+reaches. `F.linear` reaches about two thirds of it on our machines; oneDNN
+with the weight reordered once into its blocked layout ("prepacked") reaches
+close to all of it, in fp32 and bf16 (see benchmarks/linear_kernels.py).
+Weight-only int8 reads half the bytes of bf16 again.
+
+`use_kernels(model, ...)` swaps each parallel layer, after its weights are
+loaded, for a `KernelLinear` that keeps fairscale's collective and changes
+only the matmul. On GPU (and where oneDNN lacks the dtype) the fairscale
+layers stay as they are unless int8 is asked for.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
+from torch import nn
+
+QUANTIZATIONS = (None, "int8")
+
+
+def onednn_available(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch has oneDNN's prepacked linear for `dtype` on this CPU."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+class OneDNNMatmul(nn.Module):
+    """oneDNN linear on a weight reordered once into oneDNN's blocked layout."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features = weight.shape[0]
+        # The batch-size hint only picks the layout; any batch works. 1 = decoding.
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight, 1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+class Int8Matmul(nn.Module):
+    """Weight-only int8: per-output-channel symmetric scales, x in bf16.
+
+    W ~= q * scale[:, None] with q = round(W / scale) in [-127, 127] and
+    scale = max |W[row]| / 127.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.float()
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.qweight = nn.Parameter(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), requires_grad=False)
+        self.scales = nn.Parameter(scales.to(torch.bfloat16), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).to(torch.bfloat16)
+        if x2.device.type == "cpu":  # ATen's fused CPU kernel (it wants bf16 activations)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        else:  # dequantize on the fly: exact, saves memory, not time
+            y = F.linear(x2, self.qweight.to(torch.bfloat16)) * self.scales
+        return y.reshape(*lead, -1).to(x.dtype)
+
+
+class KernelLinear(nn.Module):
+    """A fairscale parallel linear layer with another matmul, same collective."""
+
+    def __init__(self, layer: nn.Module, matmul: nn.Module):
+        super().__init__()
+        self.matmul = matmul
+        if isinstance(layer, RowParallelLinear):
+            if not layer.input_is_parallel or layer.bias is not None:
+                raise ValueError("only bias-free RowParallelLinear with parallel input is supported")
+            self.collective = "reduce"
+        elif isinstance(layer, ColumnParallelLinear):
+            if layer.bias is not None:
+                raise ValueError("only bias-free ColumnParallelLinear is supported")
+            self.collective = "gather" if layer.gather_output else None
+        else:
+            raise TypeError(f"not a fairscale parallel linear layer: {type(layer).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        if self.collective == "reduce":
+            return reduce_from_model_parallel_region(y)
+        if self.collective == "gather":
+            return gather_from_model_parallel_region(y)
+        return y
+
+
+def choose_matmul(weight: torch.Tensor, quantize: Optional[str]) -> Optional[nn.Module]:
+    """The faster matmul for this weight, or None if fairscale's F.linear is it."""
+    if quantize == "int8":
+        return Int8Matmul(weight)
+    if weight.device.type == "cpu" and onednn_available(weight.dtype):
+        return OneDNNMatmul(weight)
+    return None
+
+
+def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
+    """Replaces every fairscale parallel linear layer of `model` in place.
+
+    On CPU the matmul becomes oneDNN's prepacked linear (fp32 and bf16, when
+    available); with quantize="int8", weight-only int8 on any device. Each
+    rank converts its own shard.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
+                matmul = choose_matmul(child.weight.data, quantize)
+                if matmul is not None:
+                    setattr(module, child_name, KernelLinear(child, matmul))
+    return model

@@ -1,0 +1,67 @@
+"""The matmul kernels that replace F.linear: same results (oneDNN), close
+results (int8), and the model-parallel collectives kept."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import Llama
+from llama.linear import Int8Matmul, KernelLinear, OneDNNMatmul, onednn_available
+
+
+@pytest.mark.skipif(not onednn_available(torch.float32), reason="this PyTorch has no oneDNN linear")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_matches_f_linear(dtype):
+    if not onednn_available(dtype):
+        pytest.skip(f"oneDNN has no {dtype} linear on this CPU")
+    w = torch.randn(96, 64).to(dtype)
+    mm = OneDNNMatmul(w)
+    for shape in [(1, 64), (3, 64), (2, 5, 64)]:
+        x = torch.randn(shape).to(dtype)
+        torch.testing.assert_close(mm(x), F.linear(x, w), atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+def test_int8_matmul_is_close_and_exact_on_representable_weights():
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    x = torch.randn(4, 64)
+    y = Int8Matmul(w)(x)
+    assert y.dtype == x.dtype
+    rel = (y - F.linear(x, w)).norm() / F.linear(x, w).norm()
+    assert rel < 0.02
+    # Weights that are exact multiples of their row scale quantize without loss.
+    q = torch.randint(-127, 128, (8, 16)).float()
+    q[:, 0] = 127  # each row's max is 127 * scale
+    scale = torch.rand(8, 1) + 0.5
+    exact = Int8Matmul(q * scale)
+    assert torch.equal(exact.qweight.float(), q)
+    xb = torch.randn(2, 16).bfloat16()
+    torch.testing.assert_close(exact(xb).float(), F.linear(xb.float(), q * scale.bfloat16().float()), atol=0.1, rtol=0.02)
+
+
+def test_kernels_replace_every_parallel_linear(make_ckpt):
+    ckpt = make_ckpt("llama3")
+    gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1,
+                      device="cpu", dtype="bfloat16", quantize="int8")
+    kernels = [m for m in gen.model.modules() if isinstance(m, KernelLinear)]
+    assert len(kernels) == 2 * 7 + 1  # 7 per layer, plus the output layer
+    assert all(isinstance(k.matmul, Int8Matmul) for k in kernels)
+    assert gen.model.output.collective == "gather" and gen.model.layers[0].attention.wo.collective == "reduce"
+
+
+def test_int8_model_agrees_with_bf16(make_ckpt):
+    ckpt = make_ckpt("llama3", dtype=torch.bfloat16)
+    kw = dict(max_seq_len=64, max_batch_size=2, device="cpu", dtype="bfloat16")
+    base = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)
+    quant = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), quantize="int8", **kw)
+    tokens = torch.randint(0, 128000, (2, 40), generator=torch.Generator().manual_seed(3))
+    ref, got = base.model.forward(tokens, 0), quant.model.forward(tokens, 0)
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean()
+    assert agree > 0.9
+    assert (ref - got).abs().max() < 0.1 * (ref.max() - ref.min())
+
+
+def test_unknown_quantization(make_ckpt):
+    ckpt = make_ckpt("llama3")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, quantize="int4")
