@@ -24,7 +24,8 @@ def run(main) -> None:
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     prefix = f"[rank {rank}] " if world > 1 else ""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    # stdout: the metrics block belongs with the answers it measures.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
     try:
         fire.Fire(main)
     except (FileNotFoundError, ValueError) as e:

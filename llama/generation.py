@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from .args import ModelArgs
 from .chat_format import ChatFormat, Dialog, Message, StopReason
 from .checkpoint import load_rank_state
-from .distributed import init_distributed, resolve_dtype
+from .distributed import init_distributed, is_rank0, resolve_dtype
+from .linear import QUANTIZATIONS, use_kernels
+from .metrics import GenerationMetrics, MetricsRecorder
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -48,6 +50,17 @@ class TokenEvent:
     stop_reason: Optional[StopReason] = None  # set on the row's last event only
 
 
+class GenerationResult(tuple):
+    """`(tokens, logprobs)` as Meta's `generate` returns them, plus `.metrics`."""
+
+    metrics: Optional[GenerationMetrics]
+
+    def __new__(cls, tokens, logprobs, metrics: Optional[GenerationMetrics] = None):
+        result = super().__new__(cls, (tokens, logprobs))
+        result.metrics = metrics
+        return result
+
+
 class Llama:
     @staticmethod
     def build(
@@ -59,6 +72,7 @@ class Llama:
         seed: int = 1,
         device: Optional[str] = None,
         dtype: Optional[str] = None,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Loads a Meta checkpoint for inference on this process's model-parallel rank.
 
@@ -73,6 +87,8 @@ class Llama:
             seed: Sampling seed; must be the same on every rank.
             device: "cpu" or "cuda"; default CUDA if available.
             dtype: "bfloat16", "float32" or "float16"; default bfloat16.
+            quantize: "int8" for weight-only int8 linear layers (per output
+                channel, applied to each rank's shard after loading), or None.
 
         Returns:
             A ready `Llama`.
@@ -81,6 +97,8 @@ class Llama:
             FileNotFoundError, ValueError: with a message naming the bad input.
         """
         start = time.perf_counter()
+        if quantize not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantize!r}; use 'int8' or leave it unset")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -100,17 +118,25 @@ class Llama:
         with torch.device("meta"):
             model = Transformer(args, embedding_layout=layout)
         model.load_state_dict(state, strict=True, assign=True)
+        del state
+        use_kernels(model, quantize)
         model.setup_caches(dist_info.device, torch_dtype)
         model.eval()
-        logger.info("Loaded %s on %s (%s, rank %d of %d) in %.2f s", ckpt_dir, dist_info.device,
-                    str(torch_dtype).replace("torch.", ""), dist_info.rank, dist_info.world_size,
-                    time.perf_counter() - start)
+        logger.info("Loaded %s on %s (%s%s, rank %d of %d) in %.2f s", ckpt_dir, dist_info.device,
+                    str(torch_dtype).replace("torch.", ""), ", int8 weights" if quantize else "",
+                    dist_info.rank, dist_info.world_size, time.perf_counter() - start)
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat.for_tokenizer(tokenizer)
+        self.last_metrics: Optional[GenerationMetrics] = None  # of the last finished generation
+        # Weights one decoding step reads, over all ranks (a step reads only B
+        # rows of the embedding table).
+        self.weight_bytes_per_step = _world_size() * sum(
+            p.nbytes for name, p in model.named_parameters() if not name.startswith("tok_embeddings.")
+        )
 
     @property
     def device(self) -> torch.device:
@@ -140,10 +166,11 @@ class Llama:
             echo: Include the prompt tokens (and their logprobs) in the output.
 
         Returns:
-            (tokens per prompt, logprobs per prompt or None).
+            (tokens per prompt, logprobs per prompt or None), a tuple that
+            also carries the call's `GenerationMetrics` as `.metrics`.
         """
         tokens, token_logprobs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        return tokens, token_logprobs
+        return GenerationResult(tokens, token_logprobs, self.last_metrics)
 
     @torch.inference_mode()
     def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False):
@@ -208,9 +235,18 @@ class Llama:
         tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        is_prompt = torch.arange(total_len, device=device)[None, :] < torch.tensor(prompt_lens, device=device)[:, None]
+        lens = torch.tensor(prompt_lens, device=device)
+        is_prompt = torch.arange(total_len, device=device)[None, :] < lens[:, None]
+        last_pos = lens + max_gen_len - 1  # a row's last position to generate
         stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        n_generated = torch.zeros(bsz, dtype=torch.long, device=device)
+        # On a GPU, checking whether all rows are done costs a host sync: do it every 8 steps.
+        check_every = 1 if device.type == "cpu" else 8
+        recorder = MetricsRecorder(
+            bsz, sum(prompt_lens), self.weight_bytes_per_step, _world_size(),
+            synchronize=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
+        )
 
         if min_len == total_len and echo and logprobs:  # nothing to generate: prompt logprobs only
             yield from _prompt_logprobs(self.model.forward(tokens, 0), tokens)
@@ -225,14 +261,20 @@ class Llama:
             next_token = sample(logits, temperature, top_p)
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
+            recorder.step()
             token_logprobs = None
             if logprobs:
                 token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
             yield cur_pos, next_token, token_logprobs
-            done |= ~is_prompt[:, cur_pos] & torch.isin(next_token, stop_tokens)
+            generating = ~is_prompt[:, cur_pos] & ~done
+            n_generated += generating
+            done |= generating & (torch.isin(next_token, stop_tokens) | (cur_pos >= last_pos))
             prev_pos = cur_pos
-            if bool(done.all()):
+            if (cur_pos - min_len) % check_every == check_every - 1 and bool(done.all()):
                 break
+        self.last_metrics = recorder.finish(int(n_generated.sum()))
+        if is_rank0():
+            logger.info("%s", self.last_metrics.report())
 
     def _check_prompts(self, prompt_tokens, max_gen_len) -> None:
         params = self.model.params
@@ -332,6 +374,10 @@ class Llama:
         if logprobs is None:
             return {"generation": generation}
         return {"generation": generation, "tokens": [self.tokenizer.decode([x]) for x in tokens], "logprobs": logprobs}
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def _with_tokenizer_vocab(args: ModelArgs, tokenizer: Tokenizer, ckpt_dir) -> ModelArgs:

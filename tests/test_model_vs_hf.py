@@ -71,7 +71,7 @@ def test_bf16_close_to_fp32(make_ckpt):
     tok = str(ckpt / "tokenizer.model")
     f32 = Llama.build(str(ckpt), tok, max_seq_len=64, max_batch_size=1, device="cpu", dtype="float32")
     b16 = Llama.build(str(ckpt), tok, max_seq_len=64, max_batch_size=1, device="cpu", dtype="bfloat16")
-    assert b16.model.output.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in b16.model.parameters()} == {torch.bfloat16}
     tokens = torch.randint(0, f32.tokenizer.n_words, (1, 16), generator=torch.Generator().manual_seed(2))
     a, b = f32.model.forward(tokens, 0), b16.model.forward(tokens, 0)
     assert b.dtype == torch.float32  # logits are returned as float
