@@ -11,12 +11,14 @@ Runs under plain `python` too, and on any number of processes or machines
 (see the README's "Distributed inference").
 """
 
+import logging
 from typing import List, Optional
 
 from llama import Dialog, Llama
 from llama.chat_session import ChatSession
 from llama.cli import run
-from llama.distributed import print_rank0
+from llama.distributed import is_rank0, print_rank0
+from llama.metrics import write_json
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
@@ -58,6 +60,8 @@ def main(
     dtype: Optional[str] = None,
     stream: bool = True,
     interactive: bool = False,
+    quantize: Optional[str] = None,
+    metrics_json: Optional[str] = None,
 ):
     """Answers a few example dialogs.
 
@@ -75,6 +79,11 @@ def main(
             --nostream answers all dialogs in one batch, then prints.
         interactive: Chat on the terminal instead of answering the examples;
             an empty line or Ctrl-D ends, /new starts a new conversation.
+        quantize: "int8" for weight-only int8 linear layers.
+        metrics_json: Write the inference metrics of every generation here (a JSON list).
+
+    After each answer (or the batch, with --nostream) the inference metrics
+    block is printed.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -83,14 +92,18 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        quantize=quantize,
     )
     if interactive:
+        logging.getLogger("llama").setLevel(logging.WARNING)  # no metrics blocks inside the chat
         write = lambda text: print_rank0(text, end="", flush=True)  # noqa: E731
         ChatSession(generator, write, temperature, top_p, max_gen_len).run()
         return
     dialogs = DIALOGS[:max_batch_size]
+    metrics = []
     if not stream:
         results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        metrics.append(generator.last_metrics)
     for i, dialog in enumerate(dialogs):
         for msg in dialog:
             print_rank0(f"{msg['role'].capitalize()}: {msg['content']}\n")
@@ -99,9 +112,12 @@ def main(
             for event in generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len):
                 print_rank0(event.text, end="", flush=True)
             print_rank0()
+            metrics.append(generator.last_metrics)
         else:
             print_rank0(results[i]["generation"]["content"])
         print_rank0("\n==================================\n")
+    if metrics_json and is_rank0():
+        write_json(metrics, metrics_json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from typing import Optional
 
 from llama import Llama
 from llama.cli import run
-from llama.distributed import print_rank0
+from llama.distributed import is_rank0, print_rank0
+from llama.metrics import write_json
 
 PROMPTS = [
     # For these prompts, the expected answer is the natural continuation of the prompt
@@ -42,6 +43,8 @@ def main(
     max_batch_size: int = 4,
     device: Optional[str] = None,
     dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
+    metrics_json: Optional[str] = None,
 ):
     """Completes a few example prompts in one batch.
 
@@ -55,6 +58,10 @@ def main(
         max_batch_size: Prompts run together.
         device: "cpu" or "cuda" (default: cuda if available).
         dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
+        quantize: "int8" for weight-only int8 linear layers.
+        metrics_json: Also write the inference metrics here (a JSON list with one entry).
+
+    After the completions the inference metrics block is printed.
     """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -63,6 +70,7 @@ def main(
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
+        quantize=quantize,
     )
     prompts = PROMPTS[:max_batch_size]
     results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
@@ -70,6 +78,8 @@ def main(
         print_rank0(prompt)
         print_rank0(f"> {result['generation']}")
         print_rank0("\n==================================\n")
+    if metrics_json and is_rank0():
+        write_json([generator.last_metrics], metrics_json)
 
 
 if __name__ == "__main__":
