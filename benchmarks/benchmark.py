@@ -1,0 +1,210 @@
+"""Inference speed on this machine, ours beside Hugging Face transformers, in one run.
+
+    python benchmarks/benchmark.py                  # ~0.9B-parameter Llama 3 shape, 2 threads
+    python benchmarks/benchmark.py --json out.json  # also write every figure
+
+Builds (once, cached) a random Meta-format checkpoint, then measures: the
+memory read bandwidth; our prefill and decode tokens/s at batch 1 and 8 in
+fp32 and bf16; transformers' LlamaForCausalLM on the same weights, dtype and
+threads; weight-only int8 (speed and agreement with bf16); model parallelism
+(2 processes x 1 thread against 1 process x 2 threads); and Llama.build time
+against reading the checkpoint file once. Prints a table with the ratios and
+the targets of the speed issue.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+from benchmarks.hf_reference import hf_model_from_meta  # noqa: E402
+from benchmarks.linear_kernels import read_bandwidth  # noqa: E402
+from llama import Llama  # noqa: E402
+from utils.fetch_llama3_tokenizer import fetch_llama3_tokenizer  # noqa: E402
+from utils.make_random_checkpoint import make_random_checkpoint, random_params  # noqa: E402
+
+CACHE = Path(os.environ.get("LLAMA_BENCH_CACHE", Path.home() / ".cache" / "llama-bench"))
+
+
+def checkpoint(a) -> Path:
+    tokenizer = fetch_llama3_tokenizer(CACHE / "llama3_tokenizer.model")
+    name = f"llama3_d{a.dim}_l{a.n_layers}_h{a.n_heads}_kv{a.n_kv_heads}"
+    ckpt = CACHE / name
+    if not (ckpt / "checklist.chk").is_file():
+        params = random_params("llama3", a.dim, a.n_layers, a.n_heads, a.n_kv_heads, 128256, multiple_of=256)
+        make_random_checkpoint(ckpt, params, tokenizer, dtype=torch.bfloat16, force=True)
+    return ckpt
+
+
+def build(ckpt: Path, dtype: str, max_batch: int, seq: int, quantize=None) -> Llama:
+    gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=seq, max_batch_size=max_batch,
+                      device="cpu", dtype=dtype, quantize=quantize)
+    gen.tokenizer.stop_tokens = frozenset()  # random weights: always generate the full length
+    return gen
+
+
+def prompts(batch: int, length: int):
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(0, 128000, (batch, length), generator=g).tolist()
+
+
+def ours(gen: Llama, batch: int, a) -> dict:
+    gen.generate(prompts(batch, 8), 4, temperature=0)  # warm up
+    result = gen.generate(prompts(batch, a.prompt_len), a.gen_len, temperature=0)
+    m = result.metrics
+    return {"prefill_tok_s": batch * a.prompt_len / m.first_token_seconds, "decode_tok_s": m.decode_tokens_per_s,
+            "bandwidth_GB_s": m.bandwidth_bytes_per_s / 1e9, "weight_GB": m.weight_bytes / 1e9}
+
+
+@torch.inference_mode()
+def transformers_speed(model, batch: int, a) -> dict:
+    def run(tokens, steps):
+        t0 = time.perf_counter()
+        out = model(tokens, use_cache=True)
+        t1 = time.perf_counter()
+        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return t1 - t0, time.perf_counter() - t1
+
+    run(torch.tensor(prompts(batch, 8)), 3)  # warm up
+    prefill, decode = run(torch.tensor(prompts(batch, a.prompt_len)), a.gen_len - 1)
+    return {"prefill_tok_s": batch * a.prompt_len / prefill, "decode_tok_s": batch * (a.gen_len - 1) / decode}
+
+
+@torch.inference_mode()
+def int8_quality(base: Llama, quant: Llama, a) -> dict:
+    """Teacher-forced on bf16's own greedy output: how often int8's top-1 agrees."""
+    batch = prompts(4, 16)
+    tokens, _ = base.generate(batch, a.gen_len, temperature=0)
+    seqs = torch.tensor([p + t for p, t in zip(batch, tokens)])
+    ref, got = base.model.forward(seqs, 0), quant.model.forward(seqs, 0)
+    gen_part = slice(16 - 1, seqs.shape[1] - 1)  # positions that predict generated tokens
+    agree = (ref[:, gen_part].argmax(-1) == got[:, gen_part].argmax(-1)).float().mean().item()
+    return {"top1_agreement": agree, "max_abs_logit_error": (ref - got).abs().max().item(),
+            "logit_range": (ref.max() - ref.min()).item()}
+
+
+def build_vs_read(ckpt: Path, dtype: str) -> dict:
+    shard = ckpt / "consolidated.00.pth"
+    t0 = time.perf_counter()
+    with open(shard, "rb", buffering=0) as f:
+        while f.read(64 << 20):
+            pass
+    read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=1, device="cpu", dtype=dtype)
+    return {"read_s": read, "build_s": time.perf_counter() - t0, "file_GB": shard.stat().st_size / 1e9}
+
+
+def mp2(ckpt: Path, a) -> dict:
+    """Decode speed with two model-parallel processes of one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, "--mp_worker", str(ckpt),
+           "--prompt_len", str(a.prompt_len), "--gen_len", str(a.gen_len)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def mp_worker(ckpt: Path, a) -> None:
+    import torch.distributed as dist
+
+    res = {}
+    for dtype in ("float32", "bfloat16"):
+        gen = build(ckpt, dtype, 1, a.prompt_len + a.gen_len + 8)
+        res[dtype] = ours(gen, 1, a)["decode_tok_s"]
+        del gen
+    if dist.get_rank() == 0:
+        print(json.dumps(res))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--n_layers", type=int, default=8)
+    parser.add_argument("--n_heads", type=int, default=16)
+    parser.add_argument("--n_kv_heads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt_len", type=int, default=128)
+    parser.add_argument("--gen_len", type=int, default=32)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "int8", "mp2", "build"])
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--mp_worker", type=Path, help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.mp_worker:
+        return mp_worker(a.mp_worker, a)
+    torch.set_num_threads(a.threads)
+    ckpt = checkpoint(a)
+    res = {"config": {k: v for k, v in vars(a).items() if k not in ("json", "mp_worker", "skip")},
+           "read_bandwidth_GB_s": read_bandwidth()}
+    seq = a.prompt_len + a.gen_len + 8
+    for dtype in ("float32", "bfloat16"):
+        gen = build(ckpt, dtype, 8, seq)
+        hf = None if "transformers" in a.skip else hf_model_from_meta(ckpt, 128256, getattr(torch, dtype), "sdpa")
+        for batch in (1, 8):
+            res[f"ours_{dtype}_b{batch}"] = ours(gen, batch, a)
+            if hf is not None:
+                res[f"hf_{dtype}_b{batch}"] = transformers_speed(hf, batch, a)
+        del hf
+        if dtype == "bfloat16" and "int8" not in a.skip:
+            quant = build(ckpt, dtype, 8, seq, quantize="int8")
+            for batch in (1, 8):
+                res[f"ours_int8_b{batch}"] = ours(quant, batch, a)
+            res["int8_quality"] = int8_quality(gen, quant, a)
+            del quant
+        del gen
+    if "mp2" not in a.skip:
+        res["mp2_decode_tok_s"] = mp2(ckpt, a)
+    if "build" not in a.skip:
+        res["build"] = {d: build_vs_read(ckpt, d) for d in ("bfloat16", "float32")}
+    print_table(res, a)
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+def print_table(res: dict, a) -> None:
+    bw = res["read_bandwidth_GB_s"]
+    print(f"\nmodel: Llama 3 shape dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads ({a.n_kv_heads} KV), vocab 128256; "
+          f"{a.threads} threads; prompt {a.prompt_len}, {a.gen_len} generated tokens")
+    print(f"memory read bandwidth: {bw:.1f} GB/s\n")
+    print(f"{'':22}{'prefill tok/s':>15}{'decode tok/s':>14}{'GB/s':>8}{'% of bw':>9}{'HF prefill':>12}{'HF decode':>11}{'decode x HF':>13}")
+    for key in [k for k in res if k.startswith("ours_")]:
+        r, hf = res[key], res.get(key.replace("ours_", "hf_"))
+        row = f"{key[5:]:22}{r['prefill_tok_s']:15.1f}{r['decode_tok_s']:14.2f}{r['bandwidth_GB_s']:8.1f}{100 * r['bandwidth_GB_s'] / bw:8.0f}%"
+        if hf:
+            row += f"{hf['prefill_tok_s']:12.1f}{hf['decode_tok_s']:11.2f}{r['decode_tok_s'] / hf['decode_tok_s']:12.2f}x"
+        print(row)
+    print("\ntargets:")
+    for b in (1, 8):
+        f32, b16 = res[f"ours_float32_b{b}"], res[f"ours_bfloat16_b{b}"]
+        print(f"  bf16 / fp32 decode, batch {b}: {b16['decode_tok_s'] / f32['decode_tok_s']:.2f}x (>= 1)")
+        if f"ours_int8_b{b}" in res:
+            print(f"  int8 / bf16 decode, batch {b}: {res[f'ours_int8_b{b}']['decode_tok_s'] / b16['decode_tok_s']:.2f}x (>= 1.8)")
+    print(f"  fp32 batch-1 decode bandwidth: {100 * res['ours_float32_b1']['bandwidth_GB_s'] / bw:.0f}% of read bandwidth (>= 70%)")
+    for key in [k for k in res if k.startswith("hf_")]:
+        r, hf = res[key.replace("hf_", "ours_")], res[key]
+        print(f"  vs transformers {key[3:]}: decode {r['decode_tok_s'] / hf['decode_tok_s']:.2f}x (>= 1.5), "
+              f"prefill {r['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x (>= 1.0)")
+    if "int8_quality" in res:
+        q = res["int8_quality"]
+        print(f"  int8 top-1 agreement with bf16: {100 * q['top1_agreement']:.1f}% (>= 95%), max |logit error| "
+              f"{q['max_abs_logit_error']:.3f} (logits span {q['logit_range']:.1f})")
+    if "mp2_decode_tok_s" in res:
+        for d, v in res["mp2_decode_tok_s"].items():
+            print(f"  MP=2 (2 x 1 thread) / MP=1 (2 threads) decode, {d}, batch 1: {v / res[f'ours_{d}_b1']['decode_tok_s']:.2f}x (>= 0.85)")
+    for d, b in res.get("build", {}).items():
+        print(f"  Llama.build {d}: {b['build_s']:.2f} s, reading the {b['file_GB']:.2f} GB file once: {b['read_s']:.2f} s "
+              f"-> {b['build_s'] / b['read_s']:.2f}x (<= 2)")
+
+
+if __name__ == "__main__":
+    main()
