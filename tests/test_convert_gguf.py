@@ -101,7 +101,7 @@ def test_ffn_params_reproduce_the_hidden_size(dim, hidden, expected):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"arch": "qwen2"}, r"holds a 'qwen2' model; this converter reads only the 'llama' architecture"),
+    ({"arch": "qwen2", "pre": "qwen2"}, r"holds a 'qwen2' model; this converter reads only the 'llama' architecture"),
     ({"tensor_types": {"blk.1.attn_v.weight": "I32"}},
      r"tensor blk.1.attn_v.weight is stored as I32, which the gguf package cannot dequantize"),
     ({"omit": ["llama.feed_forward_length"]}, r"lacks the metadata key 'llama.feed_forward_length'"),

@@ -15,7 +15,7 @@ Supported: general.architecture "llama" (dense, no RoPE scaling) with a GPT-2
 style byte-level BPE tokenizer ("gpt2") whose pre-tokenizer is listed in
 PRE_TOKENIZER_PATTERNS, and a ChatML chat template; weights in any type the
 gguf package can dequantize. Anything else is refused with a message that
-says what.
+says what. The whole dequantized model is held in memory while it is written.
 """
 
 import argparse
@@ -196,8 +196,8 @@ def _byte_decoder() -> Dict[str, int]:
 _DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<>]*?)<\|im_end\|>")
 
 
-def tokenizer_files(fields: _Fields) -> Tuple[List[str], str, dict]:
-    """The tokenizer as (token texts, tiktoken ranks file, sidecar dict)."""
+def tokenizer_files(fields: _Fields) -> Tuple[str, dict]:
+    """The tokenizer as (tiktoken ranks file, sidecar dict)."""
     path = fields.path
     model = fields.require("tokenizer.ggml.model")
     if model != "gpt2":
@@ -268,7 +268,7 @@ def tokenizer_files(fields: _Fields) -> Tuple[List[str], str, dict]:
         "default_system_prompt": default_system[1] if default_system else None,
     }
     ranks = "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in sorted(token_bytes.items()))
-    return tokens, ranks, sidecar
+    return ranks, sidecar
 
 
 def convert(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
@@ -285,8 +285,8 @@ def convert(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
     except (ValueError, OSError) as e:
         raise ConversionError(f"{path} is not a readable GGUF file ({e})") from e
     fields = _Fields(reader, path)
-    tokens, ranks, sidecar = tokenizer_files(fields)
-    params = model_params(fields, len(tokens))
+    params = model_params(fields, n_vocab=len(fields.require("tokenizer.ggml.tokens")))
+    ranks, sidecar = tokenizer_files(fields)
     progress(f"{path.name}: {fields.get('general.name', '?')} (license: {fields.get('general.license', 'not stated')}), "
              f"params {json.dumps(params)}, trained context {fields.get('llama.context_length', '?')} tokens")
     state = convert_tensors(reader, path, ModelArgs.from_params(params), DTYPES[dtype])
