@@ -183,8 +183,13 @@ def load_tiktoken_bpe(path: Path, special_ids: Collection[int] = ()) -> Dict[byt
                 ) from e
     ids = sorted([*ranks.values(), *special_ids])
     if ids != list(range(len(ids))):
-        what = "token ranks" if not special_ids else "token ranks and special token ids"
-        raise TokenizerError(f"{path}: {what} are not 0..{len(ids) - 1} without gaps; the file is corrupt")
+        if special_ids:
+            raise TokenizerError(f"{path}: token ranks and special token ids are not 0..{len(ids) - 1} without gaps; "
+                                 "the files are corrupt: convert the model again")
+        raise TokenizerError(
+            f"{path}: token ranks are not 0..{len(ids) - 1} without gaps: the file is corrupt, or it is a "
+            f"tokenizer converted from GGUF whose sidecar {sidecar_path(path).name} was not kept next to it"
+        )
     return ranks
 
 

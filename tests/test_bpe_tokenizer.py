@@ -102,6 +102,8 @@ def test_missing_sidecar(tok_copy):
     path, _ = tok_copy
     path.with_name("tokenizer.model.json").unlink()
     assert detect_kind(path) == "tiktoken"
+    with pytest.raises(TokenizerError, match=r"or it is a tokenizer converted from GGUF whose sidecar tokenizer.model.json"):
+        Tokenizer.from_file(path)
     with pytest.raises(FileNotFoundError, match=r"tokenizer.model.json not found: a BPE tokenizer.model needs the sidecar"):
         BPETokenizer(path)
 
