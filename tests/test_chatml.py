@@ -63,7 +63,8 @@ def test_special_token_text_in_a_message_stays_text(fmt, tok):
 
 @pytest.mark.parametrize("dialog, message", [
     ([], r"the dialog is empty"),
-    ([{"role": "ipython", "content": "42"}], r"message 0 has unknown role 'ipython'; this model knows \['system', 'user', 'assistant'\]"),
+    ([{"role": "ipython", "content": "42"}], r"message 0 is a tool result \(role ipython\), but tool calling needs Llama 3.1"),
+    ([{"role": "tool", "content": "42"}], r"message 0 has unknown role 'tool'; this model knows \['system', 'user', 'assistant'\]"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r"message 1 \(user\) cannot follow a user message"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], r"the last message is from assistant"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], r"message 1 is a system message"),
