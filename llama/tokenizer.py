@@ -1,17 +1,20 @@
-"""Tokenizers for Llama 2 (SentencePiece) and Llama 3 / 3.1 (tiktoken BPE).
+"""Tokenizers for Llama 2 (SentencePiece), Llama 3 / 3.1 (tiktoken BPE) and
+the byte-level BPE of other Llama-architecture models (converted from GGUF).
 
-Both share one small interface (`encode`, `decode`, `n_words`, `bos_id`,
+All share one small interface (`encode`, `decode`, `n_words`, `bos_id`,
 `eos_id`, `pad_id`, `stop_tokens`, `special_tokens`), and
-`Tokenizer.from_file` picks the kind from the file's contents, so a user never
-has to say which one they hold. No torch here.
+`Tokenizer.from_file` picks the kind from the file's contents (and, for the
+third kind, the sidecar next to it), so a user never has to say which one they
+hold. No torch here.
 """
 
 import base64
 import binascii
+import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterator, List, Sequence
+from typing import Collection, Dict, FrozenSet, Iterator, List, Optional, Sequence
 
 # The Llama 3 pre-tokenizer split pattern.
 LLAMA3_PATTERN = (
@@ -60,10 +63,10 @@ class Tokenizer(ABC):
 
     @staticmethod
     def from_file(path) -> "Tokenizer":
-        """Loads a SentencePiece (Llama 2) or tiktoken (Llama 3) tokenizer.model,
-        deciding which from the file itself."""
-        kind = detect_kind(path)
-        return SentencePieceTokenizer(path) if kind == "sentencepiece" else TiktokenTokenizer(path)
+        """Loads a SentencePiece (Llama 2), tiktoken (Llama 3) or BPE (with a
+        tokenizer.model.json sidecar) tokenizer.model, deciding which from the files."""
+        kinds = {"sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer, "bpe": BPETokenizer}
+        return kinds[detect_kind(path)](path)
 
     @abstractmethod
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
@@ -90,9 +93,17 @@ def _read_head(path: Path, n: int = 4096) -> bytes:
         return f.read(n)
 
 
+def sidecar_path(path) -> Path:
+    """Where a BPE tokenizer keeps what its ranks file cannot say (split
+    pattern, special tokens, chat format): `tokenizer.model` -> `tokenizer.model.json`."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
 def detect_kind(path) -> str:
-    """Returns "sentencepiece" or "tiktoken" for a tokenizer file, or raises a
-    TokenizerError that names the file and what is wrong with it."""
+    """Returns "sentencepiece", "tiktoken" or "bpe" (a tiktoken-format file with
+    a sidecar) for a tokenizer file, or raises a TokenizerError that names the
+    file and what is wrong with it."""
     path = Path(path)
     head = _read_head(path)
     if not head.strip():
@@ -102,6 +113,8 @@ def detect_kind(path) -> str:
             f"{path} is a web page, not a tokenizer: the download failed (an expired or "
             "mistyped link saves an HTML error page). Download the file again."
         )
+    if sidecar_path(path).exists():
+        return "bpe"
     first_line = head.split(b"\n", 1)[0].strip()
     if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first_line):
         return "tiktoken"
@@ -149,8 +162,12 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp_model.decode(list(t))
 
 
-def load_tiktoken_bpe(path: Path) -> Dict[bytes, int]:
-    """Reads a tiktoken BPE file: one `base64(token) rank` per line."""
+def load_tiktoken_bpe(path: Path, special_ids: Collection[int] = ()) -> Dict[bytes, int]:
+    """Reads a tiktoken BPE file: one `base64(token) rank` per line.
+
+    The ranks and `special_ids` (ids taken by special tokens, which the file
+    does not list) must together be 0..n-1, each once.
+    """
     ranks: Dict[bytes, int] = {}
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
@@ -164,8 +181,15 @@ def load_tiktoken_bpe(path: Path) -> Dict[bytes, int]:
                     f"{path}, line {lineno}: expected 'base64-token rank', got {line[:60]!r}; "
                     "the file is corrupt: download it again"
                 ) from e
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerError(f"{path}: token ranks are not 0..{len(ranks) - 1} without gaps; the file is corrupt")
+    ids = sorted([*ranks.values(), *special_ids])
+    if ids != list(range(len(ids))):
+        if special_ids:
+            raise TokenizerError(f"{path}: token ranks and special token ids are not 0..{len(ids) - 1} without gaps; "
+                                 "the files are corrupt: convert the model again")
+        raise TokenizerError(
+            f"{path}: token ranks are not 0..{len(ids) - 1} without gaps: the file is corrupt, or it is a "
+            f"tokenizer converted from GGUF whose sidecar {sidecar_path(path).name} was not kept next to it"
+        )
     return ranks
 
 
@@ -206,16 +230,148 @@ class TiktokenTokenizer(Tokenizer):
         )
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise TypeError(f"encode expects str, got {type(s).__name__}")
-        t: List[int] = []
-        for piece in _pieces(s):
-            # disallowed_special=() turns the check off: special-token text is plain text.
-            t.extend(self.model.encode(piece, allowed_special=set(), disallowed_special=()))
+        t = _encode_ordinary(self.model, s)
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
     def decode(self, t: Sequence[int]) -> str:
         return self.model.decode(list(t))
+
+
+# Chat formats a BPE tokenizer's sidecar may name (see llama/chat_format.py).
+BPE_CHAT_FORMATS = ("chatml",)
+_SIDECAR_VERSION = 1
+_SIDECAR_FIELDS = {  # key: (accepted types, description for error messages)
+    "version": (int, "an integer"),
+    "pattern": (str, "a regular expression"),
+    "special_tokens": (dict, "an object mapping token text to id"),
+    "bos_id": (int, "a token id"),
+    "eos_id": (int, "a token id"),
+    "pad_id": (int, "a token id or -1"),
+    "add_bos": (bool, "true or false"),
+    "stop_tokens": (list, "a list of token ids"),
+    "chat_format": (str, f"one of {list(BPE_CHAT_FORMATS)}"),
+    "default_system_prompt": ((str, type(None)), "a string or null"),
+}
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _read_sidecar(path: Path) -> dict:
+    """Reads and validates a BPE tokenizer's sidecar JSON; errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: a BPE tokenizer.model needs the sidecar that "
+            "utils/convert_gguf_checkpoint.py writes next to it; keep the two files together"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e}); convert the model again") from e
+    if not isinstance(meta, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(meta).__name__}; convert the model again")
+    problems = [f"unknown key {k!r}" for k in sorted(set(meta) - set(_SIDECAR_FIELDS))]
+    for key, (types, what) in _SIDECAR_FIELDS.items():
+        if key not in meta:
+            problems.append(f"missing {key!r}")
+        elif not isinstance(meta[key], types) or (types is int and isinstance(meta[key], bool)):
+            problems.append(f"{key!r} must be {what}, got {meta[key]!r:.60}")
+    if not problems:
+        if meta["version"] != _SIDECAR_VERSION:
+            problems.append(f"version {meta['version']} is not the supported version {_SIDECAR_VERSION}")
+        if not all(isinstance(k, str) and _is_id(v) for k, v in meta["special_tokens"].items()):
+            problems.append("'special_tokens' must map token text to integer ids")
+        if not all(_is_id(i) for i in meta["stop_tokens"]):
+            problems.append("'stop_tokens' must be integer token ids")
+        if meta["chat_format"] not in BPE_CHAT_FORMATS:
+            problems.append(f"'chat_format' {meta['chat_format']!r} is not one of {list(BPE_CHAT_FORMATS)}")
+    if problems:
+        raise TokenizerError(f"{path}: " + "; ".join(problems) + "; convert the model again")
+    return meta
+
+
+class BPETokenizer(Tokenizer):
+    """The byte-level (GPT-2 style) BPE of another Llama-architecture model,
+    such as SmolLM2, as utils/convert_gguf_checkpoint.py writes it.
+
+    `tokenizer.model` is in tiktoken's format (`base64(token) rank`, rank = token
+    id); what that format cannot hold is in the sidecar `tokenizer.model.json`::
+
+        {"version": 1,
+         "pattern": "...",                       # pre-tokenizer split regex
+         "special_tokens": {"<|im_start|>": 1},  # text -> id; ids not in tokenizer.model
+         "bos_id": 1, "eos_id": 2, "pad_id": 2,  # pad_id -1: none
+         "add_bos": false,                       # does the model expect bos first?
+         "stop_tokens": [2, 0],
+         "chat_format": "chatml",
+         "default_system_prompt": "..."}         # or null
+
+    Byte values without a token of their own (a vocabulary learnt from a
+    restricted alphabet lacks a few control bytes) are dropped from the text,
+    as Hugging Face's tokenizer does.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, path):
+        import tiktoken
+
+        self.path = Path(path)
+        self.sidecar = sidecar_path(self.path)
+        _read_head(self.path)  # a missing file or a directory: a clear error first
+        meta = _read_sidecar(self.sidecar)
+        self.special_tokens = dict(meta["special_tokens"])
+        ranks = load_tiktoken_bpe(self.path, self.special_tokens.values())
+        self.n_words = len(ranks) + len(self.special_tokens)
+        # tiktoken panics on a byte it has no rank for. Missing bytes get ranks
+        # past the vocabulary, so they never merge, and are dropped after encoding.
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+        ranks.update({b: self.n_words + i for i, b in enumerate(missing)})
+        self._drop_missing = bool(missing)
+        try:
+            self.model = tiktoken.Encoding(
+                name=self.path.name, pat_str=meta["pattern"], mergeable_ranks=ranks, special_tokens=self.special_tokens
+            )
+        except ValueError as e:
+            raise TokenizerError(f"{self.sidecar}: 'pattern' is not a usable regular expression ({e})") from e
+        self.bos_id, self.eos_id, self.pad_id = meta["bos_id"], meta["eos_id"], meta["pad_id"]
+        self.add_bos = meta["add_bos"]
+        self.stop_tokens = frozenset(meta["stop_tokens"])
+        self.chat_format = meta["chat_format"]
+        self.default_system_prompt: Optional[str] = meta["default_system_prompt"]
+        ids = {"bos_id": [self.bos_id], "eos_id": [self.eos_id], "stop_tokens": sorted(self.stop_tokens)}
+        if self.pad_id != -1:
+            ids["pad_id"] = [self.pad_id]
+        bad = [f"{k} {i}" for k, v in ids.items() for i in v if not 0 <= i < self.n_words]
+        if bad:
+            raise TokenizerError(f"{self.sidecar}: {', '.join(bad)} outside 0..{self.n_words - 1}; convert the model again")
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        """Encodes text to token ids.
+
+        `bos` adds bos_id only if the model expects it (the sidecar's `add_bos`;
+        SmolLM2 does not); `eos` appends eos_id. Text that looks like a special
+        token is encoded as ordinary text.
+        """
+        t = _encode_ordinary(self.model, s)
+        if self._drop_missing:
+            t = [i for i in t if i < self.n_words]
+        return ([self.bos_id] if bos and self.add_bos else []) + t + ([self.eos_id] if eos else [])
+
+    def decode(self, t: Sequence[int]) -> str:
+        return self.model.decode(list(t))
+
+def _encode_ordinary(model, s: str) -> List[int]:
+    """tiktoken ids of `s`, encoded in pieces tiktoken can handle; text that
+    looks like a special token is encoded as ordinary text."""
+    if not isinstance(s, str):
+        raise TypeError(f"encode expects str, got {type(s).__name__}")
+    t: List[int] = []
+    for piece in _pieces(s):
+        # disallowed_special=() turns the check off: special-token text is plain text.
+        t.extend(model.encode(piece, allowed_special=set(), disallowed_special=()))
+    return t
 
 
 _LONG_RUN = re.compile(r"\s{%d,}|\S{%d,}" % (_MAX_RUN_CHARS + 1, _MAX_RUN_CHARS + 1))

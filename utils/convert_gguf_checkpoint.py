@@ -1,0 +1,318 @@
+"""Converts a Llama-architecture GGUF file (llama.cpp's format) into a Meta checkpoint directory.
+
+    pip install gguf        # or: pip install -e ".[gguf]"
+    python utils/convert_gguf_checkpoint.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --out checkpoints/SmolLM2-135M-Instruct
+
+Writes consolidated.00.pth (the dequantized weights, float32 unless --dtype
+says otherwise), params.json, tokenizer.model (the byte-level BPE in tiktoken's
+format), tokenizer.model.json (what that format cannot hold: split pattern,
+special tokens, stop tokens, chat format) and checklist.chk. The directory then
+works like any Meta checkpoint: pass it as --ckpt_dir and its tokenizer.model
+as --tokenizer_path.
+
+Supported: general.architecture "llama" (dense, no RoPE scaling) with a GPT-2
+style byte-level BPE tokenizer ("gpt2") whose pre-tokenizer is listed in
+PRE_TOKENIZER_PATTERNS, and a ChatML chat template; weights in any type the
+gguf package can dequantize. Anything else is refused with a message that
+says what. The whole dequantized model is held in memory while it is written.
+"""
+
+import argparse
+import base64
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from llama.args import ModelArgs
+from llama.checkpoint import CheckpointError, check_shapes, expected_shapes
+from llama.checkpoint_writer import write_checkpoint
+from llama.tokenizer import sidecar_path
+
+# GGUF pre-tokenizer name (tokenizer.ggml.pre) -> the equivalent split regex
+# for tiktoken. "smollm" is llama.cpp's SMOLLM: single digits, then the GPT-2
+# pattern; a whitespace run right before a digit stays whole because the digit
+# split cut the text there first.
+PRE_TOKENIZER_PATTERNS = {
+    "smollm": r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+",
+}
+
+# GGUF tensor names -> Meta parameter names. llama.cpp stores attn_q/attn_k in
+# Meta's interleaved RoPE layout (its converter undoes Hugging Face's
+# permutation), so no tensor is reordered here.
+GLOBAL_TENSORS = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+LAYER_TENSORS = {
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+}
+
+TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # tokenizer.ggml.token_type values
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ConversionError(ValueError):
+    """The GGUF file holds something this converter cannot turn into a Meta checkpoint."""
+
+
+def import_gguf():
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading GGUF files needs the gguf package: pip install gguf") from e
+    return gguf
+
+
+class _Fields:
+    """Typed access to a GGUF file's key-value metadata; errors name the file and key."""
+
+    def __init__(self, reader, path: Path):
+        self.reader, self.path = reader, path
+
+    def get(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def require(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise ConversionError(f"{self.path} lacks the metadata key {key!r}, which a Llama model needs")
+        return value
+
+
+def ffn_params(dim: int, hidden: int) -> dict:
+    """multiple_of and ffn_dim_multiplier for which Meta's FFN size rule gives `hidden`.
+
+    Prefers no multiplier and the largest power-of-two multiple_of, as Meta's
+    own params.json files read.
+    """
+    base = int(2 * 4 * dim / 3)
+    multipliers = [None, *dict.fromkeys([*(round(hidden / base, d) for d in range(1, 5)), hidden / base])]
+    for multiplier in multipliers:
+        for multiple_of in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+            if hidden % multiple_of:
+                continue
+            params = {"multiple_of": multiple_of} if multiplier is None else {
+                "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+            if ModelArgs(dim=dim, n_heads=1, **params).ffn_hidden_dim == hidden:
+                return params
+    raise ConversionError(f"no multiple_of / ffn_dim_multiplier gives a feed-forward size of {hidden} for dim {dim}")
+
+
+def model_params(fields: _Fields, n_vocab: int) -> dict:
+    """params.json for the model the GGUF metadata describes."""
+    arch = fields.require("general.architecture")
+    if arch != "llama":
+        raise ConversionError(
+            f"{fields.path} holds a {arch!r} model; this converter reads only the 'llama' architecture"
+        )
+    if fields.get("llama.expert_count", 0):
+        raise ConversionError(f"{fields.path} is a mixture-of-experts model (llama.expert_count > 0), which is not supported")
+    scaling = fields.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ConversionError(f"{fields.path} uses RoPE scaling {scaling!r}, which is not supported")
+    dim, n_heads = fields.require("llama.embedding_length"), fields.require("llama.attention.head_count")
+    if not (isinstance(n_heads, int) and n_heads > 0 and dim % n_heads == 0):
+        raise ConversionError(f"{fields.path}: llama.attention.head_count={n_heads!r} does not divide embedding_length={dim}")
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        if fields.get(key, dim // n_heads) != dim // n_heads:
+            raise ConversionError(
+                f"{fields.path}: {key}={fields.get(key)} differs from embedding_length / head_count = "
+                f"{dim // n_heads}; such models are not supported"
+            )
+    # GGUF stores eps as float32: write the shortest decimal that rounds to it (1e-05, not 9.99999974e-06).
+    eps = float(str(np.float32(fields.require("llama.attention.layer_norm_rms_epsilon"))))
+    vocab_size = fields.get("llama.vocab_size", n_vocab)
+    if vocab_size != n_vocab:
+        raise ConversionError(f"{fields.path}: llama.vocab_size={vocab_size} but the tokenizer has {n_vocab} tokens")
+    params = {
+        "dim": dim,
+        "n_layers": fields.require("llama.block_count"),
+        "n_heads": n_heads,
+        "n_kv_heads": fields.get("llama.attention.head_count_kv", n_heads),
+        "vocab_size": vocab_size,
+        **ffn_params(dim, fields.require("llama.feed_forward_length")),
+        "norm_eps": eps,
+        "rope_theta": float(fields.get("llama.rope.freq_base", 10000.0)),
+    }
+    try:
+        ModelArgs.from_params(params)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{fields.path}: the metadata describes no valid Llama model: {e}") from e
+    return params
+
+
+def meta_name(gguf_name: str, path: Path) -> str:
+    m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", gguf_name)
+    table = LAYER_TENSORS if m and m[1] is not None else GLOBAL_TENSORS
+    if not m or m[2] not in table:
+        raise ConversionError(f"{path} holds a tensor {gguf_name!r} that has no place in a Llama model; not supported")
+    return f"layers.{m[1]}.{table[m[2]]}.weight" if m[1] is not None else f"{table[m[2]]}.weight"
+
+
+def convert_tensors(reader, path: Path, args: ModelArgs, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Dequantized weights under Meta's names, checked against the shapes `args` implies."""
+    gguf = import_gguf()
+    state: Dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = meta_name(t.name, path)
+        try:
+            w = gguf.dequantize(t.data, t.tensor_type)  # float32, shape (out, in): GGUF lists dims reversed
+        except NotImplementedError as e:
+            raise ConversionError(
+                f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
+                "dequantize; this converter needs float or llama.cpp-quantized weights"
+            ) from e
+        if w.dtype != np.float32:
+            raise ConversionError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, not as floating-point weights")
+        state[name] = torch.from_numpy(np.array(w, copy=True)).to(dtype)
+    if "output.weight" not in state and "tok_embeddings.weight" in state:
+        # Tied embeddings. One tensor under both names: torch.save stores it once.
+        state["output.weight"] = state["tok_embeddings.weight"]
+    try:
+        check_shapes(state, expected_shapes(args, 1, "vocab"), str(path), "The GGUF's tensors do not match its metadata.")
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
+    return state
+
+
+def _byte_decoder() -> Dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the printable character that
+    stands for each byte in a vocabulary -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in chars]
+    chars.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return {c: b for b, c in chars.items()}
+
+
+_DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<>]*?)<\|im_end\|>")
+
+
+def tokenizer_files(fields: _Fields) -> Tuple[str, dict]:
+    """The tokenizer as (tiktoken ranks file, sidecar dict)."""
+    path = fields.path
+    model = fields.require("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ConversionError(
+            f"{path} has a {model!r} tokenizer; only byte-level BPE tokenizers (tokenizer.ggml.model 'gpt2') are supported"
+        )
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_PATTERNS:
+        raise ConversionError(
+            f"{path} uses the pre-tokenizer {pre!r}; supported: {sorted(PRE_TOKENIZER_PATTERNS)} "
+            "(add its split pattern to PRE_TOKENIZER_PATTERNS once checked against a reference)"
+        )
+    tokens, types = fields.require("tokenizer.ggml.tokens"), fields.require("tokenizer.ggml.token_type")
+    merges = fields.require("tokenizer.ggml.merges")
+    if len(types) != len(tokens):
+        raise ConversionError(f"{path}: {len(tokens)} tokens but {len(types)} token types")
+    odd = sorted({ty for ty in types if ty not in (TOKEN_NORMAL, TOKEN_CONTROL)})
+    if odd:
+        raise ConversionError(f"{path}: token types {odd} are not supported (only normal and control tokens)")
+    special = {tok: i for i, (tok, ty) in enumerate(zip(tokens, types)) if ty == TOKEN_CONTROL}
+
+    # tiktoken ranks are token ids, so ids must follow BPE's merge priority:
+    # every normal token is a single byte or the result of a merge, and the
+    # results of earlier merges have smaller ids.
+    to_byte = _byte_decoder()
+    token_bytes: Dict[int, bytes] = {}
+    for i, (tok, ty) in enumerate(zip(tokens, types)):
+        if ty == TOKEN_NORMAL:
+            if any(c not in to_byte for c in tok):
+                raise ConversionError(f"{path}: token {i} ({tok!r}) is not in GPT-2's byte-level alphabet")
+            token_bytes[i] = bytes(to_byte[c] for c in tok)
+    if len(set(token_bytes.values())) != len(token_bytes):
+        raise ConversionError(f"{path}: two tokens stand for the same bytes")
+    ids = {tok: i for i, tok in enumerate(tokens)}
+    results = []
+    for k, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2 or any(p not in ids for p in parts) or "".join(parts) not in ids:
+            raise ConversionError(f"{path}: merge {k} ({merge!r}) does not join two tokens into a token")
+        results.append(ids["".join(parts)])
+    if any(b <= a for a, b in zip(results, results[1:])):
+        raise ConversionError(f"{path}: token ids do not follow the merge order, which tiktoken ranks need")
+    merged = set(results)
+    stray = [i for i, b in token_bytes.items() if len(b) > 1 and i not in merged]
+    if stray:
+        raise ConversionError(f"{path}: token {stray[0]} ({tokens[stray[0]]!r}) is neither a byte nor a merge result")
+
+    missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in special]
+    if missing:
+        raise ConversionError(f"{path}: no {' or '.join(missing)} control token: only ChatML chat models are supported")
+    template = fields.get("tokenizer.chat_template", "")
+    default_system = _DEFAULT_SYSTEM.search(template)
+    eos = fields.require("tokenizer.ggml.eos_token_id")
+    stop = {eos, special["<|im_end|>"]}
+    stop |= {fields.get(k) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")} - {None}
+    if "<|endoftext|>" in special:
+        stop.add(special["<|endoftext|>"])
+    sidecar = {
+        "version": 1,
+        "pattern": PRE_TOKENIZER_PATTERNS[pre],
+        "special_tokens": special,
+        "bos_id": fields.require("tokenizer.ggml.bos_token_id"),
+        "eos_id": eos,
+        "pad_id": fields.get("tokenizer.ggml.padding_token_id", -1),
+        "add_bos": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        "stop_tokens": sorted(stop),
+        "chat_format": "chatml",
+        "default_system_prompt": default_system[1] if default_system else None,
+    }
+    ranks = "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in sorted(token_bytes.items()))
+    return ranks, sidecar
+
+
+def convert(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
+            progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """Converts `gguf_path` into a Meta checkpoint directory `out_dir`; returns `out_dir`."""
+    gguf = import_gguf()
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ConversionError(f"{path} is not a readable GGUF file ({e})") from e
+    fields = _Fields(reader, path)
+    params = model_params(fields, n_vocab=len(fields.require("tokenizer.ggml.tokens")))
+    ranks, sidecar = tokenizer_files(fields)
+    progress(f"{path.name}: {fields.get('general.name', '?')} (license: {fields.get('general.license', 'not stated')}), "
+             f"params {json.dumps(params)}, trained context {fields.get('llama.context_length', '?')} tokens")
+    state = convert_tensors(reader, path, ModelArgs.from_params(params), DTYPES[dtype])
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Path(tmp) / "tokenizer.model"
+        tokenizer.write_text(ranks)
+        sidecar_path(tokenizer).write_text(json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return write_checkpoint(out_dir, params, [state], tokenizer_path=tokenizer, force=force, progress=progress)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", required=True, type=Path, help="the .gguf file to convert")
+    parser.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="weights' dtype in the checkpoint (default float32: the exact dequantized values)")
+    parser.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    a = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = convert(a.gguf, a.out, a.dtype, a.force, progress=print)
+    except (ImportError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"converted {a.gguf} to {out} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
