@@ -11,7 +11,6 @@ Runs under plain `python` too, and on any number of processes or machines
 (see the README's "Distributed inference").
 """
 
-import logging
 from typing import List, Optional
 
 from llama import Dialog, Llama
@@ -95,7 +94,6 @@ def main(
         quantize=quantize,
     )
     if interactive:
-        logging.getLogger("llama").setLevel(logging.WARNING)  # no metrics blocks inside the chat
         write = lambda text: print_rank0(text, end="", flush=True)  # noqa: E731
         ChatSession(generator, write, temperature, top_p, max_gen_len).run()
         return
@@ -104,6 +102,7 @@ def main(
     if not stream:
         results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
         metrics.append(generator.last_metrics)
+        print_rank0(generator.last_metrics.report() + "\n")
     for i, dialog in enumerate(dialogs):
         for msg in dialog:
             print_rank0(f"{msg['role'].capitalize()}: {msg['content']}\n")
@@ -111,7 +110,8 @@ def main(
         if stream:
             for event in generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len):
                 print_rank0(event.text, end="", flush=True)
-            print_rank0()
+            print_rank0("\n")
+            print_rank0(generator.last_metrics.report())
             metrics.append(generator.last_metrics)
         else:
             print_rank0(results[i]["generation"]["content"])

@@ -78,6 +78,7 @@ def main(
         print_rank0(prompt)
         print_rank0(f"> {result['generation']}")
         print_rank0("\n==================================\n")
+    print_rank0(generator.last_metrics.report())
     if metrics_json and is_rank0():
         write_json([generator.last_metrics], metrics_json)
 

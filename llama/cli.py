@@ -24,8 +24,9 @@ def run(main) -> None:
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     prefix = f"[rank {rank}] " if world > 1 else ""
-    # stdout: the metrics block belongs with the answers it measures.
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    # The examples print the metrics block on stdout, next to the answers it measures.
+    logging.getLogger("llama.metrics").setLevel(logging.WARNING)
     try:
         fire.Fire(main)
     except (FileNotFoundError, ValueError) as e:

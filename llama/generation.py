@@ -25,18 +25,23 @@ from .model import Transformer
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger("llama")
+# The metrics block of every generation, logged (INFO) on rank 0; a program
+# that prints the block itself can silence just this logger.
+metrics_logger = logging.getLogger("llama.metrics")
 
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
     tokens: List[str]  # with logprobs=True
     logprobs: List[float]  # with logprobs=True
+    metrics: dict  # GenerationMetrics.to_dict() of the batch
 
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # with logprobs=True
     logprobs: List[float]  # with logprobs=True
+    metrics: dict  # GenerationMetrics.to_dict() of the batch
 
 
 @dataclass
@@ -274,7 +279,7 @@ class Llama:
                 break
         self.last_metrics = recorder.finish(int(n_generated.sum()))
         if is_rank0():
-            logger.info("%s", self.last_metrics.report())
+            metrics_logger.info("%s", self.last_metrics.report())
 
     def _check_prompts(self, prompt_tokens, max_gen_len) -> None:
         params = self.model.params
@@ -371,9 +376,11 @@ class Llama:
         yield from self.generate_stream([self.formatter.encode_dialog_prompt(dialog)], max_gen_len, temperature, top_p)
 
     def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
-        if logprobs is None:
-            return {"generation": generation}
-        return {"generation": generation, "tokens": [self.tokenizer.decode([x]) for x in tokens], "logprobs": logprobs}
+        """Meta's result dict, plus the batch's metrics under "metrics"."""
+        result = {"generation": generation, "metrics": self.last_metrics.to_dict()}
+        if logprobs is not None:
+            result.update(tokens=[self.tokenizer.decode([x]) for x in tokens], logprobs=logprobs)
+        return result
 
 
 def _world_size() -> int:

@@ -130,6 +130,6 @@ def test_bad_prompts(make_ckpt):
 def test_two_models_in_one_process(make_ckpt):
     a = build(make_ckpt("llama3"))
     b = build(make_ckpt("llama2"))
-    out_a = a.text_completion(["Hello"], max_gen_len=4, temperature=0)
+    out_a = a.text_completion(["Hello"], max_gen_len=4, temperature=0)[0]["generation"]
     b.text_completion(["Hello"], max_gen_len=4, temperature=0)
-    assert a.text_completion(["Hello"], max_gen_len=4, temperature=0) == out_a
+    assert a.text_completion(["Hello"], max_gen_len=4, temperature=0)[0]["generation"] == out_a

@@ -89,10 +89,11 @@ def test_logprobs_and_echo_agree_with_forward(llama3):
 
 def test_completion_result_shapes(llama3):
     out = llama3.text_completion(["Hello"], max_gen_len=3, temperature=0, logprobs=True)
-    assert set(out[0]) == {"generation", "tokens", "logprobs"} and len(out[0]["tokens"]) == 3
+    assert set(out[0]) == {"generation", "tokens", "logprobs", "metrics"} and len(out[0]["tokens"]) == 3
+    assert out[0]["metrics"]["generated_tokens"] == 3 and out[0]["metrics"]["batch_size"] == 1
     chat = llama3.chat_completion([[{"role": "user", "content": "Hello"}]], max_gen_len=3, temperature=0)
     assert chat[0]["generation"]["role"] == "assistant" and isinstance(chat[0]["generation"]["content"], str)
-    assert llama3.text_completion(["Hello"], max_gen_len=0) == [{"generation": ""}]
+    assert llama3.text_completion(["Hello"], max_gen_len=0)[0]["generation"] == ""
 
 
 def _with_stop_tokens(gen, stop):
