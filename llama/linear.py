@@ -9,8 +9,8 @@ close to all of it, in fp32 and bf16 (see benchmarks/linear_kernels.py).
 Weight-only int8 reads half the bytes of bf16 again.
 
 `use_kernels(model, ...)` swaps each parallel layer, after its weights are
-loaded, for a `KernelLinear` that keeps fairscale's collective and changes
-only the matmul. On GPU (and where oneDNN lacks the dtype) the fairscale
+loaded, for a `KernelLinear` that does the same collective (through
+collectives.py, which is faster for decoding on gloo) with a faster matmul. On GPU (and where oneDNN lacks the dtype) the fairscale
 layers stay as they are unless int8 is asked for.
 """
 
@@ -19,8 +19,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
+
+from .collectives import all_gather_last_dim, all_reduce
 
 QUANTIZATIONS = (None, "int8")
 
@@ -57,9 +58,12 @@ class Int8Matmul(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.float()
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.qweight = nn.Parameter(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), requires_grad=False)
-        self.scales = nn.Parameter(scales.to(torch.bfloat16), requires_grad=False)
+        # The kernel takes bf16 scales: round them first and quantize against
+        # the rounded values, or every row carries up to 0.4% of scale error.
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127)
+        self.qweight = nn.Parameter(q.to(torch.int8), requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, k = x.shape[:-1], x.shape[-1]
@@ -91,9 +95,9 @@ class KernelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x)
         if self.collective == "reduce":
-            return reduce_from_model_parallel_region(y)
+            return all_reduce(y)
         if self.collective == "gather":
-            return gather_from_model_parallel_region(y)
+            return all_gather_last_dim(y)
         return y
 
 
