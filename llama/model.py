@@ -151,6 +151,9 @@ class Attention(nn.Module):
         self.wo = _meta_weights(RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep))
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
+        # linear.use_kernels may replace wq, wk, wv by one matmul over their
+        # concatenated weights: one call instead of three per decoded token.
+        self.wqkv: Optional[nn.Module] = None
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, device, dtype) -> None:
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
@@ -159,9 +162,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seq, local_heads, head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seq, local_kv_heads, head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv = self.n_local_kv_heads * self.head_dim
+            xq, xk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim, kv, kv], dim=-1)
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seq, local_heads, head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seq, local_kv_heads, head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
 
         end = start_pos + seqlen
@@ -210,9 +218,14 @@ class FeedForward(nn.Module):
         self.w1 = _meta_weights(ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep))
         self.w2 = _meta_weights(RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep))
         self.w3 = _meta_weights(ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep))
+        self.w13: Optional[nn.Module] = None  # w1 and w3 as one matmul (see Attention.wqkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -44,9 +44,13 @@ def test_kernels_replace_every_parallel_linear(make_ckpt):
     gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1,
                       device="cpu", dtype="bfloat16", quantize="int8")
     kernels = [m for m in gen.model.modules() if isinstance(m, KernelLinear)]
-    assert len(kernels) == 2 * 7 + 1  # 7 per layer, plus the output layer
+    assert len(kernels) == 2 * 4 + 1  # wq|wk|wv, wo, w1|w3 and w2 per layer, plus the output layer
     assert all(isinstance(k.matmul, Int8Matmul) for k in kernels)
-    assert gen.model.output.collective == "gather" and gen.model.layers[0].attention.wo.collective == "reduce"
+    layer = gen.model.layers[0]
+    assert gen.model.output.collective == "gather" and layer.attention.wo.collective == "reduce"
+    assert layer.attention.wqkv.matmul.qweight.shape == (4 * 16 + 2 * 2 * 16, 64)  # 4 query heads, 2 KV heads
+    assert layer.feed_forward.w13.matmul.qweight.shape == (2 * 192, 64)
+    assert not hasattr(layer.attention, "wq") and not hasattr(layer.feed_forward, "w1")
 
 
 def test_int8_model_agrees_with_bf16(make_ckpt):
