@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict
 
 import torch
-import torch.nn.functional as F
 
 from .args import ModelArgs
 from .chat_format import ChatFormat, Dialog, Message, StopReason

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from llama import CheckpointError, Llama, TokenizerError
+from llama import CheckpointError, Llama
 
 
 def build(ckpt, tokenizer=None, **kw):
