@@ -1,10 +1,11 @@
 """Model hyper-parameters: what params.json says, validated, plus runtime limits."""
 
-import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
+
+from .jsonfile import read_json_object
 
 # Keys that params.json may hold. Runtime limits (max_batch_size, max_seq_len)
 # are not file parameters and are rejected if they appear there.
@@ -76,14 +77,10 @@ class ModelArgs:
     def from_json(cls, path, **runtime) -> "ModelArgs":
         """Reads and validates a params.json file; errors name the file."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a Meta checkpoint directory holds a params.json next to its .pth files")
-        try:
-            params = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); re-download it or restore the original file") from e
-        if not isinstance(params, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(params).__name__}")
+        params = read_json_object(
+            path, missing="a Meta checkpoint directory holds a params.json next to its .pth files",
+            fix="re-download it or restore the original file",
+        )
         try:
             return cls.from_params(params, **runtime)
         except (TypeError, ValueError) as e:

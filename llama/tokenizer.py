@@ -10,11 +10,12 @@ hold. No torch here.
 
 import base64
 import binascii
-import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Collection, Dict, FrozenSet, Iterator, List, Optional, Sequence
+
+from .jsonfile import read_json_object
 
 # The Llama 3 pre-tokenizer split pattern.
 LLAMA3_PATTERN = (
@@ -260,17 +261,10 @@ def _is_id(x) -> bool:
 
 def _read_sidecar(path: Path) -> dict:
     """Reads and validates a BPE tokenizer's sidecar JSON; errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: a BPE tokenizer.model needs the sidecar that "
-            "utils/convert_gguf_checkpoint.py writes next to it; keep the two files together"
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e}); convert the model again") from e
-    if not isinstance(meta, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(meta).__name__}; convert the model again")
+    meta = read_json_object(
+        path, missing="a BPE tokenizer.model needs the sidecar that utils/convert_gguf_checkpoint.py "
+        "writes next to it; keep the two files together", fix="convert the model again", error=TokenizerError,
+    )
     problems = [f"unknown key {k!r}" for k in sorted(set(meta) - set(_SIDECAR_FIELDS))]
     for key, (types, what) in _SIDECAR_FIELDS.items():
         if key not in meta:
