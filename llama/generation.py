@@ -242,7 +242,7 @@ class Llama:
         lens = torch.tensor(prompt_lens, device=device)
         is_prompt = torch.arange(total_len, device=device)[None, :] < lens[:, None]
         last_pos = lens + max_gen_len - 1  # a row's last position to generate
-        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), device=device)
+        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), dtype=torch.long, device=device)
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         n_generated = torch.zeros(bsz, dtype=torch.long, device=device)
         # On a GPU, checking whether all rows are done costs a host sync: do it every 8 steps.
@@ -325,7 +325,9 @@ class Llama:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        return [self._prediction(self.tokenizer.decode(t), t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+        metrics = self.last_metrics.to_dict()
+        return [self._prediction(self.tokenizer.decode(t), t, lps[i] if logprobs else None, metrics)
+                for i, t in enumerate(tokens)]
 
     def chat_completion(
         self,
@@ -357,8 +359,9 @@ class Llama:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
         tokens, lps, reasons = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        metrics = self.last_metrics.to_dict()
         return [
-            self._prediction(self.formatter.decode_assistant_message(t, reasons[i]), t, lps[i] if logprobs else None)
+            self._prediction(self.formatter.decode_assistant_message(t, reasons[i]), t, lps[i] if logprobs else None, metrics)
             for i, t in enumerate(tokens)
         ]
 
@@ -374,9 +377,9 @@ class Llama:
             max_gen_len = self.model.params.max_seq_len - 1
         yield from self.generate_stream([self.formatter.encode_dialog_prompt(dialog)], max_gen_len, temperature, top_p)
 
-    def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
+    def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[float]], metrics: dict) -> dict:
         """Meta's result dict, plus the batch's metrics under "metrics"."""
-        result = {"generation": generation, "metrics": self.last_metrics.to_dict()}
+        result = {"generation": generation, "metrics": metrics}
         if logprobs is not None:
             result.update(tokens=[self.tokenizer.decode([x]) for x in tokens], logprobs=logprobs)
         return result
