@@ -163,7 +163,7 @@ class Engine:
         """Queues `request`; returns its id. Raises ValueError for a prompt that cannot run."""
         if not isinstance(request, Request):
             raise TypeError(f"submit takes a llama.engine.Request, got {type(request).__name__}")
-        self._check_prompt(request.prompt_tokens)
+        self.check_prompt(request.prompt_tokens)
         seed = request.params.seed
         if seed is None:  # from torch's global generator: torch.manual_seed makes runs repeatable
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -408,20 +408,23 @@ class Engine:
         ids = (list(seq.request.prompt_tokens) if full else []) + seq.tokens
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-    def _check_prompt(self, tokens: Sequence[int]) -> None:
+    def check_prompt(self, tokens: Sequence[int], name: str = "the prompt") -> None:
+        """Raises ValueError, naming the prompt `name`, if `tokens` cannot run in this model."""
         max_seq_len, vocab = self.params.max_seq_len, self.params.vocab_size
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise ValueError(f"{name} must be a list of token ids, got {type(tokens).__name__}")
         if not tokens:
-            raise ValueError("the prompt is empty: give at least one token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            bad = next(t for t in tokens if not isinstance(t, int) or isinstance(t, bool))
-            raise ValueError(f"prompt token ids must be integers, got {bad!r}")
+            raise ValueError(f"{name} is empty: give at least one token")
+        bad = next((t for t in tokens if not isinstance(t, int) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise ValueError(f"{name} has a token id that is not an integer: {bad!r}")
         if len(tokens) >= max_seq_len:
             raise ValueError(
-                f"the prompt has {len(tokens)} tokens, which leaves no room to generate within "
+                f"{name} has {len(tokens)} tokens, which leaves no room to generate within "
                 f"max_seq_len={max_seq_len}; shorten it or build with a larger max_seq_len"
             )
         if min(tokens) < 0 or max(tokens) >= vocab:
-            raise ValueError(f"the prompt has token ids outside 0..{vocab - 1}")
+            raise ValueError(f"{name} has token ids outside 0..{vocab - 1}")
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)

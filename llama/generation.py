@@ -232,26 +232,16 @@ class Llama:
         params = [p if p.max_tokens is not None else dataclasses.replace(p, max_tokens=max_gen_len) for p in params]
         if len(params) == 1:
             params = params * len(prompt_tokens)
-        out = []
-        for i, (tokens, p) in enumerate(zip(prompt_tokens, params)):
-            if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
-                raise ValueError(f"prompt {i} must be a list of token ids, got {type(tokens).__name__}")
-            out.append(Request(tuple(tokens), p, prompt_logprobs=echo and p.wants_logprobs))
-        return out
+        for i, tokens in enumerate(prompt_tokens):
+            self.engine.check_prompt(tokens, f"prompt {i}")
+        return [Request(tuple(t), p, prompt_logprobs=echo and p.wants_logprobs) for t, p in zip(prompt_tokens, params)]
 
     def _run(self, requests: Sequence[Request]) -> Iterator[TokenEvent]:
         """Submits `requests`, steps the engine until every one has ended, and
         yields their events with `row` set to the request's index. On the way
         out (finished, or the consumer stopped early) the rows still running
         are cancelled and `last_metrics` is set for this call."""
-        ids: List[int] = []
-        try:
-            for i, request in enumerate(requests):
-                ids.append(self.engine.submit(request))
-        except ValueError as e:
-            for rid in ids:
-                self.engine.cancel(rid)
-            raise ValueError(f"prompt {len(ids)}: {e}" if len(requests) > 1 else str(e)) from None
+        ids = [self.engine.submit(request) for request in requests]  # checked by _requests: cannot fail
         recorder = MetricsRecorder(
             len(requests), sum(len(r.prompt_tokens) for r in requests), self.weight_bytes_per_step, _world_size(),
             synchronize=torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None),

@@ -9,7 +9,7 @@ math needs the whole vector.
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import List, Literal, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -24,11 +24,7 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 
 from .args import ModelArgs
-
-# Llama 2 checkpoints split the embedding table along the model dimension
-# (fairscale ParallelEmbedding), Llama 3 along the vocabulary
-# (VocabParallelEmbedding). Only the shapes inside a checkpoint tell.
-EmbeddingLayout = Literal["dim", "vocab"]
+from .schema import EmbeddingLayout, kv_replication
 
 
 def _keep(x):  # init_method: weights come from the checkpoint, never from an initializer
@@ -63,17 +59,6 @@ def _without_fairscale_init():
         yield
     finally:
         fs_layers._initialize_affine_weight = original
-
-
-def kv_replication(n_kv_heads: int, mp_size: int) -> int:
-    """How many ranks share each KV head (1 unless there are more ranks than KV heads)."""
-    if mp_size <= n_kv_heads:
-        if n_kv_heads % mp_size:
-            raise ValueError(f"{mp_size} model-parallel ranks cannot split {n_kv_heads} KV heads evenly")
-        return 1
-    if mp_size % n_kv_heads:
-        raise ValueError(f"{mp_size} model-parallel ranks cannot share {n_kv_heads} KV heads evenly")
-    return mp_size // n_kv_heads
 
 
 class RMSNorm(nn.Module):
@@ -170,16 +155,14 @@ class Attention(nn.Module):
         self.n_local_kv_heads = args.n_kv_heads * replicas // mp_size
         self.head_dim = args.head_dim
 
-        kv_out = args.n_kv_heads * replicas * self.head_dim
-        self.wq = _meta_weights(ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep))
-        self.wk = _meta_weights(ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=_keep))
-        self.wv = _meta_weights(ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=_keep))
+        # wq, wk and wv as one matmul (one call instead of three per decoded
+        # token); each rank's rows are its q, k and v shards, concatenated at
+        # load (Transformer._fuse_projections).
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads * replicas) * self.head_dim
+        self.wqkv = _meta_weights(ColumnParallelLinear(args.dim, qkv_out, bias=False, gather_output=False, init_method=_keep))
         self.wo = _meta_weights(RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep))
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
-        # linear.use_kernels may replace wq, wk, wv by one matmul over their
-        # concatenated weights: one call instead of three per decoded token.
-        self.wqkv: Optional[nn.Module] = None
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, device, dtype) -> None:
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
@@ -188,11 +171,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None:
-            kv = self.n_local_kv_heads * self.head_dim
-            xq, xk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim, kv, kv], dim=-1)
-        else:
-            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        kv = self.n_local_kv_heads * self.head_dim
+        xq, xk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim, kv, kv], dim=-1)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seq, local_heads, head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seq, local_kv_heads, head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -247,16 +227,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = _meta_weights(ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep))
+        # w1 (gate) and w3 (up) as one matmul, as Attention.wqkv.
+        self.w13 = _meta_weights(ColumnParallelLinear(dim, 2 * hidden_dim, bias=False, gather_output=False, init_method=_keep))
         self.w2 = _meta_weights(RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep))
-        self.w3 = _meta_weights(ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep))
-        self.w13: Optional[nn.Module] = None  # w1 and w3 as one matmul (see Attention.wqkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
+        gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -273,9 +249,16 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# Weights the model holds as one, and the checkpoint weights (Meta's names)
+# each is concatenated from, in order.
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+
+
 class Transformer(nn.Module):
-    """Build it under `torch.device("meta")`, load weights with
-    `load_state_dict(..., assign=True)`, then call `setup_caches` once."""
+    """Build it under `torch.device("meta")`, load a rank's weights under
+    Meta's names with `load_state_dict(..., assign=True)`, then call
+    `setup_caches` once."""
 
     def __init__(self, params: ModelArgs, embedding_layout: EmbeddingLayout = "vocab"):
         super().__init__()
@@ -291,6 +274,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
+        self._register_load_state_dict_pre_hook(self._fuse_projections)
+
+    def _fuse_projections(self, state_dict, prefix, *args) -> None:
+        """Concatenates a rank's wq|wk|wv and w1|w3 shards (Meta's names) into
+        the fused weights, as a state-dict hook: checkpoints keep Meta's layout."""
+        for i in range(self.params.n_layers):
+            for fused, parts in FUSED.items():
+                names = [f"{prefix}layers.{i}.{part}.weight" for part in parts]
+                if all(n in state_dict for n in names):
+                    state_dict[f"{prefix}layers.{i}.{fused}.weight"] = torch.cat([state_dict.pop(n) for n in names])
 
     def setup_caches(self, device, dtype) -> None:
         """Allocates the KV cache and the RoPE table on `device` (after weights are loaded)."""

@@ -216,7 +216,7 @@ def test_request_metrics_are_returned(llama3):
 
 
 @pytest.mark.parametrize("bad, field", [
-    ([[1, 2.5]], "integers"),
+    ([[1, 2.5]], "prompt 0 has a token id that is not an integer: 2.5"),
     ([[]], "empty"),
     ([[1, 10**9]], "outside"),
     ([list(range(1, 65))], "no room"),
