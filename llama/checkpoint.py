@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .args import ModelArgs
+from .hf_layout import original_folder_hint
 from .model import EmbeddingLayout, kv_replication
 
 logger = logging.getLogger("llama")
@@ -45,7 +46,7 @@ def find_shards(ckpt_dir) -> List[Path]:
     if not numbered:
         others = sorted(p.name for p in ckpt_dir.glob("*.pth"))
         hint = f" (found {others}; Meta's files are named consolidated.00.pth, ...)" if others else ""
-        raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}")
+        raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}{original_folder_hint(ckpt_dir)}")
     indices = [i for i, _ in numbered]
     if indices != list(range(len(numbered))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
