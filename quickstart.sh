@@ -23,6 +23,7 @@ python -m pip install --quiet -e ".[test]"
 gguf=checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf
 ckpt=checkpoints/SmolLM2-135M-Instruct
 python utils/fetch_smollm2.py --out "$gguf"
+python utils/fetch_llama3_tokenizer.py --out checkpoints/llama3_tokenizer.model  # tests and examples use it
 if [ ! -f "$ckpt/checklist.chk" ]; then
     python utils/convert_gguf_checkpoint.py --gguf "$gguf" --out "$ckpt" --force
 fi
