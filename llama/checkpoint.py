@@ -17,7 +17,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .args import ModelArgs
-from .hf_layout import original_folder_hint
 from .model import EmbeddingLayout, kv_replication
 
 logger = logging.getLogger("llama")
@@ -44,6 +43,8 @@ def find_shards(ckpt_dir) -> List[Path]:
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found (--ckpt_dir)")
     numbered = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("*.pth") if (m := _SHARD_NAME.search(p.name)))
     if not numbered:
+        from .hf_layout import original_folder_hint  # an error path only
+
         others = sorted(p.name for p in ckpt_dir.glob("*.pth"))
         hint = f" (found {others}; Meta's files are named consolidated.00.pth, ...)" if others else ""
         raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}{original_folder_hint(ckpt_dir)}")
