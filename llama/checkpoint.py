@@ -37,9 +37,11 @@ def find_shards(ckpt_dir) -> List[Path]:
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found (--ckpt_dir)")
     numbered = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("*.pth") if (m := _SHARD_NAME.search(p.name)))
     if not numbered:
+        from .hf_layout import original_folder_hint  # an error path only
+
         others = sorted(p.name for p in ckpt_dir.glob("*.pth"))
         hint = f" (found {others}; Meta's files are named consolidated.00.pth, ...)" if others else ""
-        raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}")
+        raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}{original_folder_hint(ckpt_dir)}")
     indices = [i for i, _ in numbered]
     if indices != list(range(len(numbered))):
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
