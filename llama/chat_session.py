@@ -130,8 +130,9 @@ class ChatSession:
             if not getattr(self.generator.model.params, "use_scaled_rope", True):
                 tools += " Llama 3.1 is trained to call tools; this looks like Llama 3, which may not use them."
         else:
-            name = type(self.formatter).__name__.replace("ChatFormat", "").replace("Llama2", "Llama 2")
-            tools = (f"No tools: this model's chat format ({name}) has no tool calling, so it cannot calculate "
+            from .checkpoint_info import chat_format_name
+
+            tools = (f"No tools: this model's chat format ({chat_format_name(self.formatter)}) has no tool calling, so it cannot calculate "
                      "or look up the date; its answers to such questions are guesses.")
         return (f"Chatting. /help lists the commands; an empty line or Ctrl-D ends, {NEW_CONVERSATION} starts a "
                 f"new conversation, Ctrl-C stops an answer.\n{tools}\n")

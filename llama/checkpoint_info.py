@@ -45,6 +45,12 @@ def model_family(args: ModelArgs, raw_vocab_size: int, tokenizer_kind: Optional[
     return "Llama 3.1" if args.use_scaled_rope else "Llama 3"
 
 
+def chat_format_name(formatter: ChatFormat) -> str:
+    """"Llama 2", "Llama 3" or "ChatML"."""
+    return {"Llama2ChatFormat": "Llama 2", "Llama3ChatFormat": "Llama 3"}.get(
+        type(formatter).__name__, type(formatter).__name__.replace("ChatFormat", ""))
+
+
 @dataclasses.dataclass
 class CheckpointInfo:
     path: str
@@ -106,7 +112,7 @@ def checkpoint_info(ckpt_dir, tokenizer_path=None) -> CheckpointInfo:
     except FileNotFoundError:
         tok_path = None
     tokenizer = Tokenizer.from_file(tok_path) if tok_path is not None else None
-    chat_format = type(ChatFormat.for_tokenizer(tokenizer)).__name__.replace("ChatFormat", "") if tokenizer else None
+    chat_format = chat_format_name(ChatFormat.for_tokenizer(tokenizer)) if tokenizer else None
     shard0 = LazyShards(paths[:1])[0]
     full = expected_shapes(args, 1, layout)
     return CheckpointInfo(

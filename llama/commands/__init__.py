@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> None:
     setup_logging()
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:  # every flag goes to the converter (argparse's REMAINDER stops at a leading --flag)
+        run_clean(convert, argparse.Namespace(converter_args=argv[1:]))
+        return
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
