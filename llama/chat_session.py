@@ -267,12 +267,12 @@ class ChatSession:
         with CtrlC() as ctrl_c:
             try:
                 for event in stream:
+                    if ctrl_c.pressed:
+                        break
                     self.write(event.text)
                     tokens.append(event.token)  # a final stop token is dropped by the decoder
                     stop_reason = event.stop_reason or stop_reason
                     ended = event.stop_reason is not None
-                    if ctrl_c.pressed:
-                        break
             finally:
                 stream.close()  # frees the generation at once, whether it ended, broke off or failed
         self.write("\n")
