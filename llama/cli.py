@@ -96,9 +96,12 @@ def report_error(message: str) -> None:
         return
     said = None
     with contextlib.suppress(Exception):
-        if store is not None:
-            store.wait([key], timedelta(seconds=_SAME_ERROR_WAIT_S))
-            said = store.get(key).decode()
+        deadline = time.monotonic() + _SAME_ERROR_WAIT_S
+        while store is not None and time.monotonic() < deadline:  # polled: store.wait logs a warning on timeout
+            if store.check([key]):
+                said = store.get(key).decode()
+                break
+            time.sleep(0.1)
     other_node = os.environ.get("GROUP_RANK", "0") != "0" and os.environ.get("LOCAL_RANK", "0") == "0"
     if said != message or other_node:
         print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 from ..chat_session import ChatSession, from_rank0
-from ..cli import BAD_INPUT
-from ..distributed import is_rank0, print_rank0
+from ..cli import BAD_INPUT, rank_and_world
+from ..distributed import print_rank0
 from .options import build_generator, read_stdin, sampling_kwargs
 
 
@@ -19,14 +19,19 @@ def note(text: str) -> None:
     print_rank0(text, end="", flush=True, file=sys.stderr)
 
 
+def _rank0() -> bool:
+    """Rank 0 of the job, known before the process group exists (torchrun's RANK)."""
+    return rank_and_world()[0] == 0
+
+
 def add_chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt (with tools: the instructions after the tool definitions)")
     p.add_argument("--prompt", help="answer this one message and exit (also: pipe the message into stdin)")
 
 
 def chat(a: argparse.Namespace) -> None:
-    # Rank 0 decides and reads; the other ranks get its prompt once the model is loaded.
-    prompt = (a.prompt if a.prompt is not None else read_stdin("a message on stdin, or --prompt")) if is_rank0() else None
+    # Rank 0 decides and reads (before loading, to fail early); the other ranks get its prompt once loaded.
+    prompt = (a.prompt if a.prompt is not None else read_stdin("a message on stdin, or --prompt")) if _rank0() else None
     generator = build_generator(a)
     prompt = from_rank0(prompt)
     if prompt is None:  # stdin is a terminal: chat
@@ -58,7 +63,7 @@ def _completion_prompt(a: argparse.Namespace) -> str:
 
 def complete(a: argparse.Namespace) -> None:
     """Streams the continuation of the prompt (the prompt itself is not repeated)."""
-    prompt = _completion_prompt(a) if is_rank0() else None
+    prompt = _completion_prompt(a) if _rank0() else None
     generator = build_generator(a)
     prompt = from_rank0(prompt)
     tokens = generator.tokenizer.encode(prompt, bos=True, eos=False)
