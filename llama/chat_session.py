@@ -132,8 +132,8 @@ class ChatSession:
         else:
             from .checkpoint_info import chat_format_name
 
-            tools = (f"No tools: this model's chat format ({chat_format_name(self.formatter)}) has no tool calling, so it cannot calculate "
-                     "or look up the date; its answers to such questions are guesses.")
+            tools = (f"No tools: this model's chat format ({chat_format_name(self.formatter)}) has no tool calling, "
+                     "so it cannot calculate or look up the date; its answers to such questions are guesses.")
         return (f"Chatting. /help lists the commands; an empty line or Ctrl-D ends, {NEW_CONVERSATION} starts a "
                 f"new conversation, Ctrl-C stops an answer.\n{tools}\n")
 

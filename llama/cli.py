@@ -49,7 +49,8 @@ def set_threads(threads: Optional[int]) -> None:
 
 
 def in_batches(items: Sequence, size: int) -> List[Sequence]:
-    """`items` in consecutive batches of at most `size` (the examples answer all their prompts, whatever --max_batch_size)."""
+    """`items` in consecutive batches of at most `size`: the examples answer
+    all their prompts, whatever --max_batch_size."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"max_batch_size must be a positive integer, got {size!r}")
     return [items[i : i + size] for i in range(0, len(items), size)]

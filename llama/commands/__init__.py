@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     add_info_args(command("info", info, "what a checkpoint directory holds, without loading it"))
     add_shard_args(command("shard", shard, "split or merge a checkpoint into N shards (one per worker)"))
-    p = command("convert", convert, "convert a GGUF file into a checkpoint directory (utils/convert_gguf_checkpoint.py)",
-                add_help=False)
+    p = command("convert", convert, "convert a GGUF file into a checkpoint directory "
+                "(utils/convert_gguf_checkpoint.py)", add_help=False)
     p.add_argument("converter_args", nargs=argparse.REMAINDER, help="--gguf FILE --out DIR [--dtype] [--force]")
     return parser
 
