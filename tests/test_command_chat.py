@@ -153,6 +153,8 @@ def test_chat_under_torchrun_answers_as_one_process(make_ckpt):
     two = subprocess.run(torchrun(2) + args, cwd=REPO, input="Hello", capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     assert two.stdout == one.stdout and one.stdout.strip()
+    # One process reshards the 2-shard checkpoint and says so; two processes need not.
+    assert "Resharding" in one.stderr and "Resharding" not in two.stderr
 
 
 def test_wrong_world_size_under_torchrun_is_one_message(make_ckpt):

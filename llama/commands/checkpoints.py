@@ -62,4 +62,6 @@ def _converter():
 
 
 def convert(a: argparse.Namespace) -> None:
-    _converter().main(a.converter_args)
+    converter = _converter()
+    sys.argv[0] = "llama convert"  # the name its usage lines show
+    converter.main(a.converter_args)
