@@ -25,8 +25,10 @@ def _rank0() -> bool:
 
 
 def add_chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--system", help="system prompt (with tools: the instructions after the tool definitions)")
-    p.add_argument("--prompt", help="answer this one message and exit (also: pipe the message into stdin)")
+    p.add_argument("--system", metavar="TEXT",
+                   help="system prompt (with tools: the instructions after the tool definitions)")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="answer this one message and exit (also: pipe the message into stdin)")
 
 
 def chat(a: argparse.Namespace) -> None:
@@ -44,7 +46,7 @@ def chat(a: argparse.Namespace) -> None:
 
 def add_complete_args(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="the text to continue")
+    source.add_argument("--prompt", metavar="TEXT", help="the text to continue")
     source.add_argument("--file", type=Path, help="read the text to continue from this file")
 
 

@@ -11,28 +11,31 @@ from ..distributed import DTYPES
 
 def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--ckpt_dir", required=True, help="checkpoint directory (params.json, consolidated.*.pth)")
-    g.add_argument("--tokenizer_path", help="tokenizer.model (default: found in --ckpt_dir, or its parent for Llama 2)")
+    g.add_argument("--ckpt_dir", metavar="DIR", required=True,
+                   help="checkpoint directory (params.json, consolidated.*.pth)")
+    g.add_argument("--tokenizer_path", metavar="FILE",
+                   help="tokenizer.model (default: found in --ckpt_dir, or its parent for Llama 2)")
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16; float16 on GPUs only")
     g.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers (half the memory of bf16)")
-    g.add_argument("--threads", type=int,
+    g.add_argument("--threads", metavar="N", type=int,
                    help="CPU threads per process (default: torch's; 1 under torchrun with several processes per "
                         "node); on a small or shared machine fewer threads can be much faster")
-    g.add_argument("--max_seq_len", type=int, default=max_seq_len,
+    g.add_argument("--max_seq_len", metavar="N", type=int, default=max_seq_len,
                    help=f"prompt plus answer, in tokens (sizes the KV cache; default {max_seq_len})")
-    g.add_argument("--max_batch_size", type=int, default=1, help="sequences generated together (default 1)")
+    g.add_argument("--max_batch_size", metavar="N", type=int, default=1,
+                   help="sequences generated together (default 1)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """The sampling flags; `sampling_kwargs` hands them to the generator."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding (default 0.6)")
-    g.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
-    g.add_argument("--max_gen_len", type=int, help="most tokens per answer (default: until the model stops or "
-                                                   "max_seq_len is reached)")
+    g.add_argument("--temperature", metavar="T", type=float, default=0.6, help="0 for greedy decoding (default 0.6)")
+    g.add_argument("--top_p", metavar="P", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    g.add_argument("--max_gen_len", metavar="N", type=int,
+                   help="most tokens per answer (default: until the model stops or max_seq_len is reached)")
     # Passed to Llama.build today; it joins sampling_kwargs when the engine takes a per-request seed.
-    g.add_argument("--seed", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
+    g.add_argument("--seed", metavar="N", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
 
 
 def sampling_kwargs(a: argparse.Namespace) -> dict:
