@@ -168,7 +168,12 @@ class ChatSession:
         elif name == "/help":
             self.write(COMMANDS)
         elif name == "/system" and not arg:
-            self.write(f"(system prompt: {self.system!r})\n" if self.system is not None else "(no system prompt)\n")
+            default = getattr(self.formatter.tokenizer, "default_system_prompt", None)
+            if self.system is not None:
+                self.write(f"(system prompt: {self.system!r})\n")
+            else:
+                self.write(f"(no system prompt; the model's default applies: {default!r})\n" if default else
+                           "(no system prompt)\n")
         elif name == "/system":
             self.set_system(arg)
             self.write("(system prompt set)\n")

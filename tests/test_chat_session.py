@@ -179,8 +179,11 @@ def test_system_command_and_flag(fmt, sp_tokenizer_path):
     assert out[-1].startswith("(system prompt: 'Environment: ipython") and "Answer in German." in out[-1]
     # Without tools the text is the whole system prompt.
     fmt2 = ChatFormat.for_tokenizer(Tokenizer.from_file(sp_tokenizer_path))
-    chat2, _, _ = session(fmt2, [], system="Be brief.")
+    chat2, _, out2 = session(fmt2, [], system="Be brief.")
     assert chat2.dialog == [{"role": "system", "content": "Be brief."}]
+    chat3, _, out3 = session(fmt2, [])
+    chat3.command("/system")
+    assert chat3.dialog == [] and out3[-1] == "(no system prompt)\n"
 
 
 def test_save_and_load_round_trip_with_tool_calls(fmt, tmp_path):
