@@ -2,8 +2,7 @@
 (`llama info`), and where its tokenizer is.
 
 Everything comes from params.json, the tokenizer file and shard 0's tensor
-headers (memory-mapped: no weight is read), so it takes about a second even
-for a 405B checkpoint.
+headers (memory-mapped: its weights are not read) and the files' sizes.
 """
 
 import dataclasses
