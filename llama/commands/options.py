@@ -7,6 +7,7 @@ from typing import Optional
 
 from ..cli import set_threads
 from ..distributed import DTYPES
+from ..linear import QUANTIZATIONS
 
 
 def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048) -> None:
@@ -17,7 +18,7 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048) -> None:
                    help="tokenizer.model (default: found in --ckpt_dir, or its parent for Llama 2)")
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16; float16 on GPUs only")
-    g.add_argument("--quantize", choices=["int8"], help="weight-only int8 linear layers (half the memory of bf16)")
+    g.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], help="weight-only int8 linear layers (half the memory of bf16)")
     g.add_argument("--threads", metavar="N", type=int,
                    help="CPU threads per process (default: torch's; 1 under torchrun with several processes per "
                         "node); on a small or shared machine fewer threads can be much faster")
