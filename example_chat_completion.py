@@ -4,8 +4,8 @@
         --ckpt_dir Meta-Llama-3-8B-Instruct/ \
         --tokenizer_path Meta-Llama-3-8B-Instruct/tokenizer.model --device cpu
 
-With --interactive it is a multi-turn chat on the terminal instead, in which
-Llama 3.1 can call a local calculator and clock.
+With --interactive it is a multi-turn chat on the terminal instead (the same
+as `llama chat`), in which Llama 3.1 can call a local calculator and clock.
 
 Runs under plain `python` too, and on any number of processes or machines
 (see the README's "Distributed inference").
@@ -15,7 +15,8 @@ from typing import List, Optional
 
 from llama import Dialog, Llama
 from llama.chat_session import ChatSession
-from llama.cli import run
+from llama.checkpoint_info import find_tokenizer
+from llama.cli import in_batches, run, set_threads
 from llama.distributed import is_rank0, print_rank0
 from llama.metrics import write_json
 
@@ -49,7 +50,7 @@ DIALOGS: List[Dialog] = [
 
 def main(
     ckpt_dir: str,
-    tokenizer_path: str,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
@@ -61,32 +62,39 @@ def main(
     interactive: bool = False,
     quantize: Optional[str] = None,
     metrics_json: Optional[str] = None,
+    threads: Optional[int] = None,
+    system: Optional[str] = None,
 ):
     """Answers a few example dialogs.
 
     Args:
         ckpt_dir: Meta checkpoint directory (params.json, consolidated.*.pth).
-        tokenizer_path: tokenizer.model (Llama 2 SentencePiece or Llama 3 tiktoken).
+        tokenizer_path: tokenizer.model (Llama 2 SentencePiece or Llama 3 tiktoken);
+            default: the one in ckpt_dir, or in its parent (Llama 2).
         temperature: 0 for greedy decoding.
         top_p: Nucleus sampling threshold.
         max_seq_len: Dialog plus answer, in tokens.
-        max_batch_size: Dialogs run together when not streaming.
+        max_batch_size: Dialogs run together when not streaming (all of them
+            are answered, in as many batches as needed).
         max_gen_len: Most tokens per answer (default: until the model stops or the context is full).
         device: "cpu" or "cuda" (default: cuda if available).
         dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
         stream: Print each answer token by token (one dialog at a time);
-            --nostream answers all dialogs in one batch, then prints.
-        interactive: Chat on the terminal instead of answering the examples;
-            an empty line or Ctrl-D ends, /new starts a new conversation.
+            --nostream answers the dialogs in batches, printing each batch's answers, then its metrics.
+        interactive: Chat on the terminal instead of answering the examples
+            (/help lists the commands; an empty line or Ctrl-D ends).
         quantize: "int8" for weight-only int8 linear layers.
         metrics_json: Write the inference metrics of every generation here (a JSON list).
+        threads: CPU threads per process (torch.set_num_threads).
+        system: The system prompt of the interactive chat.
 
-    After each answer (or the batch, with --nostream) the inference metrics
+    After each answer (or batch, with --nostream) the inference metrics
     block is printed.
     """
+    set_threads(threads)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
+        tokenizer_path=str(find_tokenizer(ckpt_dir, tokenizer_path)),
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         device=device,
@@ -95,29 +103,33 @@ def main(
     )
     if interactive:
         write = lambda text: print_rank0(text, end="", flush=True)  # noqa: E731
-        ChatSession(generator, write, temperature, top_p, max_gen_len).run()
+        ChatSession(generator, write, temperature, top_p, max_gen_len, system=system).run()
         return
-    dialogs = DIALOGS[:max_batch_size]
     metrics = []
-    if not stream:
-        results = generator.chat_completion(dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-        metrics.append(generator.last_metrics)
-        print_rank0(generator.last_metrics.report() + "\n")
-    for i, dialog in enumerate(dialogs):
-        for msg in dialog:
-            print_rank0(f"{msg['role'].capitalize()}: {msg['content']}\n")
-        print_rank0("> Assistant: ", end="", flush=True)
+    for batch in in_batches(DIALOGS, 1 if stream else max_batch_size):
         if stream:
-            for event in generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len):
+            print_dialog(batch[0])
+            for event in generator.chat_completion_stream(batch[0], temperature, top_p, max_gen_len):
                 print_rank0(event.text, end="", flush=True)
             print_rank0("\n")
-            print_rank0(generator.last_metrics.report())
-            metrics.append(generator.last_metrics)
         else:
-            print_rank0(results[i]["generation"]["content"])
-        print_rank0("\n==================================\n")
+            results = generator.chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+            for dialog, result in zip(batch, results):
+                print_dialog(dialog)
+                print_rank0(result["generation"]["content"])
+                print_rank0("\n==================================\n")
+        print_rank0(generator.last_metrics.report())
+        metrics.append(generator.last_metrics)
+        if stream:
+            print_rank0("\n==================================\n")
     if metrics_json and is_rank0():
         write_json(metrics, metrics_json)
+
+
+def print_dialog(dialog: Dialog) -> None:
+    for msg in dialog:
+        print_rank0(f"{msg['role'].capitalize()}: {msg['content']}\n")
+    print_rank0("> Assistant: ", end="", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Runs under plain `python` too, and on any number of processes or machines
 from typing import Optional
 
 from llama import Llama
-from llama.cli import run
+from llama.checkpoint_info import find_tokenizer
+from llama.cli import in_batches, run, set_threads
 from llama.distributed import is_rank0, print_rank0
 from llama.metrics import write_json
 
@@ -35,7 +36,7 @@ PROMPTS = [
 
 def main(
     ckpt_dir: str,
-    tokenizer_path: str,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 128,
@@ -45,42 +46,48 @@ def main(
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
     metrics_json: Optional[str] = None,
+    threads: Optional[int] = None,
 ):
-    """Completes a few example prompts in one batch.
+    """Completes a few example prompts, in batches of max_batch_size.
 
     Args:
         ckpt_dir: Meta checkpoint directory (params.json, consolidated.*.pth).
-        tokenizer_path: tokenizer.model (Llama 2 SentencePiece or Llama 3 tiktoken).
+        tokenizer_path: tokenizer.model (Llama 2 SentencePiece or Llama 3 tiktoken);
+            default: the one in ckpt_dir, or in its parent (Llama 2).
         temperature: 0 for greedy decoding.
         top_p: Nucleus sampling threshold.
         max_seq_len: Prompt plus generation, in tokens.
         max_gen_len: Tokens to generate per prompt.
-        max_batch_size: Prompts run together.
+        max_batch_size: Prompts run together (all are completed, in as many batches as needed).
         device: "cpu" or "cuda" (default: cuda if available).
         dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
         quantize: "int8" for weight-only int8 linear layers.
-        metrics_json: Also write the inference metrics here (a JSON list with one entry).
+        metrics_json: Also write the inference metrics here (a JSON list, one entry per batch).
+        threads: CPU threads per process (torch.set_num_threads).
 
-    After the completions the inference metrics block is printed.
+    After each batch's completions its inference metrics block is printed.
     """
+    set_threads(threads)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
-        tokenizer_path=tokenizer_path,
+        tokenizer_path=str(find_tokenizer(ckpt_dir, tokenizer_path)),
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         device=device,
         dtype=dtype,
         quantize=quantize,
     )
-    prompts = PROMPTS[:max_batch_size]
-    results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-    for prompt, result in zip(prompts, results):
-        print_rank0(prompt)
-        print_rank0(f"> {result['generation']}")
-        print_rank0("\n==================================\n")
-    print_rank0(generator.last_metrics.report())
+    metrics = []
+    for prompts in in_batches(PROMPTS, max_batch_size):
+        results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        for prompt, result in zip(prompts, results):
+            print_rank0(prompt)
+            print_rank0(f"> {result['generation']}")
+            print_rank0("\n==================================\n")
+        print_rank0(generator.last_metrics.report())
+        metrics.append(generator.last_metrics)
     if metrics_json and is_rank0():
-        write_json([generator.last_metrics], metrics_json)
+        write_json(metrics, metrics_json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Packaging for the `llama` inference package.
 
-Runtime dependencies are read from requirements.txt. The `gguf` extra is what
+Runtime dependencies are read from requirements.txt; `pip install` also
+installs the `llama` command (llama/commands/). The `gguf` extra is what
 utils/convert_gguf_checkpoint.py needs. The `test` extra holds tools that only
 the test suite needs: pytest, Hugging Face `transformers` as an independent
 reference implementation (with `gguf` and `accelerate` for its GGUF loader),
@@ -28,6 +29,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["llama", "llama.*"]),
     install_requires=read_requirements(here / "requirements.txt"),
+    entry_points={"console_scripts": ["llama = llama.main:main"]},  # the `llama` command
     extras_require={
         "gguf": ["gguf>=0.19"],  # utils/convert_gguf_checkpoint.py (0.19 is the version tested)
         "test": [

@@ -1,5 +1,7 @@
-"""An interactive, multi-turn chat: streams answers, keeps the conversation and
-completes tool calls with local tools (`example_chat_completion.py --interactive`).
+"""An interactive, multi-turn chat: streams answers, keeps the conversation,
+completes tool calls with local tools, and takes /commands (`llama chat`,
+`example_chat_completion.py --interactive`). The terminal side (line editing,
+Ctrl-C) is in terminal.py.
 
 Under torchrun every rank must run the same generation steps, so every rank
 runs the session; rank 0 alone reads the keyboard and prints, and whatever
@@ -12,11 +14,22 @@ from datetime import date, timedelta
 from typing import Callable, List, Mapping, Optional
 
 from .chat_format import Llama3ChatFormat, Message, StopReason
+from .dialog_file import load_dialog, save_dialog
 from .local_tools import LOCAL_TOOLS, LocalTool, run_tool_call
+from .terminal import CtrlC
 from .tool_calls import ToolCall, system_prompt
 
 INSTRUCTIONS = "You are a helpful assistant."
 NEW_CONVERSATION = "/new"
+COMMANDS = """Commands:
+  /system TEXT  use TEXT as the system prompt (/system alone shows it)
+  /new          start a new conversation (keeps the system prompt)
+  /save FILE    save the conversation as JSON
+  /load FILE    continue a conversation saved with /save
+  /help         this list
+An empty line, Ctrl-D or Ctrl-C at the prompt ends the chat; Ctrl-C during an answer stops the answer.
+"""
+_STOPPED = object()  # _answer's result when Ctrl-C stopped the answer
 
 
 def from_rank0(value):
@@ -61,7 +74,11 @@ class ChatSession:
     `formatter`, `model.params.max_seq_len` and `chat_completion_stream`).
 
     Llama 3 formats get a system prompt that offers `tools` (default: a
-    calculator and a clock) as custom tools; Llama 2 chats without tools.
+    calculator and a clock) as custom tools, followed by `system` (default:
+    INSTRUCTIONS); other formats have no tool calling, and `system` (if any)
+    is the whole system prompt. `labels=False` writes the answers alone (for
+    one-shot use, without "> Assistant: "); `note` (default: `write`) takes
+    the bracketed remarks (tool results, cut-off answers).
     """
 
     def __init__(
@@ -73,66 +90,160 @@ class ChatSession:
         max_gen_len: Optional[int] = None,
         tools: Mapping[str, LocalTool] = LOCAL_TOOLS,
         max_tool_rounds: int = 4,
+        system: Optional[str] = None,
+        labels: bool = True,
+        note: Optional[Callable[[str], None]] = None,
     ):
         self.generator = generator
         self.formatter = generator.formatter
         self.max_seq_len = generator.model.params.max_seq_len
         self.write = write
+        self.note = note or write
+        self.labels = labels
         self.sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
         self.tools = dict(tools) if isinstance(self.formatter, Llama3ChatFormat) else {}
         self.max_tool_rounds = max_tool_rounds
-        self.system = None
+        self.system: Optional[str] = None
+        self.dialog: List[Message] = []
+        self.set_system(system)
+
+    def set_system(self, instructions: Optional[str]) -> None:
+        """Sets the system prompt (with the tool definitions, if the model has tools), keeping the conversation."""
+        system = instructions
         if self.tools:
             definitions = [tool.definition for tool in self.tools.values()]
             # The date must be rank 0's: ranks may straddle midnight.
-            prompt = system_prompt(custom_tools=definitions, instructions=INSTRUCTIONS, today=date.today())
-            self.system = from_rank0(prompt)
-        self.dialog: List[Message] = []
-        self.reset()
+            system = from_rank0(system_prompt(custom_tools=definitions, instructions=instructions or INSTRUCTIONS,
+                                              today=date.today()))
+        self.system = system
+        rest = [m for m in self.dialog if m["role"] != "system"]
+        self.dialog = ([{"role": "system", "content": system}] if system is not None else []) + rest
 
     def reset(self) -> None:
         """Starts a new conversation."""
-        self.dialog = [{"role": "system", "content": self.system}] if self.system else []
+        self.dialog = [{"role": "system", "content": self.system}] if self.system is not None else []
 
-    def run(self, read_line: Callable[[str], Optional[str]] = read_line_rank0) -> None:
-        """Reads user lines until an empty line or the end of input, answering each."""
-        self.write(f"Chatting. An empty line or Ctrl-D ends, {NEW_CONVERSATION} starts a new conversation.\n")
+    def banner(self) -> str:
+        """What the chat offers: commands and tools, or why there are no tools."""
+        if self.tools:
+            tools = f"Tools: {', '.join(self.tools)} (run here when the model calls them)."
+            if not getattr(self.generator.model.params, "use_scaled_rope", True):
+                tools += " Llama 3.1 is trained to call tools; this looks like Llama 3, which may not use them."
+        else:
+            from .checkpoint_info import chat_format_name
+
+            tools = (f"No tools: this model's chat format ({chat_format_name(self.formatter)}) has no tool calling, "
+                     "so it cannot calculate or look up the date; its answers to such questions are guesses.")
+        return (f"Chatting. /help lists the commands; an empty line or Ctrl-D ends, {NEW_CONVERSATION} starts a "
+                f"new conversation, Ctrl-C stops an answer.\n{tools}\n")
+
+    def run(self, read_line: Optional[Callable[[str], Optional[str]]] = None) -> None:
+        """Reads user lines until an empty line or the end of input, answering
+        each; lines starting with / are commands (COMMANDS)."""
+        if read_line is None:
+            from .terminal import LineReader
+
+            read_line = LineReader()
+        self.write(self.banner())
         try:
             while True:
                 line = read_line("\n> User: ")
                 if line is None or not line.strip():
                     self.write("\n" if line is None else "")
                     return
-                if line.strip() == NEW_CONVERSATION:
-                    self.reset()
-                    self.write("(new conversation)\n")
-                    continue
-                self.ask(line)
+                if line.startswith("/"):
+                    self.command(line.strip())
+                else:
+                    self.ask(line)
         except KeyboardInterrupt:  # Ctrl-C ends the chat too, without a traceback
             self.write("\n")
+
+    def command(self, line: str) -> None:
+        """Runs one /command line (every rank runs it; rank 0 alone touches files)."""
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name == NEW_CONVERSATION:
+            self.reset()
+            self.write("(new conversation)\n")
+        elif name == "/help":
+            self.write(COMMANDS)
+        elif name == "/system" and not arg:
+            default = getattr(self.formatter.tokenizer, "default_system_prompt", None)
+            if self.system is not None:
+                self.write(f"(system prompt: {self.system!r})\n")
+            else:
+                self.write(f"(no system prompt; the model's default applies: {default!r})\n" if default else
+                           "(no system prompt)\n")
+        elif name == "/system":
+            self.set_system(arg)
+            self.write("(system prompt set)\n")
+        elif name in ("/save", "/load") and not arg:
+            self.write(f"({name} needs a file name: {name} FILE)\n")
+        elif name == "/save":
+            path, error = self._rank0_result(lambda: save_dialog(self.dialog, arg))
+            self.write(f"(error: {error})\n" if error else f"(saved {len(self.dialog)} messages to {path})\n")
+        elif name == "/load":
+            self._load(arg)
+        else:
+            self.write(f"(unknown command {name}; /help lists the commands)\n")
+
+    def _load(self, path: str) -> None:
+        def read():
+            dialog = load_dialog(path)
+            if dialog and dialog[-1]["role"] != "assistant" and dialog[-1]["role"] != "system":
+                raise ValueError(f"{path}: the last message must be the assistant's (or the system prompt)")
+            # The chat format checks roles, order and contents as if the user spoke next.
+            self.formatter.encode_dialog_prompt(list(dialog) + [{"role": "user", "content": "?"}])
+            return dialog
+
+        dialog, error = from_rank0(self._rank0_result(read))
+        if error is not None:
+            self.write(f"(error: {error}; the conversation is unchanged)\n")
+            return
+        self.dialog = dialog
+        self.system = dialog[0]["content"] if dialog and dialog[0]["role"] == "system" else None
+        self.write(f"(loaded {len(dialog)} messages from {path})\n")
+
+    @staticmethod
+    def _rank0_result(action):
+        """(result, None) or (None, error message) of `action` on rank 0;
+        (None, None) elsewhere: files are rank 0's."""
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None, None
+        try:
+            return action(), None
+        except (OSError, ValueError) as e:
+            return None, str(e)
 
     def ask(self, text: str) -> Optional[Message]:
         """Adds a user message and answers it, completing tool calls on the way.
 
         Returns the final assistant message, or None if the conversation no
-        longer fits in max_seq_len (then it is left as it was before `text`).
+        longer fits in max_seq_len, or Ctrl-C stopped the answer (then it is
+        left as it was before `text`).
         """
         start = len(self.dialog)
         self.dialog.append({"role": "user", "content": text})
         for round_ in range(self.max_tool_rounds + 1):
             message = self._answer()
+            if message is _STOPPED:
+                del self.dialog[start:]
+                self.note("[stopped; this question is not kept in the conversation]\n")
+                return None
             if message is None:
                 del self.dialog[start:]
-                self.write(self._does_not_fit(fresh=start == (1 if self.system else 0)))
+                self.note(self._does_not_fit(fresh=start == (1 if self.system is not None else 0)))
                 return None
             self.dialog.append(message)
             if message["stop_reason"] == StopReason.OUT_OF_TOKENS:
-                self.write("[cut off: the answer reached max_gen_len or max_seq_len]\n")
+                self.note("[cut off: the answer reached max_gen_len or max_seq_len]\n")
                 return message
             if not message["tool_calls"]:
                 return message
             if round_ == self.max_tool_rounds:
-                self.write(f"[stopped after {self.max_tool_rounds} rounds of tool calls]\n")
+                self.note(f"[stopped after {self.max_tool_rounds} rounds of tool calls]\n")
                 return message
             self.dialog.append({"role": "ipython", "content": self._run_tools(message["tool_calls"])})
         return None  # not reached
@@ -145,20 +256,33 @@ class ChatSession:
         if self.system:
             n = len(self.formatter.encode_dialog_prompt([{"role": "system", "content": self.system},
                                                          {"role": "user", "content": ""}]))
-            system = f" (the system prompt with the tool definitions takes {n} tokens)"
+            what = "the system prompt with the tool definitions" if self.tools else "the system prompt"
+            system = f" ({what} takes {n} tokens)"
         return f"[this does not fit max_seq_len={self.max_seq_len}{system}; shorten it or raise --max_seq_len]\n"
 
-    def _answer(self) -> Optional[Message]:
-        """Streams the assistant's next message; None if the prompt does not fit."""
+    def _answer(self):
+        """Streams the assistant's next message; None if the prompt does not
+        fit, _STOPPED if Ctrl-C stopped it (the stream is closed at once)."""
         if len(self.formatter.encode_dialog_prompt(self.dialog)) >= self.max_seq_len:
             return None
-        self.write("> Assistant: ")
-        tokens, stop_reason = [], StopReason.OUT_OF_TOKENS
-        for event in self.generator.chat_completion_stream(self.dialog, **self.sampling):
-            self.write(event.text)
-            tokens.append(event.token)  # a final stop token is dropped by the decoder
-            stop_reason = event.stop_reason or stop_reason
+        if self.labels:
+            self.write("> Assistant: ")
+        tokens, stop_reason, ended = [], StopReason.OUT_OF_TOKENS, False
+        stream = self.generator.chat_completion_stream(self.dialog, **self.sampling)
+        with CtrlC() as ctrl_c:
+            try:
+                for event in stream:
+                    if ctrl_c.pressed:
+                        break
+                    self.write(event.text)
+                    tokens.append(event.token)  # a final stop token is dropped by the decoder
+                    stop_reason = event.stop_reason or stop_reason
+                    ended = event.stop_reason is not None
+            finally:
+                stream.close()  # frees the generation at once, whether it ended, broke off or failed
         self.write("\n")
+        if ctrl_c.pressed and not ended:
+            return _STOPPED
         return self.formatter.decode_assistant_message(tokens, stop_reason)
 
     def _run_tools(self, calls: List[ToolCall]) -> str:
@@ -166,6 +290,6 @@ class ChatSession:
         results = []
         for call in calls:
             result = run_tool_call(call, self.tools)
-            self.write(f"  [{call.tool_name}] {result}\n")
+            self.note(f"  [{call.tool_name}] {result}\n")
             results.append(result if len(calls) == 1 else f"{call.tool_name}: {result}")
         return from_rank0("\n".join(results))

@@ -258,6 +258,7 @@ def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_s
     """
     paths, layout = inspect_checkpoint(ckpt_dir, args, raw_vocab_size)
     if len(paths) != size:
+        check_world_size(args, size, f"running on {size} processes")  # before announcing a reshard that cannot happen
         logger.info("Resharding %s from %d to %d model-parallel ranks on the fly (utils/shard_model_checkpoint.py "
                     "does it once, ahead of time)", ckpt_dir, len(paths), size)
     return checked_rank_state(paths, args, rank, size, layout), layout

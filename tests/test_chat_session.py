@@ -5,7 +5,10 @@ script (token ids, as a model would write them) through the real Llama 3 chat
 format: the session sees exactly what it would see from `Llama`.
 """
 
+import json
+import os
 import re
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -153,3 +156,109 @@ def test_ctrl_c_ends_the_chat_without_a_traceback(fmt):
 
     chat.run(interrupted)
     assert out[-1] == "\n"
+
+
+def test_banner_names_the_tools_or_says_why_there_are_none(fmt, sp_tokenizer_path):
+    chat, _, _ = session(fmt, [])
+    assert "Tools: calculator, current_time (run here when the model calls them)." in chat.banner()
+    fmt2 = ChatFormat.for_tokenizer(Tokenizer.from_file(sp_tokenizer_path))
+    chat2, _, _ = session(fmt2, [])
+    assert "No tools: this model's chat format (Llama 2) has no tool calling, so it cannot calculate or look up " \
+           "the date; its answers to such questions are guesses." in chat2.banner()
+
+
+def test_system_command_and_flag(fmt, sp_tokenizer_path):
+    chat, gen, out = session(fmt, [ids(fmt, "Oui.", EOT)], system="Answer in French.")
+    assert chat.dialog[0]["content"].endswith("\n\nAnswer in French.") and '"name": "calculator"' in chat.dialog[0]["content"]
+    chat.ask("Hello")
+    chat.command("/system Answer in German.")
+    # The conversation goes on with the new system prompt (tool definitions kept).
+    assert [m["role"] for m in chat.dialog] == ["system", "user", "assistant"]
+    assert chat.dialog[0]["content"].endswith("\n\nAnswer in German.") and '"name": "calculator"' in chat.dialog[0]["content"]
+    chat.command("/system")
+    assert out[-1].startswith("(system prompt: 'Environment: ipython") and "Answer in German." in out[-1]
+    # Without tools the text is the whole system prompt.
+    fmt2 = ChatFormat.for_tokenizer(Tokenizer.from_file(sp_tokenizer_path))
+    chat2, _, out2 = session(fmt2, [], system="Be brief.")
+    assert chat2.dialog == [{"role": "system", "content": "Be brief."}]
+    chat3, _, out3 = session(fmt2, [])
+    chat3.command("/system")
+    assert chat3.dialog == [] and out3[-1] == "(no system prompt)\n"
+
+
+def test_save_and_load_round_trip_with_tool_calls(fmt, tmp_path):
+    call = ids(fmt, TAG, '{"name": "calculator", "parameters": {"expression": "6 * 7"}}', EOM)
+    chat, gen, out = session(fmt, [call, ids(fmt, "42.", EOT)])
+    chat.ask("What is 6 times 7?")
+    chat.command(f"/save {tmp_path / 'd.json'}")
+    assert out[-1] == f"(saved 5 messages to {tmp_path / 'd.json'})\n"
+    assert not list(tmp_path.glob("*.tmp"))  # written under a temporary name, then renamed
+    saved = json.loads((tmp_path / "d.json").read_text())
+    assert saved[2]["tool_calls"][0]["tool_name"] == "calculator" and saved[2]["stop_reason"] == "end_of_message"
+
+    fresh, gen2, out2 = session(fmt, [ids(fmt, "Yes.", EOT)])
+    fresh.command(f"/load {tmp_path / 'd.json'}")
+    assert out2[-1] == f"(loaded 5 messages from {tmp_path / 'd.json'})\n"
+    # Read back, the dialog encodes to the very tokens it had.
+    fresh.ask("Sure?")
+    follow_up = {"role": "user", "content": "Sure?"}
+    assert gen2.prompts[0] == fmt.encode_dialog_prompt(chat.dialog + [follow_up]) and len(fresh.dialog) == 7
+
+
+@pytest.mark.parametrize("content, error", [
+    ("not json", "is not valid JSON"),
+    ('{"role": "user"}', "must hold a JSON list of messages"),
+    ('[{"role": "user", "content": "Hi"}]', "the last message must be the assistant's"),
+    ('[{"role": "assistant", "content": "Hi"}]', "message 0 (assistant) cannot follow a system message"),
+    ('[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "stop_reason": "done"}]',
+     "message 1: unknown stop_reason 'done'"),
+])
+def test_load_refuses_a_bad_file_and_keeps_the_conversation(fmt, tmp_path, content, error):
+    chat, _, out = session(fmt, [ids(fmt, "Hi!", EOT)])
+    chat.ask("Hello")
+    before = list(chat.dialog)
+    (tmp_path / "bad.json").write_text(content)
+    chat.command(f"/load {tmp_path / 'bad.json'}")
+    assert error in out[-1] and out[-1].startswith("(error: ") and out[-1].endswith("; the conversation is unchanged)\n")
+    assert chat.dialog == before
+    chat.command(f"/load {tmp_path / 'missing.json'}")
+    assert "missing.json not found" in out[-1]
+    chat.command(f"/save {tmp_path}")
+    assert out[-1] == f"(error: {tmp_path} is a directory; give a file name)\n"
+
+
+def test_help_and_unknown_commands(fmt):
+    chat, _, out = session(fmt, [])
+    lines = iter(["/help", "/frobnicate", "/save", ""])
+    chat.run(lambda prompt: next(lines))
+    text = "".join(out)
+    assert "/system TEXT" in text and "/load FILE" in text and "(unknown command /frobnicate; /help lists" in text
+    assert "(/save needs a file name: /save FILE)" in text
+
+
+class InterruptedGenerator(ScriptedGenerator):
+    """Streams the script; on the first call, sends this process SIGINT (Ctrl-C) after the second token."""
+
+    closed = False
+
+    def chat_completion_stream(self, dialog, temperature, top_p, max_gen_len):
+        first = not self.prompts
+        try:
+            for i, event in enumerate(super().chat_completion_stream(dialog, temperature, top_p, max_gen_len)):
+                if i == 2 and first:
+                    os.kill(os.getpid(), signal.SIGINT)
+                yield event
+        finally:
+            InterruptedGenerator.closed = True
+
+
+def test_ctrl_c_stops_the_answer_closes_the_stream_and_the_chat_goes_on(fmt):
+    gen = InterruptedGenerator(fmt, [ids(fmt, "one two three four five six seven", EOT), ids(fmt, "Fine.", EOT)])
+    out = []
+    chat = ChatSession(gen, out.append)
+    assert chat.ask("Count") is None
+    assert InterruptedGenerator.closed and chat.dialog == [{"role": "system", "content": chat.system}]
+    text = "".join(out)
+    assert "[stopped; this question is not kept in the conversation]\n" in text and "five" not in text
+    assert chat.ask("How are you?")["content"] == "Fine."
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again at the prompt

@@ -31,7 +31,25 @@ def test_chat_example_streams(make_ckpt):
     r = run([sys.executable, "example_chat_completion.py", "--ckpt_dir", str(ckpt), "--tokenizer_path",
              str(ckpt / "tokenizer.model"), "--max_gen_len", "6", "--temperature", "0", "--max_batch_size", "2"])
     assert r.returncode == 0, r.stderr
-    assert "User: what is the recipe of mayonnaise?" in r.stdout and r.stdout.count("> Assistant: ") == 2
+    assert "User: what is the recipe of mayonnaise?" in r.stdout and r.stdout.count("> Assistant: ") == 4
+    assert r.stdout.count("------ Inference metrics ------") == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["example_chat_completion.py", "example_text_completion.py"])
+def test_examples_answer_every_prompt_in_batches_with_metrics_after_answers(make_ckpt, script):
+    """--max_batch_size 1 answers all 4 example prompts (4 batches), not just the first; the tokenizer is
+    found in the checkpoint directory; each batch's metrics block follows its answers."""
+    ckpt = make_ckpt("llama3")
+    extra = ["--nostream"] if script.startswith("example_chat") else []
+    r = run([sys.executable, script, "--ckpt_dir", str(ckpt), "--max_gen_len", "4", "--temperature", "0",
+             "--max_batch_size", "1", "--threads", "1", *extra])
+    assert r.returncode == 0, r.stderr
+    blocks = r.stdout.split("------ Inference metrics ------")
+    assert len(blocks) == 5  # four batches, each ending with its metrics
+    answer = "> Assistant: " if extra else "\n> "
+    assert all(block.count(answer) == 1 for block in blocks[:4]), r.stdout
+    assert "How to go from Beijing to NY?" in r.stdout or "cheese =>" in r.stdout
 
 
 def test_example_reports_bad_input_without_traceback(tmp_path, llama3_tokenizer_path):

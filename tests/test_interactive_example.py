@@ -34,7 +34,8 @@ def chat_through_pipe(cmd):
 @pytest.mark.slow
 def test_interactive_through_a_pipe(make_ckpt):
     out = chat_through_pipe(command(make_ckpt("llama3"), "--max_seq_len", "512"))
-    assert out.startswith("Chatting. An empty line or Ctrl-D ends, /new starts a new conversation.\n")
+    assert out.startswith("Chatting. /help lists the commands; an empty line or Ctrl-D ends, /new starts a new "
+                          "conversation, Ctrl-C stops an answer.\nTools: calculator, current_time")
     assert out.count("> Assistant: ") == 3 and out.count("> User: ") == 6
     assert "[the conversation no longer fits max_seq_len=512; start a new one with /new" in out
     assert "(new conversation)" in out

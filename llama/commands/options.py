@@ -1,0 +1,67 @@
+"""Flags the `llama` subcommands share, each defined once: the model to load
+(checkpoint, tokenizer, device, dtype, threads, sizes) and sampling."""
+
+import argparse
+import sys
+from typing import Optional
+
+from ..cli import set_threads
+from ..distributed import DTYPES
+from ..linear import QUANTIZATIONS
+
+
+def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt_dir", metavar="DIR", required=True,
+                   help="checkpoint directory (params.json, consolidated.*.pth)")
+    g.add_argument("--tokenizer_path", metavar="FILE",
+                   help="tokenizer.model (default: found in --ckpt_dir, or its parent for Llama 2)")
+    g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16; float16 on GPUs only")
+    g.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], help="weight-only int8 linear layers (half the memory of bf16)")
+    g.add_argument("--threads", metavar="N", type=int,
+                   help="CPU threads per process (default: torch's; 1 under torchrun with several processes per "
+                        "node); on a small or shared machine fewer threads can be much faster")
+    g.add_argument("--max_seq_len", metavar="N", type=int, default=max_seq_len,
+                   help=f"prompt plus answer, in tokens (sizes the KV cache; default {max_seq_len})")
+    g.add_argument("--max_batch_size", metavar="N", type=int, default=1,
+                   help="sequences generated together (default 1)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags; `sampling_kwargs` hands them to the generator."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", metavar="T", type=float, default=0.6, help="0 for greedy decoding (default 0.6)")
+    g.add_argument("--top_p", metavar="P", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    g.add_argument("--max_gen_len", metavar="N", type=int,
+                   help="most tokens per answer (default: until the model stops or max_seq_len is reached)")
+    # Passed to Llama.build today; it joins sampling_kwargs when the engine takes a per-request seed.
+    g.add_argument("--seed", metavar="N", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
+
+
+def sampling_kwargs(a: argparse.Namespace) -> dict:
+    """The keyword arguments of chat_completion_stream / generate_stream for the sampling flags."""
+    return dict(temperature=a.temperature, top_p=a.top_p, max_gen_len=a.max_gen_len)
+
+
+def build_generator(a: argparse.Namespace):
+    """Sets the thread count, then loads the model as the flags say."""
+    from ..checkpoint_info import find_tokenizer
+    from ..generation import Llama
+
+    set_threads(a.threads)
+    return Llama.build(
+        ckpt_dir=a.ckpt_dir, tokenizer_path=str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)),
+        max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
+        device=a.device, dtype=a.dtype, quantize=a.quantize,
+    )
+
+
+def read_stdin(what: str) -> Optional[str]:
+    """All of stdin, or None if stdin is a terminal (nothing piped in)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    text = sys.stdin.read()
+    if not text.strip():
+        raise ValueError(f"stdin is empty: give {what}")
+    return text
