@@ -16,7 +16,7 @@ from typing import List, Optional
 from llama import Dialog, Llama
 from llama.chat_session import ChatSession
 from llama.checkpoint_info import find_tokenizer
-from llama.cli import in_batches, run, set_threads
+from llama.cli import run, set_threads
 from llama.distributed import is_rank0, print_rank0
 from llama.metrics import write_json
 
@@ -74,13 +74,13 @@ def main(
         temperature: 0 for greedy decoding.
         top_p: Nucleus sampling threshold.
         max_seq_len: Dialog plus answer, in tokens.
-        max_batch_size: Dialogs run together when not streaming (all of them
-            are answered, in as many batches as needed).
+        max_batch_size: Dialogs decoded together when not streaming (all of
+            them are answered: the others wait for a free row).
         max_gen_len: Most tokens per answer (default: until the model stops or the context is full).
         device: "cpu" or "cuda" (default: cuda if available).
         dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
         stream: Print each answer token by token (one dialog at a time);
-            --nostream answers the dialogs in batches, printing each batch's answers, then its metrics.
+            --nostream answers all dialogs in one call, then prints the answers and the metrics.
         interactive: Chat on the terminal instead of answering the examples
             (/help lists the commands; an empty line or Ctrl-D ends).
         quantize: "int8" for weight-only int8 linear layers.
@@ -88,8 +88,8 @@ def main(
         threads: CPU threads per process (torch.set_num_threads).
         system: The system prompt of the interactive chat.
 
-    After each answer (or batch, with --nostream) the inference metrics
-    block is printed.
+    After each answer (or all answers, with --nostream) the inference
+    metrics block is printed.
     """
     set_threads(threads)
     generator = Llama.build(
@@ -106,22 +106,22 @@ def main(
         ChatSession(generator, write, temperature, top_p, max_gen_len, system=system).run()
         return
     metrics = []
-    for batch in in_batches(DIALOGS, 1 if stream else max_batch_size):
-        if stream:
-            print_dialog(batch[0])
-            for event in generator.chat_completion_stream(batch[0], temperature, top_p, max_gen_len):
-                print_rank0(event.text, end="", flush=True)
-            print_rank0("\n")
-        else:
-            results = generator.chat_completion(batch, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-            for dialog, result in zip(batch, results):
-                print_dialog(dialog)
-                print_rank0(result["generation"]["content"])
-                print_rank0("\n==================================\n")
+    if not stream:
+        results = generator.chat_completion(DIALOGS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        for dialog, result in zip(DIALOGS, results):
+            print_dialog(dialog)
+            print_rank0(result["generation"]["content"])
+            print_rank0("\n==================================\n")
         print_rank0(generator.last_metrics.report())
         metrics.append(generator.last_metrics)
-        if stream:
-            print_rank0("\n==================================\n")
+    for dialog in DIALOGS if stream else []:
+        print_dialog(dialog)
+        for event in generator.chat_completion_stream(dialog, temperature, top_p, max_gen_len):
+            print_rank0(event.text, end="", flush=True)
+        print_rank0("\n")
+        print_rank0(generator.last_metrics.report())
+        metrics.append(generator.last_metrics)
+        print_rank0("\n==================================\n")
     if metrics_json and is_rank0():
         write_json(metrics, metrics_json)
 

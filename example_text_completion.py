@@ -11,7 +11,7 @@ from typing import Optional
 
 from llama import Llama
 from llama.checkpoint_info import find_tokenizer
-from llama.cli import in_batches, run, set_threads
+from llama.cli import run, set_threads
 from llama.distributed import is_rank0, print_rank0
 from llama.metrics import write_json
 
@@ -58,14 +58,14 @@ def main(
         top_p: Nucleus sampling threshold.
         max_seq_len: Prompt plus generation, in tokens.
         max_gen_len: Tokens to generate per prompt.
-        max_batch_size: Prompts run together (all are completed, in as many batches as needed).
+        max_batch_size: Prompts decoded together (all are completed: the others wait for a free row).
         device: "cpu" or "cuda" (default: cuda if available).
         dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
         quantize: "int8" for weight-only int8 linear layers.
-        metrics_json: Also write the inference metrics here (a JSON list, one entry per batch).
+        metrics_json: Also write the inference metrics here (a JSON list with one entry).
         threads: CPU threads per process (torch.set_num_threads).
 
-    After each batch's completions its inference metrics block is printed.
+    After the completions the inference metrics block is printed.
     """
     set_threads(threads)
     generator = Llama.build(
@@ -77,17 +77,14 @@ def main(
         dtype=dtype,
         quantize=quantize,
     )
-    metrics = []
-    for prompts in in_batches(PROMPTS, max_batch_size):
-        results = generator.text_completion(prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
-        for prompt, result in zip(prompts, results):
-            print_rank0(prompt)
-            print_rank0(f"> {result['generation']}")
-            print_rank0("\n==================================\n")
-        print_rank0(generator.last_metrics.report())
-        metrics.append(generator.last_metrics)
+    results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+    for prompt, result in zip(PROMPTS, results):
+        print_rank0(prompt)
+        print_rank0(f"> {result['generation']}")
+        print_rank0("\n==================================\n")
+    print_rank0(generator.last_metrics.report())
     if metrics_json and is_rank0():
-        write_json(metrics, metrics_json)
+        write_json([generator.last_metrics], metrics_json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from datetime import timedelta
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -46,14 +46,6 @@ def set_threads(threads: Optional[int]) -> None:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"--threads must be a positive integer, got {threads!r}")
     torch.set_num_threads(threads)
-
-
-def in_batches(items: Sequence, size: int) -> List[Sequence]:
-    """`items` in consecutive batches of at most `size`: the examples answer
-    all their prompts, whatever --max_batch_size."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"max_batch_size must be a positive integer, got {size!r}")
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _is_communication_error(e: BaseException) -> bool:

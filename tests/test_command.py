@@ -190,7 +190,7 @@ def test_convert_from_the_clone(tiny_gguf, tmp_path):
 def test_threads_and_batches_are_checked():
     import torch
 
-    from llama.cli import in_batches, set_threads
+    from llama.cli import set_threads
 
     with pytest.raises(ValueError, match=r"--threads must be a positive integer, got 0"):
         set_threads(0)
@@ -198,6 +198,3 @@ def test_threads_and_batches_are_checked():
     set_threads(1)
     assert torch.get_num_threads() == 1
     torch.set_num_threads(before)
-    assert in_batches([1, 2, 3, 4, 5], 2) == [[1, 2], [3, 4], [5]]
-    with pytest.raises(ValueError, match=r"max_batch_size must be a positive integer, got 0"):
-        in_batches([1], 0)
