@@ -93,6 +93,7 @@ class ChatSession:
         system: Optional[str] = None,
         labels: bool = True,
         note: Optional[Callable[[str], None]] = None,
+        sampling=None,
     ):
         self.generator = generator
         self.formatter = generator.formatter
@@ -100,7 +101,10 @@ class ChatSession:
         self.write = write
         self.note = note or write
         self.labels = labels
+        # A SamplingParams, when given, replaces temperature and top_p (see Llama.generate).
         self.sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        if sampling is not None:
+            self.sampling = dict(max_gen_len=max_gen_len, sampling=sampling)
         self.tools = dict(tools) if isinstance(self.formatter, Llama3ChatFormat) else {}
         self.max_tool_rounds = max_tool_rounds
         self.system: Optional[str] = None

@@ -109,6 +109,23 @@ def test_complete_from_prompt_file_and_stdin(llama_bin, make_ckpt, tmp_path):
     assert runs[0].stdout == gen.text_completion(["The llama is a"], temperature=0, max_gen_len=6)[0]["generation"] + "\n"
 
 
+def test_sampling_flags_reach_the_engine(llama_bin, make_ckpt, tmp_path):
+    """--stop cuts the completion exactly; a bad sampling value is one message naming it, before loading."""
+    ckpt = make_ckpt("llama3")
+    full = llama(llama_bin, "complete", "--ckpt_dir", ckpt, "--prompt", "The llama is a", "--max_gen_len", 8, *MODEL,
+                 cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    text = full.stdout.rstrip("\n")
+    stop = text[3:6]
+    cut = llama(llama_bin, "complete", "--ckpt_dir", ckpt, "--prompt", "The llama is a", "--max_gen_len", 8,
+                "--stop", stop, "--top_k", 5, "--repetition_penalty", 1.0, *MODEL, cwd=tmp_path)
+    assert cut.returncode == 0, cut.stderr
+    assert cut.stdout.rstrip("\n") == text[: text.index(stop)]
+    bad = llama(llama_bin, "complete", "--ckpt_dir", ckpt, "--prompt", "x", "--top_p", "-1", *MODEL, cwd=tmp_path)
+    assert bad.returncode == 2 and "sampling top_p must be in (0, 1], got -1" in bad.stderr
+    assert "Traceback" not in bad.stderr and "Loaded" not in bad.stderr
+
+
 def _info(llama_bin, ckpt, cwd):
     r = llama(llama_bin, "info", ckpt, "--json", cwd=cwd)
     assert r.returncode == 0, r.stderr

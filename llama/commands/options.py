@@ -33,15 +33,34 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", metavar="T", type=float, default=0.6, help="0 for greedy decoding (default 0.6)")
     g.add_argument("--top_p", metavar="P", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    g.add_argument("--top_k", metavar="K", type=int, default=0, help="keep the K most likely tokens (default 0: off)")
+    g.add_argument("--min_p", metavar="P", type=float, default=0.0,
+                   help="drop tokens less likely than P x the most likely one (default 0: off)")
+    g.add_argument("--repetition_penalty", metavar="R", type=float, default=1.0,
+                   help="divide the logits of tokens already seen by R (default 1: off)")
+    g.add_argument("--presence_penalty", metavar="X", type=float, default=0.0,
+                   help="OpenAI's presence penalty, -2..2 (default 0)")
+    g.add_argument("--frequency_penalty", metavar="X", type=float, default=0.0,
+                   help="OpenAI's frequency penalty, -2..2 (default 0)")
+    g.add_argument("--stop", metavar="TEXT", action="append", default=[],
+                   help="end the answer before this text (repeat for several)")
     g.add_argument("--max_gen_len", metavar="N", type=int,
                    help="most tokens per answer (default: until the model stops or max_seq_len is reached)")
-    # Passed to Llama.build today; it joins sampling_kwargs when the engine takes a per-request seed.
+    # Seeds torch's generator at build; each answer draws its own seed from it, the same on every rank.
     g.add_argument("--seed", metavar="N", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
 
 
 def sampling_kwargs(a: argparse.Namespace) -> dict:
-    """The keyword arguments of chat_completion_stream / generate_stream for the sampling flags."""
-    return dict(temperature=a.temperature, top_p=a.top_p, max_gen_len=a.max_gen_len)
+    """The keyword arguments of chat_completion_stream / generate_stream for the sampling
+    flags (max_gen_len and a SamplingParams); a bad value is a ValueError naming the flag."""
+    from ..sampling import SamplingParams
+
+    params = SamplingParams(
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty, stop=tuple(a.stop),
+    )
+    return dict(max_gen_len=a.max_gen_len, sampling=params)
 
 
 def build_generator(a: argparse.Namespace):
@@ -50,6 +69,7 @@ def build_generator(a: argparse.Namespace):
     from ..generation import Llama
 
     set_threads(a.threads)
+    sampling_kwargs(a)  # a bad sampling flag fails before the model loads
     return Llama.build(
         ckpt_dir=a.ckpt_dir, tokenizer_path=str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)),
         max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
