@@ -16,7 +16,7 @@ import torch
 
 from .args import ModelArgs
 from .chat_format import ChatFormat, Dialog, Message, StopReason
-from .checkpoint import load_rank_state
+from .checkpoint import check_cache_memory, load_rank_state
 from .distributed import init_distributed, is_rank0, resolve_dtype
 from .linear import QUANTIZATIONS, use_kernels
 from .metrics import GenerationMetrics, MetricsRecorder
@@ -117,6 +117,7 @@ class Llama:
         torch_dtype = resolve_dtype(dtype, dist_info.device)
         torch.manual_seed(seed)
 
+        check_cache_memory(args, dist_info.world_size, dist_info.device, torch_dtype)  # issue 13 (helper): KV cache vs free memory, before allocating
         state, layout = load_rank_state(ckpt_dir, args, dist_info.rank, dist_info.world_size, raw_vocab_size)
         state = {k: v.to(device=dist_info.device, dtype=torch_dtype).contiguous() for k, v in state.items()}
         with torch.device("meta"):

@@ -123,7 +123,7 @@ def test_missing_shard_and_mismatched_params(make_ckpt, tmp_path, capsys):
     params = json.loads((one / "params.json").read_text())
     (one / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
     err = shard_error(capsys, ["-n", "2", "-i", str(one), "-o", str(tmp_path / "o")])
-    assert "missing layers.2.attention.wq.weight" in err and "params.json belongs to these weights" in err
+    assert "params.json says n_layers=3 but" in err and "holds 2 layers" in err and "params.json does not belong" in err
 
 
 def test_force_replaces_an_old_split(make_ckpt, tmp_path):
