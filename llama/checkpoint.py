@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import manifest
 from .args import ModelArgs
 from .model import EmbeddingLayout, kv_replication
 
@@ -193,6 +194,21 @@ def expected_shapes(args: ModelArgs, size: int, layout: EmbeddingLayout) -> Dict
     return shapes
 
 
+def check_shards_agree(shards: LazyShards) -> None:
+    """Every shard holds the tensors of shard 0, with the same shapes and dtypes
+    (memory-mapped: only the pickled headers are read)."""
+    want = {k: (tuple(v.shape), v.dtype) for k, v in shards[0].items()}
+    for i in range(1, len(shards)):
+        have = {k: (tuple(v.shape), v.dtype) for k, v in shards[i].items()}
+        if have != want:
+            diff = sorted(set(have) ^ set(want)) or sorted(k for k in want if have[k] != want[k])
+            raise CheckpointError(
+                f"{shards.paths[i]} does not match {shards.paths[0]} (first difference: {diff[0]}"
+                f"{'' if diff[0] not in have or diff[0] not in want else f' {have[diff[0]]} vs {want[diff[0]]}'}): "
+                "the shards come from different checkpoints; download or copy the folder again from one source"
+            )
+
+
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -329,8 +345,16 @@ def inspect_checkpoint(ckpt_dir, args: ModelArgs, raw_vocab_size: int):
     name and shape, not by a stack trace from deep inside torch.
     """
     paths = find_shards(ckpt_dir)
-    shard0 = LazyShards(paths)[0]
+    shards = LazyShards(paths)
+    shard0 = shards[0]  # first, for its own diagnostics (a web page, a truncated file, a pickle)
+    try:
+        has_manifest = manifest.read_manifest(Path(ckpt_dir)) is not None
+        manifest.check_folder(Path(ckpt_dir), [p.name for p in paths])
+    except manifest.ManifestError as e:
+        raise CheckpointError(str(e)) from e
     check_layer_count(shard0, args, paths[0])
+    if not has_manifest:  # Meta's folders: at least every shard must have shard 0's tensors, shapes and dtypes
+        check_shards_agree(shards)
     layout = detect_embedding_layout(shard0, len(paths), args, default_embedding_layout(raw_vocab_size))
     check_world_size(args, len(paths), f"{ckpt_dir} has {len(paths)} shards")
     vocab = weights_vocab_size(paths)

@@ -94,6 +94,10 @@ def test_missing_middle_shard(make_ckpt, tmp_path):
         build(dst)
     (dst / "consolidated.02.pth").unlink()
     (dst / "consolidated.03.pth").unlink()  # only 00 left: it holds 1/4 of every split tensor
+    with pytest.raises(CheckpointError, match=r"lacks 3 of the 4 shards its writer wrote \(consolidated.01.pth, "
+                                              r"consolidated.02.pth, consolidated.03.pth\); copy them"):
+        build(dst)
+    (dst / "manifest.json").unlink()  # as in Meta's folders: the weights themselves tell
     with pytest.raises(CheckpointError, match=r"vocabulary of 32064 tokens"):
         build(dst)
 

@@ -35,7 +35,8 @@ def mixed(tmp_path_factory):
 def test_files_and_params(mixed):
     _, ckpt = mixed
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "checklist.chk", "consolidated.00.pth", "params.json", "tokenizer.model", "tokenizer.model.json"]
+        "checklist.chk", "consolidated.00.pth", "manifest.json", "params.json", "tokenizer.model",
+        "tokenizer.model.json"]
     assert json.loads((ckpt / "params.json").read_text()) == {
         "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 275,
         "multiple_of": 64, "norm_eps": 1e-05, "rope_theta": 10000.0}  # FFN: 64 * ceil(170 / 64) = 192

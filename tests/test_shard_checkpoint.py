@@ -76,7 +76,8 @@ def test_checklist_and_tokenizer(make_ckpt, sp_tokenizer_path, tmp_path):
     out = tmp_path / "out"
     assert shard_main(["-n", "2", "-i", str(make_ckpt("llama2")), "-o", str(out), "--tokenizer", str(sp_tokenizer_path)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
+    assert names == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "manifest.json", "params.json",
+                     "tokenizer.model"]
     lines = (out / "checklist.chk").read_text().splitlines()
     assert len(lines) == 4
     for line in lines:
