@@ -43,15 +43,15 @@ def _waiting_group():
     and a rank that dies or hangs is noticed within the timeout."""
     import torch.distributed as dist
 
-    from .distributed import DEFAULT_TIMEOUT_S
+    from .distributed import dist_timeout_s
 
-    return dist.new_group(backend="gloo", timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=dist_timeout_s()))
 
 
 def _heartbeat_s() -> float:
-    from .distributed import DEFAULT_TIMEOUT_S
+    from .distributed import dist_timeout_s
 
-    return max(0.05, min(2.0, DEFAULT_TIMEOUT_S / 4))
+    return max(0.05, min(2.0, dist_timeout_s() / 4))
 
 
 def _read_line(prompt: str) -> Optional[str]:

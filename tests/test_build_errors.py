@@ -137,3 +137,25 @@ def test_two_models_in_one_process(make_ckpt):
     out_a = a.text_completion(["Hello"], max_gen_len=4, temperature=0)[0]["generation"]
     b.text_completion(["Hello"], max_gen_len=4, temperature=0)
     assert a.text_completion(["Hello"], max_gen_len=4, temperature=0)[0]["generation"] == out_a
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-5", "0", "inf", ""])
+def test_bad_dist_timeout_is_a_clear_error(make_ckpt, monkeypatch, value):
+    monkeypatch.setenv("LLAMA_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match=r"LLAMA_DIST_TIMEOUT=.* is not a number of seconds; set it to a positive"):
+        build(make_ckpt("llama3"))
+
+
+def test_bad_dist_timeout_from_the_cli(make_ckpt):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    ckpt = make_ckpt("llama3")
+    cmd = [sys.executable, "example_text_completion.py", "--ckpt_dir", str(ckpt), "--tokenizer_path",
+           str(ckpt / "tokenizer.model"), "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "LLAMA_DIST_TIMEOUT": "abc"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "error: LLAMA_DIST_TIMEOUT='abc' is not a number of seconds" in r.stderr
