@@ -18,6 +18,7 @@ from .args import ModelArgs
 from .chat_format import ChatFormat, Dialog, Message, StopReason
 from .checkpoint import check_cache_memory, load_rank_state
 from .distributed import init_distributed, is_rank0, resolve_dtype
+from .fingerprint import check_same_checkpoint
 from .linear import QUANTIZATIONS, use_kernels
 from .metrics import GenerationMetrics, MetricsRecorder
 from .model import Transformer
@@ -117,6 +118,7 @@ class Llama:
         torch_dtype = resolve_dtype(dtype, dist_info.device)
         torch.manual_seed(seed)
 
+        check_same_checkpoint(ckpt_dir, tokenizer_path, dtype=torch_dtype, quantize=quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)  # issue 13 (helper): every node loads the same checkpoint
         check_cache_memory(args, dist_info.world_size, dist_info.device, torch_dtype)  # issue 13 (helper): KV cache vs free memory, before allocating
         state, layout = load_rank_state(ckpt_dir, args, dist_info.rank, dist_info.world_size, raw_vocab_size)
         state = {k: v.to(device=dist_info.device, dtype=torch_dtype).contiguous() for k, v in state.items()}
