@@ -514,6 +514,18 @@ def test_checklist_names_outside_the_layout_are_never_touched(tmp_path, tool_pat
     assert weights == expected
 
 
+def test_a_checklist_of_many_foreign_lines_is_read_quickly(tmp_path):
+    served, _ = make_tree("3", ["8B"])
+    key = "8b_pre_trained/checklist.chk"
+    junk = "".join(f"{'0' * 32}  ../junk{i}\n" for i in range(20_000))  # ~0.9 MB, under the 1 MiB cap
+    served[key] = junk.encode() + served[key]
+    with FakeCDN(served) as cdn:
+        proc = run(tmp_path, cdn.url, "3", "8B")
+    assert proc.returncode == 0, proc.output
+    assert proc.stdout.count("  IGNORED ../junk") == 5
+    assert "IGNORED 19995 more lines naming files that are not part of this download" in proc.stdout
+
+
 def test_checklist_listing_a_file_twice_fails(tmp_path):
     served, _ = make_tree("3", ["8B"])
     key = "8b_pre_trained/checklist.chk"
