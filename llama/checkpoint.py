@@ -112,6 +112,22 @@ def check_tensors(state: dict, path: Path) -> None:
                               f"{file_bytes:,}; it is truncated or damaged: download it again")
 
 
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip whose entries are stored, not compressed. A
+    compressed entry would be memory-mapped as if it held raw weights (silently
+    wrong values), and a compressed pickle can expand without bound: refuse both."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip at all: torch.load says so, with the usual hint
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"{path}: its entry {entry.filename[:80]!r} is compressed; a memory-mapped load would read "
+                "compressed bytes as weights. Save it again with torch.save (which stores entries uncompressed)")
+
+
 def load_shard(path: Path) -> StateDict:
     """Loads one shard memory-mapped; `weights_only` keeps a malicious pickle from running code."""
     try:
@@ -124,6 +140,7 @@ def load_shard(path: Path) -> StateDict:
             f"{path} is a web page, not weights: the download failed (an expired link saves an "
             "HTML error page). Download it again and check it against checklist.chk."
         )
+    _check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:

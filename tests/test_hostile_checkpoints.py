@@ -108,3 +108,17 @@ def test_cache_bytes_matches_what_the_model_allocates(make_ckpt):
 def test_cache_check_passes_for_a_normal_size():
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, max_seq_len=128, max_batch_size=2)
     check_cache_memory(args, 1, torch.device("cpu"), torch.float32)  # no error
+
+
+def test_compressed_archive_is_refused(ckpt):
+    """mmap would read deflated bytes as weights; a deflated pickle could be a zip bomb."""
+    import zipfile
+
+    path = ckpt / "consolidated.00.pth"
+    with zipfile.ZipFile(path) as zin:
+        entries = [(i.filename, zin.read(i.filename)) for i in zin.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for name, data in entries:
+            zout.writestr(name, data)
+    with pytest.raises(CheckpointError, match=r"consolidated.00.pth: its entry .* is compressed; a memory-mapped load"):
+        build(ckpt)
