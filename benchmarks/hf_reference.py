@@ -8,6 +8,15 @@ import torch
 
 from llama.args import ModelArgs
 from llama.checkpoint import find_shards, load_shard
+from llama.schema import model_weights
+
+
+HF_NAMES = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
+HF_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
 
 
 def meta_to_hf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -38,19 +47,18 @@ def hf_model_from_meta(ckpt_dir, vocab_size: int, dtype=torch.float32, attn_impl
     config._attn_implementation = attn_implementation
     (shard,) = find_shards(ckpt_dir)
     meta = load_shard(shard)
-    hf = {"model.embed_tokens.weight": meta["tok_embeddings.weight"], "model.norm.weight": meta["norm.weight"],
-          "lm_head.weight": meta["output.weight"]}
-    for i in range(args.n_layers):
-        m, h = f"layers.{i}.", f"model.layers.{i}."
-        hf[h + "self_attn.q_proj.weight"] = meta_to_hf_qk(meta[m + "attention.wq.weight"], args.n_heads)
-        hf[h + "self_attn.k_proj.weight"] = meta_to_hf_qk(meta[m + "attention.wk.weight"], args.n_kv_heads)
-        hf[h + "self_attn.v_proj.weight"] = meta[m + "attention.wv.weight"]
-        hf[h + "self_attn.o_proj.weight"] = meta[m + "attention.wo.weight"]
-        hf[h + "mlp.gate_proj.weight"] = meta[m + "feed_forward.w1.weight"]
-        hf[h + "mlp.down_proj.weight"] = meta[m + "feed_forward.w2.weight"]
-        hf[h + "mlp.up_proj.weight"] = meta[m + "feed_forward.w3.weight"]
-        hf[h + "input_layernorm.weight"] = meta[m + "attention_norm.weight"]
-        hf[h + "post_attention_layernorm.weight"] = meta[m + "ffn_norm.weight"]
+    hf = {}
+    for name in model_weights(args):  # every weight, by llama/schema.py
+        key = name.removesuffix(".weight")
+        if key.startswith("layers."):
+            _, i, key = key.split(".", 2)
+            hf_name = f"model.layers.{i}.{HF_LAYER_NAMES[key]}.weight"
+        else:
+            hf_name = HF_NAMES[key]
+        tensor = meta[name]
+        if key in ("attention.wq", "attention.wk"):
+            tensor = meta_to_hf_qk(tensor, args.n_heads if key == "attention.wq" else args.n_kv_heads)
+        hf[hf_name] = tensor
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict({k: v.to(dtype) for k, v in hf.items()}, strict=True, assign=True)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+from .hf_layout import original_folder_hint
 from .jsonfile import read_json_object
 
 # Keys that params.json may hold. Runtime limits (max_batch_size, max_seq_len)
@@ -111,7 +112,8 @@ class ModelArgs:
         """Reads and validates a params.json file; errors name the file."""
         path = Path(path)
         params = read_json_object(
-            path, missing="a Meta checkpoint directory holds a params.json next to its .pth files",
+            path, missing="a Meta checkpoint directory holds a params.json next to its .pth files"
+            + original_folder_hint(path.parent),
             fix="re-download it or restore the original file",
         )
         try:

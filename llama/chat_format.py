@@ -7,53 +7,11 @@ from GGUF names its format (ChatML) in its sidecar. No torch here.
 """
 
 from abc import ABC, abstractmethod
-from enum import Enum
-from typing import List, Literal, Sequence, TypedDict
+from typing import List, Sequence
 
+from .messages import Dialog, DialogError, Message, Role, StopReason  # noqa: F401 (re-exported)
 from .tokenizer import Tokenizer
 from .tool_calls import ToolCall, parse_tool_call
-
-Role = Literal["system", "user", "assistant", "ipython"]
-
-
-class StopReason(str, Enum):
-    """Why generation of one answer ended."""
-
-    END_OF_TURN = "end_of_turn"  # eos / <|end_of_text|> / <|eot_id|>: the answer is complete
-    END_OF_MESSAGE = "end_of_message"  # <|eom_id|>: the model waits for a tool result
-    OUT_OF_TOKENS = "out_of_tokens"  # max_gen_len or max_seq_len reached first
-
-    @classmethod
-    def for_stop_token(cls, token: int, tokenizer: Tokenizer) -> "StopReason":
-        if token == tokenizer.special_tokens.get("<|eom_id|>"):
-            return cls.END_OF_MESSAGE
-        return cls.END_OF_TURN
-
-
-class _RequiredMessage(TypedDict):
-    role: Role
-    content: str
-
-
-class Message(_RequiredMessage, total=False):
-    """A message: `role` and `content`; assistant messages may also have
-
-    tool_calls: the tool calls it makes (Llama 3.1), written after the content.
-    stop_reason: how the model ended it. END_OF_MESSAGE is encoded as
-        <|eom_id|> (the model waits for a tool result), the others as
-        <|eot_id|>. Without it, a message with a call after <|python_tag|> ends
-        with <|eom_id|>, as the model writes those.
-    """
-
-    tool_calls: List[ToolCall]
-    stop_reason: StopReason
-
-
-Dialog = Sequence[Message]
-
-
-class DialogError(ValueError):
-    """A dialog that no chat format can encode; the message says why."""
 
 
 def _check_messages(dialog: Dialog, roles: Sequence[str]) -> None:

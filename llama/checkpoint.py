@@ -19,18 +19,12 @@ import torch
 
 from . import manifest
 from .args import ModelArgs
-from .model import EmbeddingLayout, kv_replication
+from .schema import UNUSED_KEYS, EmbeddingLayout, kv_replication, model_weights, shard_shapes
 
 logger = logging.getLogger("llama")
 
 StateDict = Dict[str, torch.Tensor]
 
-# Llama 2 shards carry the RoPE frequencies; the model computes its own.
-UNUSED_KEYS = {"rope.freqs"}
-
-_COLUMN = re.compile(r"(^output|\.attention\.w[qkv]|\.feed_forward\.w[13])\.weight$")  # split rows (dim 0)
-_ROW = re.compile(r"\.(attention\.wo|feed_forward\.w2)\.weight$")  # split columns (dim 1)
-_KV = re.compile(r"\.attention\.w[kv]\.weight$")
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth$")
 
 
@@ -55,9 +49,11 @@ def find_shards(ckpt_dir) -> List[Path]:
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found (--ckpt_dir)")
     numbered = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("*.pth") if (m := _SHARD_NAME.fullmatch(p.name)))
     if not numbered:
+        from .hf_layout import original_folder_hint  # an error path only
+
         others = sorted(p.name for p in ckpt_dir.glob("*.pth"))
         hint = f" (found {_shown(others)}; Meta's files are named consolidated.00.pth, ...)" if others else ""
-        raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}")
+        raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}{original_folder_hint(ckpt_dir)}")
     indices = [i for i, _ in numbered]
     if indices != list(range(len(numbered))):
         present = set(indices)
@@ -190,25 +186,8 @@ def detect_embedding_layout(shard0: StateDict, n_shards: int, args: ModelArgs,
 
 
 def expected_shapes(args: ModelArgs, size: int, layout: EmbeddingLayout) -> Dict[str, tuple]:
-    """The shape of every tensor in one shard of a `size`-way checkpoint."""
-    hd, ffn = args.head_dim, args.ffn_hidden_dim
-    kv_rows = args.n_kv_heads * kv_replication(args.n_kv_heads, size) * hd // size
-    emb = (args.vocab_size, args.dim // size) if layout == "dim" else (args.vocab_size // size, args.dim)
-    shapes = {"tok_embeddings.weight": emb, "norm.weight": (args.dim,), "output.weight": (args.vocab_size // size, args.dim)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (args.n_heads * hd // size, args.dim),
-            p + "attention.wk.weight": (kv_rows, args.dim),
-            p + "attention.wv.weight": (kv_rows, args.dim),
-            p + "attention.wo.weight": (args.dim, args.n_heads * hd // size),
-            p + "feed_forward.w1.weight": (ffn // size, args.dim),
-            p + "feed_forward.w2.weight": (args.dim, ffn // size),
-            p + "feed_forward.w3.weight": (ffn // size, args.dim),
-            p + "attention_norm.weight": (args.dim,),
-            p + "ffn_norm.weight": (args.dim,),
-        })
-    return shapes
+    """The shape of every tensor in one shard of a `size`-way checkpoint (see llama/schema.py)."""
+    return shard_shapes(args, size, layout)
 
 
 def check_shards_agree(shards: LazyShards) -> None:
@@ -252,16 +231,6 @@ def check_shapes(state: StateDict, expected: Dict[str, tuple], where: str, hint:
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise CheckpointError(f"{where}: {shown}. {hint}")
-
-
-def _split_axis(key: str, layout: EmbeddingLayout) -> Optional[int]:
-    if key == "tok_embeddings.weight":
-        return 1 if layout == "dim" else 0
-    if _COLUMN.search(key):
-        return 0
-    if _ROW.search(key):
-        return 1
-    return None  # norms: every rank holds them whole
 
 
 def _range_slice(shards: Sequence[StateDict], key: str, axis: int, rank: int, size: int) -> torch.Tensor:
@@ -327,16 +296,18 @@ def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, siz
     """
     check_world_size(args, size, f"running on {size} processes")
     out: StateDict = {}
+    schema = model_weights(args)
     for key in shards[0]:
         if key in UNUSED_KEYS:
             continue
-        axis = _split_axis(key, layout)
+        weight = schema.get(key)  # an unknown key is kept whole; check_shapes reports it
+        axis = weight.split_axis(layout) if weight else None
         try:
             if axis is None:
                 out[key] = shards[0][key]  # replicated (norms)
             elif len(shards) == size:
                 out[key] = shards[rank][key]  # the files already match this run
-            elif _KV.search(key):
+            elif weight.is_kv:
                 out[key] = _kv_slice(shards, key, args, rank, size)
             else:
                 out[key] = _range_slice(shards, key, axis, rank, size)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
@@ -27,6 +28,7 @@ from . import manifest
 from .args import ModelArgs
 from .checkpoint import (CheckpointError, check_world_size, checked_rank_state, find_shards, inspect_checkpoint,
                          weights_vocab_size)
+from .progress import Progress
 from .tokenizer import sidecar_path
 
 
@@ -35,13 +37,15 @@ class DiskFullError(CheckpointError):
 
 
 class _HashingWriter:
-    """A write-only file wrapper that computes the md5 of what passes through."""
+    """A write-only file wrapper that computes the md5 of what passes through
+    and reports the bytes written to a Progress."""
 
-    def __init__(self, f):
-        self.f, self.md5 = f, hashlib.md5()
+    def __init__(self, f, progress: Progress):
+        self.f, self.md5, self.progress = f, hashlib.md5(), progress
 
     def write(self, data) -> int:
         self.md5.update(data)
+        self.progress.update(nbytes=len(memoryview(data).cast("B")))
         return self.f.write(data)
 
     def flush(self) -> None:
@@ -90,10 +94,10 @@ class _TempFiles:
             f.flush()
             os.fsync(f.fileno())
 
-    def save_tensors(self, name: str, state: Dict[str, torch.Tensor]) -> str:
+    def save_tensors(self, name: str, state: Dict[str, torch.Tensor], progress: Progress) -> str:
         """torch.save, fsync'ed; returns the file's md5, computed while writing."""
         with self.open(name) as f:
-            hashed = _HashingWriter(f)
+            hashed = _HashingWriter(f, progress)
             torch.save(_contiguous(state), hashed)
             f.flush()
             os.fsync(f.fileno())
@@ -123,8 +127,10 @@ def shard_name(i: int) -> str:
     return f"consolidated.{i:02d}.pth"
 
 
-def prepare_output_dir(out_dir: Path, force: bool, protect: Iterable[Path] = ()) -> None:
-    """Refuses to write into `out_dir` if it holds files (unless `force`) or is an input."""
+def check_output_dir(out_dir, force: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuses `out_dir` if it holds files (unless `force`) or is an input,
+    without touching anything: tools call it before any slow work."""
+    out_dir = Path(out_dir)
     out = out_dir.resolve()
     for p in protect:
         if out == Path(p).resolve():
@@ -133,6 +139,11 @@ def prepare_output_dir(out_dir: Path, force: bool, protect: Iterable[Path] = ())
         raise ValueError(f"output {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise ValueError(f"output directory {out_dir} is not empty; choose an empty one or pass --force to overwrite")
+
+
+def prepare_output_dir(out_dir: Path, force: bool, protect: Iterable[Path] = ()) -> None:
+    """check_output_dir, then creates `out_dir`."""
+    check_output_dir(out_dir, force, protect)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -144,11 +155,16 @@ def write_checkpoint(
     force: bool = False,
     protect: Iterable[Path] = (),
     progress: Callable[[str], None] = lambda msg: None,
+    n_shards: int = 1,
+    show_progress: bool = False,
 ) -> Path:
     """Writes params.json, consolidated.NN.pth (one per item of `shards`,
     consumed one at a time so only one is in memory), tokenizer.model (with
     its tokenizer.model.json sidecar, if it has one), checklist.chk and
     manifest.json into `out_dir`.
+
+    `show_progress` draws shards written, MB and MB/s on stderr (`n_shards`
+    is the total it shows).
 
     Raises DiskFullError (a ValueError) if the disk fills up; then, as on any
     other failure, nothing new is published and the folder is as before.
@@ -157,12 +173,15 @@ def write_checkpoint(
     prepare_output_dir(out_dir, force, protect)
     md5s: Dict[str, str] = {}
     tmp = _TempFiles(out_dir)
+    bar = Progress(f"writing {out_dir}", n_shards, "shards", sys.stderr if show_progress else None)
     try:
         for i, state in enumerate(shards):
             name = shard_name(i)
-            md5s[name] = tmp.save_tensors(name, state)
+            md5s[name] = tmp.save_tensors(name, state, bar)
+            bar.update(items=1)
             progress(f"wrote {out_dir / name} ({len(state)} tensors)")
             del state
+        bar.close()
         params_bytes = (json.dumps(params, indent=2) + "\n").encode()
         tmp.write_bytes("params.json", params_bytes)
         md5s["params.json"] = hashlib.md5(params_bytes).hexdigest()
@@ -211,7 +230,7 @@ def write_checkpoint(
 
 
 def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[Path] = None, force: bool = False,
-                       progress: Callable[[str], None] = print) -> Path:
+                       progress: Callable[[str], None] = print, show_progress: bool = False) -> Path:
     """Splits or merges a Meta checkpoint into `n_shards` files.
 
     Works one output shard at a time from memory-mapped inputs, so peak
@@ -224,6 +243,7 @@ def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[
         raise FileNotFoundError(f"input checkpoint directory {in_dir} not found")
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ValueError(f"the number of shards must be a positive integer, got {n_shards!r}")
+    check_output_dir(out_dir, force, protect=[in_dir])
     file_args = ModelArgs.from_json(in_dir / "params.json")  # validates; errors name the file
     # Llama 2 files say vocab_size -1; the weights know the real size.
     args = dataclasses.replace(file_args, vocab_size=weights_vocab_size(find_shards(in_dir)))
@@ -238,4 +258,4 @@ def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[
     # A fresh memory map per output shard: pages read for one shard are released before the next.
     shards = (checked_rank_state(paths, args, rank, n_shards, layout) for rank in range(n_shards))
     return write_checkpoint(out_dir, params, shards, tokenizer_path=tokenizer_path, force=force,
-                            protect=[in_dir], progress=progress)
+                            protect=[in_dir], progress=progress, n_shards=n_shards, show_progress=show_progress)

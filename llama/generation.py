@@ -2,32 +2,40 @@
 
 The public API is that of Meta's reference repositories (`Llama.build`,
 `generate`, `text_completion`, `chat_completion`, same result dicts), plus
-`device`/`dtype` parameters and token streaming.
+`device`/`dtype` parameters, token streaming and per-request sampling
+parameters. Every call runs on the decoding engine (`llama/engine.py`): the
+prompts are prefilled together and each row decodes at its own position.
 """
 
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
 from .args import ModelArgs
-from .chat_format import ChatFormat, Dialog, Message, StopReason
+from .chat_format import ChatFormat
 from .checkpoint import check_cache_memory, load_rank_state
 from .distributed import init_distributed, is_rank0, resolve_dtype
+from .engine import Completion, Engine, Request, TokenEvent
 from .fingerprint import check_same_checkpoint
 from .linear import QUANTIZATIONS, use_kernels
+from .messages import Dialog, Message, StopReason
 from .metrics import GenerationMetrics, MetricsRecorder
 from .model import Transformer
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+
+__all__ = ["ChatPrediction", "CompletionPrediction", "GenerationResult", "Llama", "SamplingParams", "TokenEvent"]
 
 logger = logging.getLogger("llama")
 # The metrics block of every generation, logged (INFO) on rank 0; a program
 # that prints the block itself can silence just this logger.
 metrics_logger = logging.getLogger("llama.metrics")
+
+Sampling = Union[None, SamplingParams, Sequence[SamplingParams]]
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -35,6 +43,8 @@ class CompletionPrediction(TypedDict, total=False):
     tokens: List[str]  # with logprobs=True
     logprobs: List[float]  # with logprobs=True
     metrics: dict  # GenerationMetrics.to_dict() of the batch
+    request_metrics: dict  # RequestMetrics.to_dict() of this prompt
+    stop_reason: StopReason
 
 
 class ChatPrediction(TypedDict, total=False):
@@ -42,17 +52,7 @@ class ChatPrediction(TypedDict, total=False):
     tokens: List[str]  # with logprobs=True
     logprobs: List[float]  # with logprobs=True
     metrics: dict  # GenerationMetrics.to_dict() of the batch
-
-
-@dataclass
-class TokenEvent:
-    """One newly decoded token of one prompt, as `generate_stream` yields it."""
-
-    row: int  # index of the prompt in the batch
-    token: int
-    text: str  # text this token adds; "" while a multi-byte character is incomplete
-    logprob: Optional[float] = None
-    stop_reason: Optional[StopReason] = None  # set on the row's last event only
+    request_metrics: dict  # RequestMetrics.to_dict() of this dialog
 
 
 class GenerationResult(tuple):
@@ -138,7 +138,8 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat.for_tokenizer(tokenizer)
-        self.last_metrics: Optional[GenerationMetrics] = None  # of the last finished generation
+        self.engine = Engine(model, tokenizer)
+        self.last_metrics: Optional[GenerationMetrics] = None  # of the last call, even one broken off
         # Weights one decoding step reads, over all ranks (a step reads only B
         # rows of the embedding table).
         self.weight_bytes_per_step = _world_size() * sum(
@@ -149,7 +150,6 @@ class Llama:
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt_tokens: List[List[int]],
@@ -158,11 +158,15 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        sampling: Sampling = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generates continuations of tokenized prompts.
 
-        Prompts may differ in length. Each row stops at its first stop token
-        (not included in the output) or after `max_gen_len` tokens.
+        Prompts may differ in length, and there may be more of them than
+        max_batch_size (the rest wait for a free row). Each row stops at its
+        first stop token (not included in the output), a stop string, or after
+        `max_gen_len` tokens.
 
         Args:
             prompt_tokens: One list of token ids per prompt.
@@ -171,23 +175,21 @@ class Llama:
             top_p: Nucleus sampling threshold.
             logprobs: Also return the log-probability of each returned token.
             echo: Include the prompt tokens (and their logprobs) in the output.
+            sampling: A `SamplingParams` for every prompt, or one per prompt;
+                it replaces temperature, top_p and logprobs (and max_gen_len
+                where its max_tokens is set).
 
         Returns:
             (tokens per prompt, logprobs per prompt or None), a tuple that
             also carries the call's `GenerationMetrics` as `.metrics`.
         """
-        tokens, token_logprobs, _ = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        return GenerationResult(tokens, token_logprobs, self.last_metrics)
+        requests = self._requests(prompt_tokens, max_gen_len, sampling, temperature, top_p, logprobs, echo)
+        completions = self._complete(requests)
+        want_logprobs = any(r.params.wants_logprobs for r in requests)
+        tokens = [(c.prompt_tokens if echo else []) + c.tokens for c in completions]
+        lps = [((c.prompt_logprobs or []) if echo else []) + (c.logprobs or []) for c in completions]
+        return GenerationResult(tokens, lps if want_logprobs else None, self.last_metrics)
 
-    @torch.inference_mode()
-    def _generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo=False):
-        """`generate`, plus the StopReason of each row."""
-        rows = _Rows(prompt_tokens, echo)
-        for cur_pos, next_tokens, token_logprobs in self._decode(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
-            rows.record(cur_pos, next_tokens, token_logprobs)
-        return rows.result(self.tokenizer, max_gen_len, logprobs)
-
-    @torch.inference_mode()
     def generate_stream(
         self,
         prompt_tokens: List[List[int]],
@@ -195,115 +197,86 @@ class Llama:
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
+        *,
+        sampling: Sampling = None,
     ) -> Iterator[TokenEvent]:
         """Like `generate`, but yields each new token as soon as it is decoded.
 
         Events come in decoding order, one per row and step while the row is
-        still generating; a row's last event carries its `stop_reason` (on a
-        stop token, the event's token is that stop token and its text only
-        what was held back, if anything). Joining a row's texts gives the
-        decoded generation.
+        still generating; `event.row` is the prompt's index. A row's last
+        event carries its `stop_reason` and its `completion` (with per-request
+        metrics); on a stop token, the event's token is that stop token and
+        its text only what was held back, if anything. Joining a row's texts
+        gives the decoded generation, cut before a stop string. Closing the
+        generator early cancels the rows still running and frees their slots.
         """
-        texts = [_TextStream(self.tokenizer) for _ in prompt_tokens]
-        finished = [False] * len(prompt_tokens)
-        for cur_pos, next_tokens, token_logprobs in self._decode(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False):
-            next_list = next_tokens.tolist()
-            lp_list = token_logprobs.tolist() if token_logprobs is not None else None
-            for row, tok in enumerate(next_list):
-                if finished[row] or cur_pos < len(prompt_tokens[row]):
-                    continue
-                generated = cur_pos - len(prompt_tokens[row]) + 1
-                stop = None
-                if tok in self.tokenizer.stop_tokens:
-                    stop, text = StopReason.for_stop_token(tok, self.tokenizer), texts[row].flush()
-                else:
-                    text = texts[row].add(tok)
-                    if generated >= max_gen_len or cur_pos + 1 >= self.model.params.max_seq_len:
-                        stop, text = StopReason.OUT_OF_TOKENS, text + texts[row].flush()
-                finished[row] = stop is not None
-                yield TokenEvent(row, tok, text, lp_list[row] if lp_list else None, stop)
+        requests = self._requests(prompt_tokens, max_gen_len, sampling, temperature, top_p, logprobs, False)
+        for event in self._run(requests):
+            if event.token is not None:
+                yield event
 
-    def _decode(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo):
-        """The decoding loop shared by `generate` and `generate_stream`.
-
-        Yields (position, token per row, logprob per row or None) per step,
-        tensors on the model's device. Rows whose prompt is longer than the
-        shortest one are fed their own prompt tokens until it runs out (as in
-        Meta's reference), so every row sees exactly its own tokens.
-        """
-        params = self.model.params
-        self._check_prompts(prompt_tokens, max_gen_len)
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(t) for t in prompt_tokens]
-        min_len, max_len = min(prompt_lens), max(prompt_lens)
-        total_len = min(params.max_seq_len, max_gen_len + max_len)
-        device = self.device
-
-        tokens = torch.zeros((bsz, total_len), dtype=torch.long, device=device)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        lens = torch.tensor(prompt_lens, device=device)
-        is_prompt = torch.arange(total_len, device=device)[None, :] < lens[:, None]
-        last_pos = lens + max_gen_len - 1  # a row's last position to generate
-        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), dtype=torch.long, device=device)
-        done = torch.zeros(bsz, dtype=torch.bool, device=device)
-        n_generated = torch.zeros(bsz, dtype=torch.long, device=device)
-        # On a GPU, checking whether all rows are done costs a host sync: do it every 8 steps.
-        check_every = 1 if device.type == "cpu" else 8
-        recorder = MetricsRecorder(
-            bsz, sum(prompt_lens), self.weight_bytes_per_step, _world_size(),
-            synchronize=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
-        )
-
-        if min_len == total_len and echo and logprobs:  # nothing to generate: prompt logprobs only
-            yield from _prompt_logprobs(self.model.forward(tokens, 0), tokens)
-        prev_pos = 0
-        for cur_pos in range(min_len, total_len):
-            # Logits for every position only when echoed prompt logprobs need them.
-            all_logits = echo and logprobs and prev_pos == 0
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_logits_only=not all_logits)
-            if all_logits:
-                yield from _prompt_logprobs(logits, tokens[:, :cur_pos])
-            logits = logits[:, -1]  # (bs, vocab)
-            next_token = sample(logits, temperature, top_p)
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            recorder.step()
-            token_logprobs = None
-            if logprobs:
-                token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, next_token[:, None])[:, 0]
-            yield cur_pos, next_token, token_logprobs
-            generating = ~is_prompt[:, cur_pos] & ~done
-            n_generated += generating
-            done |= generating & (torch.isin(next_token, stop_tokens) | (cur_pos >= last_pos))
-            prev_pos = cur_pos
-            if (cur_pos - min_len) % check_every == check_every - 1 and bool(done.all()):
-                break
-        self.last_metrics = recorder.finish(int(n_generated.sum()))
-        if is_rank0():
-            metrics_logger.info("%s", self.last_metrics.report())
-
-    def _check_prompts(self, prompt_tokens, max_gen_len) -> None:
-        params = self.model.params
-        if not prompt_tokens:
-            raise ValueError("no prompts given")
-        if len(prompt_tokens) > params.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens)} prompts exceed max_batch_size={params.max_batch_size}; "
-                "pass fewer prompts or build with a larger max_batch_size"
-            )
-        if not isinstance(max_gen_len, int) or max_gen_len < 0:
+    def _requests(self, prompt_tokens, max_gen_len, sampling: Sampling, temperature, top_p, logprobs,
+                  echo) -> List[Request]:
+        """One engine request per prompt, with Meta's arguments checked."""
+        if isinstance(prompt_tokens, (str, bytes)) or not prompt_tokens:
+            raise ValueError("no prompts given: pass a list with one list of token ids per prompt")
+        if max_gen_len is not None and (not isinstance(max_gen_len, int) or isinstance(max_gen_len, bool)
+                                        or max_gen_len < 0):
             raise ValueError(f"max_gen_len must be a non-negative integer, got {max_gen_len!r}")
-        for i, t in enumerate(prompt_tokens):
-            if not t:
-                raise ValueError(f"prompt {i} is empty")
-            if len(t) >= params.max_seq_len:
-                raise ValueError(
-                    f"prompt {i} has {len(t)} tokens, which leaves no room to generate within "
-                    f"max_seq_len={params.max_seq_len}; shorten it or build with a larger max_seq_len"
-                )
-            if min(t) < 0 or max(t) >= params.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside 0..{params.vocab_size - 1}")
+        if sampling is None:
+            params = [SamplingParams(temperature=temperature, top_p=top_p, logprobs=logprobs, max_tokens=max_gen_len)]
+        elif isinstance(sampling, SamplingParams):
+            params = [sampling]
+        else:
+            params = list(sampling)
+            if len(params) != len(prompt_tokens) or not all(isinstance(p, SamplingParams) for p in params):
+                raise ValueError(f"sampling must be one SamplingParams or a list of {len(prompt_tokens)} "
+                                 f"(one per prompt), got {sampling!r:.100}")
+        params = [p if p.max_tokens is not None else dataclasses.replace(p, max_tokens=max_gen_len) for p in params]
+        if len(params) == 1:
+            params = params * len(prompt_tokens)
+        for i, tokens in enumerate(prompt_tokens):
+            self.engine.check_prompt(tokens, f"prompt {i}")
+        return [Request(tuple(t), p, prompt_logprobs=echo and p.wants_logprobs) for t, p in zip(prompt_tokens, params)]
+
+    def _run(self, requests: Sequence[Request]) -> Iterator[TokenEvent]:
+        """Submits `requests`, steps the engine until every one has ended, and
+        yields their events with `row` set to the request's index. On the way
+        out (finished, or the consumer stopped early) the rows still running
+        are cancelled and `last_metrics` is set for this call."""
+        ids = [self.engine.submit(request) for request in requests]  # checked by _requests: cannot fail
+        recorder = MetricsRecorder(
+            len(requests), sum(len(r.prompt_tokens) for r in requests), self.weight_bytes_per_step, _world_size(),
+            synchronize=torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None),
+        )
+        index = {rid: i for i, rid in enumerate(ids)}
+        pending, generated = set(ids), 0
+        try:
+            while pending:
+                events = self.engine.step()
+                recorder.step()
+                for event in events:
+                    row = index.get(event.row)
+                    if row is None:
+                        continue  # another caller's request
+                    if event.stop_reason is not None:
+                        pending.discard(event.row)
+                        generated += event.completion.metrics.generated_tokens
+                    yield dataclasses.replace(event, row=row)
+        finally:
+            for rid in pending:
+                self.engine.cancel(rid)
+            self.last_metrics = recorder.finish(generated)
+            if is_rank0():
+                metrics_logger.info("%s", self.last_metrics.report())
+
+    def _complete(self, requests: Sequence[Request]) -> List[Completion]:
+        """Runs `requests` to the end; one Completion per request, in order."""
+        completions: List[Optional[Completion]] = [None] * len(requests)
+        for event in self._run(requests):
+            if event.completion is not None:
+                completions[event.row] = event.completion
+        return completions
 
     def text_completion(
         self,
@@ -313,24 +286,36 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        sampling: Sampling = None,
     ) -> List[CompletionPrediction]:
         """Completes each text prompt.
 
         Args:
             prompts: Texts to continue (a bos token is prepended).
-            temperature, top_p, logprobs, echo: as in `generate`.
-            max_gen_len: Default: max_seq_len - 1.
+            temperature, top_p, logprobs, echo, sampling: as in `generate`.
+            max_gen_len: Default: until the context (max_seq_len) is full.
 
         Returns:
-            One {"generation": str} per prompt (plus "tokens" and "logprobs" if asked).
+            One {"generation": str} per prompt (plus "tokens" and "logprobs" if
+            asked), with "stop_reason", the batch's "metrics" and the prompt's
+            "request_metrics".
         """
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a list of strings, got one string; wrap it in a list")
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        requests = self._requests(prompt_tokens, max_gen_len, sampling, temperature, top_p, logprobs, echo)
+        completions = self._complete(requests)
         metrics = self.last_metrics.to_dict()
-        return [self._prediction(self.tokenizer.decode(t), t, lps[i] if logprobs else None, metrics)
-                for i, t in enumerate(tokens)]
+        out = []
+        for c, request in zip(completions, requests):
+            tokens = (c.prompt_tokens + c.tokens) if echo else c.tokens
+            text = self.tokenizer.decode(tokens) if echo else c.text
+            lps = ((c.prompt_logprobs or []) if echo else []) + (c.logprobs or [])
+            result = self._prediction(text, tokens, lps if request.params.wants_logprobs else None, metrics, c)
+            result["stop_reason"] = c.stop_reason
+            out.append(result)
+        return out
 
     def chat_completion(
         self,
@@ -339,6 +324,8 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        *,
+        sampling: Sampling = None,
     ) -> List[ChatPrediction]:
         """Generates the assistant's next message for each dialog.
 
@@ -347,8 +334,8 @@ class Llama:
                 order (optional system first, then user/assistant turns, ending
                 with user; Llama 3 also takes ipython tool results, and
                 assistant messages with "tool_calls", see `Message`).
-            temperature, top_p, logprobs: as in `generate`.
-            max_gen_len: Default: max_seq_len - 1.
+            temperature, top_p, logprobs, sampling: as in `generate`.
+            max_gen_len: Default: until the context (max_seq_len) is full.
 
         Returns:
             One {"generation": message} per dialog (plus "tokens" and
@@ -356,16 +343,15 @@ class Llama:
             "content": str, "tool_calls": [ToolCall, ...], "stop_reason":
             StopReason}: END_OF_MESSAGE means the model waits for the result
             of its tool calls (send it as an "ipython" message), OUT_OF_TOKENS
-            that the answer was cut off.
+            that the answer was cut off, STOP_STRING that a stop string ended it.
         """
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
-        tokens, lps, reasons = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        requests = self._requests(prompt_tokens, max_gen_len, sampling, temperature, top_p, logprobs, False)
+        completions = self._complete(requests)
         metrics = self.last_metrics.to_dict()
         return [
-            self._prediction(self.formatter.decode_assistant_message(t, reasons[i]), t, lps[i] if logprobs else None, metrics)
-            for i, t in enumerate(tokens)
+            self._prediction(self._message(c), c.tokens, c.logprobs if r.params.wants_logprobs else None, metrics, c)
+            for c, r in zip(completions, requests)
         ]
 
     def chat_completion_stream(
@@ -374,15 +360,24 @@ class Llama:
         temperature: float = 0.6,
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
+        *,
+        sampling: Optional[SamplingParams] = None,
     ) -> Iterator[TokenEvent]:
-        """Streams the assistant's next message for one dialog, token by token."""
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
-        yield from self.generate_stream([self.formatter.encode_dialog_prompt(dialog)], max_gen_len, temperature, top_p)
+        """Streams the assistant's next message for one dialog, token by token
+        (see `generate_stream`); `formatter.decode_assistant_message` turns the
+        tokens and the last event's stop_reason into the message."""
+        yield from self.generate_stream([self.formatter.encode_dialog_prompt(dialog)], max_gen_len, temperature,
+                                        top_p, sampling=sampling)
 
-    def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[float]], metrics: dict) -> dict:
-        """Meta's result dict, plus the batch's metrics under "metrics"."""
-        result = {"generation": generation, "metrics": metrics}
+    def _message(self, c: Completion) -> Message:
+        if c.stop_reason == StopReason.STOP_STRING:  # the text is cut inside a token: no tool-call parsing
+            return {"role": "assistant", "content": c.text, "tool_calls": [], "stop_reason": c.stop_reason}
+        return self.formatter.decode_assistant_message(c.tokens, c.stop_reason)
+
+    def _prediction(self, generation, tokens: List[int], logprobs: Optional[List[float]], metrics: dict,
+                    completion: Completion) -> dict:
+        """Meta's result dict, plus the batch's "metrics" and the request's "request_metrics"."""
+        result = {"generation": generation, "metrics": metrics, "request_metrics": completion.metrics.to_dict()}
         if logprobs is not None:
             result.update(tokens=[self.tokenizer.decode([x]) for x in tokens], logprobs=logprobs)
         return result
@@ -404,94 +399,3 @@ def _with_tokenizer_vocab(args: ModelArgs, tokenizer: Tokenizer, ckpt_dir) -> Mo
             "pass the tokenizer.model that came with these weights"
         )
     return args
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Next token per row of `logits` (bs, vocab): greedy at temperature 0, else top-p."""
-    if temperature <= 0:
-        return torch.argmax(logits, dim=-1)
-    return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p)
-
-
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Samples from the smallest set of tokens whose probability mass exceeds `p`."""
-    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    probs_sum = torch.cumsum(probs_sort, dim=-1)
-    probs_sort[probs_sum - probs_sort > p] = 0.0
-    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
-    next_token = torch.multinomial(probs_sort, num_samples=1)
-    return torch.gather(probs_idx, -1, next_token)[:, 0]
-
-
-def _prompt_logprobs(logits: torch.Tensor, tokens: torch.Tensor):
-    """(position, token, logprob) steps for prompt positions 1..n-1, for echo."""
-    lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
-    for pos in range(1, tokens.shape[1]):
-        yield pos, tokens[:, pos], lp[:, pos - 1]
-
-
-class _Rows:
-    """Collects `_decode` steps into per-row token and logprob lists."""
-
-    def __init__(self, prompt_tokens: Sequence[List[int]], echo: bool):
-        self.prompt_tokens = prompt_tokens
-        self.echo = echo
-        self.tokens = [list(t) for t in prompt_tokens]  # each row: prompt, then what follows
-        self.logprobs = [[0.0] * len(t) for t in prompt_tokens]  # position 0 has no logprob
-
-    def record(self, pos: int, next_tokens: torch.Tensor, token_logprobs: Optional[torch.Tensor]) -> None:
-        lps = token_logprobs.tolist() if token_logprobs is not None else None
-        for row, tok in enumerate(next_tokens.tolist()):
-            if pos < len(self.tokens[row]):  # a prompt position (echo logprobs)
-                if lps is not None:
-                    self.logprobs[row][pos] = lps[row]
-            elif pos == len(self.tokens[row]):
-                self.tokens[row].append(tok)
-                self.logprobs[row].append(lps[row] if lps is not None else 0.0)
-
-    def result(self, tokenizer: Tokenizer, max_gen_len: int, logprobs: bool):
-        """(tokens, logprobs or None, stop reasons), one entry per row."""
-        out_tokens, out_logprobs, stop_reasons = [], [], []
-        for row, toks in enumerate(self.tokens):
-            n_prompt = len(self.prompt_tokens[row])
-            end = min(len(toks), n_prompt + max_gen_len)
-            reason = StopReason.OUT_OF_TOKENS
-            for i in range(n_prompt, end):  # cut at the first stop token the model produced
-                if toks[i] in tokenizer.stop_tokens:
-                    end, reason = i, StopReason.for_stop_token(toks[i], tokenizer)
-                    break
-            start = 0 if self.echo else n_prompt
-            out_tokens.append(toks[start:end])
-            out_logprobs.append(self.logprobs[row][start:end])
-            stop_reasons.append(reason)
-        return out_tokens, (out_logprobs if logprobs else None), stop_reasons
-
-
-class _TextStream:
-    """Turns one row's tokens into text increments.
-
-    Decoding a token on its own loses context (SentencePiece drops a leading
-    space; a multi-byte character may span tokens), so each step decodes a
-    short window and emits what it adds, holding back incomplete characters.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: List[int] = []
-        self.prefix = 0  # window start
-        self.read = 0  # tokens before this are emitted
-
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
-        prefix_text = self.tokenizer.decode(self.tokens[self.prefix : self.read])
-        text = self.tokenizer.decode(self.tokens[self.prefix :])
-        if text.endswith("\ufffd") or len(text) <= len(prefix_text):
-            return ""  # wait for the rest of a multi-byte character
-        self.prefix, self.read = self.read, len(self.tokens)
-        return text[len(prefix_text) :]
-
-    def flush(self) -> str:
-        prefix_text = self.tokenizer.decode(self.tokens[self.prefix : self.read])
-        text = self.tokenizer.decode(self.tokens[self.prefix :])
-        self.prefix = self.read = len(self.tokens)
-        return text[len(prefix_text) :]

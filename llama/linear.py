@@ -22,7 +22,6 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from torch import nn
 
 from .collectives import all_gather_last_dim, all_reduce
-from .model import Attention, FeedForward
 
 QUANTIZATIONS = (None, "int8")
 
@@ -111,36 +110,18 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str]) -> Optional[nn.
     return None
 
 
-def _fuse(module: nn.Module, names, fused_name: str, quantize: Optional[str]) -> None:
-    """Replaces column-parallel layers that share an input by one matmul over
-    their concatenated weights (this rank's shards), if a faster kernel applies."""
-    layers = [getattr(module, name) for name in names]
-    weight = torch.cat([layer.weight.data for layer in layers])
-    matmul = choose_matmul(weight, quantize)
-    if matmul is None:
-        return
-    setattr(module, fused_name, KernelLinear(layers[0], matmul))
-    for name in names:
-        delattr(module, name)
-
-
 def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
     """Gives every fairscale parallel linear layer of `model` a faster matmul, in place.
 
     On CPU the matmul becomes oneDNN's prepacked linear (fp32 and bf16, when
-    available); with quantize="int8", weight-only int8 on any device. wq, wk
-    and wv become one matmul, and so do w1 and w3: fewer, larger matmuls run
-    closer to the memory bandwidth. Each rank converts its own shard. The
-    model can no longer load a state dict afterwards: this is the last step
-    of building it.
+    available); with quantize="int8", weight-only int8 on any device. Only
+    leaf layers are swapped, found by type: this module knows no attribute
+    names of the model (which already fuses wq|wk|wv and w1|w3 into single,
+    larger matmuls). Each rank converts its own shard. The model can no
+    longer load a state dict afterwards: this is the last step of building it.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
-    for module in list(model.modules()):
-        if isinstance(module, Attention):
-            _fuse(module, ("wq", "wk", "wv"), "wqkv", quantize)
-        elif isinstance(module, FeedForward):
-            _fuse(module, ("w1", "w3"), "w13", quantize)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):

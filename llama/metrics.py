@@ -172,3 +172,37 @@ class MetricsRecorder:
             weight_bytes=self.weight_bytes, peak_memory_bytes=self.peak_memory(),
             model_parallel_size=self.model_parallel_size,
         )
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """What one request cost, from the engine's view (seconds from its submission).
+
+    Time in queue ends when the request gets a KV-cache row; time to first
+    token includes it and the prefill. Decode throughput counts the tokens
+    after the first over the time after it.
+    """
+
+    prompt_tokens: int
+    generated_tokens: int  # stop token included
+    queue_seconds: float
+    time_to_first_token_s: float
+    seconds: float
+
+    @classmethod
+    def of(cls, submitted: float, admitted: Optional[float], first_token: Optional[float], end: float,
+           prompt_tokens: int, generated_tokens: int) -> "RequestMetrics":
+        return cls(prompt_tokens, generated_tokens,
+                   queue_seconds=(admitted if admitted is not None else end) - submitted,
+                   time_to_first_token_s=(first_token if first_token is not None else end) - submitted,
+                   seconds=end - submitted)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode_seconds = self.seconds - self.time_to_first_token_s
+        if self.generated_tokens < 2 or decode_seconds <= 0:
+            return float("nan")
+        return (self.generated_tokens - 1) / decode_seconds
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s}

@@ -8,7 +8,8 @@ math needs the whole vector.
 
 import contextlib
 import math
-from typing import Literal, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -23,11 +24,7 @@ from fairscale.nn.model_parallel.layers import (
 from torch import nn
 
 from .args import ModelArgs
-
-# Llama 2 checkpoints split the embedding table along the model dimension
-# (fairscale ParallelEmbedding), Llama 3 along the vocabulary
-# (VocabParallelEmbedding). Only the shapes inside a checkpoint tell.
-EmbeddingLayout = Literal["dim", "vocab"]
+from .schema import EmbeddingLayout, kv_replication
 
 
 def _keep(x):  # init_method: weights come from the checkpoint, never from an initializer
@@ -62,17 +59,6 @@ def _without_fairscale_init():
         yield
     finally:
         fs_layers._initialize_affine_weight = original
-
-
-def kv_replication(n_kv_heads: int, mp_size: int) -> int:
-    """How many ranks share each KV head (1 unless there are more ranks than KV heads)."""
-    if mp_size <= n_kv_heads:
-        if n_kv_heads % mp_size:
-            raise ValueError(f"{mp_size} model-parallel ranks cannot split {n_kv_heads} KV heads evenly")
-        return 1
-    if mp_size % n_kv_heads:
-        raise ValueError(f"{mp_size} model-parallel ranks cannot share {n_kv_heads} KV heads evenly")
-    return mp_size // n_kv_heads
 
 
 class RMSNorm(nn.Module):
@@ -122,15 +108,40 @@ def rope_table(args: ModelArgs, device) -> Tuple[torch.Tensor, torch.Tensor]:
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates pairs (x[2i], x[2i+1]) — Meta's interleaved layout — in fp32.
 
-    x: (bs, seq, heads, head_dim); cos, sin: (seq, head_dim/2). This is the
-    complex product x * e^(i*angle) of Meta's code without complex tensors,
-    which CPU bf16 does not support.
+    x: (bs, seq, heads, head_dim); cos, sin: (bs or 1, seq, head_dim/2), the
+    angles of each token's own position. This is the complex product
+    x * e^(i*angle) of Meta's code without complex tensors, which CPU bf16
+    does not support.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seq, heads, head_dim/2, 2)
     x0, x1 = pairs.unbind(-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+@dataclass
+class AttentionInputs:
+    """Where the tokens of one forward pass sit; built once per pass, read by every layer.
+
+    Each token has its own KV-cache row and position, so rows of one batch can
+    be at different positions (continuous batching) and several prompts can
+    share one pass (packed prefill).
+    """
+
+    cos: torch.Tensor  # (bs or 1, seq, head_dim/2), fp32
+    sin: torch.Tensor
+    cache_rows: torch.Tensor  # (bs, seq): the KV-cache row each token's keys and values go to
+    cache_pos: torch.Tensor  # (bs, seq): and their position there
+    # True: the queries attend to this pass's own keys (fresh prompts packed in one
+    # row); False: to cache rows 0..bs-1, positions 0..kv_len-1.
+    self_attention: bool
+    kv_len: int
+    # None: plainly causal (or, for one query per row, every cached key up to
+    # kv_len). Else a bool mask (True = may attend) broadcastable to
+    # (bs, heads, seq, keys), or, for one query per row, an additive float
+    # bias (bs, 1, 1, kv_len).
+    mask: Optional[torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -144,87 +155,84 @@ class Attention(nn.Module):
         self.n_local_kv_heads = args.n_kv_heads * replicas // mp_size
         self.head_dim = args.head_dim
 
-        kv_out = args.n_kv_heads * replicas * self.head_dim
-        self.wq = _meta_weights(ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep))
-        self.wk = _meta_weights(ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=_keep))
-        self.wv = _meta_weights(ColumnParallelLinear(args.dim, kv_out, bias=False, gather_output=False, init_method=_keep))
+        # wq, wk and wv as one matmul (one call instead of three per decoded
+        # token); each rank's rows are its q, k and v shards, concatenated at
+        # load (Transformer._fuse_projections).
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads * replicas) * self.head_dim
+        self.wqkv = _meta_weights(ColumnParallelLinear(args.dim, qkv_out, bias=False, gather_output=False, init_method=_keep))
         self.wo = _meta_weights(RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep))
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
-        # linear.use_kernels may replace wq, wk, wv by one matmul over their
-        # concatenated weights: one call instead of three per decoded token.
-        self.wqkv: Optional[nn.Module] = None
 
     def allocate_cache(self, max_batch_size: int, max_seq_len: int, device, dtype) -> None:
         shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None:
-            kv = self.n_local_kv_heads * self.head_dim
-            xq, xk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim, kv, kv], dim=-1)
-        else:
-            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        kv = self.n_local_kv_heads * self.head_dim
+        xq, xk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim, kv, kv], dim=-1)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seq, local_heads, head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seq, local_kv_heads, head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, cos, sin), apply_rotary_emb(xk, cos, sin)
+        xq, xk = apply_rotary_emb(xq, inputs.cos, inputs.sin), apply_rotary_emb(xk, inputs.cos, inputs.sin)
 
-        end = start_pos + seqlen
-        self.cache_k[:bsz, :, start_pos:end] = xk.transpose(1, 2)
-        self.cache_v[:bsz, :, start_pos:end] = xv.transpose(1, 2)
-        out = self._attend_one(xq, bsz, end) if seqlen == 1 else self._attend_chunk(xq, bsz, start_pos)
+        # cache[row, :, pos] for every token: indices (bs, seq) around a slice give (bs, seq, kv_heads, head_dim).
+        self.cache_k[inputs.cache_rows, :, inputs.cache_pos] = xk
+        self.cache_v[inputs.cache_rows, :, inputs.cache_pos] = xv
+        if inputs.self_attention:
+            out = self._attend(xq, xk.transpose(1, 2), xv.transpose(1, 2), inputs.mask)
+        elif seqlen == 1:
+            out = self._attend_one(xq, bsz, inputs.kv_len, inputs.mask)
+        else:
+            keys = self.cache_k[:bsz, :, : inputs.kv_len]  # (bs, local_kv_heads, kv_len, head_dim)
+            values = self.cache_v[:bsz, :, : inputs.kv_len]
+            out = self._attend(xq, keys, values, inputs.mask)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
-    def _attend_chunk(self, xq: torch.Tensor, bsz: int, start_pos: int) -> torch.Tensor:
+    @staticmethod
+    def _attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Attention for several new positions (prefill): SDPA. Returns (bs, seq, local_heads, head_dim)."""
-        seqlen = xq.shape[1]
-        end = start_pos + seqlen
-        keys = self.cache_k[:bsz, :, :end]  # (bs, local_kv_heads, end, head_dim)
-        values = self.cache_v[:bsz, :, :end]
-        # Query i sits at position start_pos + i and sees keys 0..start_pos + i: a
-        # fresh prompt is plainly causal; a chunk appended to a non-empty cache
-        # needs an explicit mask.
-        mask = None
-        if start_pos > 0:
-            mask = torch.ones(seqlen, end, dtype=torch.bool, device=xq.device).tril(diagonal=start_pos)
         out = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), keys, values, attn_mask=mask, is_causal=start_pos == 0, enable_gqa=True
+            xq.transpose(1, 2), keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
         )  # (bs, local_heads, seq, head_dim)
         return out.transpose(1, 2)
 
-    def _attend_one(self, xq: torch.Tensor, bsz: int, end: int) -> torch.Tensor:
+    def _attend_one(self, xq: torch.Tensor, bsz: int, kv_len: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """Attention for one new position per row (decoding), as two batched matmuls.
 
         Decoding spends most of its attention time in SDPA's overhead on CPU
         (2-4x this in bf16, measured). Each KV head's query heads form one
         batch entry, so grouped-query attention needs no repeated keys, and
-        the cache slice is a plain strided batch. Returns (bs, 1, local_heads, head_dim).
+        the cache slice is a plain strided batch. Rows at different positions
+        get `bias` (-inf past each row's own position). Returns (bs, 1, local_heads, head_dim).
         """
         n_kv, rep, hd = self.n_local_kv_heads, self.n_local_heads // self.n_local_kv_heads, self.head_dim
         q = xq.reshape(bsz * n_kv, rep, hd)  # query head h uses KV head h // rep
-        keys = self.cache_k[:bsz].view(bsz * n_kv, -1, hd)[:, :end]  # (bs * kv_heads, end, head_dim)
-        values = self.cache_v[:bsz].view(bsz * n_kv, -1, hd)[:, :end]
-        scores = torch.bmm(q, keys.transpose(1, 2)) * hd**-0.5  # (bs * kv_heads, rep, end)
-        probs = torch.softmax(scores.float(), dim=-1).type_as(q)
+        keys = self.cache_k[:bsz].view(bsz * n_kv, -1, hd)[:, :kv_len]  # (bs * kv_heads, kv_len, head_dim)
+        values = self.cache_v[:bsz].view(bsz * n_kv, -1, hd)[:, :kv_len]
+        scores = (torch.bmm(q, keys.transpose(1, 2)) * hd**-0.5).float()  # (bs * kv_heads, rep, kv_len)
+        if bias is not None:
+            scores = (scores.view(bsz, n_kv, rep, kv_len) + bias).view(bsz * n_kv, rep, kv_len)
+        probs = torch.softmax(scores, dim=-1).type_as(q)
         return torch.bmm(probs, values).view(bsz, 1, self.n_local_heads, hd)
+
+    def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copies the first `length` cached positions of row `src` to row `dst`."""
+        self.cache_k[dst, :, :length] = self.cache_k[src, :, :length]
+        self.cache_v[dst, :, :length] = self.cache_v[src, :, :length]
 
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.w1 = _meta_weights(ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep))
+        # w1 (gate) and w3 (up) as one matmul, as Attention.wqkv.
+        self.w13 = _meta_weights(ColumnParallelLinear(dim, 2 * hidden_dim, bias=False, gather_output=False, init_method=_keep))
         self.w2 = _meta_weights(RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep))
-        self.w3 = _meta_weights(ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep))
-        self.w13: Optional[nn.Module] = None  # w1 and w3 as one matmul (see Attention.wqkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
+        gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 
@@ -236,14 +244,21 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin)
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), inputs)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# Weights the model holds as one, and the checkpoint weights (Meta's names)
+# each is concatenated from, in order.
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+
+
 class Transformer(nn.Module):
-    """Build it under `torch.device("meta")`, load weights with
-    `load_state_dict(..., assign=True)`, then call `setup_caches` once."""
+    """Build it under `torch.device("meta")`, load a rank's weights under
+    Meta's names with `load_state_dict(..., assign=True)`, then call
+    `setup_caches` once."""
 
     def __init__(self, params: ModelArgs, embedding_layout: EmbeddingLayout = "vocab"):
         super().__init__()
@@ -259,6 +274,16 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
+        self._register_load_state_dict_pre_hook(self._fuse_projections)
+
+    def _fuse_projections(self, state_dict, prefix, *args) -> None:
+        """Concatenates a rank's wq|wk|wv and w1|w3 shards (Meta's names) into
+        the fused weights, as a state-dict hook: checkpoints keep Meta's layout."""
+        for i in range(self.params.n_layers):
+            for fused, parts in FUSED.items():
+                names = [f"{prefix}layers.{i}.{part}.weight" for part in parts]
+                if all(n in state_dict for n in names):
+                    state_dict[f"{prefix}layers.{i}.{fused}.weight"] = torch.cat([state_dict.pop(n) for n in names])
 
     def setup_caches(self, device, dtype) -> None:
         """Allocates the KV cache and the RoPE table on `device` (after weights are loaded)."""
@@ -267,20 +292,93 @@ class Transformer(nn.Module):
             layer.attention.allocate_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, *, last_logits_only: bool = False) -> torch.Tensor:
-        """Runs `tokens` (bs, seq) at positions start_pos.. and fills the KV cache.
+    def forward(self, tokens: torch.Tensor, start_pos, *, last_logits_only: bool = False) -> torch.Tensor:
+        """Runs `tokens` (bs, seq) in KV-cache rows 0..bs-1 and fills the cache.
 
+        `start_pos` is the position of each row's first token: an int for the
+        whole batch, or a tensor (bs,) with one per row. Each row attends to
+        its own cached positions before its tokens and causally among them.
         Returns float logits (bs, seq, vocab) for every position, or
         (bs, 1, vocab) for the last one if `last_logits_only` (what decoding needs).
         """
-        _bsz, seqlen = tokens.shape
-        if start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={self.params.max_seq_len}")
-        cos = self.rope_cos[start_pos : start_pos + seqlen]
-        sin = self.rope_sin[start_pos : start_pos + seqlen]
-        h = self.tok_embeddings(tokens)  # (bs, seq, dim)
-        for layer in self.layers:
-            h = layer(h, start_pos, cos, sin)
+        bsz, seqlen = tokens.shape
+        inputs = self._inputs_at(bsz, seqlen, start_pos, tokens.device)
+        h = self._layers(tokens, inputs)
         if last_logits_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seq or 1, vocab)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int],
+                all_logits: Sequence[bool] = ()) -> List[torch.Tensor]:
+        """Runs fresh prompts (from position 0) in one pass, packed end to end
+        without padding, each into its own KV-cache row.
+
+        Each prompt attends only to itself (a block-diagonal causal mask), so
+        its logits equal those of running it alone. Returns, per prompt, float
+        logits (1, vocab) of its last position, or (len, vocab) of every
+        position where `all_logits[i]` is true.
+        """
+        device = self.norm.weight.device
+        lens = [len(p) for p in prompts]
+        if max(lens) > self.params.max_seq_len:
+            raise ValueError(f"a prompt of {max(lens)} tokens exceeds max_seq_len={self.params.max_seq_len}")
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]  # (1, total)
+        seg = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(lens, device=device))
+        starts = torch.tensor([0] + lens[:-1], device=device).cumsum(0)
+        pos = torch.arange(tokens.shape[1], device=device) - starts[seg]  # each prompt counts from 0
+        mask = None
+        if len(prompts) > 1:
+            mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])  # (total, total)
+        inputs = AttentionInputs(
+            cos=self.rope_cos[pos][None], sin=self.rope_sin[pos][None],
+            cache_rows=torch.tensor(rows, device=device)[seg][None], cache_pos=pos[None],
+            self_attention=True, kv_len=0, mask=mask,
+        )
+        h = self._layers(tokens, inputs)[0]  # (total, dim)
+        ends = (starts + torch.tensor(lens, device=device)).tolist()
+        want_all = list(all_logits) + [False] * (len(prompts) - len(all_logits))
+        picks = [torch.arange(s, e, device=device) if full else torch.tensor([e - 1], device=device)
+                 for s, e, full in zip(starts.tolist(), ends, want_all)]
+        logits = self.output(self.norm(h[torch.cat(picks)])).float()  # (picked, vocab)
+        return list(logits.split([len(p) for p in picks]))
+
+    def move_cache_row(self, src: int, dst: int, length: int) -> None:
+        """Copies the first `length` cached positions of row `src` to row `dst`, in every layer."""
+        for layer in self.layers:
+            layer.attention.move_cache_row(src, dst, length)
+
+    def _layers(self, tokens: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)  # (bs, seq, dim)
+        for layer in self.layers:
+            h = layer(h, inputs)
+        return h
+
+    def _inputs_at(self, bsz: int, seqlen: int, start_pos, device) -> AttentionInputs:
+        """AttentionInputs for rows 0..bs-1 starting at `start_pos` (int or (bs,) tensor)."""
+        max_seq_len = self.params.max_seq_len
+        if isinstance(start_pos, int):
+            if start_pos < 0 or start_pos + seqlen > max_seq_len:
+                raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={max_seq_len}")
+            pos = torch.arange(start_pos, start_pos + seqlen, device=device)[None].expand(bsz, seqlen)
+            kv_len = start_pos + seqlen
+            if seqlen == 1 or start_pos == 0:
+                mask = None  # one query sees the whole cache; a fresh chunk is plainly causal
+            else:  # query i sits at start_pos + i and sees keys 0..start_pos + i
+                mask = torch.ones(seqlen, kv_len, dtype=torch.bool, device=device).tril(diagonal=start_pos)
+            cos, sin = self.rope_cos[pos[:1]], self.rope_sin[pos[:1]]
+        else:
+            start = start_pos.to(device=device, dtype=torch.long)
+            if int(start.min()) < 0 or int(start.max()) + seqlen > max_seq_len:
+                raise ValueError(f"positions up to {int(start.max()) + seqlen - 1} exceed max_seq_len={max_seq_len}")
+            pos = start[:, None] + torch.arange(seqlen, device=device)  # (bs, seq)
+            kv_len = int(start.max()) + seqlen
+            visible = torch.arange(kv_len, device=device)[None, None, :] <= pos[:, :, None]  # (bs, seq, kv_len)
+            if seqlen == 1:
+                mask = torch.zeros(visible.shape, device=device).masked_fill_(~visible, float("-inf"))[:, None]
+            else:
+                mask = visible[:, None]  # (bs, 1, seq, kv_len)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        rows = torch.arange(bsz, device=device)[:, None].expand(bsz, seqlen)
+        return AttentionInputs(cos=cos, sin=sin, cache_rows=rows, cache_pos=pos, self_attention=False,
+                               kv_len=kv_len, mask=mask)

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Collection, Dict, FrozenSet, Iterator, List, Optional, Sequence
 
+from .hf_layout import original_folder_hint
 from .jsonfile import read_json_object
 
 # The Llama 3 pre-tokenizer split pattern.
@@ -87,7 +88,8 @@ class Tokenizer(ABC):
 
 def _read_head(path: Path, n: int = 4096) -> bytes:
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer file {path} not found: pass --tokenizer_path pointing to a tokenizer.model")
+        raise FileNotFoundError(f"tokenizer file {path} not found: pass --tokenizer_path pointing to a tokenizer.model"
+                                + original_folder_hint(path.parent))
     if path.is_dir():
         raise TokenizerError(f"{path} is a directory: pass the tokenizer.model file inside it")
     with open(path, "rb") as f:

@@ -314,11 +314,17 @@ def _json_definition(tool: ToolDefinition) -> str:
 
 
 def _tag_definition(tool: ToolDefinition) -> str:
+    # As llama-models' template writes it: name and description as they are
+    # (non-ASCII as characters; quotes escaped here, so the line stays JSON),
+    # parameters through Jinja's `tojson` (sorted keys, non-ASCII and <>&' escaped).
     params = {
         name: {"description": p.description, "param_type": p.param_type, "required": p.required}
         for name, p in tool.parameters.items()
     }
+    params_json = json.dumps(params, sort_keys=True)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("'", "\\u0027")):
+        params_json = params_json.replace(char, escape)
     return (
-        f'{{"name": {json.dumps(tool.name)}, "description": {json.dumps(tool.description)}, '
-        f'"parameters": {json.dumps(params, sort_keys=True)}}}'
+        f'{{"name": {json.dumps(tool.name, ensure_ascii=False)}, '
+        f'"description": {json.dumps(tool.description, ensure_ascii=False)}, "parameters": {params_json}}}'
     )

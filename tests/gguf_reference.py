@@ -41,6 +41,43 @@ def tiny_vocab(missing_bytes: Sequence[int] = ()):
     return tokens, types, list(TINY_MERGES)
 
 
+LLAMA3_TEMPLATE = (  # Meta-Llama-3-8B-Instruct's chat template, as its GGUF files carry it
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def llama3_vocab(tokenizer_path, n_base: Optional[int] = None, specials: Optional[Sequence[str]] = None):
+    """(tokens, token types, merges) of Meta's Llama 3 tokenizer.model as a
+    GGUF holds them: vocabulary and merges as transformers derives them from
+    the tiktoken file (every split of a token into two tokens, as in Llama 3's
+    tokenizer.json), then control tokens (Llama 3.1's 256 by default).
+    `n_base` keeps only the first n_base ranks (still a complete BPE)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from llama.tokenizer import Tokenizer
+
+    vocab, merges = TikTokenConverter(vocab_file=str(tokenizer_path)).extract_vocab_merges_from_model(str(tokenizer_path))
+    n_base = n_base or len(vocab)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])][:n_base]
+    kept = set(tokens)
+    merges = [f"{a} {b}" for a, b in merges if a in kept and b in kept and a + b in kept]
+    if specials is None:
+        specials = sorted(Tokenizer.from_file(tokenizer_path).special_tokens, key=Tokenizer.from_file(tokenizer_path).special_tokens.get)
+    return tokens + list(specials), [1] * len(tokens) + [3] * len(specials), merges
+
+
+def hf_gguf_tokenizer(path):
+    """transformers' tokenizer built from the GGUF file itself (AutoTokenizer, gguf_file=...)."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def write_tiny_gguf(path, arch: str = "llama", tensor_types: Optional[Dict[str, str]] = None, omit: Sequence[str] = (),
                     extra_kv: Optional[dict] = None, extra_tensors: Optional[Dict[str, np.ndarray]] = None,
                     tied: bool = True, missing_bytes: Sequence[int] = (), tokenizer_model: str = "gpt2",

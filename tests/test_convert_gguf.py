@@ -3,6 +3,7 @@ under the right names with the right values, the result runs, and every GGUF
 it cannot convert is refused with a message that says why."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -111,19 +112,51 @@ def test_ffn_params_reproduce_the_hidden_size(dim, hidden, expected):
     ({"extra_kv": {"llama.expert_count": ("uint32", 8)}}, r"is a mixture-of-experts model"),
     ({"extra_kv": {"llama.rope.scaling.type": ("string", "linear")}}, r"uses RoPE scaling 'linear', which is not supported"),
     ({"extra_kv": {"llama.attention.key_length": ("uint32", 32)}}, r"llama.attention.key_length=32 differs from"),
+    ({"extra_tensors": {"pos_embd.weight": np.ones((8, 64), np.float32)}},
+     r"holds a tensor 'pos_embd.weight' that has no place in a Llama model"),
     ({"extra_tensors": {"rope_freqs.weight": np.ones(8, np.float32)}},
-     r"holds a tensor 'rope_freqs.weight' that has no place in a Llama model"),
+     r"rope_freqs.weight holds RoPE scaling factors other than Llama 3.1's"),
     ({"extra_tensors": {"blk.0.attn_q.weight": np.ones((32, 64), np.float32)}},
      r"layers.0.attention.wq.weight has shape \(32, 64\), expected \(64, 64\). The GGUF's tensors do not match"),
     ({"omit": ["blk.1.ffn_norm.weight"]}, r"missing layers.1.ffn_norm.weight"),
     ({"tokenizer_model": "llama"}, r"has a 'llama' tokenizer; only byte-level BPE tokenizers"),
-    ({"pre": "llama-bpe"}, r"uses the pre-tokenizer 'llama-bpe'; supported: \['smollm'\]"),
+    ({"pre": "deepseek-llm"}, r"uses the pre-tokenizer 'deepseek-llm'; supported: \['falcon3', 'gpt-2', 'llama-bpe'"),
 ])
 def test_refuses_what_it_cannot_convert(tmp_path, kwargs, message):
     write_tiny_gguf(tmp_path / "bad.gguf", **kwargs)
     with pytest.raises(ConversionError, match=message):
         convert(tmp_path / "bad.gguf", tmp_path / "out")
     assert not (tmp_path / "out" / "checklist.chk").exists()
+
+
+def llama_cpp_rope_factors(head_dim, theta, factor=8.0, low=1.0, high=4.0, old_context=8192):
+    """The rope_freqs tensor llama.cpp's convert_hf_to_gguf.py writes for rope_type "llama3"."""
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, np.float32)
+
+
+def test_llama31_rope_scaling(tmp_path):
+    factors = llama_cpp_rope_factors(16, 500000.0)
+    assert len(set(factors.tolist())) > 2  # kept, stretched and blended frequencies all occur
+    kv = {"llama.rope.freq_base": ("float32", 500000.0)}
+    write_tiny_gguf(tmp_path / "l31.gguf", extra_kv=kv, extra_tensors={"rope_freqs.weight": factors})
+    ckpt = convert(tmp_path / "l31.gguf", tmp_path / "ckpt")
+    params = json.loads((ckpt / "params.json").read_text())
+    assert params["use_scaled_rope"] is True and params["rope_theta"] == 500000.0
+    assert "rope_freqs.weight" not in torch.load(ckpt / "consolidated.00.pth", weights_only=True)
+    with pytest.raises(ConversionError, match="other than Llama 3.1's"):  # Llama 3.2 scales by 32
+        write_tiny_gguf(tmp_path / "l32.gguf", extra_kv=kv,
+                        extra_tensors={"rope_freqs.weight": llama_cpp_rope_factors(16, 500000.0, factor=32.0)})
+        convert(tmp_path / "l32.gguf", tmp_path / "ckpt32")
 
 
 def _vocab_with(change):
@@ -165,6 +198,24 @@ def test_cli_refuses_a_non_empty_output_without_force(tiny_gguf, tmp_path):
     r = subprocess.run(cmd + ["--force"], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "checklist.chk").exists() and "converted" in r.stdout
+
+
+def test_output_is_checked_before_the_gguf_is_read(tmp_path):
+    """A non-empty output is refused at once, before reading (which takes long for big files)."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "x.gguf").write_text("not even a GGUF file: reading it would fail")
+    with pytest.raises(ValueError, match=r"output directory .*out is not empty; choose an empty one or pass --force"):
+        convert(tmp_path / "x.gguf", tmp_path / "out")
+
+
+def test_cli_shows_progress(tiny_gguf, tmp_path):
+    cmd = [sys.executable, "utils/convert_gguf_checkpoint.py", "--gguf", str(tiny_gguf[0]), "--out", str(tmp_path / "o")]
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert re.fullmatch(r"dequantizing: 20/20 tensors, [\d.,]+ MB, [\d.,]+ MB/s, [\d.]+ s", lines[0]), lines
+    assert re.fullmatch(r"writing .*o: 1/1 shards, [\d.,]+ MB, [\d.,]+ MB/s, [\d.]+ s", lines[-1]), lines
 
 
 def test_cli_without_the_gguf_package(tiny_gguf, tmp_path):

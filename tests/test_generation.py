@@ -64,11 +64,12 @@ def test_greedy_is_deterministic_and_sampling_depends_on_seed(llama3):
 
 
 def test_top_p_keeps_only_the_nucleus():
-    from llama.generation import sample_top_p
+    from llama.sampling import SamplingParams, sample_one
 
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).repeat(2000, 1)
-    torch.manual_seed(0)
-    picks = sample_top_p(probs, 0.7)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    params = SamplingParams(temperature=1.0, top_p=0.7)
+    g = torch.Generator().manual_seed(0)
+    picks = torch.tensor([sample_one(logits, params, g) for _ in range(2000)])
     assert set(picks.tolist()) == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are cut
     assert 0.55 < (picks == 0).float().mean() < 0.70  # renormalized: 0.5 / 0.8 = 0.625
 
@@ -89,7 +90,8 @@ def test_logprobs_and_echo_agree_with_forward(llama3):
 
 def test_completion_result_shapes(llama3):
     out = llama3.text_completion(["Hello"], max_gen_len=3, temperature=0, logprobs=True)
-    assert set(out[0]) == {"generation", "tokens", "logprobs", "metrics"} and len(out[0]["tokens"]) == 3
+    assert set(out[0]) == {"generation", "tokens", "logprobs", "metrics", "request_metrics", "stop_reason"}
+    assert len(out[0]["tokens"]) == 3 and out[0]["request_metrics"]["generated_tokens"] == 3
     assert out[0]["metrics"]["generated_tokens"] == 3 and out[0]["metrics"]["batch_size"] == 1
     chat = llama3.chat_completion([[{"role": "user", "content": "Hello"}]], max_gen_len=3, temperature=0)
     assert chat[0]["generation"]["role"] == "assistant" and isinstance(chat[0]["generation"]["content"], str)
@@ -136,7 +138,7 @@ def test_stream_text_equals_generation(llama2, llama3):
 
 
 def test_stream_holds_back_partial_utf8(llama3):
-    from llama.generation import _TextStream
+    from llama.text_stream import TextStream as _TextStream
 
     stream = _TextStream(llama3.tokenizer)
     ids = llama3.tokenizer.encode("llama 🦙 ok", bos=False, eos=False)

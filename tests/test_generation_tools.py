@@ -1,15 +1,15 @@
 """chat_completion with Llama 3.1 tool calls: stop reasons and parsed calls.
 
 A random-weight model never writes a tool call, so these tests script the
-sampler (`llama.generation.sample`): everything else, prompt encoding, the
-decoding loop, the stop tokens and message decoding, is the real code.
+sampler (`Engine._sample`): everything else, prompt encoding, the decoding
+engine, the stop tokens and message decoding, is the real code.
 """
 
 import pytest
 import torch
 
-import llama.generation
 from llama import CallSyntax, Llama, StopReason
+from llama.engine import Engine
 
 TAG, EOM, EOT = 128010, 128008, 128009
 
@@ -23,10 +23,13 @@ def llama3(make_ckpt):
 
 @pytest.fixture
 def script(monkeypatch):
-    """script(rows) makes the sampler write rows[i] in row i, one token per step."""
+    """script(rows) makes the sampler write rows[i] for the i-th request submitted, one token per step."""
     def use(rows):
-        steps = iter(zip(*rows))
-        monkeypatch.setattr(llama.generation, "sample", lambda logits, t, p: torch.tensor(next(steps)))
+        order = {}  # request id -> script row, in submission order
+
+        def sample(self, seqs, logits):
+            return torch.tensor([rows[order.setdefault(s.id, len(order))][len(s.tokens)] for s in seqs])
+        monkeypatch.setattr(Engine, "_sample", sample)
     return use
 
 
@@ -44,8 +47,6 @@ def test_chat_completion_returns_tool_calls_and_stop_reasons(llama3, script):
         answer + [EOT] + [9906] * (width - len(answer) - 1),
     ])
     dialogs = [[{"role": "user", "content": "Weather in Paris?"}], [{"role": "user", "content": "Weather in Rome?"}]]
-    # Same prompt length: both rows start generating at the same step of the script.
-    assert len(set(len(llama3.formatter.encode_dialog_prompt(d)) for d in dialogs)) == 1
     first, second = (r["generation"] for r in llama3.chat_completion(dialogs, max_gen_len=width))
     assert first["stop_reason"] == StopReason.END_OF_MESSAGE and first["content"] == ""
     [tool_call] = first["tool_calls"]

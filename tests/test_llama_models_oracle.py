@@ -39,6 +39,8 @@ SONGS = ToolDefinition("trending_songs", "Returns the trending songs on a Music 
     "genre": ToolParam("str", "The genre of the songs to return", required=False),
 })
 CLOCK = ToolDefinition("current_time", "Returns the current local date, time and weekday")
+# Non-ASCII text is written as characters, never as \u escapes, in both syntaxes.
+METEO = ToolDefinition("météo", "Météo d'une ville, en °C", {"ville": ToolParam("str", "la ville, ex. Zürich ou 東京 (l'accent & <tout>)")})
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,8 @@ SYSTEM_CASES = [
     dict(builtin=[], instruction=INSTRUCTION),
     dict(builtin=["brave_search"], custom=[SONGS, CLOCK], instruction=INSTRUCTION, syntax="json"),
     dict(builtin=[], custom=[SONGS], instruction=INSTRUCTION, syntax="function_tag"),
+    dict(builtin=[], custom=[METEO], instruction=INSTRUCTION, syntax="json"),
+    dict(builtin=[], custom=[METEO], instruction=INSTRUCTION, syntax="function_tag"),
 ]
 
 

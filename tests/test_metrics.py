@@ -84,8 +84,8 @@ def test_generate_attaches_metrics(gen, caplog):
     m = result.metrics
     assert m is gen.last_metrics and [len(t) for t in tokens] == [6, 6]
     assert m.generated_tokens == 12 and m.prompt_tokens == 8 and m.batch_size == 2
-    # The batch starts at the shorter prompt: 2 steps feed row 1's prompt tail, then 6 more.
-    assert m.decode_steps == 8
+    # Both prompts are prefilled in the first step (which gives each its first token), then 5 more.
+    assert m.decode_steps == 6
     assert m.weight_bytes == gen.weight_bytes_per_step > 0
     assert 0 < m.first_token_seconds < m.seconds and m.peak_memory_bytes > 0
     assert "------ Inference metrics ------" in caplog.text and "Generated tokens: 12" in caplog.text

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 
 import pytest
@@ -87,8 +88,12 @@ def test_checklist_and_tokenizer(make_ckpt, sp_tokenizer_path, tmp_path):
 
 def test_progress_is_printed_per_file(make_ckpt, tmp_path, capsys):
     assert shard_main(["-n", "2", "-i", str(make_ckpt("llama3")), "-o", str(tmp_path / "o")]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "consolidated.00.pth" in out and "consolidated.01.pth" in out and "done:" in out
+    # Progress on stderr (not a terminal here: whole lines), ending with the totals.
+    last = captured.err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"writing {re.escape(str(tmp_path / 'o'))}: 2/2 shards, [\d.,]+ MB, [\d.,]+ MB/s, [\d.]+ s", last)
 
 
 def shard_error(capsys, argv):

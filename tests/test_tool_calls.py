@@ -4,6 +4,7 @@ Token-level behaviour (<|python_tag|>, eom/eot, round trips) is in
 test_chat_format_tools.py; this file needs no tokenizer and no torch.
 """
 
+import json
 from datetime import date
 
 import pytest
@@ -212,3 +213,15 @@ def test_format_date_and_bad_tools():
         system_prompt(["google"])
     with pytest.raises(ValueError, match="custom tools are called in JSON or function_tag syntax, not code"):
         custom_tools_prompt([SONGS], "code")
+
+
+def test_function_tag_definitions_write_characters_not_escapes():
+    """As llama-models' template: name and description as characters; the
+    parameters as Jinja's tojson writes them (tests/test_llama_models_oracle.py
+    checks the whole prompt against Meta's code)."""
+    meteo = ToolDefinition("météo", 'Météo "du jour", en °C', {"ville": ToolParam("str", "Zürich & <Genève>")})
+    line = custom_tools_prompt([meteo], "function_tag").splitlines()[3]
+    assert line == ('{"name": "météo", "description": "Météo \\"du jour\\", en °C", "parameters": '
+                    '{"ville": {"description": "Z\\u00fcrich \\u0026 \\u003cGen\\u00e8ve\\u003e", '
+                    '"param_type": "str", "required": true}}}')
+    assert json.loads(line)["description"] == 'Météo "du jour", en °C'

@@ -11,11 +11,15 @@ special tokens, stop tokens, chat format) and checklist.chk. The directory then
 works like any Meta checkpoint: pass it as --ckpt_dir and its tokenizer.model
 as --tokenizer_path.
 
-Supported: general.architecture "llama" (dense, no RoPE scaling) with a GPT-2
+Supported: general.architecture "llama" (dense; no RoPE scaling but Llama
+3.1's, which llama.cpp stores as a rope_freqs tensor) with a GPT-2
 style byte-level BPE tokenizer ("gpt2") whose pre-tokenizer is listed in
-PRE_TOKENIZER_PATTERNS, and a ChatML chat template; weights in any type the
-gguf package can dequantize. Anything else is refused with a message that
-says what. The whole dequantized model is held in memory while it is written.
+PRE_TOKENIZER_PATTERNS, and either Llama 3's vocabulary and chat format (then
+tokenizer.model is a Meta Llama 3 tokenizer.model and there is no sidecar) or
+a ChatML chat template; weights in any type the gguf package can dequantize.
+Anything else is refused with a message that says what. The output directory
+is checked first; progress (tensors, MB, MB/s) goes to stderr. The whole
+dequantized model is held in memory while it is written.
 """
 
 import argparse
@@ -27,23 +31,44 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from llama.args import ModelArgs
 from llama.checkpoint import CheckpointError, check_shapes, expected_shapes
-from llama.checkpoint_writer import write_checkpoint
-from llama.tokenizer import sidecar_path
+from llama.checkpoint_writer import check_output_dir, write_checkpoint
+from llama.progress import Progress
+from llama.tokenizer import LLAMA3_PATTERN, sidecar_path
 
 # GGUF pre-tokenizer name (tokenizer.ggml.pre) -> the equivalent split regex
-# for tiktoken. "smollm" is llama.cpp's SMOLLM: single digits, then the GPT-2
-# pattern; a whitespace run right before a digit stays whole because the digit
-# split cut the text there first.
+# for tiktoken, grouped as llama.cpp's llama-vocab.cpp groups the names, with
+# the regex of the models' own tokenizer.json.
+# "smollm" is llama.cpp's SMOLLM: single digits, then the GPT-2 pattern; a
+# whitespace run right before a digit stays whole because the digit split cut
+# the text there first.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+TEKKEN_PATTERN = (  # Mistral NeMo's "tekken"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_PRE_TOKENIZERS = ("llama-bpe", "llama3", "llama-v3", "falcon3")  # Llama 3 / 3.1 / 3.2 and Falcon3
 PRE_TOKENIZER_PATTERNS = {
     "smollm": r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+",
+    **{name: LLAMA3_PATTERN for name in LLAMA3_PRE_TOKENIZERS},
+    "gpt-2": GPT2_PATTERN,
+    "tekken": TEKKEN_PATTERN,
 }
+# llama.cpp adds bos for these unless the file says otherwise (tokenizer.ggml.add_bos_token).
+ADDS_BOS_BY_DEFAULT = (*LLAMA3_PRE_TOKENIZERS, "tekken")
+
+# Llama 3's special tokens that fix its chat format, at their ids: a GGUF with
+# these (and 128000 ordinary tokens before them) holds Meta's tokenizer.
+LLAMA3_N_BASE = 128000
+LLAMA3_MARKERS = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128006: "<|start_header_id|>",
+                  128007: "<|end_header_id|>", 128009: "<|eot_id|>"}
 
 # GGUF tensor names -> Meta parameter names. llama.cpp stores attn_q/attn_k in
 # Meta's interleaved RoPE layout (its converter undoes Hugging Face's
@@ -194,6 +219,33 @@ def model_params(fields: _Fields, n_vocab: int) -> dict:
     return params
 
 
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def llama31_rope_scaling(reader, path: Path, params: dict) -> dict:
+    """params with use_scaled_rope if the GGUF holds Llama 3.1's RoPE scaling.
+
+    llama.cpp stores it as a tensor of per-frequency divisors (rope_freqs)
+    rather than as metadata; only Llama 3.1's own divisors (factor 8, as
+    use_scaled_rope computes them) are accepted.
+    """
+    found = [t for t in reader.tensors if t.name == ROPE_FREQS]
+    if not found:
+        return params
+    from llama.model import rope_frequencies
+
+    head_dim = params["dim"] // params["n_heads"]
+    plain = rope_frequencies(head_dim, params["rope_theta"], use_scaled=False)
+    expected = (plain / rope_frequencies(head_dim, params["rope_theta"], use_scaled=True)).numpy()
+    got = import_gguf().dequantize(found[0].data, found[0].tensor_type).reshape(-1)
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4):
+        raise ConversionError(
+            f"{path}: {ROPE_FREQS} holds RoPE scaling factors other than Llama 3.1's (Llama 3.2 and other "
+            "models scale by other factors); only Llama 3.1's scaling is supported"
+        )
+    return {**params, "use_scaled_rope": True}
+
+
 def meta_name(gguf_name: str, path: Path) -> str:
     m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", gguf_name)
     table = LAYER_TENSORS if m and m[1] is not None else GLOBAL_TENSORS
@@ -202,11 +254,16 @@ def meta_name(gguf_name: str, path: Path) -> str:
     return f"layers.{m[1]}.{table[m[2]]}.weight" if m[1] is not None else f"{table[m[2]]}.weight"
 
 
-def convert_tensors(reader, path: Path, args: ModelArgs, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def convert_tensors(reader, path: Path, args: ModelArgs, dtype: torch.dtype,
+                    show_progress: bool = False) -> Dict[str, torch.Tensor]:
     """Dequantized weights under Meta's names, checked against the shapes `args` implies."""
     gguf = import_gguf()
     state: Dict[str, torch.Tensor] = {}
+    bar = Progress("dequantizing", len(reader.tensors), "tensors", sys.stderr if show_progress else None)
     for t in reader.tensors:
+        if t.name == ROPE_FREQS:  # turned into use_scaled_rope by llama31_rope_scaling
+            bar.update(items=1)
+            continue
         name = meta_name(t.name, path)
         try:
             w = gguf.dequantize(t.data, t.tensor_type)  # float32, shape (out, in): GGUF lists dims reversed
@@ -218,6 +275,8 @@ def convert_tensors(reader, path: Path, args: ModelArgs, dtype: torch.dtype) -> 
         if w.dtype != np.float32:
             raise ConversionError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, not as floating-point weights")
         state[name] = torch.from_numpy(np.array(w, copy=True)).to(dtype)
+        bar.update(items=1, nbytes=int(t.n_bytes))
+    bar.close()
     if "output.weight" not in state and "tok_embeddings.weight" in state:
         # Tied embeddings. One tensor under both names: torch.save stores it once.
         state["output.weight"] = state["tok_embeddings.weight"]
@@ -241,8 +300,19 @@ def _byte_decoder() -> Dict[str, int]:
 _DEFAULT_SYSTEM = re.compile(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<>]*?)<\|im_end\|>")
 
 
-def tokenizer_files(fields: _Fields) -> Tuple[str, dict]:
-    """The tokenizer as (tiktoken ranks file, sidecar dict)."""
+def is_llama3_vocabulary(tokens: Sequence[str], types: Sequence[int], template: str) -> bool:
+    """Meta's Llama 3 tokenizer: 128000 ordinary tokens, then 256 control
+    tokens with Llama 3's markers at their ids, and Llama 3's chat template (or none)."""
+    return (len(tokens) == LLAMA3_N_BASE + 256
+            and all(ty == TOKEN_NORMAL for ty in types[:LLAMA3_N_BASE])
+            and all(ty == TOKEN_CONTROL for ty in types[LLAMA3_N_BASE:])
+            and all(tokens[i] == name for i, name in LLAMA3_MARKERS.items())
+            and (not template or "<|start_header_id|>" in template))
+
+
+def tokenizer_files(fields: _Fields) -> Tuple[str, Optional[dict]]:
+    """The tokenizer as (tiktoken ranks file, sidecar dict). No sidecar means
+    the ranks file is a Meta Llama 3 tokenizer.model, complete as it is."""
     path = fields.path
     model = fields.require("tokenizer.ggml.model")
     if model != "gpt2":
@@ -283,17 +353,22 @@ def tokenizer_files(fields: _Fields) -> Tuple[str, dict]:
         if len(parts) != 2 or any(p not in ids for p in parts) or "".join(parts) not in ids:
             raise ConversionError(f"{path}: merge {k} ({merge!r}) does not join two tokens into a token")
         results.append(ids["".join(parts)])
-    if any(b <= a for a, b in zip(results, results[1:])):
+    # A vocabulary may list several merges giving one token (Llama 3's lists every split).
+    if any(b < a for a, b in zip(results, results[1:])):
         raise ConversionError(f"{path}: token ids do not follow the merge order, which tiktoken ranks need")
     merged = set(results)
     stray = [i for i, b in token_bytes.items() if len(b) > 1 and i not in merged]
     if stray:
         raise ConversionError(f"{path}: token {stray[0]} ({tokens[stray[0]]!r}) is neither a byte nor a merge result")
 
+    ranks = "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in sorted(token_bytes.items()))
+    template = fields.get("tokenizer.chat_template", "")
+    if pre in LLAMA3_PRE_TOKENIZERS and is_llama3_vocabulary(tokens, types, template):
+        return ranks, None
     missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in special]
     if missing:
-        raise ConversionError(f"{path}: no {' or '.join(missing)} control token: only ChatML chat models are supported")
-    template = fields.get("tokenizer.chat_template", "")
+        raise ConversionError(f"{path}: no {' or '.join(missing)} control token: only ChatML chat models "
+                              "and Llama 3's own vocabulary and chat format are supported")
     default_system = _DEFAULT_SYSTEM.search(template)
     eos = fields.require("tokenizer.ggml.eos_token_id")
     stop = {eos, special["<|im_end|>"]}
@@ -307,12 +382,11 @@ def tokenizer_files(fields: _Fields) -> Tuple[str, dict]:
         "bos_id": fields.require("tokenizer.ggml.bos_token_id"),
         "eos_id": eos,
         "pad_id": fields.get("tokenizer.ggml.padding_token_id", -1),
-        "add_bos": bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+        "add_bos": bool(fields.get("tokenizer.ggml.add_bos_token", pre in ADDS_BOS_BY_DEFAULT)),
         "stop_tokens": sorted(stop),
         "chat_format": "chatml",
         "default_system_prompt": default_system[1] if default_system else None,
     }
-    ranks = "".join(f"{base64.b64encode(b).decode()} {i}\n" for i, b in sorted(token_bytes.items()))
     return ranks, sidecar
 
 
@@ -328,14 +402,18 @@ def _check_tokenizer(tokenizer: Path, path: Path) -> None:
 
 
 def convert(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
-            progress: Callable[[str], None] = lambda msg: None) -> Path:
-    """Converts `gguf_path` into a Meta checkpoint directory `out_dir`; returns `out_dir`."""
+            progress: Callable[[str], None] = lambda msg: None, show_progress: bool = False) -> Path:
+    """Converts `gguf_path` into a Meta checkpoint directory `out_dir`; returns `out_dir`.
+
+    The output directory is checked before the (slow) reading; `show_progress`
+    draws tensors done, MB and MB/s on stderr."""
     gguf = import_gguf()
     path = Path(gguf_path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} not found")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    check_output_dir(out_dir, force)
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # truncated or damaged: numpy raises ValueError, IndexError, ...
@@ -343,16 +421,20 @@ def convert(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
                               "it is truncated or damaged: download it again") from e
     fields = _Fields(reader, path)
     params = model_params(fields, n_vocab=len(fields.require("tokenizer.ggml.tokens")))
+    params = llama31_rope_scaling(reader, path, params)
     ranks, sidecar = tokenizer_files(fields)
     progress(f"{path.name}: {fields.get('general.name', '?')} (license: {fields.get('general.license', 'not stated')}), "
              f"params {json.dumps(params)}, trained context {fields.get('llama.context_length', '?')} tokens")
-    state = convert_tensors(reader, path, ModelArgs.from_params(params), DTYPES[dtype])
+    state = convert_tensors(reader, path, ModelArgs.from_params(params), DTYPES[dtype], show_progress)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Path(tmp) / "tokenizer.model"
         tokenizer.write_text(ranks)
-        sidecar_path(tokenizer).write_text(json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        if sidecar is not None:
+            sidecar_path(tokenizer).write_text(json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
         _check_tokenizer(tokenizer, path)
-        return write_checkpoint(out_dir, params, [state], tokenizer_path=tokenizer, force=force, progress=progress)
+        return write_checkpoint(out_dir, params, [state], tokenizer_path=tokenizer, force=force, progress=progress,
+                                show_progress=show_progress)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -365,7 +447,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     a = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        out = convert(a.gguf, a.out, a.dtype, a.force, progress=print)
+        out = convert(a.gguf, a.out, a.dtype, a.force, progress=print, show_progress=True)
     except (ImportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

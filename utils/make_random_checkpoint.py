@@ -18,6 +18,7 @@ import torch
 from llama.args import ModelArgs
 from llama.checkpoint import default_embedding_layout, rank_state_dict
 from llama.checkpoint_writer import write_checkpoint
+from llama.schema import model_weights
 from llama.tokenizer import Tokenizer
 
 FAMILIES = {
@@ -44,30 +45,19 @@ def random_params(family: str, dim: int, n_layers: int, n_heads: int, n_kv_heads
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
-    """Full (unsharded) random weights for `args`, under Meta's parameter names."""
+    """Full (unsharded) random weights for `args`, under Meta's parameter names (llama/schema.py)."""
     g = torch.Generator().manual_seed(seed)
-
-    def linear(out_features, in_features):
-        return (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(dtype)
-
-    def norm():
-        return (1 + 0.1 * torch.randn(args.dim, generator=g)).to(dtype)
-
-    hd, ffn = args.head_dim, args.ffn_hidden_dim
-    state = {"tok_embeddings.weight": torch.randn(args.vocab_size, args.dim, generator=g).to(dtype)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        state[p + "attention.wq.weight"] = linear(args.n_heads * hd, args.dim)
-        state[p + "attention.wk.weight"] = linear(args.n_kv_heads * hd, args.dim)
-        state[p + "attention.wv.weight"] = linear(args.n_kv_heads * hd, args.dim)
-        state[p + "attention.wo.weight"] = linear(args.dim, args.n_heads * hd)
-        state[p + "feed_forward.w1.weight"] = linear(ffn, args.dim)
-        state[p + "feed_forward.w2.weight"] = linear(args.dim, ffn)
-        state[p + "feed_forward.w3.weight"] = linear(ffn, args.dim)
-        state[p + "attention_norm.weight"] = norm()
-        state[p + "ffn_norm.weight"] = norm()
-    state["norm.weight"] = norm()
-    state["output.weight"] = linear(args.vocab_size, args.dim) * 4  # spread logits apart
+    state = {}
+    for name, w in model_weights(args).items():
+        if w.kind == "norm":
+            t = 1 + 0.1 * torch.randn(w.shape, generator=g)
+        elif w.kind == "embedding":
+            t = torch.randn(w.shape, generator=g)
+        else:  # linear layers: keep activations O(1)
+            t = torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5
+            if name == "output.weight":
+                t = t * 4  # spread logits apart
+        state[name] = t.to(dtype)
     return state
 
 

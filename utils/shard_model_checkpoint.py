@@ -6,7 +6,8 @@ Writes consolidated.00.pth .. consolidated.NN.pth, params.json, tokenizer.model
 (from the input directory, or --tokenizer) and checklist.chk. Works one output
 shard at a time from memory-mapped inputs: peak memory is about one output
 shard, so a model bigger than this machine's RAM can be split. Files appear
-under their final names only once all are complete.
+under their final names only once all are complete. Progress (shards, MB
+written, MB/s) goes to stderr.
 
 Not needed to run a checkpoint on a different number of workers (Llama.build
 reshards on the fly), but then every worker reads the original files; with
@@ -29,7 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     a = parser.parse_args(argv)
     try:
-        reshard_checkpoint(a.input, a.output, a.num_shards, tokenizer_path=a.tokenizer, force=a.force)
+        reshard_checkpoint(a.input, a.output, a.num_shards, tokenizer_path=a.tokenizer, force=a.force,
+                           show_progress=True)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
