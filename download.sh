@@ -138,6 +138,38 @@ md5_of() {
 
 file_size() { local n; n=$(wc -c < "$1"); say $((n)); }
 
+# The most bytes a file named $1 can hold; a server that sends more is not
+# sending that file (an endless body would otherwise fill the disk). The
+# largest real files are the 405B-MP8 shards, about 101 GB.
+max_bytes() {
+    case $1 in
+        consolidated.*.pth) say $((128 * 1024 * 1024 * 1024)) ;;
+        fp8_scales_*.pt) say $((1024 * 1024 * 1024)) ;;
+        tokenizer.model) say $((16 * 1024 * 1024)) ;;
+        *) say $((1024 * 1024)) ;;  # params.json, checklists, LICENSE, USE_POLICY
+    esac
+}
+
+# The cap, in the 1024-byte blocks of bash's `ulimit -f`, for the downloader
+# and whatever appends to the file; set per file by fetch().
+FILE_LIMIT_BLOCKS=unlimited
+
+# In a subshell: no process started from it can write a file past the cap
+# (the kernel stops it with SIGXFSZ / EFBIG), whatever the server sends.
+limit_file_size() {
+    local current
+    current=$(ulimit -f)
+    if [[ $FILE_LIMIT_BLOCKS != unlimited ]] && [[ $current == unlimited || $current -gt $FILE_LIMIT_BLOCKS ]]; then
+        ulimit -f "$FILE_LIMIT_BLOCKS"
+    fi
+}
+
+# True if file $1 reached the cap (so the download was cut there).
+too_big() {
+    [[ $FILE_LIMIT_BLOCKS != unlimited && -f $1 ]] && (($(file_size "$1") >= FILE_LIMIT_BLOCKS * 1024))
+}
+
+
 # ---------------------------------------------------------------- downloading
 
 # The signed URL for path $1 on the server: the '*' of the URL replaced by it.
@@ -157,8 +189,11 @@ wget_get() {
     local url=$1 out=$2 log rc=0
     log=$(mktemp)
     # wget prints "ERROR 403: Forbidden." on failure; LC_ALL=C keeps that in English.
-    LC_ALL=C wget --continue --no-verbose --show-progress --progress=bar:force:noscroll \
-        -O "$out" "$url" 2>&1 | tee "$log" >&2 || rc=$?
+    (
+        limit_file_size
+        LC_ALL=C exec wget --continue --no-verbose --show-progress --progress=bar:force:noscroll \
+            --max-redirect=5 --connect-timeout=30 --read-timeout=300 -O "$out" "$url"
+    ) 2>&1 | tee "$log" >&2 || rc=$?
     HTTP_STATUS=$(sed -n 's/.*ERROR \([0-9][0-9][0-9]\).*/\1/p' "$log" | tail -n 1)
     rm -f "$log"
     return "$rc"
@@ -176,12 +211,21 @@ curl_get() {
         rc=0
         # No --fail: the status code decides, and curl stays quiet about the 416
         # that ends a file whose size is a multiple of the chunk.
-        code=$(curl --location --progress-bar --range "$range" \
-            -o "$piece" -w '%{http_code}' "$url") || rc=$?
+        code=$(
+            limit_file_size
+            curl --location --max-redirs 5 --proto-redir =http,https --connect-timeout 30 \
+                --speed-limit 1 --speed-time 300 --progress-bar --range "$range" \
+                -o "$piece" -w '%{http_code}' "$url"
+        ) || rc=$?
+        if too_big "$piece"; then
+            # The response alone reached the cap: keep it as the part so fetch() reports it.
+            mv -f "$piece" "$out"; HTTP_STATUS=""; return 1
+        fi
         case $code in
             206)
                 # A range of the file (maybe cut short): append it; the next request goes on from there.
-                cat "$piece" >> "$out"
+                # Appending past the file's cap fails: stop (fetch says why).
+                (limit_file_size; cat "$piece" >> "$out") || { rm -f "$piece"; HTTP_STATUS=""; return 1; }
                 if ((rc == 0 && chunk > 0)) && (($(file_size "$piece") == chunk)); then
                     rm -f "$piece"; failures=0; continue
                 fi
@@ -228,18 +272,29 @@ reject_error_page() {
 # Download server path $1 to local file $2 (fetched in ranges if $3 = huge).
 # A file only gets its final name once it is complete, so an existing $2 is skipped.
 fetch() {
-    local path=$1 dest=$2 how=${3:-} part="$2.part" ok=1
+    local path=$1 dest=$2 how=${3:-} part="$2.part" ok=1 max
+    if [[ -L $dest || -L $part ]]; then
+        die "$dest (or its .part) is a symbolic link; this script writes only plain files in the target folder. Remove the link and run it again."
+    fi
     if [[ -s $dest ]]; then
         say "have $dest"
         return 0
     fi
     say "downloading $dest"
+    max=$(max_bytes "${dest##*/}")
+    FILE_LIMIT_BLOCKS=$(((max + 1023) / 1024))
     if [[ $how == huge ]]; then
         have curl || die "$dest: downloading the 405B shards needs curl; please install it"
         curl_get "$(signed_url "$path")" "$part" "${DOWNLOAD_CHUNK_BYTES:-27000000000}" || ok=0
     else
         http_get "$(signed_url "$path")" "$part" || ok=0
     fi
+    if too_big "$part"; then
+        FILE_LIMIT_BLOCKS=unlimited
+        rm -f "$part"
+        die "$dest: the server sent $max bytes or more, more than any real ${dest##*/} holds; stopped and removed the partial file. Check that PRESIGNED_URL is the link from Meta's email."
+    fi
+    FILE_LIMIT_BLOCKS=unlimited
     if ((ok == 0)); then
         if [[ -f $part && ! -s $part ]]; then rm -f "$part"; fi
         case $HTTP_STATUS in
@@ -257,17 +312,44 @@ fetch() {
 # ---------------------------------------------------------------- verifying
 
 # Check the files in folder $1 against the md5 list $1/$2 ("md5  name" lines, as
-# md5sum writes them). Every file named in $3 (space-separated) must be listed.
+# md5sum writes them). Every file named in $3 (space-separated) must be listed;
+# only the files named in $3 or $4 are ever read or renamed: the list comes from
+# the server, and a name like ../../x or /etc/x must not reach outside $1.
 # A file whose md5 differs is renamed to NAME.bad. Fails if anything is wrong.
 verify() {
-    local dir=$1 list=$2 required=$3 sum name actual listed=" " bad=0
+    local dir=$1 list=$2 required=$3 optional=${4:-} sum name shown actual listed=" " bad=0 ignored=0
     say "checking md5 sums in $dir/$list"
     while read -r sum name || [[ -n $sum ]]; do
         name=${name%$'\r'}
         name=${name#\*}  # md5sum's marker for binary mode
         [[ -n $sum ]] || continue
+        # Pure bash until the name is known to be ours: a hostile list may have 100,000 lines.
+        if [[ -z $name || " $required $optional " != *" $name "* ]]; then
+            ignored=$((ignored + 1))
+            if ((ignored <= 5)); then
+                printf -v shown '%q' "$name"
+                say "  IGNORED $shown: not a file of this download; not read or touched"
+            fi
+            continue
+        fi
         sum=$(lowercase "$sum")
+        if [[ $listed == *" $name "* ]]; then
+            say "  TWICE   $name: listed twice in $list; only the first line counts"
+            bad=1
+            continue
+        fi
         listed="$listed$name "
+        if [[ ! $sum =~ ^[0-9a-f]{32}$ ]]; then
+            printf -v shown '%q' "$sum"
+            say "  BAD LINE for $name in $list: $shown is not an md5 sum"
+            bad=1
+            continue
+        fi
+        if [[ -L $dir/$name ]]; then
+            say "  SYMLINK $name: a symbolic link, not a downloaded file; not read (remove it)"
+            bad=1
+            continue
+        fi
         if [[ ! -f $dir/$name ]]; then
             say "  MISSING $name: listed in $list but not downloaded"
             bad=1
@@ -282,6 +364,7 @@ verify() {
             bad=1
         fi
     done < "$dir/$list"
+    if ((ignored > 5)); then say "  IGNORED $((ignored - 5)) more lines naming files that are not part of this download"; fi
     for name in $required; do
         if [[ $listed != *" $name "* ]]; then
             say "  NOT LISTED $name: $dir/$list has no md5 for it, so it cannot be verified"
@@ -298,17 +381,21 @@ verify() {
 # Download and verify one model, given its line from $MODELS.
 download_model() {
     local version=$1 name=$2 remote=$3 folder=$4 shards=$5 flags=$6
-    local dir="$TARGET_FOLDER/$folder" i how="" weights=""
+    local dir="$TARGET_FOLDER/$folder" i how="" weights="" others="params.json"
     say ""
     say "=== Llama $version $name -> $dir"
     mkdir -p "$dir"
     fetch "$remote/checklist.chk" "$dir/checklist.chk"
     fetch "$remote/params.json" "$dir/params.json"
     # Llama 2 has a single tokenizer at the top; Llama 3 and 3.1 have one per model.
-    if [[ $version != 2 ]]; then fetch "$remote/tokenizer.model" "$dir/tokenizer.model"; fi
+    if [[ $version != 2 ]]; then
+        fetch "$remote/tokenizer.model" "$dir/tokenizer.model"
+        others="$others tokenizer.model"
+    fi
     if [[ $flags == *fp8* ]]; then
         for ((i = 0; i < shards; i++)); do
             fetch "$remote/fp8_scales_$i.pt" "$dir/fp8_scales_$i.pt"
+            others="$others fp8_scales_$i.pt"
         done
     fi
     if [[ $flags == *huge* ]]; then how=huge; fi
@@ -316,7 +403,7 @@ download_model() {
         fetch "$remote/$(shard_name "$i")" "$dir/$(shard_name "$i")" "$how"
         weights="$weights $(shard_name "$i")"
     done
-    verify "$dir" checklist.chk "$weights"
+    verify "$dir" checklist.chk "$weights" "$others"
 }
 
 # Print $1's value if it is set in the environment, else ask for it with prompt $2.

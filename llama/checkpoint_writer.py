@@ -2,26 +2,38 @@
 
 Every file is written under a temporary name and renamed only when all of
 them are complete, so a crash or a full disk never leaves a directory that
-looks like a finished checkpoint. A `checklist.chk` (md5) lists the files.
+looks like a finished checkpoint. Temporary files are created exclusively
+(mkstemp: random names, O_EXCL, never through a symbolic link someone planted)
+in the output folder. A `checklist.chk` (md5) lists the files, and
+`manifest.json` (llama/manifest.py), written first as "incomplete" and last as
+complete, lets the loader refuse a folder left mixed by an interrupted
+overwrite.
 """
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
+from . import manifest
 from .args import ModelArgs
-from .checkpoint import check_world_size, checked_rank_state, find_shards, inspect_checkpoint, weights_vocab_size
+from .checkpoint import (CheckpointError, check_world_size, checked_rank_state, find_shards, inspect_checkpoint,
+                         weights_vocab_size)
 from .progress import Progress
 from .tokenizer import sidecar_path
 
-_TMP = ".tmp"
+
+class DiskFullError(CheckpointError):
+    """The disk filled up while a checkpoint was written; nothing was published."""
 
 
 class _HashingWriter:
@@ -48,17 +60,67 @@ def _md5_of(path: Path) -> str:
     return md5.hexdigest()
 
 
-def _save_tensors(state: Dict[str, torch.Tensor], path: Path, progress: Progress) -> str:
-    """torch.save to `path`, fsync'ed; returns the file's md5, computed while writing."""
+def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     # torch.save writes a view's whole underlying storage: copy views of bigger tensors.
-    state = {k: v if v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes else v.clone(memory_format=torch.contiguous_format)
-             for k, v in state.items()}
-    with open(path, "wb") as f:
-        hashed = _HashingWriter(f, progress)
-        torch.save(state, hashed)
-        f.flush()
-        os.fsync(f.fileno())
-    return hashed.md5.hexdigest()
+    return {k: v if v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes else v.clone(memory_format=torch.contiguous_format)
+            for k, v in state.items()}
+
+
+_OUR_TEMP = re.compile(r"\.(consolidated\.\d+\.pth|params\.json|tokenizer\.model(\.json)?|checklist\.chk|"
+                       r"manifest\.json|\.incomplete)\.\w{8}\.tmp")
+
+
+class _TempFiles:
+    """Temporary files in one folder, created exclusively, renamed or removed together."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.paths = folder, {}
+
+    def open(self, name: str):
+        """A new binary file object for the future `name`; mkstemp uses O_CREAT|O_EXCL and a random name."""
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
+        self.paths[name] = Path(tmp)
+        return os.fdopen(fd, "wb")
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.open(name) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def copy(self, name: str, src: Path) -> None:
+        with open(src, "rb") as fsrc, self.open(name) as f:
+            shutil.copyfileobj(fsrc, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_tensors(self, name: str, state: Dict[str, torch.Tensor], progress: Progress) -> str:
+        """torch.save, fsync'ed; returns the file's md5, computed while writing."""
+        with self.open(name) as f:
+            hashed = _HashingWriter(f, progress)
+            torch.save(_contiguous(state), hashed)
+            f.flush()
+            os.fsync(f.fileno())
+        return hashed.md5.hexdigest()
+
+    def publish(self, name: str) -> None:
+        os.replace(self.paths.pop(name), self.folder / name)  # replaces a planted link, never writes through it
+
+    def remove_all(self) -> None:
+        for tmp in self.paths.values():
+            tmp.unlink(missing_ok=True)
+        self.paths.clear()
+
+
+def _disk_full(e: BaseException) -> bool:
+    """An OSError ENOSPC/EDQUOT, also when torch.save wrapped it in a RuntimeError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def shard_name(i: int) -> str:
@@ -98,38 +160,57 @@ def write_checkpoint(
 ) -> Path:
     """Writes params.json, consolidated.NN.pth (one per item of `shards`,
     consumed one at a time so only one is in memory), tokenizer.model (with
-    its tokenizer.model.json sidecar, if it has one) and checklist.chk into `out_dir`.
+    its tokenizer.model.json sidecar, if it has one), checklist.chk and
+    manifest.json into `out_dir`.
 
     `show_progress` draws shards written, MB and MB/s on stderr (`n_shards`
-    is the total it shows)."""
+    is the total it shows).
+
+    Raises DiskFullError (a ValueError) if the disk fills up; then, as on any
+    other failure, nothing new is published and the folder is as before.
+    """
     out_dir = Path(out_dir)
     prepare_output_dir(out_dir, force, protect)
     md5s: Dict[str, str] = {}
-    written = []  # names (without the temporary suffix) of files begun so far
+    tmp = _TempFiles(out_dir)
     bar = Progress(f"writing {out_dir}", n_shards, "shards", sys.stderr if show_progress else None)
     try:
         for i, state in enumerate(shards):
             name = shard_name(i)
-            written.append(name)
-            md5s[name] = _save_tensors(state, out_dir / (name + _TMP), bar)
+            md5s[name] = tmp.save_tensors(name, state, bar)
             bar.update(items=1)
             progress(f"wrote {out_dir / name} ({len(state)} tensors)")
             del state
         bar.close()
-        written.append("params.json")
-        (out_dir / ("params.json" + _TMP)).write_text(json.dumps(params, indent=2) + "\n")
-        md5s["params.json"] = _md5_of(out_dir / ("params.json" + _TMP))
+        params_bytes = (json.dumps(params, indent=2) + "\n").encode()
+        tmp.write_bytes("params.json", params_bytes)
+        md5s["params.json"] = hashlib.md5(params_bytes).hexdigest()
         if tokenizer_path is not None:
             # A BPE tokenizer.model is read together with its sidecar: copy both.
             sources = {"tokenizer.model": Path(tokenizer_path), "tokenizer.model.json": sidecar_path(tokenizer_path)}
             for name, src in sources.items():
                 if name == "tokenizer.model" or src.is_file():
-                    written.append(name)
-                    shutil.copyfile(src, out_dir / (name + _TMP))
-                    md5s[name] = _md5_of(out_dir / (name + _TMP))
-    except BaseException:
-        for name in written:
-            (out_dir / (name + _TMP)).unlink(missing_ok=True)
+                    tmp.copy(name, src)
+                    md5s[name] = _md5_of(tmp.paths[name])
+        checklist = "".join(f"{md5s[name]}  {name}\n" for name in sorted(md5s))
+        tmp.write_bytes("checklist.chk", checklist.encode())
+        # The shards only: params.json and the tokenizer are checked against the
+        # weights' shapes at load, and stay editable by hand.
+        files = {name: {"size": p.stat().st_size, "fingerprint": manifest.fingerprint(p)}
+                 for name, p in tmp.paths.items() if name.endswith(".pth")}
+        tmp.write_bytes(manifest.NAME, manifest.manifest_text(files, complete=True).encode())
+        # From here on the folder changes: first say so, so that a kill between
+        # the renames below leaves a folder the loader refuses, not a mix.
+        tmp.write_bytes(".incomplete", manifest.manifest_text(files, complete=False).encode())
+        os.replace(tmp.paths.pop(".incomplete"), out_dir / manifest.NAME)
+    except BaseException as e:
+        tmp.remove_all()
+        if _disk_full(e):
+            free = shutil.disk_usage(out_dir).free
+            raise DiskFullError(
+                f"the disk holding {out_dir} is full ({free:,} bytes free) while writing the checkpoint; "
+                "nothing was published and no partial file was left: free some space or choose another output"
+            ) from e
         raise
     # All files are complete: drop shards a previous (forced-over) run left,
     # and its tokenizer sidecar if the new tokenizer has none, then publish.
@@ -138,11 +219,12 @@ def write_checkpoint(
         stale.append(out_dir / "tokenizer.model.json")
     for path in stale:
         path.unlink(missing_ok=True)
-    for name in written:
-        os.replace(out_dir / (name + _TMP), out_dir / name)
-    checklist = "".join(f"{md5s[name]}  {name}\n" for name in sorted(md5s))
-    (out_dir / ("checklist.chk" + _TMP)).write_text(checklist)
-    os.replace(out_dir / ("checklist.chk" + _TMP), out_dir / "checklist.chk")
+    for name in [n for n in tmp.paths if n != manifest.NAME]:
+        tmp.publish(name)
+    tmp.publish(manifest.NAME)  # last: the folder is complete
+    for left in out_dir.iterdir():  # temporary files of an earlier, killed run
+        if _OUR_TEMP.fullmatch(left.name):
+            left.unlink(missing_ok=True)
     return out_dir
 
 

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import io
 import logging
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,7 +30,28 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 # hung rank does not block the others forever (a dead one is noticed at once:
 # its connections close). Generous, because the first collective also waits
 # for the slowest rank to finish loading its weights.
-DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 600))
+_TIMEOUT_FALLBACK_S = 600.0
+
+
+def dist_timeout_s() -> float:
+    """LLAMA_DIST_TIMEOUT (seconds, default 600), checked: a positive, finite number."""
+    text = os.environ.get("LLAMA_DIST_TIMEOUT")
+    if text is None:
+        return _TIMEOUT_FALLBACK_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"LLAMA_DIST_TIMEOUT={text!r:.40} is not a number of seconds; set it to a positive "
+                         f"number such as 600, or unset it (default {_TIMEOUT_FALLBACK_S:.0f} s)")
+    return value
+
+
+try:
+    DEFAULT_TIMEOUT_S = dist_timeout_s()
+except ValueError:  # reported by init_distributed, not as a traceback at import
+    DEFAULT_TIMEOUT_S = _TIMEOUT_FALLBACK_S
 
 
 @dataclass(frozen=True)
@@ -70,13 +92,15 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
 
 
 def init_distributed(device: Optional[str], model_parallel_size: Optional[int] = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+                     timeout_s: Optional[float] = None) -> DistInfo:
     """Joins (or reuses) the process group and the fairscale model-parallel group.
 
     Under torchrun the group spans every process (world size = model-parallel
     size). Without torchrun it is a group of one. Calling this again in the same
     process reuses the groups.
     """
+    if timeout_s is None:
+        timeout_s = dist_timeout_s()
     dev = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -1,20 +1,38 @@
 """Reading the small JSON files next to the weights (params.json, the BPE
-tokenizer sidecar) with errors that name the file and the fix. No torch."""
+tokenizer sidecar) with errors that name the file and the fix. No torch.
+
+The files may come from anyone, so the cheap facts are checked before any
+work that grows with what the file says: its size is capped, nesting that
+would exhaust Python's stack is an error (not a RecursionError), and the
+non-standard constants NaN / Infinity that Python's json accepts are refused.
+"""
 
 import json
 from pathlib import Path
 from typing import Type
 
+MAX_JSON_BYTES = 1 << 20  # params.json is ~200 bytes, a sidecar a few KB
 
-def read_json_object(path: Path, missing: str, fix: str, error: Type[ValueError] = ValueError) -> dict:
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_json_object(path: Path, missing: str, fix: str, error: Type[ValueError] = ValueError,
+                     max_bytes: int = MAX_JSON_BYTES) -> dict:
     """The JSON object in `path`. FileNotFoundError says `missing`; a file that
-    is not a JSON object raises `error` ending with `fix`."""
+    is not a JSON object (or is larger than `max_bytes`) raises `error` ending with `fix`."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {missing}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{path} is {size:,} bytes, more than the {max_bytes:,} such a file can need; {fix}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path} is not valid JSON ({e}); {fix}") from e
+        data = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_no_constants)
+    except RecursionError as e:
+        raise error(f"{path} is not valid JSON (nested too deeply); {fix}") from e
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, NaN/Infinity, too many digits
+        raise error(f"{path} is not valid JSON ({str(e)[:200]}); {fix}") from e
     if not isinstance(data, dict):
         raise error(f"{path} must hold a JSON object, got {type(data).__name__}; {fix}")
     return data

@@ -28,8 +28,16 @@ class LocalTool:
     run: Callable[[Dict[str, Any]], str]  # arguments -> result text; reports errors as text
 
 
+# The calculator's time and memory are bounded by limits on every operand, not
+# by a timer: an expression has at most 500 characters (so at most ~250
+# operations), every integer in it or computed by it has at most 10,000 bits,
+# and no operation is given operands for which Python's own algorithm is slow
+# (an integer power is refused before computing it; round(1, -10**8) would
+# compute 10**(10**8)). So each operation takes microseconds, whatever the
+# model writes; tests/test_local_tools.py fuzzes this.
 _MAX_EXPRESSION_CHARS = 500
 _MAX_INT_BITS = 10_000  # beyond this, integers take long to compute and to print
+_MAX_ROUND_DIGITS = 400  # floats have at most ~330 significant decimal places
 
 
 def _power(base, exponent):
@@ -37,6 +45,14 @@ def _power(base, exponent):
         if max(base.bit_length(), 1) * exponent > _MAX_INT_BITS:
             raise OverflowError("the result is too large")
     return operator.pow(base, exponent)
+
+
+def _round(x, ndigits=None):
+    if ndigits is None:
+        return round(x)
+    if not isinstance(ndigits, int) or abs(ndigits) > _MAX_ROUND_DIGITS:
+        raise ValueError(f"round's digits must be an integer from -{_MAX_ROUND_DIGITS} to {_MAX_ROUND_DIGITS}")
+    return round(x, ndigits)
 
 
 _BINARY = {
@@ -48,12 +64,25 @@ _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _FUNCTIONS = {
     "sqrt": math.sqrt, "exp": math.exp, "log": math.log, "log10": math.log10, "log2": math.log2,
     "sin": math.sin, "cos": math.cos, "tan": math.tan, "asin": math.asin, "acos": math.acos, "atan": math.atan,
-    "abs": abs, "round": round, "floor": math.floor, "ceil": math.ceil,
+    "abs": abs, "round": _round, "floor": math.floor, "ceil": math.ceil,
 }
 _CONSTANTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
 
 
+def _checked(value):
+    """Every intermediate result is a real number of bounded size."""
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        raise OverflowError("the result is too large")
+    if not isinstance(value, (int, float)):  # (-8) ** 0.5 is complex
+        raise ValueError("the result is not a real number")
+    return value
+
+
 def _evaluate(node: ast.AST):
+    return _checked(_evaluate_node(node))
+
+
+def _evaluate_node(node: ast.AST):
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
         return node.value
     if isinstance(node, ast.Name) and node.id in _CONSTANTS:
@@ -61,10 +90,7 @@ def _evaluate(node: ast.AST):
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_evaluate(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        value = _BINARY[type(node.op)](_evaluate(node.left), _evaluate(node.right))
-        if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
-            raise OverflowError("the result is too large")
-        return value
+        return _BINARY[type(node.op)](_evaluate(node.left), _evaluate(node.right))
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
         if not node.keywords:
             return _FUNCTIONS[node.func.id](*(_evaluate(arg) for arg in node.args))

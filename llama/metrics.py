@@ -26,8 +26,10 @@ whose rows stop at different steps):
 """
 
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -99,11 +101,27 @@ class GenerationMetrics:
 
 
 def write_json(metrics, path) -> None:
-    """Writes one metrics object, or a list of them, as JSON."""
+    """Writes one metrics object, or a list of them, as JSON (to a temporary
+    file in the same folder, then renamed). A path that cannot be written
+    raises a ValueError that names it and says why."""
     data = [m.to_dict() for m in metrics] if isinstance(metrics, (list, tuple)) else metrics.to_dict()
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"--metrics_json {path} is a directory; give a file name, e.g. {os.path.join(path, 'metrics.json')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".metrics.", suffix=".tmp")
+    except OSError as e:
+        raise ValueError(f"--metrics_json {path}: cannot write in {folder} ({e.strerror}); "
+                         "give a path in an existing, writable folder") from e
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        os.unlink(tmp)
+        raise ValueError(f"--metrics_json {path}: cannot write it ({e.strerror})") from e
 
 
 def cpu_peak_rss_bytes() -> int:

@@ -158,7 +158,11 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         if not isinstance(s, str):
             raise TypeError(f"encode expects str, got {type(s).__name__}")
-        t = self.sp_model.encode(s)
+        try:
+            t = self.sp_model.encode(s)
+        except RuntimeError:
+            # SentencePiece cannot take a lone surrogate ("\ud800"): make it U+FFFD, as tiktoken does.
+            t = self.sp_model.encode(s.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
     def decode(self, t: Sequence[int]) -> str:
@@ -287,6 +291,25 @@ def _read_sidecar(path: Path) -> dict:
     return meta
 
 
+_PATTERN_PROBE = "Hello, world! It's 2024:\n\tx = [1, 22, 333]  # ok?"
+
+
+def _check_pattern(model, sidecar: Path) -> None:
+    """A split pattern must cut every text into non-empty pieces that cover it:
+    one that can match the empty string makes tiktoken panic (a BaseException,
+    not a ValueError), one that skips characters drops them silently."""
+    try:
+        ids = model.encode_ordinary(_PATTERN_PROBE)
+    except BaseException as e:  # pyo3's PanicException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise TokenizerError(f"{sidecar}: 'pattern' {model._pat_str[:80]!r} cannot split text (tiktoken: "
+                             f"{str(e)[:120]}); it must not match the empty string; convert the model again") from None
+    if model.decode(ids) != _PATTERN_PROBE:
+        raise TokenizerError(f"{sidecar}: 'pattern' {model._pat_str[:80]!r} skips characters of the text it "
+                             "splits, which would be lost; convert the model again")
+
+
 class BPETokenizer(Tokenizer):
     """The byte-level (GPT-2 style) BPE of another Llama-architecture model,
     such as SmolLM2, as utils/convert_gguf_checkpoint.py writes it.
@@ -331,6 +354,7 @@ class BPETokenizer(Tokenizer):
             )
         except ValueError as e:
             raise TokenizerError(f"{self.sidecar}: 'pattern' is not a usable regular expression ({e})") from e
+        _check_pattern(self.model, self.sidecar)
         self.bos_id, self.eos_id, self.pad_id = meta["bos_id"], meta["eos_id"], meta["pad_id"]
         self.add_bos = meta["add_bos"]
         self.stop_tokens = frozenset(meta["stop_tokens"])

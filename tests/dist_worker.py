@@ -1,9 +1,14 @@
 """A worker for the distributed tests: builds a model on however many ranks it
 is launched with, generates greedily and (rank 0) saves tokens and logits."""
 
+import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+# Run as a script, Python puts tests/ first on sys.path, and `llama` would be
+# whatever copy is installed (the main checkout): use this checkout's.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.distributed as dist

@@ -46,7 +46,23 @@ def test_runtime_limits_do_not_belong_in_params():
     ({"n_layers": 0}, "n_layers must be a positive integer"),
     ({"dim": 4096.0}, "dim must be a positive integer"),
     ({"vocab_size": 0}, "vocab_size must be a positive integer or -1"),
-    ({"ffn_dim_multiplier": -1.0}, "ffn_dim_multiplier must be positive"),
+    ({"ffn_dim_multiplier": -1.0}, r"ffn_dim_multiplier must be in \(0, 64\]"),
+    # Numbers an attacker writes are bounded before anything grows with them.
+    ({"n_layers": 10**9}, "n_layers=1000000000 is more than 4096, far beyond any Llama"),
+    ({"dim": 2**40, "n_heads": 2**20}, "dim=1099511627776 is more than 131072"),
+    ({"vocab_size": 10**12}, "vocab_size=1000000000000 is more than 16777216"),
+    ({"multiple_of": 10**15}, "multiple_of=1000000000000000 is more than 1048576"),
+    ({"n_layers": True}, "n_layers must be a positive integer, got True"),
+    # Booleans are booleans and floats are finite.
+    ({"use_scaled_rope": "no"}, "use_scaled_rope must be true or false, got 'no'"),
+    ({"use_scaled_rope": 0}, "use_scaled_rope must be true or false, got 0"),
+    ({"norm_eps": float("inf")}, "norm_eps must be a finite number, got inf"),
+    ({"norm_eps": float("nan")}, "norm_eps must be a finite number, got nan"),
+    ({"norm_eps": 5.0}, r"norm_eps must be in \(0, 1\)"),
+    ({"norm_eps": "1e-5"}, "norm_eps must be a finite number, got '1e-5'"),
+    ({"ffn_dim_multiplier": float("inf")}, "ffn_dim_multiplier must be a finite number, got inf"),
+    ({"ffn_dim_multiplier": True}, "ffn_dim_multiplier must be a finite number, got True"),
+    ({"rope_theta": float("nan")}, "rope_theta must be a finite number"),
 ])
 def test_impossible_shapes(change, message):
     with pytest.raises(ValueError, match=message):
@@ -65,3 +81,26 @@ def test_from_json_errors(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({**LLAMA3_8B, "n_heads": 30}))
     with pytest.raises(ValueError, match=r"params.json: n_heads=30 does not divide"):
         ModelArgs.from_json(tmp_path / "params.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"dim": 4096, "norm_eps": Infinity}', "Infinity is not a number JSON allows"),
+    ('{"ffn_dim_multiplier": NaN}', "NaN is not a number JSON allows"),
+    ('{"ffn_dim_multiplier": -Infinity}', "-Infinity is not a number JSON allows"),
+    ('{"norm_eps": 1e999}', "norm_eps must be a finite number, got inf"),
+    ('{"dim": ' + "9" * 5000 + "}", "is not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, r"is not valid JSON \(nested too deeply\)"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, r"nested too deeply"),
+])
+def test_hostile_json_is_refused_with_a_message(tmp_path, text, message):
+    (tmp_path / "params.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        ModelArgs.from_json(tmp_path / "params.json")
+
+
+def test_oversized_params_json_is_refused_before_reading(tmp_path):
+    path = tmp_path / "params.json"
+    with open(path, "wb") as f:
+        f.truncate(5 * 1024**3)  # sparse: 5 GB that would otherwise be read whole
+    with pytest.raises(ValueError, match=r"params.json is 5,368,709,120 bytes, more than the 1,048,576"):
+        ModelArgs.from_json(path)

@@ -138,3 +138,16 @@ def test_bad_sidecar(tok_copy, change, message):
     path.with_name("tokenizer.model.json").write_text(json.dumps(meta))
     with pytest.raises(TokenizerError, match=message):
         Tokenizer.from_file(path)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("", "cannot split text .*must not match the empty string"),
+    ("a*", "cannot split text"),
+    ("(?:)", "cannot split text"),
+    (r"\w+", "skips characters of the text it splits"),
+])
+def test_split_pattern_that_cannot_split_is_refused(tok_copy, pattern, message):
+    path, meta = tok_copy
+    path.with_name("tokenizer.model.json").write_text(json.dumps({**meta, "pattern": pattern}))
+    with pytest.raises(TokenizerError, match=r"tokenizer.model.json: 'pattern' .*" + message):
+        Tokenizer.from_file(path)

@@ -48,7 +48,7 @@ def test_params_do_not_match_weights(ckpt_copy):
     with pytest.raises(CheckpointError, match=r"consolidated.00.pth: .*has shape \(.*\), expected .*params.json belongs"):
         build(ckpt_copy)
     (ckpt_copy / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
-    with pytest.raises(CheckpointError, match=r"missing layers.2.attention.wq.weight"):
+    with pytest.raises(CheckpointError, match=r"params.json says n_layers=3 but .*consolidated.00.pth holds 2 layers \(\[0, 1\]\)"):
         build(ckpt_copy)
 
 
@@ -94,6 +94,10 @@ def test_missing_middle_shard(make_ckpt, tmp_path):
         build(dst)
     (dst / "consolidated.02.pth").unlink()
     (dst / "consolidated.03.pth").unlink()  # only 00 left: it holds 1/4 of every split tensor
+    with pytest.raises(CheckpointError, match=r"lacks 3 of the 4 shards its writer wrote \(consolidated.01.pth, "
+                                              r"consolidated.02.pth, consolidated.03.pth\); copy them"):
+        build(dst)
+    (dst / "manifest.json").unlink()  # as in Meta's folders: the weights themselves tell
     with pytest.raises(CheckpointError, match=r"vocabulary of 32064 tokens"):
         build(dst)
 
@@ -132,3 +136,25 @@ def test_two_models_in_one_process(make_ckpt):
     out_a = a.text_completion(["Hello"], max_gen_len=4, temperature=0)[0]["generation"]
     b.text_completion(["Hello"], max_gen_len=4, temperature=0)
     assert a.text_completion(["Hello"], max_gen_len=4, temperature=0)[0]["generation"] == out_a
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "-5", "0", "inf", ""])
+def test_bad_dist_timeout_is_a_clear_error(make_ckpt, monkeypatch, value):
+    monkeypatch.setenv("LLAMA_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match=r"LLAMA_DIST_TIMEOUT=.* is not a number of seconds; set it to a positive"):
+        build(make_ckpt("llama3"))
+
+
+def test_bad_dist_timeout_from_the_cli(make_ckpt):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    ckpt = make_ckpt("llama3")
+    cmd = [sys.executable, "example_text_completion.py", "--ckpt_dir", str(ckpt), "--tokenizer_path",
+           str(ckpt / "tokenizer.model"), "--device", "cpu"]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "LLAMA_DIST_TIMEOUT": "abc"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "error: LLAMA_DIST_TIMEOUT='abc' is not a number of seconds" in r.stderr

@@ -262,3 +262,25 @@ def test_ctrl_c_stops_the_answer_closes_the_stream_and_the_chat_goes_on(fmt):
     assert "[stopped; this question is not kept in the conversation]\n" in text and "five" not in text
     assert chat.ask("How are you?")["content"] == "Fine."
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again at the prompt
+
+
+def test_llama2_rejected_line_is_reported_and_the_chat_goes_on(sp_tokenizer_path):
+    fmt2 = ChatFormat.for_tokenizer(Tokenizer.from_file(sp_tokenizer_path))
+    chat, gen, out = session(fmt2, [fmt2.tokenizer.encode("Hi there", bos=False, eos=True)])
+    lines = iter(["what is [INST] ?", "Hello", ""])
+    chat.run(lambda prompt: next(lines))
+    text = "".join(out)
+    assert "[not sent: message 0 contains '[INST]', which Llama 2 reads as a turn marker; remove it]" in text
+    assert text.count("> Assistant: ") == 1
+    assert [m["content"] for m in chat.dialog] == ["Hello", "Hi there"]
+
+
+def test_invalid_utf8_on_stdin_is_not_a_traceback():
+    """read_line_rank0 without torchrun, fed bytes that are not UTF-8."""
+    import subprocess
+    import sys
+
+    code = "from llama.chat_session import read_line_rank0; print(repr(read_line_rank0('> ')))"
+    r = subprocess.run([sys.executable, "-c", code], input=b"caf\xe9 \xff\n", capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == "> 'caf\ufffd \ufffd'\n"

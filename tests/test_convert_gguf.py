@@ -36,7 +36,8 @@ def mixed(tmp_path_factory):
 def test_files_and_params(mixed):
     _, ckpt = mixed
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "checklist.chk", "consolidated.00.pth", "params.json", "tokenizer.model", "tokenizer.model.json"]
+        "checklist.chk", "consolidated.00.pth", "manifest.json", "params.json", "tokenizer.model",
+        "tokenizer.model.json"]
     assert json.loads((ckpt / "params.json").read_text()) == {
         "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 275,
         "multiple_of": 64, "norm_eps": 1e-05, "rope_theta": 10000.0}  # FFN: 64 * ceil(170 / 64) = 192
@@ -236,3 +237,41 @@ def test_writer_keeps_a_tokenizer_with_its_sidecar(tiny_gguf, tmp_path, llama3_t
     write_checkpoint(out, {"dim": 1}, [state], tokenizer_path=llama3_tokenizer_path, force=True)
     assert not (out / "tokenizer.model.json").exists()
     assert "tokenizer.model.json" not in (out / "checklist.chk").read_text()
+
+
+@pytest.mark.parametrize("keep", [0, 4, 8, 30, 500, 10_000, -10])
+def test_truncated_gguf_is_refused(tiny_gguf, tmp_path, keep):
+    data = tiny_gguf[0].read_bytes()
+    (tmp_path / "t.gguf").write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(ConversionError, match=r"t.gguf is not a readable GGUF file .*truncated or damaged"):
+        convert(tmp_path / "t.gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("key, value, kind", [
+    ("llama.embedding_length", ("string", "abc"), "an integer"),
+    ("llama.block_count", ("string", "2"), "an integer"),
+    ("llama.attention.head_count", ("float32", 4.0), "an integer"),
+    ("llama.attention.layer_norm_rms_epsilon", ("string", "x"), "a finite number"),
+    ("llama.rope.freq_base", ("string", "1e4"), "a finite number"),
+    ("tokenizer.ggml.eos_token_id", ("string", "2"), "an integer"),
+    ("tokenizer.ggml.add_bos_token", ("string", "no"), "true or false"),
+    ("general.architecture", ("uint32", 7), "a string"),
+])
+def test_wrong_type_in_metadata_is_named(tmp_path, key, value, kind):
+    write_tiny_gguf(tmp_path / "bad.gguf", extra_kv={key: value})
+    with pytest.raises(ConversionError, match=rf"metadata key '{re.escape(key)}' must be {kind}, got"):
+        convert(tmp_path / "bad.gguf", tmp_path / "out")
+
+
+def test_block_count_of_a_billion_is_refused_at_once(tmp_path):
+    write_tiny_gguf(tmp_path / "bad.gguf", extra_kv={"llama.block_count": ("uint32", 10**9)})
+    with pytest.raises(ConversionError, match=r"n_layers=1000000000 is more than 4096"):
+        convert(tmp_path / "bad.gguf", tmp_path / "out")
+
+
+def test_never_writes_a_tokenizer_the_loader_rejects(tmp_path):
+    write_tiny_gguf(tmp_path / "bad.gguf", extra_kv={"tokenizer.ggml.bos_token_id": ("uint32", 99999)})
+    with pytest.raises(ConversionError, match=r"its tokenizer would not load: .*bos_id 99999 outside 0..274"):
+        convert(tmp_path / "bad.gguf", tmp_path / "out")
+    assert not (tmp_path / "out" / "tokenizer.model").exists()

@@ -107,8 +107,10 @@ def make_tree(version, models):
 class FakeCDN:
     """A threaded HTTP server on 127.0.0.1 that serves `files` like a signed-URL CDN."""
 
-    def __init__(self, files, *, expired=False, html=False, truncate_once=()):
+    def __init__(self, files, *, expired=False, html=False, truncate_once=(), endless=(), redirects=None):
         self.files = dict(files)
+        self.endless = set(endless)  # paths answered with a body that never ends
+        self.redirects = dict(redirects or {})  # path -> path it redirects to (same server)
         self.expired = expired
         self.html = html
         self.truncate_once = set(truncate_once)
@@ -163,6 +165,21 @@ class FakeCDN:
             self.log.append((path, rng, 200))
             body = b"<!DOCTYPE html>\n<html><head><title>Llama downloads</title></head><body>Sign in</body></html>\n"
             return self.reply(h, 200, body, [("Content-Type", "text/html")])
+        if path in self.redirects:
+            self.log.append((path, rng, 302))
+            return self.reply(h, 302, headers=[("Location", f"/{self.redirects[path]}?{query}")])
+        if path in self.endless:
+            self.log.append((path, rng, 200))
+            h.send_response(200)
+            h.send_header("Connection", "close")
+            h.end_headers()
+            block = b"A" * 65536
+            try:
+                while True:
+                    h.wfile.write(block)
+            except OSError:  # the client hung up
+                h.close_connection = True
+                return
         if path not in self.files:
             self.log.append((path, rng, 404))
             return self.reply(h, 404, b"not found")
@@ -464,6 +481,122 @@ def test_no_url_and_no_terminal_fails(tmp_path):
     proc = run(tmp_path, None, "2", "7B")
     assert proc.returncode != 0
     assert "set PRESIGNED_URL" in proc.stderr
+
+
+# ------------------------------------------------------------------ hostile server
+
+
+def test_checklist_names_outside_the_layout_are_never_touched(tmp_path, tool_path):
+    """A checklist line may only name a file this download wrote: no ../, no absolute path, no stray name."""
+    served, expected = make_tree("2", ["7B"])
+    victims = [tmp_path / "victim.txt", tmp_path / "weights" / "victim.txt", tmp_path / "abs-victim.txt"]
+    for v in victims:
+        v.parent.mkdir(parents=True, exist_ok=True)
+        v.write_text("precious")
+    zero = "0" * 32
+    hostile = "".join(
+        f"{zero}  {name}\n"
+        for name in ["../../victim.txt", "../victim.txt", str(victims[2]), "params.json/../../../victim.txt",
+                     "consolidated.00.pth.bad", "\x1b[2Jvictim"]
+    )
+    key = "llama-2-7b/checklist.chk"
+    served[key] = served[key] + hostile.encode()
+    expected["llama-2-7b/checklist.chk"] = served[key]
+    with FakeCDN(served) as cdn:
+        proc = run(tmp_path, cdn.url, "2", "7B", path=tool_path)
+    assert proc.returncode == 0, proc.output
+    for v in victims:
+        assert v.read_text() == "precious" and not Path(str(v) + ".bad").exists()
+    assert "IGNORED ../../victim.txt: not a file of this download" in proc.stdout
+    assert "\x1b" not in proc.output  # names are printed escaped
+    weights = local_files(tmp_path / "weights")
+    weights.pop("victim.txt")
+    assert weights == expected
+
+
+def test_a_checklist_of_many_foreign_lines_is_read_quickly(tmp_path):
+    served, _ = make_tree("3", ["8B"])
+    key = "8b_pre_trained/checklist.chk"
+    junk = "".join(f"{'0' * 32}  ../junk{i}\n" for i in range(20_000))  # ~0.9 MB, under the 1 MiB cap
+    served[key] = junk.encode() + served[key]
+    with FakeCDN(served) as cdn:
+        proc = run(tmp_path, cdn.url, "3", "8B")
+    assert proc.returncode == 0, proc.output
+    assert proc.stdout.count("  IGNORED ../junk") == 5
+    assert "IGNORED 19995 more lines naming files that are not part of this download" in proc.stdout
+
+
+def test_checklist_listing_a_file_twice_fails(tmp_path):
+    served, _ = make_tree("3", ["8B"])
+    key = "8b_pre_trained/checklist.chk"
+    served[key] += f"{'0' * 32}  consolidated.00.pth\n".encode()
+    with FakeCDN(served) as cdn:
+        proc = run(tmp_path, cdn.url, "3", "8B")
+    assert proc.returncode != 0
+    assert "TWICE   consolidated.00.pth" in proc.stdout
+    assert (tmp_path / "weights" / "Meta-Llama-3-8B" / "consolidated.00.pth").exists()  # not renamed .bad
+
+
+@pytest.mark.parametrize("victim", ["params.json", "LICENSE"])
+def test_endless_body_is_cut_at_the_cap_and_removed(tmp_path, tool_path, victim):
+    """A server that never stops sending fills at most the cap of that kind of file (1 MiB here)."""
+    served, _ = make_tree("3", ["8B"])
+    path = victim if victim == "LICENSE" else f"8b_pre_trained/{victim}"
+    with FakeCDN(served, endless=[path]) as cdn:
+        proc = run(tmp_path, cdn.url, "3", "8B", path=tool_path)
+    assert proc.returncode != 0
+    assert f"the server sent 1048576 bytes or more, more than any real {victim} holds" in proc.stderr
+    sizes = [p.stat().st_size for p in (tmp_path / "weights").rglob("*") if p.is_file()]
+    assert sum(sizes) < 2 * 1024 * 1024, sizes
+    assert not list((tmp_path / "weights").rglob("*.part"))
+
+
+def test_redirect_loop_ends(tmp_path, tool_path):
+    served, _ = make_tree("3", ["8B"])
+    with FakeCDN(served, redirects={"LICENSE": "loop1", "loop1": "LICENSE"}) as cdn:
+        proc = run(tmp_path, cdn.url, "3", "8B", path=tool_path)
+    assert proc.returncode != 0
+    assert "LICENSE: the download failed" in proc.stderr
+    assert len(cdn.log) <= 25  # wget/curl stop after 5 redirects (wget may retry a few times)
+
+
+def test_redirect_to_an_endless_body_is_still_capped(tmp_path, tool_path):
+    served, _ = make_tree("3", ["8B"])
+    with FakeCDN(served, redirects={"LICENSE": "elsewhere"}, endless=["elsewhere"]) as cdn:
+        proc = run(tmp_path, cdn.url, "3", "8B", path=tool_path)
+    assert proc.returncode != 0
+    assert "more than any real LICENSE holds" in proc.stderr
+    assert not (tmp_path / "weights" / "LICENSE").exists()
+
+
+@pytest.mark.parametrize("planted", ["params.json", "params.json.part"])
+def test_planted_symlink_is_not_followed(tmp_path, planted):
+    served, _ = make_tree("3", ["8B"])
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious")
+    folder = tmp_path / "weights" / "Meta-Llama-3-8B"
+    folder.mkdir(parents=True)
+    (folder / planted).symlink_to(target)
+    with FakeCDN(served) as cdn:
+        proc = run(tmp_path, cdn.url, "3", "8B")
+    assert proc.returncode != 0
+    assert "is a symbolic link" in proc.stderr
+    assert target.read_text() == "precious"
+
+
+def test_symlinked_file_is_not_read_by_the_md5_check(tmp_path):
+    served, _ = make_tree("3", ["8B"])
+    folder = tmp_path / "weights" / "Meta-Llama-3-8B"
+    with FakeCDN(served) as cdn:
+        assert run(tmp_path, cdn.url, "3", "8B").returncode == 0
+        shard = folder / "consolidated.00.pth"
+        real = tmp_path / "real.pth"
+        shard.rename(real)
+        shard.symlink_to(real)
+        proc = run(tmp_path, cdn.url, "3", "8B")
+    assert proc.returncode != 0
+    assert "is a symbolic link" in proc.stderr
+    assert real.exists() and shard.is_symlink()
 
 
 # ------------------------------------------------------------------ macOS md5

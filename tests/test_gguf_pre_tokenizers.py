@@ -96,8 +96,8 @@ def llama3_hf(llama3_gguf):
 @pytest.mark.slow
 def test_llama3_gguf_gives_metas_tokenizer(llama3_gguf, llama3_hf, llama3_tokenizer_path):
     ckpt, hf = llama3_gguf[1], llama3_hf
-    assert sorted(p.name for p in ckpt.iterdir()) == ["checklist.chk", "consolidated.00.pth", "params.json",
-                                                       "tokenizer.model"]  # no sidecar: Meta's format
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checklist.chk", "consolidated.00.pth", "manifest.json",
+                                                       "params.json", "tokenizer.model"]  # no sidecar: Meta's format
     assert (ckpt / "tokenizer.model").read_bytes() == llama3_tokenizer_path.read_bytes()
     ours = Tokenizer.from_file(ckpt / "tokenizer.model")
     assert ours.kind == "tiktoken" and ours.n_words == 128256

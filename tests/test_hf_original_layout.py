@@ -31,6 +31,7 @@ def fake_hf_repo(root: Path, tokenizer: Path, n_shards: int) -> Path:
     params = random_params("llama3.1", vocab_size=128256, **TINY)
     make_random_checkpoint(root / "original", params, tokenizer, n_shards=n_shards, dtype=torch.bfloat16)
     (root / "original" / "checklist.chk").unlink()  # the Hub's original/ has none
+    (root / "original" / "manifest.json").unlink()  # nor a manifest (our writers add it)
     return root
 
 

@@ -75,3 +75,27 @@ def test_a_failing_tool_is_reported_not_raised():
 
     broken = {"broken": LocalTool(ToolDefinition("broken", "fails"), lambda args: 1 / 0)}
     assert run_tool_call(ToolCall("broken", {}), broken) == "error: broken failed: ZeroDivisionError: division by zero"
+
+
+@pytest.mark.parametrize("expression, error", [
+    ("round(1, -10**8)", "round's digits must be an integer from -400 to 400"),
+    ("round(1, 10**8)", "round's digits must be"),
+    ("round(1.5, -10**18)", "round's digits must be"),
+    ("round(2 ** 9000, -400)", ""),  # allowed: fast
+    ("10**10**10", "too large"),
+    ("(-8) ** 0.5", "not a real number"),
+    ("(-1) ** 0.5 * 10 ** 300", "not a real number"),
+    ("floor(1e308) ** 10", "too large"),
+    ("sqrt(2 ** 9999 * 2 ** 9999)", "too large"),
+    ("2 ** 9999 * 2 ** 9999 * 2 ** 9999", "too large"),
+    ("exp(10 ** 6)", "error: "),
+    ("round(1e308 * 10)", "error: "),
+])
+def test_calculator_bounds_every_operation(expression, error):
+    import time
+
+    start = time.perf_counter()
+    result = calculate(expression)
+    assert time.perf_counter() - start < 0.5, expression
+    if error:
+        assert result.startswith("error: ") and error in result, result

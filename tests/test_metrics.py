@@ -102,3 +102,19 @@ def test_rows_that_stop_early_stop_being_counted(gen):
         gen.tokenizer.stop_tokens = old
     assert result.metrics.generated_tokens == 2 * 3  # two tokens and the stop token, per row
     assert result.metrics.decode_steps == 3  # all rows done: the loop ends
+
+
+def test_write_json_to_a_directory_or_a_missing_folder_is_a_clear_error(tmp_path):
+    from llama.metrics import write_json
+
+    class M:
+        def to_dict(self):
+            return {"tokens": 1}
+
+    with pytest.raises(ValueError, match=r"--metrics_json .* is a directory; give a file name, e.g. .*metrics.json"):
+        write_json([M()], tmp_path)
+    with pytest.raises(ValueError, match=r"--metrics_json .*: cannot write in .*nowhere \(No such file or directory\)"):
+        write_json([M()], tmp_path / "nowhere" / "m.json")
+    write_json([M()], tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == [{"tokens": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]

@@ -77,7 +77,8 @@ def test_checklist_and_tokenizer(make_ckpt, sp_tokenizer_path, tmp_path):
     out = tmp_path / "out"
     assert shard_main(["-n", "2", "-i", str(make_ckpt("llama2")), "-o", str(out), "--tokenizer", str(sp_tokenizer_path)]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "params.json", "tokenizer.model"]
+    assert names == ["checklist.chk", "consolidated.00.pth", "consolidated.01.pth", "manifest.json", "params.json",
+                     "tokenizer.model"]
     lines = (out / "checklist.chk").read_text().splitlines()
     assert len(lines) == 4
     for line in lines:
@@ -128,7 +129,7 @@ def test_missing_shard_and_mismatched_params(make_ckpt, tmp_path, capsys):
     params = json.loads((one / "params.json").read_text())
     (one / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
     err = shard_error(capsys, ["-n", "2", "-i", str(one), "-o", str(tmp_path / "o")])
-    assert "missing layers.2.attention.wq.weight" in err and "params.json belongs to these weights" in err
+    assert "params.json says n_layers=3 but" in err and "holds 2 layers" in err and "params.json does not belong" in err
 
 
 def test_force_replaces_an_old_split(make_ckpt, tmp_path):

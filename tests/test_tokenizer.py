@@ -131,3 +131,12 @@ def test_wrong_kind_for_the_class(llama3_tokenizer_path, sp_tokenizer_path):
         SentencePieceTokenizer(llama3_tokenizer_path)
     with pytest.raises(TokenizerError, match=r"is not a tiktoken BPE file \(Llama 3\)"):
         TiktokenTokenizer(sp_tokenizer_path)
+
+
+def test_lone_surrogate_is_replaced_not_a_traceback(sp_tokenizer_path, llama3_tokenizer_path):
+    """Both kinds map an unpaired surrogate (which has no UTF-8) to U+FFFD."""
+    from llama.tokenizer import Tokenizer
+
+    for path in (sp_tokenizer_path, llama3_tokenizer_path):
+        tok = Tokenizer.from_file(path)
+        assert tok.encode("a\ud800b", bos=False, eos=False) == tok.encode("a\ufffdb", bos=False, eos=False)

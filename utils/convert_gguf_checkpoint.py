@@ -25,6 +25,7 @@ dequantized model is held in memory while it is written.
 import argparse
 import base64
 import json
+import math
 import re
 import sys
 import tempfile
@@ -95,6 +96,40 @@ def import_gguf():
     return gguf
 
 
+# The type each metadata key this converter reads must have: a GGUF file can
+# put any type under any key ("llama.embedding_length" = "abc").
+_INT, _FLOAT, _STR, _BOOL = "an integer", "a finite number", "a string", "true or false"
+_KEY_TYPES = {
+    **dict.fromkeys(["llama.embedding_length", "llama.block_count", "llama.attention.head_count",
+                     "llama.attention.head_count_kv", "llama.feed_forward_length", "llama.vocab_size",
+                     "llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length",
+                     "llama.expert_count", "llama.context_length", "tokenizer.ggml.bos_token_id",
+                     "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
+                     "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"], _INT),
+    **dict.fromkeys(["llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base"], _FLOAT),
+    **dict.fromkeys(["general.architecture", "llama.rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                     "tokenizer.chat_template", "general.name", "general.license"], _STR),
+    "tokenizer.ggml.add_bos_token": _BOOL,
+    "tokenizer.ggml.tokens": "a list of strings",
+    "tokenizer.ggml.merges": "a list of strings",
+    "tokenizer.ggml.token_type": "a list of integers",
+}
+
+
+def _has_type(value, kind: str) -> bool:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == _INT:
+        return is_int
+    if kind == _FLOAT:
+        return (is_int or isinstance(value, float)) and math.isfinite(value)
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    item = str if kind == "a list of strings" else int
+    return isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+
+
 class _Fields:
     """Typed access to a GGUF file's key-value metadata; errors name the file and key."""
 
@@ -103,7 +138,17 @@ class _Fields:
 
     def get(self, key: str, default=None):
         field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        if field is None:
+            return default
+        try:
+            value = field.contents()
+        except Exception as e:  # a damaged field: the gguf package raises whatever numpy does
+            raise ConversionError(f"{self.path}: metadata key {key!r} cannot be read ({e}); the file is damaged") from e
+        kind = _KEY_TYPES.get(key)
+        if kind is not None and not _has_type(value, kind):
+            raise ConversionError(f"{self.path}: metadata key {key!r} must be {kind}, got {str(value)[:60]!r} "
+                                  f"({type(value).__name__}); the file is damaged or not a llama.cpp GGUF")
+        return value
 
     def require(self, key: str):
         value = self.get(key)
@@ -345,6 +390,17 @@ def tokenizer_files(fields: _Fields) -> Tuple[str, Optional[dict]]:
     return ranks, sidecar
 
 
+def _check_tokenizer(tokenizer: Path, path: Path) -> None:
+    """Loads the tokenizer files about to be written with the loader's own
+    checks, so the converter never writes what the loader would then reject."""
+    from llama.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        Tokenizer.from_file(tokenizer)
+    except TokenizerError as e:
+        raise ConversionError(f"{path}: its tokenizer would not load: {str(e).replace(str(tokenizer.parent) + '/', '')}") from e
+
+
 def convert(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
             progress: Callable[[str], None] = lambda msg: None, show_progress: bool = False) -> Path:
     """Converts `gguf_path` into a Meta checkpoint directory `out_dir`; returns `out_dir`.
@@ -360,8 +416,9 @@ def convert(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
     check_output_dir(out_dir, force)
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise ConversionError(f"{path} is not a readable GGUF file ({e})") from e
+    except Exception as e:  # truncated or damaged: numpy raises ValueError, IndexError, ...
+        raise ConversionError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]}); "
+                              "it is truncated or damaged: download it again") from e
     fields = _Fields(reader, path)
     params = model_params(fields, n_vocab=len(fields.require("tokenizer.ggml.tokens")))
     params = llama31_rope_scaling(reader, path, params)
@@ -375,6 +432,7 @@ def convert(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
         if sidecar is not None:
             sidecar_path(tokenizer).write_text(json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
+        _check_tokenizer(tokenizer, path)
         return write_checkpoint(out_dir, params, [state], tokenizer_path=tokenizer, force=force, progress=progress,
                                 show_progress=show_progress)
 
