@@ -136,6 +136,8 @@ class Engine:
         self._next_id = 0
         self._cancelled: List[int] = []  # rank 0 of several: sent to all ranks at the next step
         self._ended: List[_Sequence] = []  # cancelled, waiting for their last event
+        self._stopping = False  # rank 0: the next step tells the other ranks to stop following
+        self.stopped = False  # a following rank: rank 0 said stop
         self.steps = 0
         group = _model_parallel_group()
         self._group = group
@@ -188,8 +190,27 @@ class Engine:
         elif request_id not in self._cancelled:
             self._cancelled.append(request_id)
 
+    def shutdown(self) -> None:
+        """Rank 0: the next `step` tells the ranks in `follow` to return."""
+        self._stopping = True
+
+    def follow(self) -> None:
+        """The loop of a rank other than 0 while rank 0 takes requests from
+        elsewhere (a server): runs each step rank 0 runs, until its `shutdown`.
+        Rank 0 must call `step` at least every LLAMA_DIST_TIMEOUT seconds, idle
+        or not (an idle step costs one small broadcast)."""
+        if self._leader:
+            raise RuntimeError("follow() is for the ranks other than rank 0, which lead")
+        while not self.stopped:
+            self.step()
+
     def step(self) -> List[TokenEvent]:
         """Runs one decoding step; returns the events it produced (possibly none)."""
+        if self._stopping:  # rank 0 after shutdown(): release the followers, run nothing
+            self._stopping = False
+            if self._world > 1:
+                self._broadcast_plan([], [], stop=True)
+            return []
         self.steps += 1
         admitted = self._plan()
         ended, self._ended = self._ended, []
@@ -207,6 +228,7 @@ class Engine:
             cancelled, admitted = self._receive_plan()
             self._ended += self._remove(cancelled)
             return admitted
+
         cancelled, self._cancelled = self._cancelled, []
         self._ended += self._remove(cancelled)
         admitted = self._choose_admissions()
@@ -225,17 +247,21 @@ class Engine:
             budget -= n
         return admitted
 
-    def _broadcast_plan(self, cancelled: List[int], admitted: List[_Sequence]) -> None:
-        header = torch.tensor([len(cancelled), len(admitted)], dtype=torch.long, device=self._comm_device())
+    def _broadcast_plan(self, cancelled: List[int], admitted: List[_Sequence], stop: bool = False) -> None:
+        header = torch.tensor([len(cancelled), len(admitted), stop], dtype=torch.long, device=self._comm_device())
         dist.broadcast(header, src=dist.get_global_rank(self._group, 0), group=self._group)
         if cancelled or admitted:
             payload = [(cancelled, [(s.id, s.request, s.seed) for s in admitted])]
             dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
 
     def _receive_plan(self) -> Tuple[List[int], List[_Sequence]]:
-        header = torch.zeros(2, dtype=torch.long, device=self._comm_device())
+        header = torch.zeros(3, dtype=torch.long, device=self._comm_device())
         dist.broadcast(header, src=dist.get_global_rank(self._group, 0), group=self._group)
-        if not int(header.sum()):
+        n_cancelled, n_admitted, stop = header.tolist()
+        if stop:
+            self.stopped = True
+            return [], []
+        if not n_cancelled + n_admitted:
             return [], []
         payload = [None]
         dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)

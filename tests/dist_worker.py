@@ -33,9 +33,10 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
             time.sleep(step_delay)
     tokens, _ = gen.generate(prompts, max_gen_len, temperature=0)
     joined = joining_requests(gen, prompts, max_gen_len)
+    followed = rank0_only_requests(gen, prompts, max_gen_len)
     logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
     if dist.get_rank() == 0:
-        torch.save({"tokens": tokens, "joined": joined, "logits": logits, "world_size": dist.get_world_size()}, out)
+        torch.save({"tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
 
 
 def joining_requests(gen, prompts, max_gen_len):
@@ -56,6 +57,31 @@ def joining_requests(gen, prompts, max_gen_len):
                 tokens.setdefault(e.row, []).append(e.token)
         step += 1
     return [tokens[i] for i in ids]
+
+
+def rank0_only_requests(gen, prompts, max_gen_len):
+    """As a server does: only rank 0 takes requests; the other ranks follow its
+    steps until it shuts the engine down."""
+    engine = gen.engine
+    if dist.get_rank() != 0:
+        engine.follow()
+        return None
+    tokens, ids = {}, [engine.submit(Request(p, SamplingParams(temperature=0.8, max_tokens=max_gen_len)))
+                       for p in prompts[:2]]
+
+    def step():
+        for e in engine.step():
+            if e.token is not None:
+                tokens.setdefault(e.row, []).append(e.token)
+    step()
+    step()
+    ids.append(engine.submit(Request(prompts[2], SamplingParams(temperature=0, max_tokens=max_gen_len))))
+    while engine.has_work():
+        step()
+    step()  # an idle step: the followers run it too
+    engine.shutdown()
+    engine.step()
+    return [tokens.get(i, []) for i in ids]
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ def assert_same(result, ref, world_size):
     assert result["world_size"] == world_size
     assert result["tokens"] == ref["tokens"]
     assert result["joined"] == ref["joined"]  # requests joining a running batch, rank 0 deciding
+    assert result["followed"] == ref["followed"]  # requests given to rank 0 only, the others following
     torch.testing.assert_close(result["logits"], ref["logits"], atol=1e-4, rtol=1e-4)  # fp32 reduction order
 
 
