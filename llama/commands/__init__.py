@@ -19,10 +19,17 @@ from .checkpoints import add_info_args, add_shard_args, convert, info, shard
 from .generate import add_chat_args, add_complete_args, chat, complete
 from .options import add_model_args, add_sampling_args
 
+
+def _serve(a):
+    from ..server.main import serve  # FastAPI is imported only by this subcommand
+
+    serve(a)
+
 EXAMPLES = """examples:
   llama chat --ckpt_dir Meta-Llama-3.1-8B-Instruct --threads 1
   echo "Why is the sky blue?" | llama chat --ckpt_dir Meta-Llama-3.1-8B-Instruct --temperature 0
   llama complete --ckpt_dir llama-2-7b --prompt "The capital of France is" --max_gen_len 16
+  llama serve --ckpt_dir Meta-Llama-3.1-8B-Instruct --max_batch_size 8 --port 8000
   llama info Meta-Llama-3.1-70B-Instruct
   llama shard -n 2 -i llama-2-7b-chat -o llama-2-7b-chat-2-workers
   llama convert --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/SmolLM2-135M-Instruct
@@ -62,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_complete_args(p)
     add_model_args(p)
     add_sampling_args(p)
+    p = command("serve", _serve, "serve the model over HTTP with OpenAI's API (/v1/chat/completions, "
+                "/v1/completions); needs the server extra")
+    from ..server.main import add_serve_args  # no FastAPI import: only argparse
+
+    add_serve_args(p)
+    add_model_args(p, max_batch_size=8)
     add_info_args(command("info", info, "what a checkpoint directory holds, without loading it"))
     add_shard_args(command("shard", shard, "split or merge a checkpoint into N shards (one per worker)"))
     p = command("convert", convert, "convert a GGUF file into a checkpoint directory "

@@ -10,7 +10,7 @@ from ..distributed import DTYPES
 from ..linear import QUANTIZATIONS
 
 
-def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048) -> None:
+def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batch_size: int = 1) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--ckpt_dir", metavar="DIR", required=True,
                    help="checkpoint directory (params.json, consolidated.*.pth)")
@@ -24,8 +24,8 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048) -> None:
                         "node); on a small or shared machine fewer threads can be much faster")
     g.add_argument("--max_seq_len", metavar="N", type=int, default=max_seq_len,
                    help=f"prompt plus answer, in tokens (sizes the KV cache; default {max_seq_len})")
-    g.add_argument("--max_batch_size", metavar="N", type=int, default=1,
-                   help="sequences generated together (default 1)")
+    g.add_argument("--max_batch_size", metavar="N", type=int, default=max_batch_size,
+                   help=f"sequences generated together (default {max_batch_size})")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -69,10 +69,11 @@ def build_generator(a: argparse.Namespace):
     from ..generation import Llama
 
     set_threads(a.threads)
-    sampling_kwargs(a)  # a bad sampling flag fails before the model loads
+    if hasattr(a, "temperature"):
+        sampling_kwargs(a)  # a bad sampling flag fails before the model loads
     return Llama.build(
         ckpt_dir=a.ckpt_dir, tokenizer_path=str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)),
-        max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=a.seed,
+        max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=getattr(a, "seed", 1),
         device=a.device, dtype=a.dtype, quantize=a.quantize,
     )
 

@@ -1,0 +1,11 @@
+"""An OpenAI-compatible HTTP server over the decoding engine (`llama serve`).
+
+Needs the `server` extra (`pip install -e ".[server]"`: FastAPI, uvicorn,
+prometheus_client); `import llama` never imports it. The pieces:
+
+    worker.py    the engine thread: the only caller of Engine.submit/step/cancel
+    protocol.py  pydantic models of the requests; OpenAI's error JSON
+    translate.py OpenAI messages and tools <-> our dialogs and Llama 3.1 tool calls
+    app.py       the FastAPI app: endpoints, streaming, auth, limits, metrics
+    main.py      the command: load the model, serve on rank 0, follow elsewhere
+"""

@@ -1,0 +1,136 @@
+"""OpenAI's chat messages, tools and sampling fields to ours, and answers back.
+
+OpenAI role "tool" is Llama 3.1's "ipython" (a tool result); "developer" is a
+system message. Tools are offered as Llama 3.1 custom tools: their
+definitions go into the system prompt (`llama.tool_calls.system_prompt`),
+before the client's own system message, and the calls the model writes come
+back as OpenAI `tool_calls` with `finish_reason` "tool_calls".
+"""
+
+import json
+from typing import List, Optional, Tuple
+
+from ..messages import StopReason
+from ..sampling import SamplingParams
+from ..tool_calls import CallSyntax, ToolCall, ToolDefinition, ToolParam, system_prompt
+from .protocol import APIError, ChatCompletionRequest, ChatMessage, Content, _Sampling
+
+# OpenAI's defaults (temperature 1, top_p 1), not the command line's.
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 1.0, 1.0
+
+
+def text_of(content: Content) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+def _tool_call(i: int, j: int, call) -> ToolCall:
+    try:
+        arguments = json.loads(call.function.arguments) if call.function.arguments.strip() else {}
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}",
+                       f"messages[{i}].tool_calls[{j}].function.arguments") from None
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object",
+                       f"messages[{i}].tool_calls[{j}].function.arguments")
+    return ToolCall(call.function.name, arguments, call_id=call.id, syntax=CallSyntax.JSON)
+
+
+def _message(i: int, m: ChatMessage) -> dict:
+    role = {"developer": "system", "tool": "ipython"}.get(m.role, m.role)
+    out = {"role": role, "content": text_of(m.content)}
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise APIError(400, f"messages[{i}] ({m.role}) has tool_calls; only assistant messages make tool calls",
+                           f"messages[{i}].tool_calls")
+        out["tool_calls"] = [_tool_call(i, j, c) for j, c in enumerate(m.tool_calls)]
+        out["stop_reason"] = StopReason.END_OF_MESSAGE
+    return out
+
+
+def _definition(tool) -> ToolDefinition:
+    schema = tool.function.parameters or {}
+    props = schema.get("properties") or {}
+    required = set(schema.get("required") or ())
+    if not isinstance(props, dict):
+        raise APIError(400, f"tool {tool.function.name}: parameters.properties must be an object", "tools")
+    params = {name: ToolParam(str(p.get("type", "string")) if isinstance(p, dict) else "string",
+                              str(p.get("description", "")) if isinstance(p, dict) else "", name in required)
+              for name, p in props.items()}
+    return ToolDefinition(tool.function.name, tool.function.description, params)
+
+
+def tools_offered(req: ChatCompletionRequest) -> list:
+    """The tools the model is told about: none for tool_choice "none", one for a named function."""
+    tools = req.tools or []
+    if req.tool_choice == "none":
+        return []
+    if req.tool_choice is not None and not isinstance(req.tool_choice, str):
+        name = req.tool_choice.function.name
+        tools = [t for t in tools if t.function.name == name]
+        if not tools:
+            raise APIError(400, f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
+    elif req.tool_choice in ("auto", "required") and not tools:
+        raise APIError(400, f"tool_choice {req.tool_choice!r} needs tools", "tool_choice")
+    return tools
+
+
+def dialog_of(req: ChatCompletionRequest, formatter) -> list:
+    """The dialog to encode; with tools, the Llama 3.1 tool system prompt comes first."""
+    dialog = [_message(i, m) for i, m in enumerate(req.messages)]
+    tools = tools_offered(req)
+    if tools:
+        if type(formatter).__name__ != "Llama3ChatFormat":
+            raise APIError(400, "tools need a Llama 3.1 model (its chat format carries tool calls)", "tools")
+        instructions = dialog.pop(0)["content"] if dialog and dialog[0]["role"] == "system" else ""
+        if req.tool_choice == "required" or not isinstance(req.tool_choice, (str, type(None))):
+            instructions = (instructions + "\n\nAnswer with a function call.").strip()
+        prompt = system_prompt(custom_tools=[_definition(t) for t in tools], instructions=instructions)
+        dialog.insert(0, {"role": "system", "content": prompt})
+    return dialog
+
+
+def sampling_params(req: _Sampling, max_tokens: Optional[int], logprobs: bool, top_logprobs: int,
+                    seed: Optional[int]) -> SamplingParams:
+    """SamplingParams of the request; a bad value is a 400 naming the field."""
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
+    try:
+        return SamplingParams(
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            seed=seed, stop=req.stop, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top_logprobs,
+        )
+    except ValueError as e:
+        field = str(e).split()[1] if str(e).startswith("sampling ") else None
+        raise APIError(400, str(e), field) from None
+
+
+def seeds(seed: Optional[int], n: int) -> List[Optional[int]]:
+    """n requests: seeds seed, seed+1, ...; without a seed each draws its own."""
+    return [None] * n if seed is None else [seed + i for i in range(n)]
+
+
+def finish_reason(reason: StopReason, has_tool_calls: bool) -> str:
+    if has_tool_calls:
+        return "tool_calls"
+    return "length" if reason == StopReason.OUT_OF_TOKENS else "stop"
+
+
+def openai_tool_calls(calls: List[ToolCall]) -> List[dict]:
+    return [{"id": f"call_{c.call_id}", "type": "function",
+             "function": {"name": c.tool_name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for c in calls]
+
+
+def answer(completion, formatter, tools_on: bool) -> Tuple[str, List[dict]]:
+    """(content, OpenAI tool_calls) of a finished chat request. Without tools
+    the answer is the streamed text as it is (the client offered no tools)."""
+    if not tools_on:
+        return completion.text, []
+    message = formatter.decode_assistant_message(completion.tokens, completion.stop_reason)
+    return message["content"], openai_tool_calls(message["tool_calls"])
