@@ -6,15 +6,12 @@ import json
 
 import pytest
 import torch
+from fastapi.testclient import TestClient  # the server and test extras
 
-pytest.importorskip("fastapi", reason="the server extra is not installed")
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from llama import Llama  # noqa: E402
-from llama.engine import Engine  # noqa: E402
-from llama.server.app import create_app  # noqa: E402
-from server_helpers import sse_events  # noqa: E402
+from llama import Llama
+from llama.engine import Engine
+from llama.server.app import create_app
+from server_helpers import sse_events
 
 MODEL = "tiny"
 TAG, EOM, EOT = 128010, 128008, 128009
