@@ -255,3 +255,25 @@ def test_tool_definitions_go_into_the_system_prompt(client, llama3):
     assert dialog_of(none, llama3.formatter)[0] == {"role": "user", "content": "Hello there"}
     err = error_of(chat(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}), 400)
     assert err["param"] == "tool_choice"
+
+
+def test_engine_failure_answers_503(llama3, monkeypatch):
+    """A failing engine (under torchrun: a lost rank) fails the waiting requests
+    with 503, turns /health to 503 and tells the server to exit."""
+    fatal = []
+    app = create_app(llama3, MODEL, on_fatal=fatal.append)
+
+    def broken(self):
+        raise RuntimeError("Connection reset by peer")
+    monkeypatch.setattr(Engine, "step", broken)
+    with TestClient(app) as c:
+        err = error_of(chat(c, max_tokens=2), 503)
+        assert "Connection reset by peer" in err["message"]
+        assert c.get("/health").status_code == 503
+        error_of(chat(c, max_tokens=2), 503)  # refused at once now
+    assert len(fatal) == 1
+    monkeypatch.undo()
+    for seq in list(llama3.engine.waiting):  # leave the shared engine clean
+        llama3.engine.cancel(seq.id)
+    llama3.engine.step()
+    assert not llama3.engine.has_work()

@@ -9,7 +9,9 @@ requests get 503 and the server exits with the distributed error.
 """
 
 import argparse
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 from ..cli import rank_and_world
@@ -30,6 +32,24 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a free slot; beyond that the server answers 429 (default 64)")
     g.add_argument("--shutdown_timeout", metavar="S", type=float, default=30.0,
                    help="on SIGTERM, seconds that running requests get to finish (default 30)")
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM once it has shut down (the process then dies of
+        the signal); for a service SIGTERM is the normal stop, so it exits 0."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                captured = getattr(self, "_captured_signals", None)
+                if captured is not None:
+                    captured[:] = [s for s in captured if s != signal.SIGTERM]
+
+    return Server
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -72,7 +92,7 @@ def serve(a: argparse.Namespace) -> None:
     app = create_app(generator, name, api_key=api_key, max_queue=a.max_queue, idle_step_s=idle, on_fatal=on_fatal)
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level="info", lifespan="on",
                             timeout_graceful_shutdown=a.shutdown_timeout)
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     try:
         server.run()
     finally:
