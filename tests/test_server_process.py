@@ -48,11 +48,12 @@ def wait_healthy(proc, url, timeout=120):
     raise AssertionError("server did not become healthy: " + proc.stdout.read())
 
 
-def greedy(ckpt, content, n):
+def greedy(ckpt, asks):
+    """Each (content, max_tokens) answered alone by one process."""
     g = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=128, max_batch_size=1,
                     device="cpu", dtype="float32")
-    return g.chat_completion([[{"role": "user", "content": content}]], max_gen_len=n, temperature=0)[0][
-        "generation"]["content"]
+    return [g.chat_completion([[{"role": "user", "content": c}]], max_gen_len=n, temperature=0)[0]
+            ["generation"]["content"] for c, n in asks]
 
 
 def chat(url, content, n, **kw):
@@ -69,8 +70,7 @@ def test_sigterm_finishes_the_running_request_and_exits_0(make_ckpt):
         wait_healthy(proc, url)
         assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401  # LLAMA_API_KEY protects it
         headers = {"Authorization": "Bearer k"}
-        answer = chat(url, "Hello", 8, ).status_code
-        assert answer == 401
+        assert chat(url, "Hello", 8).status_code == 401
         got = {}
 
         def stream():
@@ -95,7 +95,8 @@ def test_sigterm_finishes_the_running_request_and_exits_0(make_ckpt):
 
 def test_torchrun_two_ranks_serve_and_shut_down(make_ckpt):
     ckpt = make_ckpt("llama3", shards=2)
-    expected = greedy(ckpt, "Hello", 8)
+    asks = [("Hello", 8), ("Why is the sky blue?", 12), ("One two three", 5)]
+    expected = greedy(ckpt, asks)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start(serve_cmd(ckpt, port, 2))
@@ -103,9 +104,18 @@ def test_torchrun_two_ranks_serve_and_shut_down(make_ckpt):
         wait_healthy(proc, url)
         r = chat(url, "Hello", 8)
         assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["content"] == expected  # MP=2 equals one process
+        assert r.json()["choices"][0]["message"]["content"] == expected[0]  # MP=2 equals one process
         time.sleep(6)  # longer than an idle step: rank 1 keeps following
-        assert chat(url, "Hello", 8).json()["choices"][0]["message"]["content"] == expected
+        got = [None] * len(asks)
+
+        def ask(i):
+            got[i] = chat(url, *asks[i]).json()["choices"][0]["message"]["content"]
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == expected  # concurrent requests on 2 slots (one queued) across the two ranks
         rank0 = _worker(proc.pid, "0")
         os.kill(rank0, signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
