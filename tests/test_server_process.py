@@ -150,3 +150,25 @@ def _worker(launcher_pid: int, rank: str) -> int:
                 return pid
         time.sleep(0.1)
     raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_bad_flags_fail_before_loading_and_llama_does_not_import_fastapi(make_ckpt, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "llama.serve", "--ckpt_dir", str(tmp_path), "--port", "70000"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--port must be in 1..65535, got 70000" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys, llama, llama.commands; from llama import Llama, Engine; "
+                        "llama.commands.build_parser(); print('fastapi' in sys.modules, 'uvicorn' in sys.modules)"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["False", "False"], r.stderr
+
+
+def test_port_in_use_is_an_error(make_ckpt):
+    import socket
+
+    ckpt = make_ckpt("llama3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = subprocess.run(serve_cmd(ckpt, s.getsockname()[1]), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "address already in use" in (r.stdout + r.stderr).lower()

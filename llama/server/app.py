@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from typing import Callable, List, Optional
@@ -25,6 +26,8 @@ from .metrics import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from .translate import answer, dialog_of, finish_reason, sampling_params, seeds, tools_offered
 from .worker import EngineFailed, EngineWorker, Overloaded
+
+logger = logging.getLogger("llama.server")
 
 MAX_BODY_BYTES = 8 << 20
 _DISCONNECT_POLL_S = 1.0
@@ -148,6 +151,12 @@ def create_app(generator, model_name: str, api_key: Optional[str] = None, max_qu
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
         return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        logger.exception("error answering %s", request.url.path)
+        metrics.requests.labels(request.url.path, "500").inc()
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
 
     def check_model(name: str) -> None:
         if name != model_name:
