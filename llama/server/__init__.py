@@ -6,6 +6,8 @@ prometheus_client); `import llama` never imports it. The pieces:
     worker.py    the engine thread: the only caller of Engine.submit/step/cancel
     protocol.py  pydantic models of the requests; OpenAI's error JSON
     translate.py OpenAI messages and tools <-> our dialogs and Llama 3.1 tool calls
-    app.py       the FastAPI app: endpoints, streaming, auth, limits, metrics
+    guard.py     ASGI middleware: API key, body size limit; validation messages
+    app.py       the FastAPI app: endpoints, streaming, errors, metrics
+    metrics.py   /metrics in Prometheus text format
     main.py      the command: load the model, serve on rank 0, follow elsewhere
 """
