@@ -243,6 +243,32 @@ def test_tool_call_round_trip(client, llama3, script):
     assert deltas[-1]["finish_reason"] == "tool_calls"
 
 
+def test_tools_stream_plain_answers_as_they_come(client, llama3, script):
+    tok = llama3.tokenizer
+    answer = tok.encode("It is sunny in Paris today.", bos=False, eos=False)
+    script([answer + [EOT]])
+    body = {"model": MODEL, "messages": USER, "tools": TOOLS, "max_tokens": 40, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as s:
+        events = sse_events(s.iter_lines())
+    deltas = [e["choices"][0]["delta"] for e in events[1:-1]]
+    texts = [d["content"] for d in deltas if d.get("content")]
+    assert "".join(texts) == "It is sunny in Paris today." and len(texts) > 3  # streamed, not held back
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_call_gate_holds_back_what_may_be_a_call():
+    from llama.server.app import _CallGate
+
+    g = _CallGate(tag=7)
+    assert [g.feed(1, t) for t in (" ", "{", '"name"')] == ["", "", ""]
+    assert g.rest("") == ""  # a JSON call: nothing of it was sent as text
+    g = _CallGate(tag=7)
+    assert [g.feed(1, t) for t in ("<fun", "ny", " day")] == ["", "<funny", " day"]
+    g = _CallGate(tag=7)
+    assert [g.feed(1, "Let me check. "), g.feed(7, ""), g.feed(1, "brave_search")] == ["Let me check. ", "", ""]
+    assert g.rest("Let me check. ") == ""
+
+
 def test_tool_definitions_go_into_the_system_prompt(client, llama3):
     from llama.server.protocol import ChatCompletionRequest
     from llama.server.translate import dialog_of

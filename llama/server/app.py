@@ -53,6 +53,7 @@ def create_app(generator, model_name: str, api_key: Optional[str] = None, max_qu
     """The app serving `generator` (a `Llama`) as `model_name`. The lifespan
     starts the engine thread and stops it (releasing any torchrun followers)."""
     engine, tokenizer, formatter = generator.engine, generator.tokenizer, generator.formatter
+    tool_tag = tokenizer.special_tokens.get("<|python_tag|>") if hasattr(tokenizer, "special_tokens") else None
     worker = EngineWorker(engine, max_queue, idle_step_s)
     worker.on_error = on_fatal
     metrics = ServerMetrics(worker)
@@ -237,22 +238,26 @@ def create_app(generator, model_name: str, api_key: Optional[str] = None, max_qu
 
         async def stream():
             completions = [None] * len(requests)
+            gates = [_CallGate(tool_tag) for _ in requests]
             try:
                 for i in range(len(requests)):
                     yield sse(chunk(i, {"role": "assistant", "content": ""}))
                 while any(c is None for c in completions):
                     i, event = await next_event(events, timing)
-                    # With tools the answer may be a call: it is sent whole, at its end.
-                    if event.text and not tools_on:
+                    text = event.text
+                    if tools_on:  # text that may still turn out to be a tool call is held back
+                        text = gates[i].feed(event.token, text)
+                    if text:
                         lp = None
-                        if req.logprobs and event.logprob is not None:
+                        if req.logprobs and event.logprob is not None and not tools_on:
                             lp = {"content": [token_info(event.token, event.logprob, event.top_logprobs)]}
-                        yield sse(chunk(i, {"content": event.text}, logprobs=lp))
+                        yield sse(chunk(i, {"content": text}, logprobs=lp))
                     if event.stop_reason is not None:
                         c = completions[i] = event.completion
                         content, calls = answer(c, formatter, tools_on)
-                        if tools_on and content:
-                            yield sse(chunk(i, {"content": content}))
+                        rest = gates[i].rest(content) if tools_on else ""
+                        if rest:
+                            yield sse(chunk(i, {"content": rest}))
                         if calls:
                             yield sse(chunk(i, {"tool_calls": [{"index": k, **call} for k, call in enumerate(calls)]}))
                         yield sse(chunk(i, {}, finish_reason(c.stop_reason, bool(calls))))
@@ -344,6 +349,34 @@ def create_app(generator, model_name: str, api_key: Optional[str] = None, max_qu
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+class _CallGate:
+    """Streams an answer's text unless it may be a tool call.
+
+    A call is all text after <|python_tag|>, or an answer that starts with
+    "{" or "<function" (JSON or function-tag syntax): from the tag on, or while
+    the answer's first characters could start a call, text is held back; the
+    end of the answer decides (`rest`)."""
+
+    def __init__(self, tag: Optional[int]):
+        self.tag, self.held, self.sent, self.tagged = tag, "", "", False
+
+    def feed(self, token: Optional[int], text: str) -> str:
+        if self.tagged or (token is not None and token == self.tag):
+            self.tagged = True
+            return ""
+        self.held += text
+        start = self.held.lstrip()
+        if not start or (not self.sent and ("<function".startswith(start[:9]) or start.startswith(("{", "<function")))):
+            return ""
+        out, self.held = self.held, ""
+        self.sent += out
+        return out
+
+    def rest(self, content: str) -> str:
+        """What remains to send of the final `content` (what was sent is its beginning)."""
+        return content[len(self.sent):] if content.startswith(self.sent) else ""
 
 
 def _prompts(prompt, tokenizer) -> List[List[int]]:
