@@ -51,11 +51,13 @@ def test_console_script_is_installed_with_readable_help(llama_bin, tmp_path):
     assert llama_bin.is_file()
     r = llama(llama_bin, "--help", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for command in ("chat", "complete", "info", "shard", "convert"):
+    for command in ("chat", "complete", "serve", "info", "shard", "convert"):
         assert f"\n    {command} " in r.stdout
     r = llama(llama_bin, "chat", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--ckpt_dir" in r.stdout and "--system" in r.stdout
     assert "sampling:" in r.stdout and "--temperature" in r.stdout and "--threads" in r.stdout
+    r = llama(llama_bin, "serve", "--help", cwd=tmp_path)
+    assert r.returncode == 0 and "--api_key" in r.stdout and "--max_queue" in r.stdout and "--ckpt_dir" in r.stdout
     # It runs the installed package, not the clone's.
     python = llama_bin.parent / "python"
     where = subprocess.run([str(python), "-c", "import llama; print(llama.__file__)"], cwd=tmp_path,
