@@ -95,7 +95,10 @@ def test_sigterm_finishes_the_running_request_and_exits_0(make_ckpt):
 
 def test_torchrun_two_ranks_serve_and_shut_down(make_ckpt):
     ckpt = make_ckpt("llama3", shards=2)
-    asks = [("Hello", 8), ("Why is the sky blue?", 12), ("One two three", 5)]
+    # 13 clients with different prompt lengths and max_tokens, and 3 that disconnect mid-stream: 16 at once.
+    asks = [("Hello", 8), ("Why is the sky blue?", 12), ("One two three", 5), ("a b c d e f g", 9), ("?", 4),
+            ("Tell me a story about a llama", 16), ("Paris", 7), ("x " * 30, 6), ("Count to ten", 11),
+            ("The quick brown fox", 10), ("Say yes", 3), ("Numbers 1 2 3 4", 14), ("Why?", 8)]
     expected = greedy(ckpt, asks)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -109,13 +112,24 @@ def test_torchrun_two_ranks_serve_and_shut_down(make_ckpt):
         got = [None] * len(asks)
 
         def ask(i):
-            got[i] = chat(url, *asks[i]).json()["choices"][0]["message"]["content"]
+            body = {"model": "tiny", "messages": [{"role": "user", "content": asks[i][0]}], "max_tokens": asks[i][1],
+                    "temperature": 0, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+                events = sse_events(r.iter_lines())
+            got[i] = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+
+        def quit_early():
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "Go"}], "max_tokens": 100, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+                lines = r.iter_lines()
+                next(lines), next(lines)
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        threads[2:2] = [threading.Thread(target=quit_early) for _ in range(3)]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(60)
-        assert got == expected  # concurrent requests on 2 slots (one queued) across the two ranks
+            t.join(120)
+        assert got == expected  # 16 clients on 2 slots across the two ranks: none lost or disturbed
         rank0 = _worker(proc.pid, "0")
         os.kill(rank0, signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
