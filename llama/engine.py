@@ -253,6 +253,8 @@ class Engine:
         if cancelled or admitted:
             payload = [(cancelled, [(s.id, s.request, s.seed) for s in admitted])]
             dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
+            if admitted:
+                self._agree(None)
 
     def _receive_plan(self) -> Tuple[List[int], List[_Sequence]]:
         header = torch.zeros(3, dtype=torch.long, device=self._comm_device())
@@ -266,7 +268,7 @@ class Engine:
         payload = [None]
         dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
         cancelled, admissions = payload[0]
-        admitted = []
+        admitted, problem = [], None
         for rid, request, seed in admissions:
             local = self._sequences.get(rid)
             if local is None:  # submitted on rank 0 only (a server): follow it
@@ -274,10 +276,22 @@ class Engine:
                 self._sequences[rid] = local
                 self._next_id = max(self._next_id, rid + 1)
             else:
-                _check_same_request(rid, local.request, request)
+                problem = problem or _request_difference(rid, local.request, request)
                 local.seed = seed
             admitted.append(local)
+        if admissions:
+            self._agree(problem)
         return cancelled, admitted
+
+    def _agree(self, problem: Optional[str]) -> None:
+        """Every rank learns whether any rank was given another request than
+        rank 0's (one small exchange per step that admits requests), and then
+        every rank stops with the same message, not only the one that differs."""
+        said: List[Optional[str]] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(said, problem, group=self._group)
+        first = next((p for p in said if p is not None), None)
+        if first is not None:
+            raise ValueError(first)
 
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend(self._group) == "nccl" else torch.device("cpu")
@@ -464,12 +478,20 @@ def _model_parallel_group():
     return get_model_parallel_group() if model_parallel_is_initialized() else None
 
 
-def _check_same_request(rid: int, mine: Request, rank0: Request) -> None:
-    """Every rank runs rank 0's request; a rank that was asked something else says so."""
+def _request_difference(rid: int, mine: Request, rank0: Request) -> Optional[str]:
+    """Every rank runs rank 0's request; the first field in which this rank was asked something else, described."""
+    import socket
+
     for f in dataclasses.fields(Request):
         a, b = getattr(mine, f.name), getattr(rank0, f.name)
-        if a != b:
-            raise ValueError(
-                f"request {rid} differs between ranks in {f.name}: rank {dist.get_rank()} has {a!r:.120}, "
-                f"rank 0 has {b!r:.120}. Every rank must be given the same prompts and sampling settings"
-            )
+        if a == b:
+            continue
+        name = f.name
+        if f.name == "params":  # name the sampling setting (temperature, max_tokens, seed, ...)
+            fields = [g.name for g in dataclasses.fields(a) if getattr(a, g.name) != getattr(b, g.name)]
+            name, a, b = f"params.{fields[0]}", getattr(a, fields[0]), getattr(b, fields[0])
+        return (f"request {rid} differs between ranks in {name}: rank {dist.get_rank()} on {socket.gethostname()} "
+                f"has {a!r:.120}, rank 0 has {b!r:.120}. Every rank must be given the same prompts and sampling "
+                "settings (max_tokens is max_gen_len)")
+    return None
+
