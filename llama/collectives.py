@@ -48,11 +48,21 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_last_dim(t: torch.Tensor) -> torch.Tensor:
     """Concatenation of every rank's `t` along the last dimension
-    (ColumnParallelLinear's gathered output)."""
+    (ColumnParallelLinear's gathered output, ParallelEmbedding's lookup).
+    Small tensors on gloo: recursive doubling as in `all_reduce`, each round
+    exchanging the blocks gathered so far."""
     group = get_model_parallel_group()
     world = dist.get_world_size(group)
     if world == 1:
         return t
+    if dist.get_backend(group) == "gloo" and t.numel() * world <= SMALL and world & (world - 1) == 0:
+        rank, have = dist.get_rank(group), t.contiguous()  # `have`: the blocks of ranks rank & ~(step - 1) ...
+        step = 1
+        while step < world:
+            other = _exchange(have, dist.get_global_rank(group, rank ^ step), group)
+            have = torch.cat([have, other] if rank & step == 0 else [other, have], dim=-1).contiguous()
+            step *= 2
+        return have
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
