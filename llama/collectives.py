@@ -66,3 +66,24 @@ def all_gather_last_dim(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
+
+
+def vocab_parallel_argmax(local: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over the last dimension of logits split by vocabulary
+    across the ranks (rank r holds ids r*V/N ..), exchanging each rank's
+    (max, index) instead of the logits: 16 bytes a row, not 4V/N.
+
+    Exact, ties included: argmax takes the lowest index among equal maxima,
+    and so does this (the lowest rank among those with the maximum, then that
+    rank's own lowest index). Returns (rows,) int64.
+    """
+    group = get_model_parallel_group()
+    world = dist.get_world_size(group)
+    best, index = local.max(dim=-1)  # first occurrence of the maximum, as argmax
+    if world == 1:
+        return index
+    index = index + dist.get_rank(group) * local.shape[-1]
+    pairs = torch.stack([best.double(), index.double()], dim=-1)  # (rows, 2): ids < 2**53 are exact
+    every = all_gather_last_dim(pairs).view(*pairs.shape[:-1], world, 2)  # (rows, world, 2), rank order
+    winner = torch.argmax(every[..., 0], dim=-1)  # the lowest rank holding the maximum
+    return every[..., 1].gather(-1, winner[..., None])[..., 0].long()

@@ -26,6 +26,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .collectives import vocab_parallel_argmax
 from .messages import StopReason
 from .metrics import RequestMetrics
 from .sampling import RowState, SamplingParams, sample_rows, token_logprobs
@@ -329,6 +330,13 @@ class Engine:
         tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
         positions = [s.next_pos for s in rows]
         start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        if self._world > 1 and all(_plain_greedy(s.request.params) for s in rows):
+            # Greedy rows need only the arg-max: each rank's (max, index) is
+            # exchanged, not its slice of the logits (4V/N bytes a row).
+            local = self.model.forward(tokens, start, last_logits_only=True, gather_logits=False)[:, 0]
+            for seq, pos in zip(rows, positions):
+                seq.cached = pos + 1
+            return self._emit(rows, vocab_parallel_argmax(local), None)
         logits = self.model.forward(tokens, start, last_logits_only=True)[:, 0]  # (rows, vocab)
         for seq, pos in zip(rows, positions):
             seq.cached = pos + 1
@@ -376,7 +384,9 @@ class Engine:
 
     def _sample_and_emit(self, rows: List[_Sequence], logits: torch.Tensor) -> List[TokenEvent]:
         next_tokens = self._sample(rows, logits)
-        lps = self._logprobs(rows, logits, next_tokens)
+        return self._emit(rows, next_tokens, self._logprobs(rows, logits, next_tokens))
+
+    def _emit(self, rows: List[_Sequence], next_tokens: torch.Tensor, lps) -> List[TokenEvent]:
         now = time.perf_counter()
         events = []
         for i, (seq, token) in enumerate(zip(rows, next_tokens.tolist())):
@@ -468,6 +478,11 @@ class Engine:
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """A row whose next token is the arg-max of the raw logits, nothing else asked of them."""
+    return p.greedy and not p.has_penalties and not p.wants_logprobs
 
 
 def _model_parallel_group():

@@ -36,8 +36,26 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
     joined = joining_requests(gen, prompts, max_gen_len)
     followed = rank0_only_requests(gen, prompts, max_gen_len)
     logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
+    ties = argmax_ties()
     if dist.get_rank() == 0:
-        torch.save({"tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
+        torch.save({"argmax_ties": ties, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
+
+
+def argmax_ties():
+    """The arg-max exchanged between ranks equals torch.argmax on the full
+    logits, ties across ranks included (the lowest id wins)."""
+    from llama.collectives import vocab_parallel_argmax
+
+    world, rank, vocab = dist.get_world_size(), dist.get_rank(), 16
+    per = vocab // world
+    full = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0))
+    full[0] = 1.0  # every id ties
+    full[1, [3, vocab - 1]] = 9.0  # a tie between the first and the last rank
+    full[2, -1] = 9.0
+    full[3, [7, 8]] = 9.0  # a tie across a rank boundary (2 or 4 ranks)
+    full[4, [9, 10]] = 9.0  # a tie inside one rank
+    got = vocab_parallel_argmax(full[:, rank * per:(rank + 1) * per])
+    return got.tolist() == torch.argmax(full, dim=-1).tolist()
 
 
 def joining_requests(gen, prompts, max_gen_len):
