@@ -11,6 +11,9 @@ Every rank ends with bit-identical sums (each round adds the same two
 operands, and float addition commutes), which keeps sampling in lockstep.
 """
 
+from collections import deque
+from typing import Deque, Dict, Tuple
+
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
@@ -19,11 +22,37 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 SMALL = 1 << 18
 
 
+# Receives posted ahead, AHEAD per (peer, shape, dtype): gloo sends a
+# payload only once the receiver has said it is ready, so a receive posted
+# only when the exchange starts costs a full round trip. Posted several
+# exchanges ahead (the next layers', the next step's), the ready notice has
+# long arrived when the peer sends, and an exchange costs the one-way
+# latency. Each kind of exchange has its own tag, given in order of first
+# use: every rank runs the same exchanges in the same order, so the tags
+# agree without being sent.
+AHEAD = 4
+_posted: Dict[Tuple, Deque[Tuple[torch.Tensor, object]]] = {}
+_tags: Dict[Tuple, int] = {}
+
+
+# Only decoding's shapes are posted ahead ((rows, 1, dim) activations and
+# (rows, k) arg-max pairs, at most this many elements): a posted receive can
+# never be withdrawn, so the shapes that get them must be few and small.
+AHEAD_MAX_ELEMENTS = 1 << 15
+
+
 def _exchange(t: torch.Tensor, peer: int, group) -> torch.Tensor:
-    received = torch.empty_like(t)
-    ops = [dist.P2POp(dist.isend, t, peer, group), dist.P2POp(dist.irecv, received, peer, group)]
-    for request in dist.batch_isend_irecv(ops):
-        request.wait()
+    key = (id(group), peer, tuple(t.shape), t.dtype)
+    tag = _tags.setdefault(key, len(_tags) + 1)
+    queue = _posted.setdefault(key, deque())
+    decoding = t.numel() <= AHEAD_MAX_ELEMENTS and (t.dim() < 3 or t.shape[-2] == 1)
+    while len(queue) < (AHEAD + 1 if decoding else 1):
+        buffer = torch.empty_like(t)
+        queue.append((buffer, dist.irecv(buffer, peer, group, tag=tag)))
+    send = dist.isend(t, peer, group, tag=tag)
+    received, request = queue.popleft()
+    request.wait()
+    send.wait()
     return received
 
 
