@@ -4,6 +4,9 @@ it under torchrun, once per node, and compare runs with and without added
 network delay (benchmarks/delay_link.py) to get the network's cost per token.
 
     torchrun --nnodes 2 --node_rank 0 --master_addr 10.215.0.1 benchmarks/net_cost.py --ckpt_dir ckpt/
+
+With --main, `llama` is imported from PYTHONPATH (another checkout, to
+compare), not from this one.
 """
 
 import sys
