@@ -38,8 +38,9 @@ def _shown(items: Sequence, n: int = 8) -> str:
     return str(items[:n])[:-1] + (f", ... ({len(items)} in all)]" if len(items) > n else "]")
 
 
-def find_shards(ckpt_dir) -> List[Path]:
-    """consolidated.*.pth files of a checkpoint directory, in rank order.
+def present_shards(ckpt_dir) -> Dict[int, Path]:
+    """The consolidated.NN.pth files of a checkpoint directory, by index; gaps
+    allowed (a node of a multi-node run may hold only the shards of its ranks).
 
     Only the names found are looked at (never a range up to an index a file
     name claims), so a stray consolidated.99999999999999999999.pth costs nothing.
@@ -55,24 +56,35 @@ def find_shards(ckpt_dir) -> List[Path]:
         hint = f" (found {_shown(others)}; Meta's files are named consolidated.00.pth, ...)" if others else ""
         raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}{hint}{original_folder_hint(ckpt_dir)}")
     indices = [i for i, _ in numbered]
-    if indices != list(range(len(numbered))):
-        present = set(indices)
-        if len(present) < len(indices):
-            twice = sorted(p.name for i, p in numbered if indices.count(i) > 1)
-            raise CheckpointError(f"{ckpt_dir} has two files for the same shard: {_shown(twice)}; remove the stray one")
-        stray = [p.name for i, p in numbered if i > 4 * len(numbered) + 64]
-        if stray:  # an index no real checkpoint has: never count up to it
-            raise CheckpointError(f"{ckpt_dir} has {len(numbered)} shard files, but {_shown(stray, 3)} "
-                                  "cannot belong to them (its number is far too large); remove it")
-        missing = [i for i in range(max(indices) + 1) if i not in present]
-        raise CheckpointError(
-            f"{ckpt_dir} has shards {_shown(indices)} but not {_shown(missing)}: a shard is missing; download or copy it"
-        )
+    if len(set(indices)) < len(indices):
+        twice = sorted(p.name for i, p in numbered if indices.count(i) > 1)
+        raise CheckpointError(f"{ckpt_dir} has two files for the same shard: {_shown(twice)}; remove the stray one")
+    stray = [p.name for i, p in numbered if i > 4 * len(numbered) + 64]
+    if stray:  # an index no real checkpoint has: never count up to it
+        raise CheckpointError(f"{ckpt_dir} has {len(numbered)} shard files, but {_shown(stray, 3)} "
+                              "cannot belong to them (its number is far too large); remove it")
     for _, p in numbered:
         if not p.is_file():  # a directory, a dangling link or a symlink loop
             raise CheckpointError(f"{p} is not a regular file (a directory or a broken symbolic link?); "
                                   "replace it with the shard file")
-    return [p for _, p in numbered]
+    return dict(numbered)
+
+
+def find_shards(ckpt_dir) -> List[Path]:
+    """Every consolidated.*.pth file of a checkpoint directory, in rank order
+    (for tools that read the whole checkpoint: none may be missing)."""
+    present = present_shards(ckpt_dir)
+    indices = sorted(present)
+    if indices != list(range(len(indices))):
+        missing = [i for i in range(max(indices) + 1) if i not in present]
+        raise CheckpointError(
+            f"{ckpt_dir} has shards {_shown(indices)} but not {_shown(missing)}: a shard is missing; download or copy it"
+        )
+    return [present[i] for i in indices]
+
+
+def shard_name(i: int) -> str:
+    return f"consolidated.{i:02d}.pth"
 
 
 # Weights are stored in these dtypes (Meta: bfloat16; converters: float16/float32).
@@ -156,18 +168,36 @@ def load_shard(path: Path) -> StateDict:
 
 
 class LazyShards(Sequence):
-    """The shards of a checkpoint, each loaded (memory-mapped) on first access."""
+    """The shards of a checkpoint, each loaded (memory-mapped) on first access.
 
-    def __init__(self, paths: Sequence[Path]):
-        self.paths = list(paths)
+    `paths` is a list (every shard present) or a dict index -> path with
+    `count` shards in all, of which a node may hold only some: asking for one
+    it lacks raises a CheckpointError naming the file and `who` needs it.
+    """
+
+    def __init__(self, paths, count: Optional[int] = None, who: str = "this process"):
+        self.by_index: Dict[int, Path] = dict(enumerate(paths)) if not isinstance(paths, dict) else dict(paths)
+        self.count = len(self.by_index) if count is None else count
+        self.who = who
         self._loaded: Dict[int, StateDict] = {}
 
+    @property
+    def paths(self) -> List[Path]:
+        """The shard files present, in index order."""
+        return [self.by_index[i] for i in sorted(self.by_index)]
+
     def __len__(self) -> int:
-        return len(self.paths)
+        return self.count
 
     def __getitem__(self, i: int) -> StateDict:
         if i not in self._loaded:
-            self._loaded[i] = load_shard(self.paths[i])
+            path = self.by_index.get(i)
+            if path is None:
+                folder = self.paths[0].parent
+                raise CheckpointError(
+                    f"{folder} lacks {shard_name(i)}, which {self.who} needs (this checkpoint has {self.count} "
+                    f"shards; the folder holds {_shown(sorted(self.by_index))}): copy {shard_name(i)} into it")
+            self._loaded[i] = load_shard(path)
         return self._loaded[i]
 
 
@@ -193,13 +223,15 @@ def expected_shapes(args: ModelArgs, size: int, layout: EmbeddingLayout) -> Dict
 def check_shards_agree(shards: LazyShards) -> None:
     """Every shard holds the tensors of shard 0, with the same shapes and dtypes
     (memory-mapped: only the pickled headers are read)."""
-    want = {k: (tuple(v.shape), v.dtype) for k, v in shards[0].items()}
-    for i in range(1, len(shards)):
+    present = sorted(shards.by_index)
+    first = present[0]
+    want = {k: (tuple(v.shape), v.dtype) for k, v in shards[first].items()}
+    for i in present[1:]:
         have = {k: (tuple(v.shape), v.dtype) for k, v in shards[i].items()}
         if have != want:
             diff = sorted(set(have) ^ set(want)) or sorted(k for k in want if have[k] != want[k])
             raise CheckpointError(
-                f"{shards.paths[i]} does not match {shards.paths[0]} (first difference: {diff[0]}"
+                f"{shards.by_index[i]} does not match {shards.by_index[first]} (first difference: {diff[0]}"
                 f"{'' if diff[0] not in have or diff[0] not in want else f' {have[diff[0]]} vs {want[diff[0]]}'}): "
                 "the shards come from different checkpoints; download or copy the folder again from one source"
             )
@@ -236,8 +268,9 @@ def check_shapes(state: StateDict, expected: Dict[str, tuple], where: str, hint:
 def _range_slice(shards: Sequence[StateDict], key: str, axis: int, rank: int, size: int) -> torch.Tensor:
     """Rows (or columns) [rank*G/size, (rank+1)*G/size) of the tensor that the
     shards hold in consecutive pieces along `axis` (G = their total length)."""
-    per_shard = shards[0][key].shape[axis]
-    total = per_shard * len(shards)
+    n = len(shards)
+    per_shard = shards[first_needed_shard(n, rank, size)][key].shape[axis]
+    total = per_shard * n
     start, stop = rank * total // size, (rank + 1) * total // size
     pieces = []
     for i in range(start // per_shard, (stop - 1) // per_shard + 1):
@@ -252,7 +285,7 @@ def _kv_slice(shards: Sequence[StateDict], key: str, args: ModelArgs, rank: int,
     were written with)."""
     hd, n_kv = args.head_dim, args.n_kv_heads
     old_rep = kv_replication(n_kv, len(shards))
-    heads_per_old = shards[0][key].shape[0] // hd
+    heads_per_old = shards[first_needed_shard(len(shards), rank, size)][key].shape[0] // hd
     new_rep = kv_replication(n_kv, size)
     n_new = n_kv * new_rep // size  # KV heads this rank holds
     first = rank * n_new // new_rep if new_rep == 1 else rank // new_rep
@@ -286,6 +319,13 @@ def check_world_size(args: ModelArgs, size: int, what: str) -> None:
         )
 
 
+def first_needed_shard(n_shards: int, rank: int, size: int) -> int:
+    """A shard that rank `rank` of `size` reads in any case: the one holding the
+    first of its rows. It also gives the tensor names and the replicated norms,
+    so a node needs no shard but its ranks' own."""
+    return rank * n_shards // size
+
+
 def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, size: int,
                     layout: EmbeddingLayout) -> StateDict:
     """Rank `rank` of `size`'s weights, from shards written for any other size.
@@ -297,14 +337,15 @@ def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, siz
     check_world_size(args, size, f"running on {size} processes")
     out: StateDict = {}
     schema = model_weights(args)
-    for key in shards[0]:
+    ref = shards[first_needed_shard(len(shards), rank, size)]
+    for key in ref:
         if key in UNUSED_KEYS:
             continue
         weight = schema.get(key)  # an unknown key is kept whole; check_shapes reports it
         axis = weight.split_axis(layout) if weight else None
         try:
             if axis is None:
-                out[key] = shards[0][key]  # replicated (norms)
+                out[key] = ref[key]  # replicated (norms)
             elif len(shards) == size:
                 out[key] = shards[rank][key]  # the files already match this run
             elif weight.is_kv:
@@ -313,7 +354,7 @@ def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, siz
                 out[key] = _range_slice(shards, key, axis, rank, size)
         except KeyError as e:
             raise CheckpointError(
-                f"{key} is in shard 0 but missing from another shard: the shards come from different checkpoints"
+                f"{key} is in one shard but missing from another shard: the shards come from different checkpoints"
             ) from e
     return out
 
@@ -326,58 +367,110 @@ def weights_vocab_size(paths: Sequence[Path]) -> int:
     return out.shape[0] * len(paths)
 
 
+def _shard_count(present: Dict[int, Path], ref: StateDict, args: ModelArgs, ckpt_dir, whole: bool) -> int:
+    """How many shards the checkpoint has, from whole-model facts: the
+    vocabulary (params.json or the tokenizer) over one shard's output rows.
+    The manifest, where there is one, says it too and must agree."""
+    out = ref.get("output.weight")
+    path = present[min(present)]
+    if out is None or out.dim() != 2 or out.shape[0] < 1:
+        raise CheckpointError(f"{path} has no output.weight: it is not a Meta Llama checkpoint")
+    rows, top = out.shape[0], max(present) + 1
+    if args.vocab_size % rows or args.vocab_size // rows < top or (whole and args.vocab_size // rows != top):
+        raise CheckpointError(
+            f"the weights in {ckpt_dir} have a vocabulary of {rows * top} tokens but the "
+            f"tokenizer (or params.json) has {args.vocab_size}: pass the tokenizer.model of this model"
+            + (f" ({rows} rows per shard)" if top > 1 else "")
+        )
+    count = args.vocab_size // rows
+    listed = manifest.read_manifest(Path(ckpt_dir))
+    if listed is not None and len(listed["files"]) != count:
+        raise CheckpointError(
+            f"{Path(ckpt_dir) / manifest.NAME} lists {len(listed['files'])} shards but the weights are split "
+            f"into {count} ({rows} of the {args.vocab_size} output rows per shard); copy the folder again")
+    return count
+
+
 def inspect_checkpoint(ckpt_dir, args: ModelArgs, raw_vocab_size: int):
-    """Finds the shards and checks shard 0 against params.json.
+    """Finds every shard (none may be missing) and checks them against params.json.
 
     Returns (shard paths, embedding layout). A mismatch is reported by tensor
     name and shape, not by a stack trace from deep inside torch.
     """
-    paths = find_shards(ckpt_dir)
-    shards = LazyShards(paths)
-    shard0 = shards[0]  # first, for its own diagnostics (a web page, a truncated file, a pickle)
+    shards, layout = inspect_rank_files(ckpt_dir, args, raw_vocab_size, rank=0, size=1, whole=True)
+    return shards.paths, layout
+
+
+def _check_manifest(ckpt_dir, paths: Sequence[Path], needed: Optional[List[str]]) -> None:
     try:
-        has_manifest = manifest.read_manifest(Path(ckpt_dir)) is not None
-        manifest.check_folder(Path(ckpt_dir), [p.name for p in paths])
+        manifest.check_folder(Path(ckpt_dir), [p.name for p in paths], needed)
     except manifest.ManifestError as e:
         raise CheckpointError(str(e)) from e
-    check_layer_count(shard0, args, paths[0])
-    if not has_manifest:  # Meta's folders: at least every shard must have shard 0's tensors, shapes and dtypes
+
+
+def inspect_rank_files(ckpt_dir, args: ModelArgs, raw_vocab_size: int, rank: int, size: int,
+                       whole: bool = False):
+    """Finds the shards rank `rank` of `size` reads and checks one of them
+    against params.json; the folder may lack the others (a node holding only
+    its own ranks' files), unless `whole`.
+
+    Returns (LazyShards, embedding layout).
+    """
+    whole = whole or size == 1  # one process reads every shard
+    present = {i: p for i, p in enumerate(find_shards(ckpt_dir))} if whole else present_shards(ckpt_dir)
+    first = min(present)
+    ref = LazyShards({first: present[first]})[first]  # first, for its own diagnostics (a web page, a pickle)
+    if whole:  # the manifest names missing files better than the shapes can
+        _check_manifest(ckpt_dir, list(present.values()), None)
+    count = _shard_count(present, ref, args, ckpt_dir, whole)
+    shards = LazyShards(present, count, who=f"rank {rank} of {size}")
+    shards._loaded[first] = ref
+    needed = first_needed_shard(count, rank, size)
+    ref = shards[needed]  # a missing file this rank needs is named here, before anything else
+    if not whole:
+        last = max(-(-(rank + 1) * count // size), needed + 1)  # the shards holding this rank's rows
+        _check_manifest(ckpt_dir, shards.paths, [shard_name(i) for i in range(needed, last)])
+    has_manifest = manifest.read_manifest(Path(ckpt_dir)) is not None
+    check_layer_count(ref, args, present[needed])
+    if not has_manifest:  # Meta's folders: at least every shard must have the tensors, shapes and dtypes of the others
         check_shards_agree(shards)
-    layout = detect_embedding_layout(shard0, len(paths), args, default_embedding_layout(raw_vocab_size))
-    check_world_size(args, len(paths), f"{ckpt_dir} has {len(paths)} shards")
-    vocab = weights_vocab_size(paths)
-    if vocab != args.vocab_size:
-        raise CheckpointError(
-            f"the weights in {ckpt_dir} have a vocabulary of {vocab} tokens but the "
-            f"tokenizer (or params.json) has {args.vocab_size}: pass the tokenizer.model of this model"
-        )
+    layout = detect_embedding_layout(ref, count, args, default_embedding_layout(raw_vocab_size))
+    check_world_size(args, count, f"{ckpt_dir} has {count} shards")
     check_shapes(
-        shard0, expected_shapes(args, len(paths), layout), str(paths[0]),
-        f"Check that params.json belongs to these weights and that all {len(paths)} shards are present.",
+        ref, expected_shapes(args, count, layout), str(present[needed]),
+        f"Check that params.json belongs to these weights and that all {count} shards are present.",
     )
-    return paths, layout
+    return shards, layout
 
 
-def checked_rank_state(paths: Sequence[Path], args: ModelArgs, rank: int, size: int,
+def checked_rank_state(paths, args: ModelArgs, rank: int, size: int,
                        layout: EmbeddingLayout) -> StateDict:
-    """rank_state_dict over freshly opened shards, with every shape checked."""
-    state = rank_state_dict(LazyShards(paths), args, rank, size, layout)
-    check_shapes(state, expected_shapes(args, size, layout), f"{paths[0].parent} (rank {rank} of {size})",
+    """rank_state_dict over freshly opened shards (a list of paths, or LazyShards), with every shape checked."""
+    shards = paths if isinstance(paths, LazyShards) else LazyShards(paths)
+    state = rank_state_dict(shards, args, rank, size, layout)
+    check_shapes(state, expected_shapes(args, size, layout), f"{shards.paths[0].parent} (rank {rank} of {size})",
                  "The shards do not agree with each other: they come from different checkpoints.")
     return state
 
 
 def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_size: int):
-    """This rank's weights from a checkpoint directory written for any MP size.
+    """This rank's weights from a checkpoint directory written for any MP size;
+    only the shard files this rank reads need to be in it.
 
     Returns (state_dict, embedding_layout).
     """
-    paths, layout = inspect_checkpoint(ckpt_dir, args, raw_vocab_size)
-    if len(paths) != size:
+    prepared = inspect_rank_files(ckpt_dir, args, raw_vocab_size, rank, size)
+    return load_prepared_rank_state(prepared, ckpt_dir, args, rank, size)
+
+
+def load_prepared_rank_state(prepared, ckpt_dir, args: ModelArgs, rank: int, size: int):
+    """load_rank_state after `inspect_rank_files` gave `prepared` (shards, layout)."""
+    shards, layout = prepared
+    if len(shards) != size:
         check_world_size(args, size, f"running on {size} processes")  # before announcing a reshard that cannot happen
         logger.info("Resharding %s from %d to %d model-parallel ranks on the fly (utils/shard_model_checkpoint.py "
-                    "does it once, ahead of time)", ckpt_dir, len(paths), size)
-    return checked_rank_state(paths, args, rank, size, layout), layout
+                    "does it once, ahead of time)", ckpt_dir, len(shards), size)
+    return checked_rank_state(shards, args, rank, size, layout), layout
 
 
 def available_memory(device: torch.device) -> Optional[int]:

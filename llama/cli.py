@@ -48,11 +48,17 @@ def set_threads(threads: Optional[int]) -> None:
     torch.set_num_threads(threads)
 
 
+# What gloo says when a peer dies ("Connection reset by peer", "Connection
+# closed by peer", "Broken pipe") or hangs ("Timed out waiting ... for recv").
+# Not every error of gloo's: a local set-up error (an unknown interface) is
+# no lost rank, and distributed.SetupError reports those at start-up.
+_PEER_LOST = ("Connection reset", "Connection closed", "Connection refused", "Broken pipe", "Timed out",
+              "timed out", "Socket Timeout", "NCCL")
+
+
 def _is_communication_error(e: BaseException) -> bool:
-    # gloo reports a dead or hung peer as a plain RuntimeError ("Connection
-    # reset by peer", "Timed out waiting ... for recv"); NCCL as a DistError.
     text = str(e)
-    return isinstance(e, dist.DistError) or any(s in text for s in ("gloo", "Connection reset", "Timed out", "NCCL"))
+    return isinstance(e, dist.DistError) or any(s in text for s in _PEER_LOST)
 
 
 def _job_store():

@@ -11,6 +11,9 @@ Every rank ends with bit-identical sums (each round adds the same two
 operands, and float addition commutes), which keeps sampling in lockstep.
 """
 
+from collections import deque
+from typing import Deque, Dict, Tuple
+
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
@@ -19,11 +22,37 @@ from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 SMALL = 1 << 18
 
 
+# Receives posted ahead, AHEAD per (peer, shape, dtype): gloo sends a
+# payload only once the receiver has said it is ready, so a receive posted
+# only when the exchange starts costs a full round trip. Posted several
+# exchanges ahead (the next layers', the next step's), the ready notice has
+# long arrived when the peer sends, and an exchange costs the one-way
+# latency. Each kind of exchange has its own tag, given in order of first
+# use: every rank runs the same exchanges in the same order, so the tags
+# agree without being sent.
+AHEAD = 4
+_posted: Dict[Tuple, Deque[Tuple[torch.Tensor, object]]] = {}
+_tags: Dict[Tuple, int] = {}
+
+
+# Only decoding's shapes are posted ahead ((rows, 1, dim) activations and
+# (rows, k) arg-max pairs, at most this many elements): a posted receive can
+# never be withdrawn, so the shapes that get them must be few and small.
+AHEAD_MAX_ELEMENTS = 1 << 15
+
+
 def _exchange(t: torch.Tensor, peer: int, group) -> torch.Tensor:
-    received = torch.empty_like(t)
-    ops = [dist.P2POp(dist.isend, t, peer, group), dist.P2POp(dist.irecv, received, peer, group)]
-    for request in dist.batch_isend_irecv(ops):
-        request.wait()
+    key = (id(group), peer, tuple(t.shape), t.dtype)
+    tag = _tags.setdefault(key, len(_tags) + 1)
+    queue = _posted.setdefault(key, deque())
+    decoding = t.numel() <= AHEAD_MAX_ELEMENTS and (t.dim() < 3 or t.shape[-2] == 1)
+    while len(queue) < (AHEAD + 1 if decoding else 1):
+        buffer = torch.empty_like(t)
+        queue.append((buffer, dist.irecv(buffer, peer, group, tag=tag)))
+    send = dist.isend(t, peer, group, tag=tag)
+    received, request = queue.popleft()
+    request.wait()
+    send.wait()
     return received
 
 
@@ -48,11 +77,42 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 def all_gather_last_dim(t: torch.Tensor) -> torch.Tensor:
     """Concatenation of every rank's `t` along the last dimension
-    (ColumnParallelLinear's gathered output)."""
+    (ColumnParallelLinear's gathered output, ParallelEmbedding's lookup).
+    Small tensors on gloo: recursive doubling as in `all_reduce`, each round
+    exchanging the blocks gathered so far."""
     group = get_model_parallel_group()
     world = dist.get_world_size(group)
     if world == 1:
         return t
+    if dist.get_backend(group) == "gloo" and t.numel() * world <= SMALL and world & (world - 1) == 0:
+        rank, have = dist.get_rank(group), t.contiguous()  # `have`: the blocks of ranks rank & ~(step - 1) ...
+        step = 1
+        while step < world:
+            other = _exchange(have, dist.get_global_rank(group, rank ^ step), group)
+            have = torch.cat([have, other] if rank & step == 0 else [other, have], dim=-1).contiguous()
+            step *= 2
+        return have
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
+
+
+def vocab_parallel_argmax(local: torch.Tensor) -> torch.Tensor:
+    """torch.argmax over the last dimension of logits split by vocabulary
+    across the ranks (rank r holds ids r*V/N ..), exchanging each rank's
+    (max, index) instead of the logits: 16 bytes a row, not 4V/N.
+
+    Exact, ties included: argmax takes the lowest index among equal maxima,
+    and so does this (the lowest rank among those with the maximum, then that
+    rank's own lowest index). Returns (rows,) int64.
+    """
+    group = get_model_parallel_group()
+    world = dist.get_world_size(group)
+    best, index = local.max(dim=-1)  # first occurrence of the maximum, as argmax
+    if world == 1:
+        return index
+    index = index + dist.get_rank(group) * local.shape[-1]
+    pairs = torch.stack([best.double(), index.double()], dim=-1)  # (rows, 2): ids < 2**53 are exact
+    every = all_gather_last_dim(pairs).view(*pairs.shape[:-1], world, 2)  # (rows, world, 2), rank order
+    winner = torch.argmax(every[..., 0], dim=-1)  # the lowest rank holding the maximum
+    return every[..., 1].gather(-1, winner[..., None])[..., 0].long()

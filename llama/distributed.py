@@ -8,8 +8,10 @@ import contextlib
 import functools
 import io
 import logging
+import ipaddress
 import math
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -31,6 +33,17 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 # its connections close). Generous, because the first collective also waits
 # for the slowest rank to finish loading its weights.
 _TIMEOUT_FALLBACK_S = 600.0
+
+
+# How long start-up (every rank's first connection to the others) may take
+# before a rank says which set-up problem is likely: torchrun's own
+# rendezvous has already brought the nodes' launchers together, so the
+# workers start within seconds of each other.
+START_TIMEOUT_S = 60.0
+
+
+class SetupError(ValueError):
+    """This node cannot join the others (its network set-up), with the fix."""
 
 
 def dist_timeout_s() -> float:
@@ -117,7 +130,9 @@ def init_distributed(device: Optional[str], model_parallel_size: Optional[int] =
         backend = "nccl" if dev.type == "cuda" else "gloo"
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:  # launched by torchrun (or set up by hand)
-            dist.init_process_group(backend, timeout=timeout)
+            if backend == "gloo":
+                check_gloo_interface(os.environ)
+            _join(backend, timeout)
         else:
             # Plain `python`: a one-process group needs no rendezvous.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -137,6 +152,66 @@ def init_distributed(device: Optional[str], model_parallel_size: Optional[int] =
         with contextlib.redirect_stdout(io.StringIO()), _new_groups_with_timeout(timedelta(seconds=timeout_s)):
             initialize_model_parallel(world_size)
     return DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def _is_loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return addr == "localhost"
+
+
+def check_gloo_interface(env) -> None:
+    """Set-up mistakes found before connecting: a GLOO_SOCKET_IFNAME that is no
+    interface of this host, or (with nodes on other hosts) a host name that
+    resolves to a loopback address, which gloo would then announce to them."""
+    names = env.get("GLOO_SOCKET_IFNAME")
+    have = sorted(name for _, name in socket.if_nameindex())
+    if names:
+        unknown = [n for n in names.split(",") if n not in have]
+        if unknown:
+            raise SetupError(
+                f"GLOO_SOCKET_IFNAME={names} names {', '.join(unknown)}, which is not a network interface of this host "
+                f"({socket.gethostname()} has {', '.join(have)}): set it to the interface that reaches the other "
+                "nodes (see `ip -brief address`), or unset it")
+        return
+    several_nodes = int(env.get("WORLD_SIZE", 1)) > int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))
+    if not several_nodes or _is_loopback(env.get("MASTER_ADDR", "")):
+        return  # one host, or every node on this one (tests): loopback is right
+    try:
+        mine = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return  # gloo then picks an interface itself
+    if _is_loopback(mine):
+        raise SetupError(
+            f"this host's name {socket.gethostname()!r} resolves to {mine}, a loopback address, so the other nodes "
+            f"could not connect to it: set GLOO_SOCKET_IFNAME to the interface that reaches them (one of "
+            f"{', '.join(n for n in have if n != 'lo')}), or fix the name's entry in /etc/hosts")
+
+
+def _join(backend: str, timeout: timedelta) -> None:
+    """init_process_group, with start-up failures named as what they are.
+
+    Joining waits at most START_TIMEOUT_S (or the shorter LLAMA_DIST_TIMEOUT)
+    for the other ranks; collectives then get the full timeout.
+    """
+    start = min(timeout, timedelta(seconds=START_TIMEOUT_S))
+    try:
+        dist.init_process_group(backend, timeout=start)
+    except (RuntimeError, dist.DistError) as e:
+        text = str(e)
+        if "Unable to find address" in text:
+            raise SetupError(f"gloo cannot use the network interface named in GLOO_SOCKET_IFNAME "
+                             f"({text.splitlines()[0][-120:]}): set it to one this host has, or unset it") from e
+        raise SetupError(
+            f"could not connect to the other ranks within {start.total_seconds():.0f} s of starting "
+            f"(master {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}; "
+            f"{text.splitlines()[0][:200] if text else type(e).__name__}). Another node may have failed at start-up "
+            "(see its output), or cannot reach this one: check that every node runs the same command with the same "
+            "--master_addr, that no firewall blocks the ports, and that GLOO_SOCKET_IFNAME names the interface "
+            "that reaches the other nodes") from e
+    if start != timeout:
+        dist.distributed_c10d._set_pg_timeout(timeout)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .collectives import vocab_parallel_argmax
 from .messages import StopReason
 from .metrics import RequestMetrics
 from .sampling import RowState, SamplingParams, sample_rows, token_logprobs
@@ -253,6 +254,8 @@ class Engine:
         if cancelled or admitted:
             payload = [(cancelled, [(s.id, s.request, s.seed) for s in admitted])]
             dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
+            if admitted:
+                self._agree(None)
 
     def _receive_plan(self) -> Tuple[List[int], List[_Sequence]]:
         header = torch.zeros(3, dtype=torch.long, device=self._comm_device())
@@ -266,7 +269,7 @@ class Engine:
         payload = [None]
         dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
         cancelled, admissions = payload[0]
-        admitted = []
+        admitted, problem = [], None
         for rid, request, seed in admissions:
             local = self._sequences.get(rid)
             if local is None:  # submitted on rank 0 only (a server): follow it
@@ -274,10 +277,22 @@ class Engine:
                 self._sequences[rid] = local
                 self._next_id = max(self._next_id, rid + 1)
             else:
-                _check_same_request(rid, local.request, request)
+                problem = problem or _request_difference(rid, local.request, request)
                 local.seed = seed
             admitted.append(local)
+        if admissions:
+            self._agree(problem)
         return cancelled, admitted
+
+    def _agree(self, problem: Optional[str]) -> None:
+        """Every rank learns whether any rank was given another request than
+        rank 0's (one small exchange per step that admits requests), and then
+        every rank stops with the same message, not only the one that differs."""
+        said: List[Optional[str]] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(said, problem, group=self._group)
+        first = next((p for p in said if p is not None), None)
+        if first is not None:
+            raise ValueError(first)
 
     def _comm_device(self) -> torch.device:
         return self.device if dist.get_backend(self._group) == "nccl" else torch.device("cpu")
@@ -315,6 +330,13 @@ class Engine:
         tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
         positions = [s.next_pos for s in rows]
         start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        if self._world > 1 and all(_plain_greedy(s.request.params) for s in rows):
+            # Greedy rows need only the arg-max: each rank's (max, index) is
+            # exchanged, not its slice of the logits (4V/N bytes a row).
+            local = self.model.forward(tokens, start, last_logits_only=True, gather_logits=False)[:, 0]
+            for seq, pos in zip(rows, positions):
+                seq.cached = pos + 1
+            return self._emit(rows, vocab_parallel_argmax(local), None)
         logits = self.model.forward(tokens, start, last_logits_only=True)[:, 0]  # (rows, vocab)
         for seq, pos in zip(rows, positions):
             seq.cached = pos + 1
@@ -362,7 +384,9 @@ class Engine:
 
     def _sample_and_emit(self, rows: List[_Sequence], logits: torch.Tensor) -> List[TokenEvent]:
         next_tokens = self._sample(rows, logits)
-        lps = self._logprobs(rows, logits, next_tokens)
+        return self._emit(rows, next_tokens, self._logprobs(rows, logits, next_tokens))
+
+    def _emit(self, rows: List[_Sequence], next_tokens: torch.Tensor, lps) -> List[TokenEvent]:
         now = time.perf_counter()
         events = []
         for i, (seq, token) in enumerate(zip(rows, next_tokens.tolist())):
@@ -456,6 +480,11 @@ class Engine:
 _EMPTY = torch.zeros(0, dtype=torch.long)
 
 
+def _plain_greedy(p: SamplingParams) -> bool:
+    """A row whose next token is the arg-max of the raw logits, nothing else asked of them."""
+    return p.greedy and not p.has_penalties and not p.wants_logprobs
+
+
 def _model_parallel_group():
     if not dist.is_initialized():
         return None
@@ -464,12 +493,20 @@ def _model_parallel_group():
     return get_model_parallel_group() if model_parallel_is_initialized() else None
 
 
-def _check_same_request(rid: int, mine: Request, rank0: Request) -> None:
-    """Every rank runs rank 0's request; a rank that was asked something else says so."""
+def _request_difference(rid: int, mine: Request, rank0: Request) -> Optional[str]:
+    """Every rank runs rank 0's request; the first field in which this rank was asked something else, described."""
+    import socket
+
     for f in dataclasses.fields(Request):
         a, b = getattr(mine, f.name), getattr(rank0, f.name)
-        if a != b:
-            raise ValueError(
-                f"request {rid} differs between ranks in {f.name}: rank {dist.get_rank()} has {a!r:.120}, "
-                f"rank 0 has {b!r:.120}. Every rank must be given the same prompts and sampling settings"
-            )
+        if a == b:
+            continue
+        name = f.name
+        if f.name == "params":  # name the sampling setting (temperature, max_tokens, seed, ...)
+            fields = [g.name for g in dataclasses.fields(a) if getattr(a, g.name) != getattr(b, g.name)]
+            name, a, b = f"params.{fields[0]}", getattr(a, fields[0]), getattr(b, fields[0])
+        return (f"request {rid} differs between ranks in {name}: rank {dist.get_rank()} on {socket.gethostname()} "
+                f"has {a!r:.120}, rank 0 has {b!r:.120}. Every rank must be given the same prompts and sampling "
+                "settings (max_tokens is max_gen_len)")
+    return None
+

@@ -1,12 +1,18 @@
 """Every node must load the same checkpoint with the same settings.
 
 Each rank describes what it is about to load in a few hundred bytes (hashes
-of params.json, the tokenizer, manifest.json and checklist.chk; the shard
-file sizes; dtype and the runtime limits) and all ranks exchange these at
-build time. A node whose folder holds another checkpoint would otherwise load
-and generate garbage, or fail later in a collective with a raw error; here
-every rank stops at once with a message naming the node and what differs.
-Costs milliseconds: nothing is read but the small files.
+of params.json, the tokenizer, manifest.json and checklist.chk; the sizes of
+the shard files it has; a hash of the weights every shard repeats (the
+norms); dtype and the runtime limits) and all ranks exchange these at build
+time, together with any error the rank met preparing its load. A node whose
+folder holds another checkpoint would otherwise load and generate garbage,
+or fail later in a collective with a raw error, while the others wait for
+it; here every rank stops at once with a message naming the node and what
+differs. Costs milliseconds: nothing is read but the small files and the
+norms (memory-mapped).
+
+A node may hold only its own ranks' shard files: shard sizes are compared
+only for the files both ranks have.
 """
 
 import hashlib
@@ -35,7 +41,7 @@ def describe(ckpt_dir, tokenizer_path, **settings) -> Dict[str, object]:
     about = {
         "params.json": _sha(ckpt_dir / "params.json"),
         "tokenizer": _sha(Path(tokenizer_path)),
-        "shard sizes": [(p.name, p.stat().st_size) for p in shards if p.is_file()],
+        "shard sizes": {p.name: p.stat().st_size for p in shards if p.is_file()},
         **{name: _sha(ckpt_dir / name) for name in _OPTIONAL},
         **{k: str(v) for k, v in sorted(settings.items())},
     }
@@ -53,20 +59,49 @@ def differences(mine: Dict[str, object], theirs: Dict[str, object]) -> List[str]
         a, b = mine.get(key), theirs.get(key)
         if key in _OPTIONAL and (a is None or b is None):
             continue
+        if isinstance(a, dict) and isinstance(b, dict):  # only the files both have
+            a, b = ({k: v for k, v in d.items() if k in a.keys() & b.keys()} for d in (a, b))
         if a != b:
             out.append(key)
     return sorted(out)
 
 
-def check_same_checkpoint(ckpt_dir, tokenizer_path, **settings) -> None:
-    """Raises ValueError on every rank if any rank loads something else than rank 0."""
+def replicated_hash(state: dict) -> str:
+    """A hash of the tensors every shard holds whole (the norms): the same on
+    every rank of one checkpoint, whichever shard it reads."""
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(k for k in state if "norm" in k):
+        t = state[key]
+        h.update(key.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def check_same_checkpoint(ckpt_dir, tokenizer_path, error: Optional[BaseException] = None,
+                          extra: Optional[dict] = None, **settings) -> None:
+    """Raises on every rank if any rank loads something else than rank 0, or
+    met `error` preparing its load (that rank raises its own error, the others
+    a ValueError naming it). `extra`: more facts to compare (a weights hash)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
         return
-    mine = {"who": (dist.get_rank(), _node(), str(ckpt_dir)), "about": describe(ckpt_dir, tokenizer_path, **settings)}
+    about = {**describe(ckpt_dir, tokenizer_path, **settings), **(extra or {})}
+    mine = {"who": (dist.get_rank(), _node(), str(ckpt_dir)), "about": about,
+            "error": None if error is None else str(error)}
     everyone: List[dict] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
+    if error is not None:
+        raise error
+    failed = [other for other in everyone if other["error"] is not None]
+    if failed:
+        rank, node, folder = failed[0]["who"]
+        raise ValueError(f"rank {rank} on {node} cannot load its part of {folder}: {failed[0]['error']}"
+                         + (f" ({len(failed) - 1} more ranks failed too)" if len(failed) > 1 else ""))
     first = everyone[0]
     problems = []
     for other in everyone[1:]:

@@ -17,10 +17,10 @@ import torch
 
 from .args import ModelArgs
 from .chat_format import ChatFormat
-from .checkpoint import check_cache_memory, load_rank_state
+from .checkpoint import check_cache_memory, first_needed_shard, inspect_rank_files, load_prepared_rank_state
 from .distributed import init_distributed, is_rank0, resolve_dtype
 from .engine import Completion, Engine, Request, TokenEvent
-from .fingerprint import check_same_checkpoint
+from .fingerprint import check_same_checkpoint, replicated_hash
 from .linear import QUANTIZATIONS, use_kernels
 from .messages import Dialog, Message, StopReason
 from .metrics import GenerationMetrics, MetricsRecorder
@@ -118,12 +118,21 @@ class Llama:
         torch_dtype = resolve_dtype(dtype, dist_info.device)
         torch.manual_seed(seed)
 
-        # Cheap facts first: every node loads the same checkpoint with the same
-        # settings, and the KV cache fits in memory, before any weight is read.
-        check_same_checkpoint(ckpt_dir, tokenizer_path, dtype=torch_dtype, quantize=quantize,
-                              max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
-        check_cache_memory(args, dist_info.world_size, dist_info.device, torch_dtype)
-        state, layout = load_rank_state(ckpt_dir, args, dist_info.rank, dist_info.world_size, raw_vocab_size)
+        # Cheap facts first: this rank's files are there and fit params.json,
+        # every node loads the same checkpoint with the same settings, and the
+        # KV cache fits in memory, before any weight is read. Errors are
+        # exchanged too, so that no rank waits for one that has given up.
+        error, prepared, weights = None, None, {}
+        try:
+            check_cache_memory(args, dist_info.world_size, dist_info.device, torch_dtype)
+            prepared = inspect_rank_files(ckpt_dir, args, raw_vocab_size, dist_info.rank, dist_info.world_size)
+            weights["weights (replicated norms)"] = replicated_hash(
+                prepared[0][first_needed_shard(len(prepared[0]), dist_info.rank, dist_info.world_size)])
+        except (FileNotFoundError, ValueError) as e:
+            error = e
+        check_same_checkpoint(ckpt_dir, tokenizer_path, error=error, extra=weights, dtype=torch_dtype,
+                              quantize=quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
+        state, layout = load_prepared_rank_state(prepared, ckpt_dir, args, dist_info.rank, dist_info.world_size)
         state = {k: v.to(device=dist_info.device, dtype=torch_dtype).contiguous() for k, v in state.items()}
         with torch.device("meta"):
             model = Transformer(args, embedding_layout=layout)

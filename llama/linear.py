@@ -9,16 +9,24 @@ close to all of it, in fp32 and bf16 (see benchmarks/linear_kernels.py).
 Weight-only int8 reads half the bytes of bf16 again.
 
 `use_kernels(model, ...)` swaps each parallel layer, after its weights are
-loaded, for a `KernelLinear` that does the same collective (through
-collectives.py, which is faster for decoding on gloo) with a faster matmul. On GPU (and where oneDNN lacks the dtype) the fairscale
-layers stay as they are unless int8 is asked for.
+loaded, for a `KernelLinear` that does the same collective through
+collectives.py (one paired exchange per reduction on gloo, where fairscale's
+own all_reduce costs two round trips) with the fastest matmul there is:
+oneDNN's on CPU where it has the dtype, int8 if asked, else `F.linear`. The
+embeddings are swapped the same way (`KernelEmbedding`), so that no
+reduction of the model goes through fairscale's collectives.
 """
 
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from torch import nn
 
 from .collectives import all_gather_last_dim, all_reduce
@@ -75,6 +83,40 @@ class Int8Matmul(nn.Module):
         return y.reshape(*lead, -1).to(x.dtype)
 
 
+class PlainMatmul(nn.Module):
+    """F.linear, what fairscale's layers compute (where no faster kernel applies)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class KernelEmbedding(nn.Module):
+    """fairscale's VocabParallelEmbedding (rows split by vocabulary: a lookup
+    of the local rows, then a sum over ranks) or ParallelEmbedding (columns
+    split by dim: a lookup, then a gather), with collectives.py's collectives."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.data, requires_grad=False)
+        if isinstance(layer, VocabParallelEmbedding):
+            self.start, self.stop = layer.vocab_start_index, layer.vocab_end_index
+        elif isinstance(layer, ParallelEmbedding):
+            self.start = self.stop = None
+        else:
+            raise TypeError(f"not a fairscale parallel embedding: {type(layer).__name__}")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            return all_gather_last_dim(F.embedding(tokens, self.weight))
+        outside = (tokens < self.start) | (tokens >= self.stop)
+        local = F.embedding((tokens - self.start).masked_fill(outside, 0), self.weight)
+        return all_reduce(local.masked_fill(outside[..., None], 0))
+
+
 class KernelLinear(nn.Module):
     """A fairscale parallel linear layer with another matmul, same collective."""
 
@@ -101,13 +143,13 @@ class KernelLinear(nn.Module):
         return y
 
 
-def choose_matmul(weight: torch.Tensor, quantize: Optional[str]) -> Optional[nn.Module]:
-    """The faster matmul for this weight, or None if fairscale's F.linear is it."""
+def choose_matmul(weight: torch.Tensor, quantize: Optional[str]) -> nn.Module:
+    """The fastest matmul for this weight (F.linear where nothing beats it)."""
     if quantize == "int8":
         return Int8Matmul(weight)
     if weight.device.type == "cpu" and onednn_available(weight.dtype):
         return OneDNNMatmul(weight)
-    return None
+    return PlainMatmul(weight)
 
 
 def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
@@ -125,7 +167,7 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                matmul = choose_matmul(child.weight.data, quantize)
-                if matmul is not None:
-                    setattr(module, child_name, KernelLinear(child, matmul))
+                setattr(module, child_name, KernelLinear(child, choose_matmul(child.weight.data, quantize)))
+            elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
+                setattr(module, child_name, KernelEmbedding(child))
     return model

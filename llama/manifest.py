@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 NAME = "manifest.json"
 VERSION = 1
@@ -60,8 +60,11 @@ def read_manifest(folder: Path):
     return data
 
 
-def check_folder(folder: Path, shard_names: List[str]) -> None:
-    """Refuses a folder whose files are not the ones its manifest lists, naming them."""
+def check_folder(folder: Path, shard_names: List[str], needed: Optional[List[str]] = None) -> None:
+    """Refuses a folder whose files are not the ones its manifest lists, naming them.
+
+    `needed`: the shards that must be present (default all; a node of a
+    multi-node run may hold only its own ranks' shards)."""
     data = read_manifest(folder)
     if data is None:
         return
@@ -78,7 +81,8 @@ def check_folder(folder: Path, shard_names: List[str]) -> None:
             continue
         path = folder / name
         if not path.is_file():
-            missing.append(name)
+            if needed is None or name in needed:
+                missing.append(name)
         elif path.stat().st_size != want["size"]:
             problems.append(f"{name} has {path.stat().st_size:,} bytes, the writer wrote {want['size']:,}")
         elif fingerprint(path) != want["fingerprint"]:

@@ -292,7 +292,8 @@ class Transformer(nn.Module):
             layer.attention.allocate_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos, *, last_logits_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos, *, last_logits_only: bool = False,
+                gather_logits: bool = True) -> torch.Tensor:
         """Runs `tokens` (bs, seq) in KV-cache rows 0..bs-1 and fills the cache.
 
         `start_pos` is the position of each row's first token: an int for the
@@ -300,12 +301,18 @@ class Transformer(nn.Module):
         its own cached positions before its tokens and causally among them.
         Returns float logits (bs, seq, vocab) for every position, or
         (bs, 1, vocab) for the last one if `last_logits_only` (what decoding needs).
+        With `gather_logits=False`, only this rank's slice of the vocabulary
+        (vocab / world size consecutive ids, rank 0 first), without the gather.
         """
         bsz, seqlen = tokens.shape
         inputs = self._inputs_at(bsz, seqlen, start_pos, tokens.device)
         h = self._layers(tokens, inputs)
         if last_logits_only:
             h = h[:, -1:]
+        if not gather_logits:
+            out = self.output
+            local = out.matmul(self.norm(h)) if hasattr(out, "matmul") else F.linear(self.norm(h), out.weight)
+            return local.float()  # (bs, seq or 1, vocab / world)
         return self.output(self.norm(h)).float()  # (bs, seq or 1, vocab)
 
     @torch.inference_mode()

@@ -22,21 +22,40 @@ PROMPTS = ["The llama is a domesticated", "Model parallelism splits every layer 
 
 
 def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, max_seq_len: int = 64,
-         step_delay: float = 0.0, progress: Optional[str] = None):
+         step_delay: float = 0.0, progress: Optional[str] = None, temperature: float = 0.0,
+         dtype: str = "float32"):
     gen = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=len(PROMPTS),
-                      device="cpu", dtype="float32")
+                      device="cpu", dtype=dtype)
     prompts = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     if step_delay:  # slow generation down, so a test can kill a rank in the middle of it
         for i, _ in enumerate(gen.generate_stream(prompts[:1], max_gen_len, temperature=0)):
             if progress and dist.get_rank() == 0:
                 Path(progress).write_text(str(i + 1))
             time.sleep(step_delay)
-    tokens, _ = gen.generate(prompts, max_gen_len, temperature=0)
+    tokens, _ = gen.generate(prompts, max_gen_len, temperature=temperature)
     joined = joining_requests(gen, prompts, max_gen_len)
     followed = rank0_only_requests(gen, prompts, max_gen_len)
     logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
+    ties = argmax_ties()
     if dist.get_rank() == 0:
-        torch.save({"tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
+        torch.save({"argmax_ties": ties, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
+
+
+def argmax_ties():
+    """The arg-max exchanged between ranks equals torch.argmax on the full
+    logits, ties across ranks included (the lowest id wins)."""
+    from llama.collectives import vocab_parallel_argmax
+
+    world, rank, vocab = dist.get_world_size(), dist.get_rank(), 16
+    per = vocab // world
+    full = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0))
+    full[0] = 1.0  # every id ties
+    full[1, [3, vocab - 1]] = 9.0  # a tie between the first and the last rank
+    full[2, -1] = 9.0
+    full[3, [7, 8]] = 9.0  # a tie across a rank boundary (2 or 4 ranks)
+    full[4, [9, 10]] = 9.0  # a tie inside one rank
+    got = vocab_parallel_argmax(full[:, rank * per:(rank + 1) * per])
+    return got.tolist() == torch.argmax(full, dim=-1).tolist()
 
 
 def joining_requests(gen, prompts, max_gen_len):

@@ -55,6 +55,7 @@ def reference(make_ckpt, tmp_path_factory):
 
 def assert_same(result, ref, world_size):
     assert result["world_size"] == world_size
+    assert result["argmax_ties"]
     assert result["tokens"] == ref["tokens"]
     assert result["joined"] == ref["joined"]  # requests joining a running batch, rank 0 deciding
     assert result["followed"] == ref["followed"]  # requests given to rank 0 only, the others following

@@ -69,3 +69,32 @@ def test_unknown_quantization(make_ckpt):
     ckpt = make_ckpt("llama3")
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, quantize="int4")
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3"])
+def test_every_collective_goes_through_ours_in_any_dtype(family, make_ckpt, monkeypatch):
+    """No fairscale layer is left (its all_reduce costs two round trips on
+    gloo): with no faster kernel (oneDNN reported missing, as for bf16 on a CPU
+    without AVX-512 BF16) the layers keep F.linear, the embedding its lookup,
+    and the logits are those of fairscale's layers exactly."""
+    from fairscale.nn.model_parallel.layers import (ColumnParallelLinear, ParallelEmbedding, RowParallelLinear,
+                                                     VocabParallelEmbedding)
+
+    import llama.linear as linear
+    from llama.linear import KernelEmbedding, PlainMatmul
+
+    ckpt = make_ckpt(family)
+    kw = dict(max_seq_len=32, max_batch_size=1, device="cpu", dtype="bfloat16")
+    tokens = torch.randint(0, 500, (1, 9), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(linear, "use_kernels", lambda model, quantize=None: model)
+    monkeypatch.setattr("llama.generation.use_kernels", linear.use_kernels)
+    plain = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw).model.forward(tokens, 0)
+    monkeypatch.undo()
+    monkeypatch.setattr(linear, "onednn_available", lambda dtype: False)
+    gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)
+    fairscale_layers = (ColumnParallelLinear, RowParallelLinear, ParallelEmbedding, VocabParallelEmbedding)
+    assert not [m for m in gen.model.modules() if isinstance(m, fairscale_layers)]
+    assert isinstance(gen.model.tok_embeddings, KernelEmbedding)
+    assert (gen.model.tok_embeddings.start is None) == (family == "llama2")  # Llama 2 splits the embedding by dim
+    assert all(isinstance(m.matmul, PlainMatmul) for m in gen.model.modules() if isinstance(m, KernelLinear))
+    assert torch.equal(gen.model.forward(tokens, 0), plain)

@@ -3,11 +3,13 @@ checkpoints or settings stop at build time, on both nodes, with the node and
 what differs named, instead of generating garbage (issue 13)."""
 
 import json
+import socket
 import shutil
 import subprocess
 import time
 
 import pytest
+import torch
 
 from conftest import REPO
 from llama.fingerprint import describe, differences
@@ -57,3 +59,70 @@ def test_describe_and_differences(make_ckpt, tmp_path):
     assert differences(a, describe(copy, copy / "tokenizer.model", dtype="float32")) == []
     (copy / "consolidated.01.pth").write_bytes(b"short")
     assert differences(a, describe(copy, copy / "tokenizer.model", dtype="bfloat16")) == ["dtype", "shard sizes"]
+
+
+def _node_folder(src, dst, shard, extra=()):
+    """What one node of a two-node run needs: params.json, the tokenizer and its own shard."""
+    dst.mkdir()
+    for name in ("params.json", "tokenizer.model", f"consolidated.{shard:02d}.pth", *extra):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+def test_each_node_holds_only_its_own_shard(make_ckpt, tmp_path):
+    from test_distributed import run_worker
+
+    src = make_ckpt("llama3", shards=2)
+    reference = run_worker(src, tmp_path)  # one process, every shard
+    a = _node_folder(src, tmp_path / "node_a", 0, extra=("manifest.json", "checklist.chk"))
+    b = _node_folder(src, tmp_path / "node_b", 1)  # no manifest, no checklist: a copy made by hand
+    port, out = free_port(), tmp_path / "two.pt"
+    procs = [subprocess.Popen(worker_cmd(ckpt, out, 1, node=n, port=port), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for n, ckpt in enumerate((a, b))]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    result = torch.load(out, weights_only=True)
+    assert result["tokens"] == reference["tokens"]
+    torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_node_without_the_shard_its_rank_needs_stops_every_node(make_ckpt, tmp_path):
+    src = make_ckpt("llama3", shards=2)
+    a = _node_folder(src, tmp_path / "node_a", 0)
+    b = _node_folder(src, tmp_path / "node_b", 0)  # node 1 was given node 0's shard
+    procs, outputs, elapsed = run_two_nodes([a, b], tmp_path)
+    assert all(p.returncode != 0 for p in procs), "\n".join(outputs)
+    msg = f"{b} lacks consolidated.01.pth, which rank 1 of 2 needs (this checkpoint has 2 shards"
+    assert msg in outputs[1], outputs[1]
+    assert f"rank 1 on node 1 ({socket.gethostname()}) cannot load its part of {b}: {msg}" in outputs[0], outputs[0]
+    assert elapsed < 60
+
+
+def _without_checklists(ckpt, dst):
+    shutil.copytree(ckpt, dst)
+    for name in ("checklist.chk", "manifest.json"):
+        (dst / name).unlink()
+    return dst
+
+
+def test_nodes_with_other_weights_of_the_same_shape_are_named(make_ckpt, tmp_path):
+    a = _without_checklists(make_ckpt("llama3", shards=2), tmp_path / "a")
+    b = _without_checklists(make_ckpt("llama3", shards=2, seed=1), tmp_path / "b")
+    assert describe(a, a / "tokenizer.model")["shard sizes"] == describe(b, b / "tokenizer.model")["shard sizes"]
+    procs, outputs, elapsed = run_two_nodes([a, b], tmp_path)
+    assert all(p.returncode != 0 for p in procs), "\n".join(outputs)
+    for out in outputs:
+        assert f"({b}) differs in weights (replicated norms)" in out, out
+    assert elapsed < 60
+
+
+@pytest.mark.parametrize("option, value, field", [("dtype", "bfloat16", "differs in dtype"),
+                                                  ("temperature", 0.5, "differs between ranks in params.temperature"),
+                                                  ("max_gen_len", 5, "differs between ranks in params.max_tokens")])
+def test_nodes_given_other_options_or_requests_all_stop_naming_the_field(option, value, field, make_ckpt, tmp_path):
+    ckpt = make_ckpt("llama3", shards=2)
+    procs, outputs, elapsed = run_two_nodes([ckpt, ckpt], tmp_path, extra=({}, {option: value}))
+    assert [p.returncode != 0 for p in procs] == [True, True], "\n".join(outputs)
+    for out in outputs:
+        assert field in out and "exitcode  : 2" in out, out
+    assert elapsed < 60
