@@ -37,7 +37,7 @@ def sh(*cmd: str) -> None:
 
 
 def forward(src: int, dst: int, delay: float) -> None:
-    queue, lock, ready = [], threading.Lock(), threading.Condition()
+    queue, ready = [], threading.Condition()
     seq = 0
 
     def writer():

@@ -2,7 +2,6 @@
 megabytes and MB/s, on stderr. No dependency: on a terminal the line is
 redrawn in place; in a log file one line is written every few seconds."""
 
-import sys
 import time
 from typing import Optional, TextIO
 
