@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from .rank0_input import from_rank0, read_line_rank0
+
 
 def history_path() -> Optional[Path]:
     """Where the chat keeps its input history; LLAMA_HISTORY_FILE="" turns it off."""
@@ -48,8 +50,6 @@ class LineReader:
     the end of input (Ctrl-D, or Ctrl-C at the prompt)."""
 
     def __init__(self, history: Optional[Path] = None):
-        from .chat_session import from_rank0  # (chat_session imports this module)
-
         self.tty = from_rank0(_is_rank0() and sys.stdin.isatty())
         self.readline = None
         if self.tty and _is_rank0():
@@ -79,8 +79,6 @@ class LineReader:
             pass
 
     def __call__(self, prompt: str) -> Optional[str]:
-        from .chat_session import from_rank0, read_line_rank0
-
         if not self.tty:
             return read_line_rank0(prompt)
         line = None
