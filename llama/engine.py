@@ -139,7 +139,6 @@ class Engine:
         self._ended: List[_Sequence] = []  # cancelled, waiting for their last event
         self._stopping = False  # rank 0: the next step tells the other ranks to stop following
         self.stopped = False  # a following rank: rank 0 said stop
-        self.steps = 0
         group = _model_parallel_group()
         self._group = group
         self._world = dist.get_world_size(group) if group is not None else 1
@@ -212,7 +211,6 @@ class Engine:
             if self._world > 1:
                 self._broadcast_plan([], [], stop=True)
             return []
-        self.steps += 1
         admitted = self._plan()
         ended, self._ended = self._ended, []
         events = [self._finish_event(seq, StopReason.CANCELLED) for seq in ended]
@@ -367,8 +365,7 @@ class Engine:
             seq.cached = len(seq.request.prompt_tokens)
             if seq.request.prompt_logprobs:
                 prompt = torch.tensor(seq.request.prompt_tokens, device=out.device)
-                lp = torch.log_softmax(out[:-1], dim=-1).gather(-1, prompt[1:, None])[:, 0]
-                seq.prompt_logprobs = [0.0] + lp.tolist()
+                seq.prompt_logprobs = [0.0] + token_logprobs(out[:-1], prompt[1:])[0].tolist()
         events += [self._finish_event(s, StopReason.OUT_OF_TOKENS) for s in prefill if s.request.params.max_tokens == 0]
         sampled = [(s, o[-1:]) for s, o in zip(prefill, outs) if s.request.params.max_tokens != 0]
         if sampled:
@@ -377,10 +374,9 @@ class Engine:
 
     def _sample(self, rows: List[_Sequence], logits: torch.Tensor) -> torch.Tensor:
         """The next token (rows,) of each row, by its request's sampling parameters."""
-        states = [RowState(s.request.params, s.generator, self._context(s, full=True), self._context(s, full=False))
-                  if s.request.params.has_penalties else RowState(s.request.params, s.generator, _EMPTY, _EMPTY)
-                  for s in rows]
-        return sample_rows(logits, states)
+        if all(s.request.params.greedy and not s.request.params.has_penalties for s in rows):
+            return torch.argmax(logits, dim=-1)  # the common case needs no per-row state
+        return sample_rows(logits, [RowState(s.request.params, s.generator, *self._history(s)) for s in rows])
 
     def _sample_and_emit(self, rows: List[_Sequence], logits: torch.Tensor) -> List[TokenEvent]:
         next_tokens = self._sample(rows, logits)
@@ -428,7 +424,8 @@ class Engine:
         seq.texts.append(text)
         now = time.perf_counter()
         p = seq.request.params
-        n_generated = len(seq.tokens) + (token is not None and token in self.stop_tokens)  # stop token counted
+        stopped_on_token = token is not None and token in self.stop_tokens
+        n_generated = len(seq.tokens) + stopped_on_token  # the stop token counts as generated
         completion = Completion(
             prompt_tokens=list(seq.request.prompt_tokens), tokens=list(seq.tokens), text="".join(seq.texts),
             stop_reason=reason, logprobs=list(seq.logprobs) if p.wants_logprobs else None,
@@ -454,9 +451,13 @@ class Engine:
             out[i] = (chosen[j], alternatives)
         return out
 
-    def _context(self, seq: _Sequence, full: bool) -> torch.Tensor:
-        ids = (list(seq.request.prompt_tokens) if full else []) + seq.tokens
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
+    def _history(self, seq: _Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(prompt + answer ids, answer ids) for the penalties; empty when the request has none."""
+        if not seq.request.params.has_penalties:
+            return _EMPTY, _EMPTY
+        answer = torch.tensor(seq.tokens, dtype=torch.long, device=self.device)
+        prompt = torch.tensor(seq.request.prompt_tokens, dtype=torch.long, device=self.device)
+        return torch.cat([prompt, answer]), answer
 
     def check_prompt(self, tokens: Sequence[int], name: str = "the prompt") -> None:
         """Raises ValueError, naming the prompt `name`, if `tokens` cannot run in this model."""

@@ -274,7 +274,8 @@ class Llama:
                     if event.stop_reason is not None:
                         pending.discard(event.row)
                         generated += event.completion.metrics.generated_tokens
-                    yield dataclasses.replace(event, row=row)
+                    event.row = row  # the engine's events are fresh objects: renumber in place
+                    yield event
         finally:
             for rid in pending:
                 self.engine.cancel(rid)
