@@ -34,6 +34,14 @@ def find_tool(name: str):
 TINY = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32}
 
 
+def build_tiny(ckpt: Path, max_seq_len: int = 64, max_batch_size: int = 4):
+    """`Llama.build` of a tiny test checkpoint on CPU in fp32 (exact comparisons)."""
+    from llama import Llama
+
+    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=max_seq_len,
+                       max_batch_size=max_batch_size, device="cpu", dtype="float32")
+
+
 @pytest.fixture(scope="session")
 def llama3_tokenizer_path() -> Path:
     """The real Llama 3 tiktoken tokenizer.model (2,183,982 bytes)."""

@@ -4,7 +4,8 @@ leave a running batch, cancellation, per-request sampling."""
 import pytest
 import torch
 
-from llama import Llama, StopReason
+from conftest import build_tiny
+from llama import StopReason
 from llama.engine import Engine, Request
 from llama.sampling import SamplingParams
 
@@ -12,9 +13,7 @@ GREEDY = SamplingParams(temperature=0)
 
 
 def build(make_ckpt, family, max_batch_size=4, max_seq_len=64):
-    ckpt = make_ckpt(family)
-    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=max_seq_len,
-                       max_batch_size=max_batch_size, device="cpu", dtype="float32")
+    return build_tiny(make_ckpt(family), max_seq_len, max_batch_size)
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,18 @@
 import pytest
 import torch
 
-from llama import Llama, StopReason
+from conftest import build_tiny
+from llama import StopReason
 
 
 @pytest.fixture(scope="module")
 def llama3(make_ckpt):
-    ckpt = make_ckpt("llama3")
-    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=4,
-                       device="cpu", dtype="float32")
+    return build_tiny(make_ckpt("llama3"))
 
 
 @pytest.fixture(scope="module")
 def llama2(make_ckpt):
-    ckpt = make_ckpt("llama2")
-    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=4,
-                       device="cpu", dtype="float32")
+    return build_tiny(make_ckpt("llama2"))
 
 
 def test_kv_cache_decoding_equals_full_forward(llama3):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient  # the server and test extras
 
-from llama import Llama
+from conftest import build_tiny
 from llama.engine import Engine
 from llama.server.app import create_app
 from server_helpers import sse_events
@@ -20,9 +20,7 @@ USER = [{"role": "user", "content": "Hello there"}]
 
 @pytest.fixture(scope="module")
 def llama3(make_ckpt):
-    ckpt = make_ckpt("llama3")
-    return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=512, max_batch_size=2,
-                       device="cpu", dtype="float32")
+    return build_tiny(make_ckpt("llama3"), max_seq_len=512, max_batch_size=2)
 
 
 @pytest.fixture(scope="module")
