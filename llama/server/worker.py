@@ -151,6 +151,8 @@ class EngineWorker:
             events = engine.step() if (engine.has_work() or self.idle_step_s is not None) else []
             last_step = time.monotonic()
             self.steps += 1
+            # Counts first: a client that has its event may look at them at once.
+            self.running, self.waiting = len(engine.running), len(engine.waiting)
             for event in events:
                 h = self._handles.get(event.row)
                 if h is None:
@@ -158,7 +160,6 @@ class EngineWorker:
                 if event.stop_reason is not None:
                     del self._handles[event.row]
                 self._deliver(h, event, None)
-            self.running, self.waiting = len(engine.running), len(engine.waiting)
             if stopping and not engine.has_work():
                 engine.shutdown()  # under torchrun: the next step releases the ranks in follow()
                 engine.step()
