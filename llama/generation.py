@@ -18,6 +18,7 @@ import torch
 from .args import ModelArgs
 from .chat_format import ChatFormat
 from .checkpoint import check_cache_memory, first_needed_shard, inspect_rank_files, load_prepared_rank_state
+from .compiled import compile_decode
 from .distributed import init_distributed, is_rank0, resolve_dtype
 from .engine import Completion, Engine, Request, TokenEvent
 from .fingerprint import check_same_checkpoint, replicated_hash
@@ -78,6 +79,7 @@ class Llama:
         device: Optional[str] = None,
         dtype: Optional[str] = None,
         quantize: Optional[str] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Loads a Meta checkpoint for inference on this process's model-parallel rank.
 
@@ -94,6 +96,10 @@ class Llama:
             dtype: "bfloat16", "float32" or "float16"; default bfloat16.
             quantize: "int8" for weight-only int8 linear layers (per output
                 channel, applied to each rank's shard after loading), or None.
+            compile: Decode through a torch.compile'd transformer block
+                (llama/compiled.py): fewer, fused operations per token. The
+                first start compiles for tens of seconds (cached on disk
+                afterwards) and needs a C++ compiler on CPU.
 
         Returns:
             A ready `Llama`.
@@ -104,6 +110,8 @@ class Llama:
         start = time.perf_counter()
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}; use 'int8' or leave it unset")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -141,8 +149,11 @@ class Llama:
         use_kernels(model, quantize)
         model.setup_caches(dist_info.device, torch_dtype)
         model.eval()
-        logger.info("Loaded %s on %s (%s%s, rank %d of %d) in %.2f s", ckpt_dir, dist_info.device,
+        if compile:
+            compile_decode(model)
+        logger.info("Loaded %s on %s (%s%s%s, rank %d of %d) in %.2f s", ckpt_dir, dist_info.device,
                     str(torch_dtype).replace("torch.", ""), ", int8 weights" if quantize else "",
+                    ", compiled decoding" if compile else "",
                     dist_info.rank, dist_info.world_size, time.perf_counter() - start)
         return Llama(model, tokenizer)
 
