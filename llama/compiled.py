@@ -83,7 +83,7 @@ def compile_decode(model: nn.Module) -> None:
     a request. The steps write only cache positions 1 and 2 of rows 0 and 1,
     which every prompt overwrites before reading them.
     """
-    for module in list(model.modules()):
+    for module in list(model.layers.modules()):  # the blocks' layers; the output layer runs eagerly
         for name, child in list(module.named_children()):
             if isinstance(child, KernelLinear):
                 setattr(module, name, OpaqueLinear(child))
