@@ -25,7 +25,7 @@ from .engine import Completion, Engine, Request, TokenEvent
 from .fingerprint import check_same_checkpoint, replicated_hash
 from .linear import QUANTIZATIONS, use_kernels
 from .messages import Dialog, Message, StopReason
-from .metrics import GenerationMetrics, MetricsRecorder
+from .metrics import GenerationMetrics, MetricsRecorder, device_probes
 from .model import Transformer
 from .sampling import SamplingParams
 from .schema import shard_shapes
@@ -103,7 +103,8 @@ class Llama:
                 too if float32 weights would not fit in memory). The
                 "Loaded" log line says which and why.
             quantize: "int8" for weight-only int8 linear layers (per output
-                channel, applied to each rank's shard after loading), or None.
+                channel, applied to each rank's shard after loading, on the
+                CPU, so a model that fits a GPU only in int8 loads), or None.
             threads: CPU threads this process computes with
                 (torch.set_num_threads). Default: the physical cores this
                 process may run on (its CPU affinity) divided among the
@@ -150,12 +151,17 @@ class Llama:
         check_same_checkpoint(ckpt_dir, tokenizer_path, error=error, extra=weights, dtype=torch_dtype,
                               quantize=quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
         state, layout = load_prepared_rank_state(prepared, ckpt_dir, args, dist_info.rank, dist_info.world_size)
-        state = {k: v.to(device=dist_info.device, dtype=torch_dtype).contiguous() for k, v in state.items()}
+        # int8 is quantized on the CPU and then moved: the full-precision
+        # weights never occupy the GPU.
+        load_device = torch.device("cpu") if quantize else dist_info.device
+        state = {k: v.to(device=load_device, dtype=torch_dtype).contiguous() for k, v in state.items()}
         with torch.device("meta"):
             model = Transformer(args, embedding_layout=layout)
         model.load_state_dict(state, strict=True, assign=True)
         del state
         use_kernels(model, quantize)
+        if load_device != dist_info.device:
+            model.to(dist_info.device)
         model.setup_caches(dist_info.device, torch_dtype)
         model.eval()
         logger.info("Loaded %s on %s in %.2f s: %s (%s)%s, %d thread%s, rank %d of %d", ckpt_dir, dist_info.device,
@@ -277,7 +283,7 @@ class Llama:
         ids = [self.engine.submit(request) for request in requests]  # checked by _requests: cannot fail
         recorder = MetricsRecorder(
             len(requests), sum(len(r.prompt_tokens) for r in requests), self.weight_bytes_per_step, _world_size(),
-            synchronize=torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None),
+            **device_probes(self.device),
         )
         index = {rid: i for i, rid in enumerate(ids)}
         pending, generated = set(ids), 0
