@@ -29,7 +29,7 @@ from .metrics import GenerationMetrics, MetricsRecorder, device_probes
 from .model import Transformer
 from .sampling import SamplingParams
 from .schema import shard_shapes
-from .threads import set_threads
+from .threads import local_ranks, set_threads
 from .tokenizer import Tokenizer
 
 __all__ = ["ChatPrediction", "CompletionPrediction", "GenerationResult", "Llama", "SamplingParams", "TokenEvent"]
@@ -421,14 +421,15 @@ class Llama:
 
 
 def _fp32_need(args: ModelArgs, dist_info) -> Tuple[Optional[int], Optional[int]]:
-    """(bytes this rank's weights and KV cache take in float32, bytes free on its device), for
-    the default dtype; (None, None) where the split is impossible (reported later, with the fix)."""
+    """(bytes the weights and KV caches of this node's ranks take in float32, bytes free on it),
+    for the default dtype; (None, None) where the split is impossible (reported later, with the fix)."""
     try:
         shapes = shard_shapes(args, dist_info.world_size, "vocab")  # both layouts hold as many values
     except ValueError:
         return None, None
-    values = sum(math.prod(shape) for shape in shapes.values())
-    return 4 * values + cache_bytes(args, dist_info.world_size, torch.float32), available_memory(dist_info.device)
+    per_rank = 4 * sum(math.prod(shape) for shape in shapes.values()) + cache_bytes(args, dist_info.world_size,
+                                                                                     torch.float32)
+    return per_rank * local_ranks(), available_memory(dist_info.device)
 
 
 def _world_size() -> int:
