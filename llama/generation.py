@@ -20,6 +20,7 @@ from .args import ModelArgs
 from .chat_format import ChatFormat
 from .checkpoint import (available_memory, cache_bytes, check_cache_memory, first_needed_shard, inspect_rank_files,
                          load_prepared_rank_state)
+from .compiled import compile_decode
 from .distributed import choose_dtype, init_distributed, is_rank0
 from .engine import Completion, Engine, Request, TokenEvent
 from .fingerprint import check_same_checkpoint, replicated_hash
@@ -83,6 +84,7 @@ class Llama:
         dtype: Optional[str] = None,
         quantize: Optional[str] = None,
         threads: Optional[int] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Loads a Meta checkpoint for inference on this process's model-parallel rank.
 
@@ -110,6 +112,10 @@ class Llama:
                 process may run on (its CPU affinity) divided among the
                 processes on this node (torchrun's LOCAL_WORLD_SIZE), at
                 least 1. More than the CPUs it may use is refused.
+            compile: Decode through a torch.compile'd transformer block
+                (llama/compiled.py): fewer, fused operations per token. The
+                first start compiles for tens of seconds (cached on disk
+                afterwards) and needs a C++ compiler on CPU.
 
         Returns:
             A ready `Llama`.
@@ -120,6 +126,8 @@ class Llama:
         start = time.perf_counter()
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}; use 'int8' or leave it unset")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -164,10 +172,12 @@ class Llama:
             model.to(dist_info.device)
         model.setup_caches(dist_info.device, torch_dtype)
         model.eval()
-        logger.info("Loaded %s on %s in %.2f s: %s (%s)%s, %d thread%s, rank %d of %d", ckpt_dir, dist_info.device,
+        if compile:
+            compile_decode(model)
+        logger.info("Loaded %s on %s in %.2f s: %s (%s)%s%s, %d thread%s, rank %d of %d", ckpt_dir, dist_info.device,
                     time.perf_counter() - start, str(torch_dtype).replace("torch.", ""), dtype_reason,
-                    ", int8 weights" if quantize else "", n_threads, "s" if n_threads > 1 else "",
-                    dist_info.rank, dist_info.world_size)
+                    ", int8 weights" if quantize else "", ", compiled decoding" if compile else "",
+                    n_threads, "s" if n_threads > 1 else "", dist_info.rank, dist_info.world_size)
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
