@@ -16,7 +16,7 @@ from typing import List, Optional
 from llama import Dialog, Llama
 from llama.chat_session import ChatSession
 from llama.checkpoint_info import find_tokenizer
-from llama.cli import run, set_threads
+from llama.cli import run
 from llama.distributed import is_rank0, print_rank0
 from llama.metrics import write_json
 
@@ -78,20 +78,21 @@ def main(
             them are answered: the others wait for a free row).
         max_gen_len: Most tokens per answer (default: until the model stops or the context is full).
         device: "cpu" or "cuda" (default: cuda if available).
-        dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
+        dtype: "bfloat16", "float32" or "float16" (GPU only); default: bfloat16 where the
+            hardware computes it natively, else float32 (CPU) or float16 (GPU).
         stream: Print each answer token by token (one dialog at a time);
             --nostream answers all dialogs in one call, then prints the answers and the metrics.
         interactive: Chat on the terminal instead of answering the examples
             (/help lists the commands; an empty line or Ctrl-D ends).
         quantize: "int8" for weight-only int8 linear layers.
         metrics_json: Write the inference metrics of every generation here (a JSON list).
-        threads: CPU threads per process (torch.set_num_threads).
+        threads: CPU threads per process (default: the physical cores this process may
+            run on, divided among the processes on this node).
         system: The system prompt of the interactive chat.
 
     After each answer (or all answers, with --nostream) the inference
     metrics block is printed.
     """
-    set_threads(threads)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=str(find_tokenizer(ckpt_dir, tokenizer_path)),
@@ -100,6 +101,7 @@ def main(
         device=device,
         dtype=dtype,
         quantize=quantize,
+        threads=threads,
     )
     if interactive:
         write = lambda text: print_rank0(text, end="", flush=True)  # noqa: E731

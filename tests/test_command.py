@@ -209,7 +209,7 @@ def test_convert_from_the_clone(tiny_gguf, tmp_path):
 def test_threads_and_batches_are_checked():
     import torch
 
-    from llama.cli import set_threads
+    from llama.threads import set_threads
 
     with pytest.raises(ValueError, match=r"--threads must be a positive integer, got 0"):
         set_threads(0)
