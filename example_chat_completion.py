@@ -63,6 +63,7 @@ def main(
     quantize: Optional[str] = None,
     metrics_json: Optional[str] = None,
     threads: Optional[int] = None,
+    compile: bool = False,
     system: Optional[str] = None,
 ):
     """Answers a few example dialogs.
@@ -88,6 +89,8 @@ def main(
         metrics_json: Write the inference metrics of every generation here (a JSON list).
         threads: CPU threads per process (default: the physical cores this process may
             run on, divided among the processes on this node).
+        compile: Decode through a torch.compile'd transformer block (faster per token;
+            the first start compiles for tens of seconds, cached on disk afterwards).
         system: The system prompt of the interactive chat.
 
     After each answer (or all answers, with --nostream) the inference
@@ -102,6 +105,7 @@ def main(
         dtype=dtype,
         quantize=quantize,
         threads=threads,
+        compile=compile,
     )
     if interactive:
         write = lambda text: print_rank0(text, end="", flush=True)  # noqa: E731
