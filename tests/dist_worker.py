@@ -40,9 +40,10 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
     followed = rank0_only_requests(gen, prompts, max_gen_len)
     logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
     ties = argmax_ties()
+    sampled = sampled_requests(gen, prompts, max_gen_len)
     shm = shared_memory_check()
     if dist.get_rank() == 0:
-        torch.save({"argmax_ties": ties, "shared_memory": shm, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
+        torch.save({"argmax_ties": ties, "shared_memory": shm, "sampled": sampled, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
 
 
 def argmax_ties():
@@ -95,6 +96,45 @@ def shared_memory_check():
             same.append(torch.equal(gathered, torch.cat(every, dim=-1)))
             same.append(torch.equal(collectives.gloo_all_gather_last_dim(every[rank], group), gathered))
     return all(same) and len(same) == 9
+
+
+def sampled_requests(gen, prompts, max_gen_len):
+    """Seeded sampled requests, each alone: their tokens, those of the same
+    requests when every step gathers the full logits, and the bytes of each
+    gather the engine makes (under torchrun: candidates, not the slices)."""
+    from llama import collectives, sampling
+
+    params = [SamplingParams(temperature=1.0, top_k=20, seed=4, max_tokens=max_gen_len),
+              SamplingParams(temperature=0.3, top_p=0.9, seed=3, max_tokens=max_gen_len),
+              SamplingParams(temperature=0.8, top_p=0.9, min_p=0.2, repetition_penalty=1.3, seed=5,
+                             max_tokens=max_gen_len)]
+
+    def run():
+        out = []
+        for p, prompt in zip(params, prompts):
+            rid, tokens = gen.engine.submit(Request(prompt, p)), []
+            while gen.engine.has_work():
+                tokens += [e.token for e in gen.engine.step() if e.row == rid and e.token is not None]
+            out.append(tokens)
+        return out
+
+    sizes, gather = [], collectives.all_gather_last_dim
+
+    def counting(t):
+        sizes.append(t.numel() * t.element_size())
+        return gather(t)
+    collectives.all_gather_last_dim = counting
+    try:
+        tokens = run()
+    finally:
+        collectives.all_gather_last_dim = gather
+    plan = sampling.plan_from_candidates
+    sampling.plan_from_candidates = lambda *args: None  # every step falls back to the full logits
+    try:
+        full = run()
+    finally:
+        sampling.plan_from_candidates = plan
+    return {"tokens": tokens, "full": full, "bytes": sizes}
 
 
 def joining_requests(gen, prompts, max_gen_len):

@@ -72,6 +72,11 @@ def assert_same(result, ref, world_size, shared_memory=True):
     assert result["tokens"] == ref["tokens"]
     assert result["joined"] == ref["joined"]  # requests joining a running batch, rank 0 deciding
     assert result["followed"] == ref["followed"]  # requests given to rank 0 only, the others following
+    # seeded sampling: the same tokens from the candidates as from the full logits (and as one process) ...
+    assert result["sampled"]["tokens"] == result["sampled"]["full"] == ref["sampled"]["tokens"]
+    if world_size > 1:  # ... exchanging 1 KB a row (64 candidates), not the logits (4 * 128256 / N bytes)
+        sizes = result["sampled"]["bytes"]
+        assert sizes and sum(s == 1040 for s in sizes) >= 0.8 * len(sizes), sizes  # one row a step
     torch.testing.assert_close(result["logits"], ref["logits"], atol=1e-4, rtol=1e-4)  # fp32 reduction order
 
 
