@@ -3,20 +3,29 @@
 A decoding step all-reduces two small vectors per layer (B x dim values). gloo's
 all_reduce takes about 1 ms for 8 KB between two processes on one machine,
 measured here, against about 0.25 ms for one paired send/receive: with two
-reductions per layer that is most of the cost of model parallelism. Small
-tensors on gloo therefore use recursive doubling (log2(N) rounds of pairwise
-exchange); large ones (prefill) and NCCL keep torch's all_reduce.
+reductions per layer that is most of the cost of model parallelism. So:
+
+* ranks that all run on one host (x86, LLAMA_SHM not 0) exchange through
+  shared memory (shared_memory.py): microseconds per exchange, any size
+  (large reductions in chunks);
+* other gloo groups: small tensors by recursive doubling (log2(N) rounds of
+  pairwise exchange); large ones (prefill) keep torch's all_reduce;
+* NCCL keeps torch's collectives.
 
 Every rank ends with bit-identical sums (each round adds the same two
-operands, and float addition commutes), which keeps sampling in lockstep.
+operands, and float addition commutes; shared memory adds the parts in the
+same pairs), which keeps sampling in lockstep.
 """
 
 from collections import deque
-from typing import Deque, Dict, Tuple
+from typing import Deque, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+
+from . import sampling, shared_memory
+from .distributed import dist_timeout_s
 
 # Above this many elements the ring all-reduce's bandwidth wins over latency.
 SMALL = 1 << 18
@@ -56,12 +65,37 @@ def _exchange(t: torch.Tensor, peer: int, group) -> torch.Tensor:
     return received
 
 
+# The model-parallel group and its shared memory (None: not all on one host,
+# or turned off), found at the group's first collective.
+_local: Tuple[object, Optional[shared_memory.SharedMemoryGroup]] = (None, None)
+
+
+def _shared_memory(group) -> Optional[shared_memory.SharedMemoryGroup]:
+    global _local
+    if _local[0] is not group:
+        shm = None
+        if dist.get_backend(group) == "gloo":
+            shm = shared_memory.connect(group, dist_timeout_s())
+        _local = (group, shm)
+    return _local[1]
+
+
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
     """Sum of `t` over the model-parallel group (what RowParallelLinear needs)."""
     group = get_model_parallel_group()
     world = dist.get_world_size(group)
     if world == 1:
         return t
+    shm = _shared_memory(group)
+    if shm is not None:
+        return shm.all_reduce(t)
+    return gloo_all_reduce(t, group)
+
+
+def gloo_all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """all_reduce without shared memory: recursive doubling on gloo for small
+    tensors (and a power-of-two world), torch's all_reduce otherwise."""
+    world = dist.get_world_size(group)
     power_of_two = world & (world - 1) == 0
     if dist.get_backend(group) != "gloo" or t.numel() > SMALL or not power_of_two:
         dist.all_reduce(t, group=group)
@@ -84,6 +118,15 @@ def all_gather_last_dim(t: torch.Tensor) -> torch.Tensor:
     world = dist.get_world_size(group)
     if world == 1:
         return t
+    shm = _shared_memory(group)
+    if shm is not None and shm.fits(t):
+        return shm.all_gather_last_dim(t)
+    return gloo_all_gather_last_dim(t, group)
+
+
+def gloo_all_gather_last_dim(t: torch.Tensor, group) -> torch.Tensor:
+    """all_gather_last_dim without shared memory."""
+    world = dist.get_world_size(group)
     if dist.get_backend(group) == "gloo" and t.numel() * world <= SMALL and world & (world - 1) == 0:
         rank, have = dist.get_rank(group), t.contiguous()  # `have`: the blocks of ranks rank & ~(step - 1) ...
         step = 1
@@ -116,3 +159,28 @@ def vocab_parallel_argmax(local: torch.Tensor) -> torch.Tensor:
     every = all_gather_last_dim(pairs).view(*pairs.shape[:-1], world, 2)  # (rows, world, 2), rank order
     winner = torch.argmax(every[..., 0], dim=-1)  # the lowest rank holding the maximum
     return every[..., 1].gather(-1, winner[..., None])[..., 0].long()
+
+
+def vocab_parallel_sample(local: torch.Tensor, rows) -> torch.Tensor:
+    """The next token (rows,) of each row (sampling.RowState) from logits
+    split by vocabulary across the ranks (rank r holds ids r*V/N ..), as
+    sampling.sample_rows draws it from the full logits, exchanging per row
+    each rank's best candidates and its log-sum-exp (1 KB a row with the
+    default 64 candidates) instead of its slice (4V/N bytes).
+
+    Where the candidates cannot decide some row (a flat distribution with
+    top_p near 1, a top_k above sampling.MAX_CANDIDATES), this step gathers
+    the full logits instead. Every rank draws the same tokens: each gets the
+    same candidates and runs the same draws.
+    """
+    group = get_model_parallel_group()
+    world, n = dist.get_world_size(group), local.shape[-1]
+    k = sampling.candidate_count(rows)
+    start = dist.get_rank(group) * n
+    mine = torch.stack([sampling.local_candidates(local[i], row, start, k) for i, row in enumerate(rows)])
+    every = all_gather_last_dim(mine).view(len(rows), world, -1)  # (rows, world, 2 + 2k), rank order
+    plans = [sampling.plan_from_candidates(every[i], row.params, n * world) for i, row in enumerate(rows)]
+    if any(plan is None for plan in plans):  # decided before any generator moves
+        return sampling.sample_rows(all_gather_last_dim(local), rows)
+    return torch.tensor([sampling.draw_planned(plan, row.params, row.generator) for plan, row in zip(plans, rows)],
+                        dtype=torch.long, device=local.device)

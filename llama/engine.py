@@ -26,7 +26,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .collectives import vocab_parallel_argmax
+from .collectives import vocab_parallel_argmax, vocab_parallel_sample
 from .messages import StopReason
 from .metrics import RequestMetrics
 from .sampling import RowState, SamplingParams, sample_rows, token_logprobs
@@ -335,6 +335,14 @@ class Engine:
             for seq, pos in zip(rows, positions):
                 seq.cached = pos + 1
             return self._emit(rows, vocab_parallel_argmax(local), None)
+        if self._world > 1 and not any(s.request.params.wants_logprobs for s in rows):
+            # Sampled rows: each rank's best candidates and log-sum-exp, not
+            # its slice of the logits (the slice only where they cannot decide).
+            local = self.model.forward(tokens, start, last_logits_only=True, gather_logits=False)[:, 0]
+            for seq, pos in zip(rows, positions):
+                seq.cached = pos + 1
+            states = [RowState(s.request.params, s.generator, *self._history(s)) for s in rows]
+            return self._emit(rows, vocab_parallel_sample(local, states), None)
         logits = self.model.forward(tokens, start, last_logits_only=True)[:, 0]  # (rows, vocab)
         for seq, pos in zip(rows, positions):
             seq.cached = pos + 1

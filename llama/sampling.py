@@ -143,14 +143,28 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         values, ids = torch.topk(scaled, params.top_k)  # sorted, descending
     else:
         values, ids = torch.sort(scaled, descending=True)
-    probs = torch.softmax(values, dim=-1)
+    return int(ids[_draw(torch.softmax(values, dim=-1), params, generator)])
+
+
+def _draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+          n_draws: Optional[int] = None) -> int:
+    """Position drawn from `probs` (sorted, descending) after top-p and min-p.
+
+    `probs` may be the head of a longer sorted vector of `n_draws` whose
+    tail top-p or min-p drops: then the draw is torch.multinomial's over the
+    whole vector (it takes the arg-max of p / q, with q one Exp(1) draw per
+    entry), and the generator advances as it would have.
+    """
     if params.top_p < 1.0:
         # Meta's rule: drop a token when the mass before it already exceeds top_p.
         probs = torch.where(torch.cumsum(probs, dim=-1) - probs > params.top_p, 0.0, probs)
     if params.min_p > 0.0:
         probs = torch.where(probs < params.min_p * probs[0], 0.0, probs)
-    choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
-    return int(ids[choice])
+    probs = probs / probs.sum()
+    if n_draws is None or n_draws == probs.shape[-1]:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    q = torch.empty(n_draws, dtype=probs.dtype, device=probs.device).exponential_(1, generator=generator)
+    return int(torch.argmax(probs / q[:probs.shape[-1]]))
 
 
 @dataclass
@@ -187,3 +201,94 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
         return chosen, None
     values, ids = torch.topk(lp, top_n, dim=-1)
     return chosen, (ids, values)
+
+
+# -- vocabulary split across ranks: sampling from each rank's best candidates --
+
+# Candidates each rank sends per row (more when a row's top_k asks for more,
+# up to MAX_CANDIDATES): with top_p 0.9 on a trained model's next-token
+# distribution, a few dozen tokens usually hold the mass.
+CANDIDATES = 64
+MAX_CANDIDATES = 1024
+# How far the candidates' mass must pass top_p (or their tail stay under
+# min_p) for float rounding not to matter.
+_MARGIN = 1e-4
+
+
+def candidate_count(rows: Sequence[RowState]) -> int:
+    """Candidates per row this step: CANDIDATES, or a row's larger top_k (at most MAX_CANDIDATES)."""
+    ks = [r.params.top_k for r in rows if not r.params.greedy and r.params.top_k <= MAX_CANDIDATES]
+    return max([CANDIDATES] + ks)
+
+
+def local_candidates(logits: torch.Tensor, row: RowState, start: int, k: int) -> torch.Tensor:
+    """What one rank sends for one row: float64 (2 + 2k,) = [log-sum-exp of
+    its slice, unused, its k best values, their global ids], after penalties
+    and temperature, values descending and ties by ascending id.
+
+    `logits` is this rank's slice (ids start .. start + n) of the row's
+    logits. Penalties apply token by token, so each rank applies them to its
+    own slice; the values are the bits the full vector would hold.
+    """
+    n, p = logits.shape[-1], row.params
+    if p.has_penalties:
+        mine = lambda ids: ids[(ids >= start) & (ids < start + n)] - start  # noqa: E731
+        logits = apply_penalties(logits, p, mine(row.context), mine(row.generated))
+    scaled = logits.float() if p.greedy else logits.float() / p.temperature
+    values, ids = torch.topk(scaled, min(k, n))
+    by_id = torch.argsort(ids, stable=True)  # ties: the lowest id first, as torch.argmax
+    order = torch.sort(values[by_id], descending=True, stable=True).indices
+    values, ids = values[by_id][order], ids[by_id][order] + start
+    out = torch.full((2 + 2 * k,), -math.inf, dtype=torch.float64, device=logits.device)
+    out[0] = torch.logsumexp(scaled, dim=-1)
+    out[1] = 0.0
+    out[2:2 + values.shape[0]] = values.double()
+    out[2 + k:] = -1.0
+    out[2 + k:2 + k + ids.shape[0]] = ids.double()  # ids < 2**53 are exact
+    return out
+
+
+def plan_from_candidates(every: torch.Tensor, params: SamplingParams, vocab: int):
+    """From every rank's `local_candidates` of one row (world, 2 + 2k), in
+    rank order: (ids, probs, n_draws) to draw from, or None when the
+    candidates cannot decide this row exactly (the caller then gathers the
+    full logits).
+
+    The candidates above the largest of the ranks' k-th values are exactly
+    the head of the globally sorted vector. Sampling from that head is
+    sampling from the full vector when the tokens after it are dropped
+    anyway: their mass starts beyond top_p, or they are less likely than
+    min_p times the best. With top_k <= k the top_k best are all among the
+    candidates, and the draw is the full path's, bit for bit.
+    """
+    k = (every.shape[-1] - 2) // 2
+    values, ids = every[:, 2:2 + k].reshape(-1), every[:, 2 + k:].reshape(-1)
+    order = torch.sort(values, descending=True, stable=True).indices  # ties: rank order, then id
+    values, ids = values[order], ids[order].long()
+    if params.greedy:
+        return ids[:1], None, None
+    top_k = params.top_k if params.top_k < vocab else 0
+    if top_k:
+        if top_k > k:
+            return None
+        return ids[:top_k], torch.softmax(values[:top_k].float(), dim=-1), top_k
+    threshold = every[:, 1 + k].max()  # the largest k-th value: everything above it is here
+    head = int((values > threshold).sum())
+    if head == 0:
+        return None
+    log_total = torch.logsumexp(every[:, 0], dim=0)
+    probs = torch.exp(values[:head] - log_total)
+    covered = probs.sum() > params.top_p + _MARGIN
+    if params.min_p > 0.0:
+        covered = covered or math.exp(float(threshold - values[0])) < params.min_p * (1 - _MARGIN)
+    if not covered:
+        return None
+    return ids[:head], probs.float(), vocab
+
+
+def draw_planned(plan, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
+    """The token of a plan from `plan_from_candidates`."""
+    ids, probs, n_draws = plan
+    if probs is None:  # greedy
+        return int(ids[0])
+    return int(ids[_draw(probs, params, generator, n_draws)])

@@ -28,6 +28,9 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
                       device="cpu", dtype=dtype, compile=compile)
     prompts = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     if step_delay:  # slow generation down, so a test can kill a rank in the middle of it
+        gen.generate(prompts[:1], 1, temperature=0)
+        if dist.get_rank() == 0:
+            print(f"shared memory: {_shared_memory() is not None}", flush=True)
         for i, _ in enumerate(gen.generate_stream(prompts[:1], max_gen_len, temperature=0)):
             if progress and dist.get_rank() == 0:
                 Path(progress).write_text(str(i + 1))
@@ -37,8 +40,10 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
     followed = rank0_only_requests(gen, prompts, max_gen_len)
     logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
     ties = argmax_ties()
+    sampled = sampled_requests(gen, prompts, max_gen_len)
+    shm = shared_memory_check()
     if dist.get_rank() == 0:
-        torch.save({"argmax_ties": ties, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
+        torch.save({"argmax_ties": ties, "shared_memory": shm, "sampled": sampled, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
 
 
 def argmax_ties():
@@ -56,6 +61,80 @@ def argmax_ties():
     full[4, [9, 10]] = 9.0  # a tie inside one rank
     got = vocab_parallel_argmax(full[:, rank * per:(rank + 1) * per])
     return got.tolist() == torch.argmax(full, dim=-1).tolist()
+
+
+def _shared_memory():
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+
+    from llama import collectives
+
+    return collectives._shared_memory(get_model_parallel_group()) if dist.get_world_size() > 1 else None
+
+
+def shared_memory_check():
+    """None without shared memory; else whether its all-reduce and all-gather
+    give exactly what the gloo path gives, and the pairwise sum in rank order
+    (every rank's tensor is known here: each is drawn from its rank's seed),
+    for decoding's shapes, bf16, and a reduction larger than one buffer."""
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_group
+
+    from llama import collectives, shared_memory
+
+    shm, group = _shared_memory(), get_model_parallel_group()
+    if shm is None:
+        return None
+    world, rank, same = dist.get_world_size(), dist.get_rank(), []
+    for shape, dtype in [((3, 1, 64), torch.float32), ((2, 1, 64), torch.bfloat16),
+                         ((1, shm.capacity // 4 + 1000), torch.float32)]:
+        every = [torch.randn(shape, generator=torch.Generator().manual_seed(r)).to(dtype) for r in range(world)]
+        expected = shared_memory._pairwise_sum(every)
+        got = collectives.all_reduce(every[rank].clone())
+        same.append(torch.equal(got, expected))
+        if every[rank].numel() <= collectives.SMALL:
+            same.append(torch.equal(collectives.gloo_all_reduce(every[rank].clone(), group), got))
+            gathered = collectives.all_gather_last_dim(every[rank])
+            same.append(torch.equal(gathered, torch.cat(every, dim=-1)))
+            same.append(torch.equal(collectives.gloo_all_gather_last_dim(every[rank], group), gathered))
+    return all(same) and len(same) == 9
+
+
+def sampled_requests(gen, prompts, max_gen_len):
+    """Seeded sampled requests, each alone: their tokens, those of the same
+    requests when every step gathers the full logits, and the bytes of each
+    gather the engine makes (under torchrun: candidates, not the slices)."""
+    from llama import collectives, sampling
+
+    params = [SamplingParams(temperature=1.0, top_k=20, seed=4, max_tokens=max_gen_len),
+              SamplingParams(temperature=0.3, top_p=0.9, seed=3, max_tokens=max_gen_len),
+              SamplingParams(temperature=0.8, top_p=0.9, min_p=0.2, repetition_penalty=1.3, seed=5,
+                             max_tokens=max_gen_len)]
+
+    def run():
+        out = []
+        for p, prompt in zip(params, prompts):
+            rid, tokens = gen.engine.submit(Request(prompt, p)), []
+            while gen.engine.has_work():
+                tokens += [e.token for e in gen.engine.step() if e.row == rid and e.token is not None]
+            out.append(tokens)
+        return out
+
+    sizes, gather = [], collectives.all_gather_last_dim
+
+    def counting(t):
+        sizes.append(t.numel() * t.element_size())
+        return gather(t)
+    collectives.all_gather_last_dim = counting
+    try:
+        tokens = run()
+    finally:
+        collectives.all_gather_last_dim = gather
+    plan = sampling.plan_from_candidates
+    sampling.plan_from_candidates = lambda *args: None  # every step falls back to the full logits
+    try:
+        full = run()
+    finally:
+        sampling.plan_from_candidates = plan
+    return {"tokens": tokens, "full": full, "bytes": sizes}
 
 
 def joining_requests(gen, prompts, max_gen_len):

@@ -1,6 +1,8 @@
 """Real torchrun launches on CPU (gloo): model parallelism gives the same
 tokens and logits as one process, for any checkpoint MP on any world size,
-on one node or two, and a dead or hung rank makes the others exit."""
+on one node or two, and a dead or hung rank makes the others exit. Ranks on
+one host exchange through shared memory (LLAMA_SHM=0: gloo only), which
+leaves no file in /dev/shm."""
 
 import os
 import signal
@@ -39,9 +41,18 @@ def worker_cmd(ckpt, out, nproc=None, node=None, port=None, **kw):
     return cmd + args
 
 
-def run_worker(ckpt, tmp_path, nproc=None, **kw):
+@pytest.fixture(autouse=True)
+def no_shared_memory_file_left():
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    yield
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not {f for f in after - before if f.startswith("llama-")}
+
+
+def run_worker(ckpt, tmp_path, nproc=None, env=None, **kw):
     out = tmp_path / f"out_{nproc}_{len(list(tmp_path.iterdir()))}.pt"
-    r = subprocess.run(worker_cmd(ckpt, out, nproc, **kw), cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(worker_cmd(ckpt, out, nproc, **kw), cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     return torch.load(out, weights_only=True)
 
@@ -53,12 +64,19 @@ def reference(make_ckpt, tmp_path_factory):
     return {fam: run_worker(make_ckpt(fam), tmp) for fam in ("llama2", "llama3")}
 
 
-def assert_same(result, ref, world_size):
+def assert_same(result, ref, world_size, shared_memory=True):
     assert result["world_size"] == world_size
+    # True: shared memory gave exactly the gloo path's sums and gathers; None: not used
+    assert result["shared_memory"] is (True if shared_memory and world_size > 1 else None)
     assert result["argmax_ties"]
     assert result["tokens"] == ref["tokens"]
     assert result["joined"] == ref["joined"]  # requests joining a running batch, rank 0 deciding
     assert result["followed"] == ref["followed"]  # requests given to rank 0 only, the others following
+    # seeded sampling: the same tokens from the candidates as from the full logits (and as one process) ...
+    assert result["sampled"]["tokens"] == result["sampled"]["full"] == ref["sampled"]["tokens"]
+    if world_size > 1:  # ... exchanging 1 KB a row (64 candidates), not the logits (4 * 128256 / N bytes)
+        sizes = result["sampled"]["bytes"]
+        assert sizes and sum(s == 1040 for s in sizes) >= 0.8 * len(sizes), sizes  # one row a step
     torch.testing.assert_close(result["logits"], ref["logits"], atol=1e-4, rtol=1e-4)  # fp32 reduction order
 
 
@@ -70,6 +88,12 @@ def test_compiled_mp2_equals_mp1(make_ckpt, reference, tmp_path):
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
 def test_mp2_equals_mp1(family, make_ckpt, reference, tmp_path):
     assert_same(run_worker(make_ckpt(family, shards=2), tmp_path, nproc=2), reference[family], 2)
+
+
+def test_mp2_without_shared_memory(make_ckpt, reference, tmp_path):
+    env = {**os.environ, "LLAMA_SHM": "0"}
+    result = run_worker(make_ckpt("llama3", shards=2), tmp_path, nproc=2, env=env)
+    assert_same(result, reference["llama3"], 2, shared_memory=False)
 
 
 def test_mp1_checkpoint_on_two_and_four_workers(make_ckpt, reference, tmp_path):
@@ -114,12 +138,13 @@ def _worker_pid(launcher_pid: int) -> int:
     return int(children[0])
 
 
-@pytest.mark.parametrize("how, bound", [("killed", 30), ("hung", 40)])
-def test_other_rank_exits_when_one_dies_or_hangs(how, bound, make_ckpt, tmp_path):
+@pytest.mark.parametrize("how, bound, shm", [("killed", 30, "1"), ("hung", 40, "1"), ("killed", 30, "0")])
+def test_other_rank_exits_when_one_dies_or_hangs(how, bound, shm, make_ckpt, tmp_path):
     """Rank 1 (node 1) is killed, or frozen, mid-generation: rank 0 must exit
     non-zero with a clear message within the bound (LLAMA_DIST_TIMEOUT=10 s
-    for the hung case), not wait forever."""
-    env = {**os.environ, "LLAMA_DIST_TIMEOUT": "10"}
+    for the hung case), not wait forever. Both "nodes" run on this host, so
+    they exchange through shared memory unless LLAMA_SHM=0."""
+    env = {**os.environ, "LLAMA_DIST_TIMEOUT": "10", "LLAMA_SHM": shm}
     procs = _start_two_nodes_and_wait_for_progress(make_ckpt("llama3"), tmp_path, env)
     workers = [_worker_pid(p.pid) for p in procs]  # torchrun puts them in sessions of their own
     start = time.time()
@@ -136,6 +161,7 @@ def test_other_rank_exits_when_one_dies_or_hangs(how, bound, make_ckpt, tmp_path
         for p in procs:
             p.wait()
     assert procs[0].returncode != 0
+    assert f"shared memory: {shm == '1'}" in output, output
     assert "[rank 0] error: lost contact with another rank" in output, output
     assert elapsed < bound
     if how == "hung":
