@@ -38,7 +38,6 @@ def worker(a) -> None:
     gen.generate(prompt, 4, temperature=a.temperature)  # warm up
     best = float("inf")
     for _ in range(2):
-        start = time.perf_counter()
         result = gen.generate(prompt, a.tokens, temperature=a.temperature, top_p=0.9)
         m = result.metrics
         best = min(best, 1000 / m.decode_tokens_per_s)
