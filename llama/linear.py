@@ -1,20 +1,22 @@
-"""Matrix-multiply kernels for the model-parallel linear layers.
+"""Matrix-multiply kernels for the model-parallel linear layers, chosen by the CPU.
 
 fairscale's ColumnParallelLinear / RowParallelLinear compute `F.linear(x, W)`
 and then all-gather or all-reduce across ranks. Decoding one token reads every
 weight once, so on CPU its speed is the memory bandwidth the matmul kernel
-reaches. `F.linear` reaches about two thirds of it on our machines; oneDNN
-with the weight reordered once into its blocked layout ("prepacked") reaches
-close to all of it, in fp32 and bf16 (see benchmarks/linear_kernels.py).
-Weight-only int8 reads half the bytes of bf16 again.
+reaches, and which kernel reaches most depends on the instruction set:
+`choose_matmul` picks by weight dtype, quantization and `cpu_capability()`
+(oneDNN's prepacked linear on AVX-512, `F.linear` below it, weight-only int8
+with bf16 activations; the measurements are in its docstring and
+benchmarks/linear_kernels.py). Int8DynamicMatmul (int8 x int8, VNNI) and
+Int4Matmul (group-wise 4-bit) are kept for that benchmark: faster, but not
+accurate enough to be chosen.
 
 `use_kernels(model, ...)` swaps each parallel layer, after its weights are
 loaded, for a `KernelLinear` that does the same collective through
 collectives.py (one paired exchange per reduction on gloo, where fairscale's
-own all_reduce costs two round trips) with the fastest matmul there is:
-oneDNN's on CPU where it has the dtype, int8 if asked, else `F.linear`. The
-embeddings are swapped the same way (`KernelEmbedding`), so that no
-reduction of the model goes through fairscale's collectives.
+own all_reduce costs two round trips) with the chosen matmul. The embeddings
+are swapped the same way (`KernelEmbedding`), so that no reduction of the
+model goes through fairscale's collectives.
 """
 
 import warnings
@@ -286,8 +288,8 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
 def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
     """Gives every fairscale parallel linear layer of `model` a faster matmul, in place.
 
-    On CPU the matmul becomes oneDNN's prepacked linear (fp32 and bf16, when
-    available); with quantize="int8", weight-only int8 on any device. Only
+    Each matmul is choose_matmul's for this CPU (oneDNN's prepacked linear or
+    F.linear); with quantize="int8", weight-only int8 on any device. Only
     leaf layers are swapped, found by type: this module knows no attribute
     names of the model (which already fuses wq|wk|wv and w1|w3 into single,
     larger matmuls). Each rank converts its own shard. The model can no
