@@ -219,3 +219,22 @@ def test_every_collective_goes_through_ours_in_any_dtype(family, make_ckpt, monk
     assert (gen.model.tok_embeddings.start is None) == (family == "llama2")  # Llama 2 splits the embedding by dim
     assert all(isinstance(m.matmul, PlainMatmul) for m in gen.model.modules() if isinstance(m, KernelLinear))
     assert torch.equal(gen.model.forward(tokens, 0), plain)
+
+
+def test_every_benchmarked_kernel_computes_the_linear_layer():
+    """benchmarks/linear_kernels.py times each candidate on what it computes:
+    each must be F.linear up to its format's error (no timing here)."""
+    from benchmarks.linear_kernels import candidate_kernels
+
+    w = weight(96, 128)
+    tol = {"fp32": 1e-4, "bf16": 0.02, "int8": 0.03, "int4": 0.15}
+    for kern in candidate_kernels():
+        state = kern.prepare(w)()
+        assert kern.bytes_of(state) > 0
+        for m in (1, 8):
+            x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m))
+            ref = F.linear(x.to(kern.act).float(), w)
+            y = kern.call(x.to(kern.act), state).float()
+            rel = ((y - ref).norm() / ref.norm()).item()
+            limit = tol[kern.weights] if kern.act == torch.float32 or kern.weights != "fp32" else 0.02
+            assert rel < limit, f"{kern.name} {kern.weights}, M={m}: relative error {rel:.4f}"
