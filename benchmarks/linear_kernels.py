@@ -163,7 +163,7 @@ def chosen_kernels() -> List[Kernel]:
             module = choose_matmul(w.to(act), quantize)
             module.numel = w.numel()  # for bytes_of
             if quantize is None:  # oneDNN's packed tensors cannot be deep-copied; packing again is cheap
-                return lambda: (setattr(m := choose_matmul(w.to(act)), "numel", w.numel()) or m,)
+                return lambda: (setattr(m := choose_matmul(w.to(act, copy=True)), "numel", w.numel()) or m,)
             return lambda: (copy.deepcopy(module),)
         per_weight = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[label]
         out.append(Kernel("chosen (linear.py), bf16 x" if quantize else "chosen (linear.py)", label, act, factory,
