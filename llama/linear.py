@@ -263,8 +263,11 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
 
     Measured with benchmarks/linear_kernels.py, under the native ISA and under
     forced AVX2, at SmolLM2-135M and 0.9B shapes:
-    * fp32: oneDNN packed on AVX-512; F.linear (MKL) below it, where oneDNN's
-      packed fp32 was 20-30% slower at batch 1 and 8.
+    * fp32: oneDNN packed on AVX-512; F.linear (MKL) below it, where it was
+      7-28% faster than oneDNN's packed fp32 at batch 1 (decoding one
+      sequence, what we optimize for). At batch 8 oneDNN was faster under
+      both ISAs, and on AVX-512 F.linear was also faster at batch 1 on our
+      busy machine: a per-batch-size switch would need both layouts in memory.
     * bf16: oneDNN packed on AVX-512 (native bf16 dot products, or emulated
       with AVX-512BW: then as fast as F.linear); F.linear on AVX2 (oneDNN has
       no bf16 linear without AVX-512 or AVX-NE-CONVERT).
