@@ -1,22 +1,27 @@
-"""Matrix-multiply kernels for the model-parallel linear layers.
+"""Matrix-multiply kernels for the model-parallel linear layers, chosen by the CPU.
 
 fairscale's ColumnParallelLinear / RowParallelLinear compute `F.linear(x, W)`
 and then all-gather or all-reduce across ranks. Decoding one token reads every
 weight once, so on CPU its speed is the memory bandwidth the matmul kernel
-reaches. `F.linear` reaches about two thirds of it on our machines; oneDNN
-with the weight reordered once into its blocked layout ("prepacked") reaches
-close to all of it, in fp32 and bf16 (see benchmarks/linear_kernels.py).
-Weight-only int8 reads half the bytes of bf16 again.
+reaches, and which kernel reaches most depends on the instruction set:
+`choose_matmul` picks by weight dtype, quantization and `cpu_capability()`
+(oneDNN's prepacked linear on AVX-512, `F.linear` below it, weight-only int8
+with bf16 activations; the measurements are in its docstring and
+benchmarks/linear_kernels.py). Int8DynamicMatmul (int8 x int8, VNNI) and
+Int4Matmul (group-wise 4-bit) are kept for that benchmark: faster, but not
+accurate enough to be chosen.
 
 `use_kernels(model, ...)` swaps each parallel layer, after its weights are
 loaded, for a `KernelLinear` that does the same collective through
 collectives.py (one paired exchange per reduction on gloo, where fairscale's
-own all_reduce costs two round trips) with the fastest matmul there is:
-oneDNN's on CPU where it has the dtype, int8 if asked, else `F.linear`. The
-embeddings are swapped the same way (`KernelEmbedding`), so that no
-reduction of the model goes through fairscale's collectives.
+own all_reduce costs two round trips) with the chosen matmul. The embeddings
+are swapped the same way (`KernelEmbedding`), so that no reduction of the
+model goes through fairscale's collectives.
 """
 
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -31,7 +36,48 @@ from torch import nn
 
 from .collectives import all_gather_last_dim, all_reduce
 
+# int4 (Int4Matmul) is not offered: on SmolLM2-135M its top-1 agreement with
+# bf16 was 84% (group 32), under the 97% it would need (README, Speed).
 QUANTIZATIONS = (None, "int8")
+
+
+@dataclass(frozen=True)
+class CpuCapability:
+    """What this CPU computes fast, as the kernels see it.
+
+    isa: ATen's vector kernels, torch.backends.cpu.get_cpu_capability()
+        ("AVX512", "AVX2", "DEFAULT", ...; ATEN_CPU_CAPABILITY=avx2 lowers it).
+    vnni: int8 dot products (AVX512-VNNI, or AVX-VNNI under AVX2).
+    bf16: native bf16 dot products (AVX512-BF16 or AMX-BF16).
+    """
+
+    isa: str
+    vnni: bool = False
+    bf16: bool = False
+
+
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@lru_cache(maxsize=None)
+def cpu_capability() -> CpuCapability:
+    """This process's CpuCapability: ATen's level, and /proc/cpuinfo's flags
+    that level can use (a forced AVX2 level ignores the AVX-512 ones)."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    if isa == "AVX512":
+        return CpuCapability(isa, vnni="avx512_vnni" in flags, bf16=bool({"avx512_bf16", "amx_bf16"} & flags))
+    if isa == "AVX2":
+        return CpuCapability(isa, vnni="avx_vnni" in flags)
+    return CpuCapability(isa)
 
 
 def onednn_available(dtype: torch.dtype) -> bool:
@@ -56,30 +102,96 @@ class OneDNNMatmul(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
 
+def _per_channel_int8(weight: torch.Tensor, scale_dtype: torch.dtype):
+    """q = round(W / scale) in [-127, 127], scale = max |W[row]| / 127, computed
+    against the scales rounded to `scale_dtype` (the kernel's), so that no row
+    carries the rounding of its scale as error."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127)
+    return q.to(torch.int8), scales
+
+
 class Int8Matmul(nn.Module):
-    """Weight-only int8: per-output-channel symmetric scales, x in bf16.
+    """Weight-only int8 (ATen's `_weight_int8pack_mm`): per-output-channel
+    symmetric scales, W ~= q * scale[:, None]; activations computed in `act`
+    (bf16 or fp32), any dtype in, the same dtype out."""
 
-    W ~= q * scale[:, None] with q = round(W / scale) in [-127, 127] and
-    scale = max |W[row]| / 127.
-    """
-
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, act: torch.dtype = torch.bfloat16):
         super().__init__()
-        w = weight.float()
-        # The kernel takes bf16 scales: round them first and quantize against
-        # the rounded values, or every row carries up to 0.4% of scale error.
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
-        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127)
-        self.qweight = nn.Parameter(q.to(torch.int8), requires_grad=False)
+        self.act = act
+        q, scales = _per_channel_int8(weight, act)
+        self.qweight = nn.Parameter(q, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return dequantized_linear(x, self.qweight, self.scales)
         lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k).to(torch.bfloat16)
-        # ATen's fused CPU kernel (it wants bf16 activations)
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        x2 = x.reshape(-1, k).to(self.act)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)  # ATen's fused CPU kernel
+        return y.reshape(*lead, -1).to(x.dtype)
+
+
+class Int8DynamicMatmul(nn.Module):
+    """int8 x int8 -> int32 (fbgemm's `quantized::linear_dynamic`, VNNI where
+    the CPU has it): weights per-output-channel symmetric as in Int8Matmul,
+    activations quantized per call (per tensor, asymmetric uint8), computed in
+    fp32; any dtype in, the same dtype out."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q, scales = _per_channel_int8(weight, torch.float64)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's prepack still takes them
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q, scales, torch.zeros(len(scales), dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.register_buffer("scales", scales.float(), persistent=False)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.packed.unpack()[0].dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
+
+
+def int4_groups(weight: torch.Tensor, group: int):
+    """Asymmetric 4-bit per group of `group` input columns: (q in [0, 15],
+    scale, zero) with W ~= (q - 8) * scale + zero, as ATen's int4 kernel reads it."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    return q.reshape(n, k), scale, lo + 8 * scale
+
+
+def quantize_int4(weight: torch.Tensor, group: int):
+    """int4_groups packed for ATen's `_weight_int4pack_mm_for_cpu`: (uint8
+    [n, k/2], scales and zeros [k/group, n, 2] float32)."""
+    q, scale, zero = int4_groups(weight, group)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+
+
+class Int4Matmul(nn.Module):
+    """Group-wise 4-bit weights (ATen's `_weight_int4pack_mm_for_cpu`),
+    activations computed in `act`; any dtype in, the same dtype out."""
+
+    def __init__(self, weight: torch.Tensor, group: int, act: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.group, self.act = group, act
+        packed, sz = quantize_int4(weight, group)
+        self.qweight = nn.Parameter(packed, requires_grad=False)
+        self.scales_and_zeros = nn.Parameter(sz.to(act), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(self.act), self.qweight, self.group,
+                                                       self.scales_and_zeros)
         return y.reshape(*lead, -1).to(x.dtype)
 
 
@@ -158,11 +270,34 @@ class KernelLinear(nn.Module):
         return y
 
 
-def choose_matmul(weight: torch.Tensor, quantize: Optional[str]) -> nn.Module:
-    """The fastest matmul for this weight (F.linear where nothing beats it)."""
+def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
+                  cpu: Optional[CpuCapability] = None) -> nn.Module:
+    """The fastest matmul for this weight, by its dtype, the quantization and
+    the CPU's capability (`cpu`, default this process's cpu_capability()).
+
+    Measured with benchmarks/linear_kernels.py, under the native ISA and under
+    forced AVX2, at SmolLM2-135M and 0.9B shapes:
+    * fp32: oneDNN packed on AVX-512; F.linear (MKL) below it, where it was
+      7-28% faster than oneDNN's packed fp32 at batch 1 (decoding one
+      sequence, what we optimize for). At batch 8 oneDNN was faster under
+      both ISAs, and on AVX-512 F.linear was also faster at batch 1 on our
+      busy machine: a per-batch-size switch would need both layouts in memory.
+    * bf16: oneDNN packed on AVX-512 (native bf16 dot products, or emulated
+      with AVX-512BW: then as fast as F.linear); F.linear on AVX2 (oneDNN has
+      no bf16 linear without AVX-512 or AVX-NE-CONVERT).
+    * int8: weight-only with bf16 activations on every CPU. ATen's kernel with
+      fp32 activations was 4-20x slower; int8 x int8 (fbgemm, VNNI:
+      Int8DynamicMatmul) was the fastest, but quantized activations cut top-1
+      agreement with bf16 to 53% on SmolLM2-135M.
+    """
+    if weight.device.type != "cpu":
+        return Int8Matmul(weight) if quantize == "int8" else PlainMatmul(weight)
+    cpu = cpu or cpu_capability()
     if quantize == "int8":
-        return Int8Matmul(weight)
-    if weight.device.type == "cpu" and onednn_available(weight.dtype):
+        return Int8Matmul(weight, torch.bfloat16)
+    if quantize is not None:
+        raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
+    if cpu.isa == "AVX512" and onednn_available(weight.dtype):
         return OneDNNMatmul(weight)
     return PlainMatmul(weight)
 
@@ -170,8 +305,8 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str]) -> nn.Module:
 def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
     """Gives every fairscale parallel linear layer of `model` a faster matmul, in place.
 
-    On CPU the matmul becomes oneDNN's prepacked linear (fp32 and bf16, when
-    available); with quantize="int8", weight-only int8 on any device. Only
+    Each matmul is choose_matmul's for this CPU (oneDNN's prepacked linear or
+    F.linear); with quantize="int8", weight-only int8 on any device. Only
     leaf layers are swapped, found by type: this module knows no attribute
     names of the model (which already fuses wq|wk|wv and w1|w3 into single,
     larger matmuls). Each rank converts its own shard. The model can no

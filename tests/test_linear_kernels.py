@@ -1,42 +1,154 @@
-"""The matmul kernels that replace F.linear: same results (oneDNN), close
-results (int8), and the model-parallel collectives kept."""
+"""The matmul kernels that replace F.linear: the same results as F.linear on
+the weights they hold (within the dtype's tolerance), the path chosen for each
+CPU capability, quantized models that agree with bf16, and the
+model-parallel collectives kept. No timing here: benchmarks/linear_kernels.py."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama import Llama
-from llama.linear import Int8Matmul, KernelLinear, OneDNNMatmul, onednn_available
+from llama.linear import (CpuCapability, Int4Matmul, Int8DynamicMatmul, Int8Matmul, KernelLinear, OneDNNMatmul,
+                          PlainMatmul, choose_matmul, cpu_capability, int4_groups, onednn_available)
+
+SHAPES = [(1, 64), (8, 64), (2, 5, 64)]  # M=1 (decoding), M=8 (a batch), 3-D (bs, seq, dim)
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+CAPABILITIES = [CpuCapability("AVX512", vnni=True, bf16=True), CpuCapability("AVX512", vnni=True), CpuCapability("AVX512"),
+                CpuCapability("AVX2", vnni=True), CpuCapability("AVX2"), CpuCapability("DEFAULT")]
+
+
+def weight(n=96, k=64, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+
+
+def inputs(dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(dtype) for shape in SHAPES]
+
+
+def int4_dequantized(w, group):
+    q, scale, zero = int4_groups(w, group)
+    n, k = w.shape
+    return ((q.reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
 @pytest.mark.skipif(not onednn_available(torch.float32), reason="this PyTorch has no oneDNN linear")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_onednn_matches_f_linear(dtype):
-    if not onednn_available(dtype):
-        pytest.skip(f"oneDNN has no {dtype} linear on this CPU")
-    w = torch.randn(96, 64).to(dtype)
-    mm = OneDNNMatmul(w)
-    for shape in [(1, 64), (3, 64), (2, 5, 64)]:
-        x = torch.randn(shape).to(dtype)
-        torch.testing.assert_close(mm(x), F.linear(x, w), atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+def test_onednn_and_plain_match_f_linear(dtype):
+    w = weight().to(dtype)
+    for mm in (OneDNNMatmul(w), PlainMatmul(w)):
+        for x in inputs(dtype):
+            y = mm(x)
+            assert y.dtype == dtype and y.shape == (*x.shape[:-1], 96)
+            torch.testing.assert_close(y, F.linear(x, w), **TOL[dtype])
 
 
-def test_int8_matmul_is_close_and_exact_on_representable_weights():
-    torch.manual_seed(0)
-    w = torch.randn(96, 64)
-    x = torch.randn(4, 64)
-    y = Int8Matmul(w)(x)
-    assert y.dtype == x.dtype
-    rel = (y - F.linear(x, w)).norm() / F.linear(x, w).norm()
-    assert rel < 0.02
-    # Weights that are exact multiples of their row scale quantize without loss.
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_int8_weight_only_matches_f_linear_on_its_dequantized_weight(act, x_dtype):
+    w = weight()
+    mm = Int8Matmul(w, act)
+    deq = mm.dequantized()
+    assert (deq - w).abs().max() <= w.abs().amax(1).max() / 127 / 2 * 1.01  # half a step of the row's scale
+    for x in inputs(x_dtype):
+        y = mm(x)
+        assert y.dtype == x_dtype and y.shape == (*x.shape[:-1], 96)
+        ref = F.linear(x.to(act).float(), deq)
+        torch.testing.assert_close(y.float(), ref, **TOL[torch.bfloat16 if torch.bfloat16 in (act, x_dtype) else act])
+
+
+def test_int8_weight_only_is_exact_on_representable_weights():
     q = torch.randint(-127, 128, (8, 16)).float()
     q[:, 0] = 127  # each row's max is 127 * scale
     scale = torch.rand(8, 1) + 0.5
     exact = Int8Matmul(q * scale)
     assert torch.equal(exact.qweight.float(), q)
-    xb = torch.randn(2, 16).bfloat16()
-    torch.testing.assert_close(exact(xb).float(), F.linear(xb.float(), q * scale.bfloat16().float()), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_int8_dynamic_matches_f_linear_on_its_dequantized_weight(x_dtype):
+    """Activations are quantized too (per tensor, 8 bits): close, not exact."""
+    w = weight()
+    mm = Int8DynamicMatmul(w)
+    deq = mm.dequantized()
+    assert (deq - w).abs().max() <= w.abs().amax(1).max() / 127 / 2 * 1.01
+    for x in inputs(x_dtype):
+        y = mm(x)
+        assert y.dtype == x_dtype and y.shape == (*x.shape[:-1], 96)
+        ref = F.linear(x.float(), deq)
+        assert (y.float() - ref).norm() / ref.norm() < 0.02
+        # one activation step (max|x| / 255 in uint8) times the weights' row sums bounds the error
+        bound = (x.float().amax() - x.float().amin()) / 255 * deq.abs().sum(1).max() + 0.02
+        assert (y.float() - ref).abs().max() < bound
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_int4_matches_f_linear_on_its_dequantized_weight(group, act, x_dtype):
+    w = weight()
+    deq = int4_dequantized(w, group)
+    steps = (w.reshape(96, -1, group).amax(-1) - w.reshape(96, -1, group).amin(-1)) / 15
+    assert (deq - w).abs().max() <= steps.max() / 2 * 1.01  # half a step of the group's scale
+    mm = Int4Matmul(w, group, act)
+    for x in inputs(x_dtype):
+        y = mm(x)
+        assert y.dtype == x_dtype and y.shape == (*x.shape[:-1], 96)
+        ref = F.linear(x.to(act).float(), deq)
+        torch.testing.assert_close(y.float(), ref, **TOL[torch.bfloat16 if torch.bfloat16 in (act, x_dtype) else act])
+
+
+def test_cpu_capability_reads_aten_and_flags(monkeypatch):
+    import llama.linear as linear
+
+    cap = cpu_capability()
+    assert cap.isa == torch.backends.cpu.get_cpu_capability()
+    flags = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16"}
+    monkeypatch.setattr(linear, "_cpu_flags", lambda: frozenset(flags))
+    for isa, expected in [("AVX512", CpuCapability("AVX512", vnni=True, bf16=True)),
+                          ("AVX2", CpuCapability("AVX2", vnni=True)),  # AVX2 uses neither AVX-512 flag
+                          ("DEFAULT", CpuCapability("DEFAULT"))]:
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        linear.cpu_capability.cache_clear()
+        assert linear.cpu_capability() == expected
+    flags.discard("avx512_vnni")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    linear.cpu_capability.cache_clear()
+    assert linear.cpu_capability() == CpuCapability("AVX512", vnni=False, bf16=True)
+    monkeypatch.undo()
+    linear.cpu_capability.cache_clear()
+
+
+# What choose_matmul picks, per capability and weight dtype (int8: Int8Matmul
+# with bf16 activations everywhere): the measured choices of
+# benchmarks/linear_kernels.py (see llama/linear.py).
+EXPECTED = {
+    "AVX512": {torch.float32: OneDNNMatmul, torch.bfloat16: OneDNNMatmul},
+    "AVX2": {torch.float32: PlainMatmul, torch.bfloat16: PlainMatmul},
+    "DEFAULT": {torch.float32: PlainMatmul, torch.bfloat16: PlainMatmul},
+}
+
+
+@pytest.mark.parametrize("cpu", CAPABILITIES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_each_capability_gets_its_path_and_it_matches(cpu, dtype, quantize):
+    """The measured path for each faked capability, and its results equal
+    F.linear on the weight it holds, with activations in the weight's dtype."""
+    w = weight().to(dtype)
+    mm = choose_matmul(w, quantize, cpu)
+    expected = Int8Matmul if quantize == "int8" else EXPECTED[cpu.isa][dtype]
+    if expected is OneDNNMatmul and not onednn_available(dtype):  # this PyTorch / CPU has none: F.linear
+        expected = PlainMatmul
+    assert type(mm) is expected
+    if quantize == "int8":
+        assert mm.act == torch.bfloat16  # ATen's int8 kernel is 4-20x slower with fp32 activations
+    deq = mm.dequantized() if quantize else w.float()
+    for x in inputs(dtype):
+        y = mm(x)
+        assert y.dtype == dtype and y.shape == (*x.shape[:-1], 96)
+        ref = F.linear(x.float(), deq)
+        assert (y.float() - ref).norm() / ref.norm() < 0.01
 
 
 def test_kernels_replace_every_parallel_linear(make_ckpt):
@@ -44,44 +156,53 @@ def test_kernels_replace_every_parallel_linear(make_ckpt):
     gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1,
                       device="cpu", dtype="bfloat16", quantize="int8")
     kernels = [m for m in gen.model.modules() if isinstance(m, KernelLinear)]
-    assert len(kernels) == 2 * 4 + 1  # wq|wk|wv, wo, w1|w3 and w2 per layer, plus the output layer
+    assert len(kernels) == 2 * 4 + 1  # wqkv, wo, w13 and w2 per layer, plus the output layer
     assert all(isinstance(k.matmul, Int8Matmul) for k in kernels)
     layer = gen.model.layers[0]
     assert gen.model.output.collective == "gather" and layer.attention.wo.collective == "reduce"
-    assert layer.attention.wqkv.matmul.qweight.shape == (4 * 16 + 2 * 2 * 16, 64)  # 4 query heads, 2 KV heads
-    assert layer.feed_forward.w13.matmul.qweight.shape == (2 * 192, 64)
+    assert layer.attention.wqkv.matmul.dequantized().shape == (4 * 16 + 2 * 2 * 16, 64)  # 4 query heads, 2 KV heads
+    assert layer.feed_forward.w13.matmul.dequantized().shape == (2 * 192, 64)
     assert not hasattr(layer.attention, "wq") and not hasattr(layer.feed_forward, "w1")
 
 
-def test_int8_model_agrees_with_bf16(make_ckpt):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_int8_model_agrees_with_bf16(make_ckpt, dtype):
+    """Teacher-forced top-1 agreement with the bf16 model, and greedy tokens
+    the same for the first steps. Random tiny weights are harder to quantize
+    than trained ones (no position is confidently predicted), hence the rates
+    here: the real-model figures are in the README."""
     ckpt = make_ckpt("llama3", dtype=torch.bfloat16)
-    kw = dict(max_seq_len=64, max_batch_size=2, device="cpu", dtype="bfloat16")
-    base = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)
-    quant = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), quantize="int8", **kw)
+    kw = dict(max_seq_len=64, max_batch_size=2, device="cpu")
+    base = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), dtype="bfloat16", **kw)
+    quant = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), dtype=dtype, quantize="int8", **kw)
     tokens = torch.randint(0, 128000, (2, 40), generator=torch.Generator().manual_seed(3))
     ref, got = base.model.forward(tokens, 0), quant.model.forward(tokens, 0)
-    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean()
-    assert agree > 0.9
-    assert (ref - got).abs().max() < 0.1 * (ref.max() - ref.min())
+    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
+    assert (ref - got).abs().max() < 0.2 * (ref.max() - ref.min())
+    prompt = [[128000, 1000, 2000, 3000]]
+    same = [g.generate(prompt, max_gen_len=3, temperature=0)[0][0] for g in (base, quant)]
+    assert same[0] == same[1]
 
 
 def test_unknown_quantization(make_ckpt):
     ckpt = make_ckpt("llama3")
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, quantize="int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'.*int8"):
+        choose_matmul(weight(), "int4")
 
 
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
 def test_every_collective_goes_through_ours_in_any_dtype(family, make_ckpt, monkeypatch):
     """No fairscale layer is left (its all_reduce costs two round trips on
-    gloo): with no faster kernel (oneDNN reported missing, as for bf16 on a CPU
-    without AVX-512 BF16) the layers keep F.linear, the embedding its lookup,
-    and the logits are those of fairscale's layers exactly."""
+    gloo): with no faster kernel (every capability choosing F.linear) the
+    layers keep F.linear, the embedding its lookup, and the logits are those
+    of fairscale's layers exactly."""
     from fairscale.nn.model_parallel.layers import (ColumnParallelLinear, ParallelEmbedding, RowParallelLinear,
                                                      VocabParallelEmbedding)
 
     import llama.linear as linear
-    from llama.linear import KernelEmbedding, PlainMatmul
+    from llama.linear import KernelEmbedding
 
     ckpt = make_ckpt(family)
     kw = dict(max_seq_len=32, max_batch_size=1, device="cpu", dtype="bfloat16")
@@ -90,7 +211,7 @@ def test_every_collective_goes_through_ours_in_any_dtype(family, make_ckpt, monk
     monkeypatch.setattr("llama.generation.use_kernels", linear.use_kernels)
     plain = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw).model.forward(tokens, 0)
     monkeypatch.undo()
-    monkeypatch.setattr(linear, "onednn_available", lambda dtype: False)
+    monkeypatch.setattr(linear, "cpu_capability", lambda: CpuCapability("DEFAULT"))
     gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)
     fairscale_layers = (ColumnParallelLinear, RowParallelLinear, ParallelEmbedding, VocabParallelEmbedding)
     assert not [m for m in gen.model.modules() if isinstance(m, fairscale_layers)]
@@ -98,3 +219,24 @@ def test_every_collective_goes_through_ours_in_any_dtype(family, make_ckpt, monk
     assert (gen.model.tok_embeddings.start is None) == (family == "llama2")  # Llama 2 splits the embedding by dim
     assert all(isinstance(m.matmul, PlainMatmul) for m in gen.model.modules() if isinstance(m, KernelLinear))
     assert torch.equal(gen.model.forward(tokens, 0), plain)
+
+
+def test_every_benchmarked_kernel_computes_the_linear_layer():
+    """benchmarks/linear_kernels.py times each candidate on what it computes:
+    each must be F.linear up to its format's error (no timing here)."""
+    from benchmarks.linear_kernels import candidate_kernels, chosen_kernels
+
+    w = weight(96, 128)
+    tol = {"fp32": 1e-4, "bf16": 0.02, "int8": 0.03, "int4": 0.15}
+    for kern in candidate_kernels() + chosen_kernels():
+        factory = kern.prepare(w)
+        factory()
+        state = factory()  # a second copy, as the benchmark makes
+        assert kern.bytes_of(state) > 0
+        for m in (1, 8):
+            x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m))
+            ref = F.linear(x.to(kern.act).float(), w)
+            y = kern.call(x.to(kern.act), state).float()
+            rel = ((y - ref).norm() / ref.norm()).item()
+            limit = tol[kern.weights] if kern.act == torch.float32 or kern.weights != "fp32" else 0.02
+            assert rel < limit, f"{kern.name} {kern.weights}, M={m}: relative error {rel:.4f}"
