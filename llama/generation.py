@@ -26,6 +26,8 @@ from .messages import Dialog, Message, StopReason
 from .metrics import GenerationMetrics, MetricsRecorder
 from .model import Transformer
 from .sampling import SamplingParams
+from .schema import stage_holds
+from .stage_files import model_folder, stage_folder, stage_layers
 from .tokenizer import Tokenizer
 
 __all__ = ["ChatPrediction", "CompletionPrediction", "GenerationResult", "Llama", "SamplingParams", "TokenEvent"]
@@ -78,6 +80,7 @@ class Llama:
         device: Optional[str] = None,
         dtype: Optional[str] = None,
         quantize: Optional[str] = None,
+        pipeline_stages: int = 1,
     ) -> "Llama":
         """Loads a Meta checkpoint for inference on this process's model-parallel rank.
 
@@ -94,6 +97,11 @@ class Llama:
             dtype: "bfloat16", "float32" or "float16"; default bfloat16.
             quantize: "int8" for weight-only int8 linear layers (per output
                 channel, applied to each rank's shard after loading), or None.
+            pipeline_stages: Split the layers into this many contiguous stages
+                (llama/pipeline.py), each on world size / stages ranks that
+                split its layers tensor-parallel; for nodes behind slow links.
+                `ckpt_dir` may be a whole checkpoint or one split with
+                utils/shard_model_checkpoint.py --pipeline_stages.
 
         Returns:
             A ready `Llama`.
@@ -110,40 +118,50 @@ class Llama:
         if not Path(ckpt_dir).is_dir():
             raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found (--ckpt_dir)")
         tokenizer = Tokenizer.from_file(tokenizer_path)
-        args = ModelArgs.from_json(Path(ckpt_dir) / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        args = ModelArgs.from_json(model_folder(ckpt_dir) / "params.json", max_seq_len=max_seq_len,
+                                   max_batch_size=max_batch_size)
         raw_vocab_size = args.vocab_size
         args = _with_tokenizer_vocab(args, tokenizer, ckpt_dir)
 
-        dist_info = init_distributed(device, model_parallel_size)
+        dist_info = init_distributed(device, model_parallel_size, pipeline_stages=pipeline_stages)
         torch_dtype = resolve_dtype(dtype, dist_info.device)
         torch.manual_seed(seed)
+        rank, size = dist_info.mp_rank, dist_info.mp_size  # within this rank's pipeline stage
 
         # Cheap facts first: this rank's files are there and fit params.json,
         # every node loads the same checkpoint with the same settings, and the
         # KV cache fits in memory, before any weight is read. Errors are
         # exchanged too, so that no rank waits for one that has given up.
-        error, prepared, weights = None, None, {}
+        error, prepared, weights, folder, layers = None, None, {}, Path(ckpt_dir), None
         try:
-            check_cache_memory(args, dist_info.world_size, dist_info.device, torch_dtype)
-            prepared = inspect_rank_files(ckpt_dir, args, raw_vocab_size, dist_info.rank, dist_info.world_size)
+            folder, held = stage_folder(ckpt_dir, dist_info.stages, dist_info.stage, args.n_layers, dist_info.rank)
+            if dist_info.stages > 1:
+                layers = stage_layers(args.n_layers, dist_info.stages, dist_info.stage)
+            check_cache_memory(args if layers is None else dataclasses.replace(args, n_layers=len(layers)), size,
+                               dist_info.device, torch_dtype)
+            prepared = inspect_rank_files(folder, args, raw_vocab_size, rank, size, held=held)
             weights["weights (replicated norms)"] = replicated_hash(
-                prepared[0][first_needed_shard(len(prepared[0]), dist_info.rank, dist_info.world_size)])
+                prepared[0][first_needed_shard(len(prepared[0]), rank, size)],
+                keep=lambda key: layers is None or stage_holds(key, layers, args.n_layers))
         except (FileNotFoundError, ValueError) as e:
             error = e
-        check_same_checkpoint(ckpt_dir, tokenizer_path, error=error, extra=weights, dtype=torch_dtype,
-                              quantize=quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
-        state, layout = load_prepared_rank_state(prepared, ckpt_dir, args, dist_info.rank, dist_info.world_size)
+        check_same_checkpoint(folder, tokenizer_path, error=error, extra=weights, stage=dist_info.stage,
+                              dtype=torch_dtype, quantize=quantize, max_seq_len=max_seq_len,
+                              max_batch_size=max_batch_size, seed=seed, pipeline_stages=dist_info.stages)
+        state, layout = load_prepared_rank_state(prepared, folder, args, rank, size, layers)
         state = {k: v.to(device=dist_info.device, dtype=torch_dtype).contiguous() for k, v in state.items()}
         with torch.device("meta"):
-            model = Transformer(args, embedding_layout=layout)
+            model = Transformer(args, embedding_layout=layout, layers=layers)
         model.load_state_dict(state, strict=True, assign=True)
         del state
         use_kernels(model, quantize)
         model.setup_caches(dist_info.device, torch_dtype)
         model.eval()
-        logger.info("Loaded %s on %s (%s%s, rank %d of %d) in %.2f s", ckpt_dir, dist_info.device,
+        logger.info("Loaded %s on %s (%s%s, rank %d of %d%s) in %.2f s", folder, dist_info.device,
                     str(torch_dtype).replace("torch.", ""), ", int8 weights" if quantize else "",
-                    dist_info.rank, dist_info.world_size, time.perf_counter() - start)
+                    dist_info.rank, dist_info.world_size,
+                    f", pipeline stage {dist_info.stage} of {dist_info.stages}: layers {layers.start}..{layers.stop - 1}"
+                    if layers is not None else "", time.perf_counter() - start)
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -154,9 +172,16 @@ class Llama:
         self.last_metrics: Optional[GenerationMetrics] = None  # of the last call, even one broken off
         # Weights one decoding step reads, over all ranks (a step reads only B
         # rows of the embedding table).
-        self.weight_bytes_per_step = _world_size() * sum(
+        self.weight_bytes_per_step = sum(
             p.nbytes for name, p in model.named_parameters() if not name.startswith("tok_embeddings.")
         )
+        if self.engine.passes.stages > 1:  # the stages hold different layers: sum them
+            on = self.device if torch.distributed.get_backend() == "nccl" else "cpu"
+            total = torch.tensor([self.weight_bytes_per_step], dtype=torch.float64, device=on)
+            torch.distributed.all_reduce(total)
+            self.weight_bytes_per_step = int(total.item())
+        else:
+            self.weight_bytes_per_step *= _world_size()
 
     @property
     def device(self) -> torch.device:
