@@ -478,14 +478,17 @@ def checked_rank_state(paths, args: ModelArgs, rank: int, size: int,
     return state
 
 
-def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_size: int):
+def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_size: int,
+                    layers: Optional[range] = None, held: Optional[range] = None):
     """This rank's weights from a checkpoint directory written for any MP size;
-    only the shard files this rank reads need to be in it.
+    only the shard files this rank reads need to be in it. `layers`: a
+    pipeline stage's (default all); `held`: the layers the files hold (a
+    stage folder's; default all).
 
     Returns (state_dict, embedding_layout).
     """
-    prepared = inspect_rank_files(ckpt_dir, args, raw_vocab_size, rank, size)
-    return load_prepared_rank_state(prepared, ckpt_dir, args, rank, size)
+    prepared = inspect_rank_files(ckpt_dir, args, raw_vocab_size, rank, size, held=held)
+    return load_prepared_rank_state(prepared, ckpt_dir, args, rank, size, layers)
 
 
 def load_prepared_rank_state(prepared, ckpt_dir, args: ModelArgs, rank: int, size: int,
