@@ -173,3 +173,55 @@ def test_shard_cli_writes_stage_folders(make_ckpt, tmp_path):
                         "-i", str(make_ckpt("llama3")), "-o", str(tmp_path / "p")], cwd=REPO, capture_output=True,
                        text=True)
     assert r.returncode == 2 and "error: the model has 2 layers, too few for 3 pipeline stages" in r.stderr
+
+
+# -- torchrun: pipeline mode gives one process's tokens ----------------------------
+
+
+@pytest.mark.slow
+def test_two_stages_on_two_nodes_each_with_only_its_own_folder(make_ckpt, tmp_path):
+    """Llama 3, 2 stages, two torchrun launches ("nodes") whose --ckpt_dir
+    folders hold only their own stage: neither can open the other's files.
+    Greedy, sampled (seeded, temperature 1.0) and rank-0-only requests all
+    give one process's tokens."""
+    from test_distributed import free_port, run_worker, worker_cmd
+
+    src = make_ckpt("llama3", **FOUR_LAYERS)
+    reference = run_worker(src, tmp_path)
+    split = _split(src, tmp_path / "split", 2)
+    port, out = free_port(), tmp_path / "two.pt"
+    procs = []
+    for node in (0, 1):
+        folder = tmp_path / f"node{node}"
+        shutil.copytree(split / f"stage{node}", folder / f"stage{node}")
+        tokenizer = folder / f"stage{node}" / "tokenizer.model"
+        cmd = worker_cmd(folder, out, 1, node=node, port=port, pipeline_stages=2)
+        cmd[cmd.index("--tokenizer_path") + 1] = str(tokenizer)
+        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
+    result = torch.load(out, weights_only=True)
+    assert result["world_size"] == 2
+    for key in ("tokens", "joined", "followed"):
+        assert result[key] == reference[key], key
+    torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages, nproc, shards", [(3, 3, None), (2, 4, 2)], ids=["3_stages", "2_stages_x_tp2"])
+def test_stages_equal_one_process_llama2(stages, nproc, shards, make_ckpt, tmp_path):
+    """Llama 2 (SentencePiece, embedding split by dim): 3 stages from the whole
+    checkpoint, and 2 stages of 2 tensor-parallel ranks each from a stage-split
+    checkpoint of 2 shards per stage."""
+    from test_distributed import run_worker
+
+    src = make_ckpt("llama2", **FOUR_LAYERS)
+    reference = run_worker(src, tmp_path)
+    ckpt = src if shards is None else _split(src, tmp_path / "split", stages, shards)
+    if shards is not None:
+        shutil.copy(src / "tokenizer.model", ckpt / "tokenizer.model")  # run_worker passes ckpt/tokenizer.model
+    result = run_worker(ckpt, tmp_path, nproc=nproc, pipeline_stages=stages)
+    assert result["world_size"] == nproc
+    for key in ("tokens", "joined", "followed"):
+        assert result[key] == reference[key], key
+    torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-4, rtol=1e-4)
