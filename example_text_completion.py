@@ -45,6 +45,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
+    pipeline_stages: int = 1,
     metrics_json: Optional[str] = None,
     threads: Optional[int] = None,
 ):
@@ -62,6 +63,8 @@ def main(
         device: "cpu" or "cuda" (default: cuda if available).
         dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
         quantize: "int8" for weight-only int8 linear layers.
+        pipeline_stages: Under torchrun, split the layers into this many stages
+            (world size / stages processes each), for nodes behind slow links.
         metrics_json: Also write the inference metrics here (a JSON list with one entry).
         threads: CPU threads per process (torch.set_num_threads).
 
@@ -76,6 +79,7 @@ def main(
         device=device,
         dtype=dtype,
         quantize=quantize,
+        pipeline_stages=pipeline_stages,
     )
     results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     for prompt, result in zip(PROMPTS, results):

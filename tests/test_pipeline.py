@@ -225,3 +225,15 @@ def test_stages_equal_one_process_llama2(stages, nproc, shards, make_ckpt, tmp_p
     for key in ("tokens", "joined", "followed"):
         assert result[key] == reference[key], key
     torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_pipeline_stages_flag_reaches_build(make_ckpt, tmp_path):
+    """`llama complete --pipeline_stages 2` in one process: build's own error, from the flag."""
+    import sys
+
+    ckpt = make_ckpt("llama3")
+    r = subprocess.run([sys.executable, "-m", "llama.main", "complete", "--ckpt_dir", str(ckpt), "--device", "cpu",
+                        "--dtype", "float32", "--pipeline_stages", "2", "--max_gen_len", "2", "--prompt", "Hi"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "pipeline_stages=2 does not divide the 1 processes launched" in r.stderr

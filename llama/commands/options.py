@@ -22,6 +22,9 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batc
     g.add_argument("--threads", metavar="N", type=int,
                    help="CPU threads per process (default: torch's; 1 under torchrun with several processes per "
                         "node); on a small or shared machine fewer threads can be much faster")
+    g.add_argument("--pipeline_stages", metavar="P", type=int, default=1,
+                   help="under torchrun: split the layers into P stages (world size / P processes each, "
+                        "tensor-parallel within a stage), for nodes behind slow links (default 1)")
     g.add_argument("--max_seq_len", metavar="N", type=int, default=max_seq_len,
                    help=f"prompt plus answer, in tokens (sizes the KV cache; default {max_seq_len})")
     g.add_argument("--max_batch_size", metavar="N", type=int, default=max_batch_size,
@@ -74,7 +77,7 @@ def build_generator(a: argparse.Namespace):
     return Llama.build(
         ckpt_dir=a.ckpt_dir, tokenizer_path=str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)),
         max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=getattr(a, "seed", 1),
-        device=a.device, dtype=a.dtype, quantize=a.quantize,
+        device=a.device, dtype=a.dtype, quantize=a.quantize, pipeline_stages=a.pipeline_stages,
     )
 
 
