@@ -62,10 +62,15 @@ class Pipeline:
         self.first, self.last = self.stage == 0, self.stage == self.stages - 1
         self.group = None
         self.tensor_parallel = _model_parallel_size() > 1
+        self.post_ahead = False
         if self.stages > 1:
             from fairscale.nn.model_parallel.initialize import get_pipeline_parallel_group
 
             self.group = get_pipeline_parallel_group()
+            # NCCL runs one peer pair's sends and receives in order on one
+            # stream (and ignores tags): a receive posted ahead would hold up
+            # this rank's next send to that peer. It needs no ready notice anyway.
+            self.post_ahead = dist.get_backend(self.group) == "gloo"
         self._posted: Dict[Tuple, Deque[Tuple[torch.Tensor, object]]] = {}
         self._sends: List[Tuple[object, torch.Tensor]] = []
 
@@ -135,7 +140,7 @@ class Pipeline:
         peer = self.ranks[self.stage - 1] if peer is None else peer
         tag = _tag(kind, shape, dtype)
         queue = self._posted.setdefault((peer, tag), deque())
-        ahead = ahead and torch.Size(shape).numel() <= AHEAD_MAX_ELEMENTS
+        ahead = ahead and self.post_ahead and torch.Size(shape).numel() <= AHEAD_MAX_ELEMENTS
         device = self.model.norm.weight.device
         while len(queue) < (AHEAD + 1 if ahead else 1):
             buffer = torch.empty(shape, dtype=dtype, device=device)
