@@ -237,3 +237,18 @@ def test_pipeline_stages_flag_reaches_build(make_ckpt, tmp_path):
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "pipeline_stages=2 does not divide the 1 processes launched" in r.stderr
+
+
+@pytest.mark.slow
+def test_nodes_given_different_numbers_of_stages_say_so(make_ckpt, tmp_path):
+    from test_distributed import free_port, worker_cmd
+
+    ckpt, port = make_ckpt("llama3", **FOUR_LAYERS), free_port()
+    procs = [subprocess.Popen(worker_cmd(ckpt, tmp_path / "x.pt", 1, node=n, port=port, pipeline_stages=stages),
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n, stages in ((0, 2), (1, 1))]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode != 0 for p in procs), "\n".join(outputs)
+    for out in outputs:
+        assert ("the ranks were given different numbers of pipeline stages: rank 0 has 2, rank 1 has 1; "
+                "pass the same --pipeline_stages on every node") in out, out
