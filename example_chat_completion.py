@@ -16,7 +16,7 @@ from typing import List, Optional
 from llama import Dialog, Llama
 from llama.chat_session import ChatSession
 from llama.checkpoint_info import find_tokenizer
-from llama.cli import run, set_threads
+from llama.cli import run
 from llama.distributed import is_rank0, print_rank0
 from llama.metrics import write_json
 
@@ -64,6 +64,7 @@ def main(
     pipeline_stages: int = 1,
     metrics_json: Optional[str] = None,
     threads: Optional[int] = None,
+    compile: bool = False,
     system: Optional[str] = None,
 ):
     """Answers a few example dialogs.
@@ -79,7 +80,8 @@ def main(
             them are answered: the others wait for a free row).
         max_gen_len: Most tokens per answer (default: until the model stops or the context is full).
         device: "cpu" or "cuda" (default: cuda if available).
-        dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
+        dtype: "bfloat16", "float32" or "float16" (GPU only); default: bfloat16 where the
+            hardware computes it natively, else float32 (CPU) or float16 (GPU).
         stream: Print each answer token by token (one dialog at a time);
             --nostream answers all dialogs in one call, then prints the answers and the metrics.
         interactive: Chat on the terminal instead of answering the examples
@@ -88,13 +90,15 @@ def main(
         pipeline_stages: Under torchrun, split the layers into this many stages
             (world size / stages processes each), for nodes behind slow links.
         metrics_json: Write the inference metrics of every generation here (a JSON list).
-        threads: CPU threads per process (torch.set_num_threads).
+        threads: CPU threads per process (default: the physical cores this process may
+            run on, divided among the processes on this node).
+        compile: Decode through a torch.compile'd transformer block (faster per token;
+            the first start compiles for tens of seconds, cached on disk afterwards).
         system: The system prompt of the interactive chat.
 
     After each answer (or all answers, with --nostream) the inference
     metrics block is printed.
     """
-    set_threads(threads)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=str(find_tokenizer(ckpt_dir, tokenizer_path)),
@@ -103,6 +107,8 @@ def main(
         device=device,
         dtype=dtype,
         quantize=quantize,
+        threads=threads,
+        compile=compile,
         pipeline_stages=pipeline_stages,
     )
     if interactive:

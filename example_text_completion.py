@@ -11,7 +11,7 @@ from typing import Optional
 
 from llama import Llama
 from llama.checkpoint_info import find_tokenizer
-from llama.cli import run, set_threads
+from llama.cli import run
 from llama.distributed import is_rank0, print_rank0
 from llama.metrics import write_json
 
@@ -48,6 +48,7 @@ def main(
     pipeline_stages: int = 1,
     metrics_json: Optional[str] = None,
     threads: Optional[int] = None,
+    compile: bool = False,
 ):
     """Completes a few example prompts, in batches of max_batch_size.
 
@@ -61,16 +62,19 @@ def main(
         max_gen_len: Tokens to generate per prompt.
         max_batch_size: Prompts decoded together (all are completed: the others wait for a free row).
         device: "cpu" or "cuda" (default: cuda if available).
-        dtype: "bfloat16" (default), "float32" or "float16" (GPU only).
+        dtype: "bfloat16", "float32" or "float16" (GPU only); default: bfloat16 where the
+            hardware computes it natively, else float32 (CPU) or float16 (GPU).
         quantize: "int8" for weight-only int8 linear layers.
         pipeline_stages: Under torchrun, split the layers into this many stages
             (world size / stages processes each), for nodes behind slow links.
         metrics_json: Also write the inference metrics here (a JSON list with one entry).
-        threads: CPU threads per process (torch.set_num_threads).
+        threads: CPU threads per process (default: the physical cores this process may
+            run on, divided among the processes on this node).
+        compile: Decode through a torch.compile'd transformer block (faster per token;
+            the first start compiles for tens of seconds, cached on disk afterwards).
 
     After the completions the inference metrics block is printed.
     """
-    set_threads(threads)
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=str(find_tokenizer(ckpt_dir, tokenizer_path)),
@@ -79,6 +83,8 @@ def main(
         device=device,
         dtype=dtype,
         quantize=quantize,
+        threads=threads,
+        compile=compile,
         pipeline_stages=pipeline_stages,
     )
     results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)

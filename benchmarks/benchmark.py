@@ -47,7 +47,7 @@ def checkpoint(a) -> Path:
 
 def build(ckpt: Path, dtype: str, max_batch: int, seq: int, quantize=None) -> Llama:
     gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=seq, max_batch_size=max_batch,
-                      device="cpu", dtype=dtype, quantize=quantize)
+                      device="cpu", dtype=dtype, quantize=quantize, threads=torch.get_num_threads())
     gen.tokenizer.stop_tokens = frozenset()  # random weights: always generate the full length
     return gen
 
@@ -119,7 +119,8 @@ def build_vs_read(ckpt: Path, dtype: str) -> dict:
     read = time.perf_counter() - t0
     _drop_page_cache()
     t0 = time.perf_counter()
-    Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=1, device="cpu", dtype=dtype)
+    Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=1, device="cpu", dtype=dtype,
+                threads=torch.get_num_threads())
     return {"read_s": read, "build_s": time.perf_counter() - t0, "file_GB": shard.stat().st_size / 1e9,
             "page_cache": "cold" if cold else "warm"}
 

@@ -32,7 +32,7 @@ LONG_TEXT = (
 
 def build(ckpt: str, dtype: str, max_batch_size: int, max_seq_len: int) -> Llama:
     gen = Llama.build(ckpt, str(Path(ckpt) / "tokenizer.model"), max_seq_len=max_seq_len,
-                      max_batch_size=max_batch_size, device="cpu", dtype=dtype)
+                      max_batch_size=max_batch_size, device="cpu", dtype=dtype, threads=torch.get_num_threads())
     gen.tokenizer.stop_tokens = frozenset()  # every row generates its full length
     return gen
 

@@ -1,5 +1,5 @@
 """What the command-line programs share (the `llama` command and the example
-scripts): logging on rank 0, thread count, and clean errors.
+scripts): logging on rank 0 and clean errors.
 
 A bad input (missing file, malformed checkpoint, impossible setting) ends with
 one message and a non-zero exit, not a traceback. Under torchrun every rank
@@ -13,9 +13,7 @@ import os
 import sys
 import time
 from datetime import timedelta
-from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 from .distributed import DEFAULT_TIMEOUT_S
@@ -37,15 +35,6 @@ def setup_logging() -> None:
     rank, _ = rank_and_world()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     logging.getLogger("llama.metrics").setLevel(logging.WARNING)
-
-
-def set_threads(threads: Optional[int]) -> None:
-    """torch.set_num_threads, checked. None keeps torch's default (torchrun sets OMP_NUM_THREADS=1)."""
-    if threads is None:
-        return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"--threads must be a positive integer, got {threads!r}")
-    torch.set_num_threads(threads)
 
 
 # What gloo says when a peer dies ("Connection reset by peer", "Connection

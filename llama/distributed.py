@@ -14,7 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -104,12 +104,78 @@ def resolve_device(device: Optional[str]) -> torch.device:
     return dev
 
 
+def cpu_bf16_feature(cpuinfo: Optional[str] = None) -> Optional[str]:
+    """The CPU feature that makes bf16 arithmetic native here, or None.
+
+    x86: `amx_bf16` or `avx512_bf16` in /proc/cpuinfo's flags; aarch64: `bf16`
+    in its Features. Without /proc/cpuinfo (not Linux), torch's own probes of
+    AMX and AVX512-BF16. `cpuinfo` replaces the file's text (tests).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return _torch_cpu_bf16_feature()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):  # the first CPU's line speaks for all
+            flags = set(value.split())
+            return next((f for f in ("amx_bf16", "avx512_bf16", "bf16") if f in flags), None)
+    return _torch_cpu_bf16_feature()
+
+
+def _torch_cpu_bf16_feature() -> Optional[str]:
+    probes = (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported"))
+    for flag, probe in probes:
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None and fn():
+            return flag
+    return None
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 natively (compute capability 8.0, Ampere, or
+    later). V100 and T4 only emulate it, which torch's plain
+    `is_bf16_supported()` counts as support."""
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch without the keyword
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def choose_dtype(dtype: Optional[str], device: torch.device, fp32_bytes: Optional[int] = None,
+                 free_bytes: Optional[int] = None) -> Tuple[torch.dtype, str]:
+    """The dtype to compute in and why, as the "Loaded" line says it.
+
+    `None` chooses by the hardware: bfloat16 where the device computes it
+    natively (a GPU of compute capability 8.0 or later; a CPU with AMX-BF16,
+    AVX512-BF16 or Arm's BF16), else float16 on a GPU and float32 on a CPU.
+    On such a CPU, bfloat16 after all if the float32 weights (`fp32_bytes`)
+    would not fit in the `free_bytes` of memory left.
+    """
+    if dtype is not None:
+        torch_dtype = resolve_dtype(dtype, device)
+        if torch_dtype == torch.bfloat16 and device.type == "cpu" and cpu_bf16_feature() is None:
+            return torch_dtype, "as asked; this CPU has no native bf16, float32 may be faster"
+        return torch_dtype, "as asked"
+    if device.type == "cuda":
+        if cuda_bf16_native(device):
+            return torch.bfloat16, "native bf16 on this GPU"
+        return torch.float16, "this GPU has no native bf16"
+    feature = cpu_bf16_feature()
+    if feature is not None:
+        return torch.bfloat16, f"native bf16 on this CPU: {feature}"
+    if fp32_bytes is not None and free_bytes is not None and fp32_bytes > free_bytes:
+        return torch.bfloat16, (f"this CPU has no native bf16, but float32 weights ({fp32_bytes / 1024**3:.1f} GiB) "
+                                f"would not fit in the {free_bytes / 1024**3:.1f} GiB free")
+    return torch.float32, "no native bf16 on this CPU"
+
+
 def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
-    """`None` means bfloat16 (float16 on a CUDA GPU without bf16 support)."""
+    """`None` means the hardware's choice (`choose_dtype`); a name is checked."""
     if dtype is None:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
+        return choose_dtype(None, device)[0]
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     if dtype == "float16" and device.type == "cpu":

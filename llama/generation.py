@@ -9,6 +9,7 @@ prompts are prefilled together and each row decodes at its own position.
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
@@ -17,17 +18,20 @@ import torch
 
 from .args import ModelArgs
 from .chat_format import ChatFormat
-from .checkpoint import check_cache_memory, first_needed_shard, inspect_rank_files, load_prepared_rank_state
-from .distributed import init_distributed, is_rank0, resolve_dtype
+from .checkpoint import (available_memory, cache_bytes, check_cache_memory, first_needed_shard, inspect_rank_files,
+                         load_prepared_rank_state)
+from .compiled import compile_decode
+from .distributed import choose_dtype, init_distributed, is_rank0
 from .engine import Completion, Engine, Request, TokenEvent
 from .fingerprint import check_same_checkpoint, replicated_hash
 from .linear import QUANTIZATIONS, use_kernels
 from .messages import Dialog, Message, StopReason
-from .metrics import GenerationMetrics, MetricsRecorder
+from .metrics import GenerationMetrics, MetricsRecorder, device_probes
 from .model import Transformer
 from .sampling import SamplingParams
-from .schema import stage_holds
+from .schema import shard_shapes, stage_holds
 from .stage_files import model_folder, stage_folder, stage_layers
+from .threads import local_ranks, set_threads
 from .tokenizer import Tokenizer
 
 __all__ = ["ChatPrediction", "CompletionPrediction", "GenerationResult", "Llama", "SamplingParams", "TokenEvent"]
@@ -80,6 +84,8 @@ class Llama:
         device: Optional[str] = None,
         dtype: Optional[str] = None,
         quantize: Optional[str] = None,
+        threads: Optional[int] = None,
+        compile: bool = False,
         pipeline_stages: int = 1,
     ) -> "Llama":
         """Loads a Meta checkpoint for inference on this process's model-parallel rank.
@@ -94,9 +100,24 @@ class Llama:
                 WORLD_SIZE, or 1 under plain python).
             seed: Sampling seed; must be the same on every rank.
             device: "cpu" or "cuda"; default CUDA if available.
-            dtype: "bfloat16", "float32" or "float16"; default bfloat16.
+            dtype: "bfloat16", "float32" or "float16". Default: bfloat16 where
+                the device computes it natively (a GPU of compute capability
+                8.0 or later; a CPU with AMX-BF16, AVX512-BF16 or Arm BF16),
+                else float16 on a GPU and float32 on a CPU (bfloat16 there
+                too if float32 weights would not fit in memory). The
+                "Loaded" log line says which and why.
             quantize: "int8" for weight-only int8 linear layers (per output
-                channel, applied to each rank's shard after loading), or None.
+                channel, applied to each rank's shard after loading, on the
+                CPU, so a model that fits a GPU only in int8 loads), or None.
+            threads: CPU threads this process computes with
+                (torch.set_num_threads). Default: the physical cores this
+                process may run on (its CPU affinity) divided among the
+                processes on this node (torchrun's LOCAL_WORLD_SIZE), at
+                least 1. More than the CPUs it may use is refused.
+            compile: Decode through a torch.compile'd transformer block
+                (llama/compiled.py): fewer, fused operations per token. The
+                first start compiles for tens of seconds (cached on disk
+                afterwards) and needs a C++ compiler on CPU.
             pipeline_stages: Split the layers into this many contiguous stages
                 (llama/pipeline.py), each on world size / stages ranks that
                 split its layers tensor-parallel; for nodes behind slow links.
@@ -112,9 +133,12 @@ class Llama:
         start = time.perf_counter()
         if quantize not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantize!r}; use 'int8' or leave it unset")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        n_threads = set_threads(threads)
         if not Path(ckpt_dir).is_dir():
             raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found (--ckpt_dir)")
         tokenizer = Tokenizer.from_file(tokenizer_path)
@@ -124,7 +148,8 @@ class Llama:
         args = _with_tokenizer_vocab(args, tokenizer, ckpt_dir)
 
         dist_info = init_distributed(device, model_parallel_size, pipeline_stages=pipeline_stages)
-        torch_dtype = resolve_dtype(dtype, dist_info.device)
+        need = _fp32_need(args, dist_info) if dtype is None and dist_info.device.type == "cpu" else (None, None)
+        torch_dtype, dtype_reason = choose_dtype(dtype, dist_info.device, *need)
         torch.manual_seed(seed)
         rank, size = dist_info.mp_rank, dist_info.mp_size  # within this rank's pipeline stage
 
@@ -149,19 +174,27 @@ class Llama:
                               dtype=torch_dtype, quantize=quantize, max_seq_len=max_seq_len,
                               max_batch_size=max_batch_size, seed=seed, pipeline_stages=dist_info.stages)
         state, layout = load_prepared_rank_state(prepared, folder, args, rank, size, layers)
-        state = {k: v.to(device=dist_info.device, dtype=torch_dtype).contiguous() for k, v in state.items()}
+        # int8 is quantized on the CPU and then moved: the full-precision
+        # weights never occupy the GPU.
+        load_device = torch.device("cpu") if quantize else dist_info.device
+        state = {k: v.to(device=load_device, dtype=torch_dtype).contiguous() for k, v in state.items()}
         with torch.device("meta"):
             model = Transformer(args, embedding_layout=layout, layers=layers)
         model.load_state_dict(state, strict=True, assign=True)
         del state
         use_kernels(model, quantize)
+        if load_device != dist_info.device:
+            model.to(dist_info.device)
         model.setup_caches(dist_info.device, torch_dtype)
         model.eval()
-        logger.info("Loaded %s on %s (%s%s, rank %d of %d%s) in %.2f s", folder, dist_info.device,
-                    str(torch_dtype).replace("torch.", ""), ", int8 weights" if quantize else "",
-                    dist_info.rank, dist_info.world_size,
+        if compile:
+            compile_decode(model)
+        logger.info("Loaded %s on %s in %.2f s: %s (%s)%s%s, %d thread%s, rank %d of %d%s", folder, dist_info.device,
+                    time.perf_counter() - start, str(torch_dtype).replace("torch.", ""), dtype_reason,
+                    ", int8 weights" if quantize else "", ", compiled decoding" if compile else "",
+                    n_threads, "s" if n_threads > 1 else "", dist_info.rank, dist_info.world_size,
                     f", pipeline stage {dist_info.stage} of {dist_info.stages}: layers {layers.start}..{layers.stop - 1}"
-                    if layers is not None else "", time.perf_counter() - start)
+                    if layers is not None else "")
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -284,7 +317,7 @@ class Llama:
         ids = [self.engine.submit(request) for request in requests]  # checked by _requests: cannot fail
         recorder = MetricsRecorder(
             len(requests), sum(len(r.prompt_tokens) for r in requests), self.weight_bytes_per_step, _world_size(),
-            synchronize=torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None),
+            **device_probes(self.device),
         )
         index = {rid: i for i, rid in enumerate(ids)}
         pending, generated = set(ids), 0
@@ -419,6 +452,19 @@ class Llama:
         if logprobs is not None:
             result.update(tokens=[self.tokenizer.decode([x]) for x in tokens], logprobs=logprobs)
         return result
+
+
+def _fp32_need(args: ModelArgs, dist_info) -> Tuple[Optional[int], Optional[int]]:
+    """(bytes the weights and KV caches of this node's ranks take in float32, bytes free on it),
+    for the default dtype; (None, None) where the split is impossible (reported later, with the fix)."""
+    try:
+        shapes = shard_shapes(args, dist_info.mp_size, "vocab")  # both layouts hold as many values
+    except ValueError:
+        return None, None
+    per_rank = 4 * sum(math.prod(shape) for shape in shapes.values()) + cache_bytes(args, dist_info.mp_size,
+                                                                                     torch.float32)
+    per_rank //= dist_info.stages  # a pipeline stage holds about 1/stages of the layers
+    return per_rank * local_ranks(), available_memory(dist_info.device)
 
 
 def _world_size() -> int:

@@ -74,13 +74,28 @@ class Int8Matmul(nn.Module):
         self.scales = nn.Parameter(scales, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return dequantized_linear(x, self.qweight, self.scales)
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k).to(torch.bfloat16)
-        if x2.device.type == "cpu":  # ATen's fused CPU kernel (it wants bf16 activations)
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
-        else:  # dequantize on the fly: exact, saves memory, not time
-            y = F.linear(x2, self.qweight.to(torch.bfloat16)) * self.scales
+        # ATen's fused CPU kernel (it wants bf16 activations)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         return y.reshape(*lead, -1).to(x.dtype)
+
+
+def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The GPU path of Int8Matmul: the weight dequantized in x's dtype on every call.
+
+    In x's dtype, not bf16: a GPU without native bf16 (V100, T4) runs fp16.
+    The scales go into the weight before the matmul, so that an fp16 sum of
+    x * q (q up to 127) cannot overflow. This saves memory, not time: a call
+    reads 1 byte a weight and writes and reads a 2-byte copy (5 bytes, where
+    plain bf16 reads 2). Whether ATen's `_weight_int8pack_mm` has a CUDA
+    kernel depends on the torch build (the one in PyTorch's tree that we read
+    widens x to fp32 and gives each output its own thread, with strided weight
+    reads: not evidently faster); utils/check_gpu.py reports it and times both.
+    """
+    return F.linear(x, qweight.to(x.dtype) * scales.to(x.dtype)[:, None])
 
 
 class PlainMatmul(nn.Module):

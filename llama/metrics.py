@@ -137,6 +137,23 @@ def cpu_peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def device_probes(device) -> dict:
+    """MetricsRecorder's `synchronize` and `peak_memory` for `device` (a torch.device).
+
+    On a GPU the allocator's peak is reset here, at the start of the call, and
+    read at its end (`torch.cuda.max_memory_allocated`): the memory the call
+    needed, not the host process's. On CPU the resident-set high-water mark,
+    which the kernel does not let a process reset: the peak since it started.
+    """
+    if device.type != "cuda":
+        return {"synchronize": lambda: None, "peak_memory": cpu_peak_rss_bytes}
+    import torch
+
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"synchronize": lambda: torch.cuda.synchronize(device),
+            "peak_memory": lambda: torch.cuda.max_memory_allocated(device)}
+
+
 class MetricsRecorder:
     """Timestamps one generate call.
 

@@ -70,8 +70,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 (as Meta does), then scale in the model dtype.
         xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        mean_square = torch.sum(xf * xf, dim=-1, keepdim=True).div_(xf.shape[-1])  # fewer calls than .mean()
+        return (xf * torch.rsqrt(mean_square.add_(self.eps))).to(x.dtype) * self.weight
 
 
 def rope_frequencies(head_dim: int, theta: float, use_scaled: bool) -> torch.Tensor:
@@ -99,25 +99,26 @@ def _llama31_scaling(
 
 
 def rope_table(args: ModelArgs, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for every position up to max_seq_len, each (max_seq_len, head_dim/2), fp32."""
+    """cos and sin of every position up to max_seq_len, laid out for `apply_rotary_emb`:
+    each (max_seq_len, 1, head_dim/2, 2), fp32, cos as (cos, cos), sin as (-sin, sin)."""
     freqs = rope_frequencies(args.head_dim, args.rope_theta, args.use_scaled_rope)
-    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)
-    return angles.cos().to(device), angles.sin().to(device)
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float32), freqs)[:, None, :, None]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1).to(device), torch.cat([-sin, sin], -1).to(device)
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates pairs (x[2i], x[2i+1]) — Meta's interleaved layout — in fp32.
 
-    x: (bs, seq, heads, head_dim); cos, sin: (bs or 1, seq, head_dim/2), the
-    angles of each token's own position. This is the complex product
-    x * e^(i*angle) of Meta's code without complex tensors, which CPU bf16
-    does not support.
+    x: (bs, seq, heads, head_dim), any strides with the last one 1 (a slice
+    of the fused q|k|v projection is fine); cos, sin: (bs or 1, seq, 1,
+    head_dim/2, 2) from `rope_table`, at each token's own position. Computes
+    (x0 cos - x1 sin, x1 cos + x0 sin), Meta's complex product, without
+    complex tensors (CPU bf16 has none, inductor generates no code for them)
+    and in few operations.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seq, heads, head_dim/2, 2)
-    x0, x1 = pairs.unbind(-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    return (pairs * cos + pairs.flip(-1) * sin).flatten(-2).to(x.dtype)
 
 
 @dataclass
@@ -129,7 +130,7 @@ class AttentionInputs:
     share one pass (packed prefill).
     """
 
-    cos: torch.Tensor  # (bs or 1, seq, head_dim/2), fp32
+    cos: torch.Tensor  # (bs or 1, seq, 1, head_dim/2, 2), fp32: rope_table at each token's position
     sin: torch.Tensor
     cache_rows: torch.Tensor  # (bs, seq): the KV-cache row each token's keys and values go to
     cache_pos: torch.Tensor  # (bs, seq): and their position there
@@ -171,12 +172,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
-        kv = self.n_local_kv_heads * self.head_dim
-        xq, xk, xv = self.wqkv(x).split([self.n_local_heads * self.head_dim, kv, kv], dim=-1)
-        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)  # (bs, seq, local_heads, head_dim)
-        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)  # (bs, seq, local_kv_heads, head_dim)
-        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, inputs.cos, inputs.sin), apply_rotary_emb(xk, inputs.cos, inputs.sin)
+        n_q, n_kv = self.n_local_heads, self.n_local_kv_heads
+        qkv = self.wqkv(x).view(bsz, seqlen, n_q + 2 * n_kv, self.head_dim)  # heads: q, then k, then v
+        # q and k rotated in one pass: (bs, seq, local_heads, head_dim) and (bs, seq, local_kv_heads, head_dim)
+        xq, xk = apply_rotary_emb(qkv[:, :, : n_q + n_kv], inputs.cos, inputs.sin).split([n_q, n_kv], dim=2)
+        xv = qkv[:, :, n_q + n_kv :]
 
         # cache[row, :, pos] for every token: indices (bs, seq) around a slice give (bs, seq, kv_heads, head_dim).
         self.cache_k[inputs.cache_rows, :, inputs.cache_pos] = xk
@@ -280,6 +280,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
+        self.compiled_block = None  # set by compiled.compile_decode
         self._register_load_state_dict_pre_hook(self._fuse_projections)
 
     def _fuse_projections(self, state_dict, prefix, *args) -> None:
@@ -377,6 +378,10 @@ class Transformer(nn.Module):
 
     def _layers(self, tokens: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (bs, seq, dim)
+        if tokens.shape[1] == 1 and self.compiled_block is not None:  # decoding, compiled (llama/compiled.py)
+            for layer in self.layers:
+                h = self.compiled_block(layer, h, inputs)
+            return h
         for layer in self.layers:
             h = layer(h, inputs)
         return h

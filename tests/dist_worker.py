@@ -23,9 +23,9 @@ PROMPTS = ["The llama is a domesticated", "Model parallelism splits every layer 
 
 def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, max_seq_len: int = 64,
          step_delay: float = 0.0, progress: Optional[str] = None, temperature: float = 0.0,
-         dtype: str = "float32", pipeline_stages: int = 1):
+         dtype: str = "float32", compile: bool = False, pipeline_stages: int = 1):
     gen = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=len(PROMPTS),
-                      device="cpu", dtype=dtype, pipeline_stages=pipeline_stages)
+                      device="cpu", dtype=dtype, compile=compile, pipeline_stages=pipeline_stages)
     prompts = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     if step_delay:  # slow generation down, so a test can kill a rank in the middle of it
         for i, _ in enumerate(gen.generate_stream(prompts[:1], max_gen_len, temperature=0)):

@@ -55,7 +55,7 @@ def test_console_script_is_installed_with_readable_help(llama_bin, tmp_path):
         assert f"\n    {command} " in r.stdout
     r = llama(llama_bin, "chat", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--ckpt_dir" in r.stdout and "--system" in r.stdout
-    assert "sampling:" in r.stdout and "--temperature" in r.stdout and "--threads" in r.stdout
+    assert "sampling:" in r.stdout and "--temperature" in r.stdout and "--threads" in r.stdout and "--compile" in r.stdout
     r = llama(llama_bin, "serve", "--help", cwd=tmp_path)
     assert r.returncode == 0 and "--api_key" in r.stdout and "--max_queue" in r.stdout and "--ckpt_dir" in r.stdout
     # It runs the installed package, not the clone's.
@@ -209,7 +209,7 @@ def test_convert_from_the_clone(tiny_gguf, tmp_path):
 def test_threads_and_batches_are_checked():
     import torch
 
-    from llama.cli import set_threads
+    from llama.threads import set_threads
 
     with pytest.raises(ValueError, match=r"--threads must be a positive integer, got 0"):
         set_threads(0)

@@ -62,6 +62,11 @@ def assert_same(result, ref, world_size):
     torch.testing.assert_close(result["logits"], ref["logits"], atol=1e-4, rtol=1e-4)  # fp32 reduction order
 
 
+def test_compiled_mp2_equals_mp1(make_ckpt, reference, tmp_path):
+    """Compiled decoding (llama/compiled.py) with collectives inside the opaque linear layers."""
+    assert_same(run_worker(make_ckpt("llama3"), tmp_path, nproc=2, compile=True), reference["llama3"], 2)
+
+
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
 def test_mp2_equals_mp1(family, make_ckpt, reference, tmp_path):
     assert_same(run_worker(make_ckpt(family, shards=2), tmp_path, nproc=2), reference[family], 2)

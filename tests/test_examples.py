@@ -1,5 +1,6 @@
 """The example scripts, run as users run them: plain python and torchrun."""
 
+import re
 import subprocess
 import sys
 
@@ -23,6 +24,9 @@ def test_text_completion_example(make_ckpt, launcher):
                       str(ckpt / "tokenizer.model"), "--max_gen_len", "6", "--temperature", "0", "--device", "cpu"])
     assert r.returncode == 0, r.stderr
     assert "I believe the meaning of life is" in r.stdout and r.stdout.count("\n> ") == 4 and r.stdout.count("=====\n") == 4
+    # the dtype chosen by the hardware, why, and the default thread count
+    assert re.search(r"Loaded .* s: (bfloat16|float32) \((native bf16 on this CPU|no native bf16 on this CPU).*\), "
+                     r"\d+ threads?, rank 0 of 1", r.stderr), r.stderr
 
 
 @pytest.mark.slow
@@ -57,3 +61,10 @@ def test_example_reports_bad_input_without_traceback(tmp_path, llama3_tokenizer_
              "--tokenizer_path", str(llama3_tokenizer_path)])
     assert r.returncode == 2
     assert "error: checkpoint directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_example_refuses_a_bad_thread_count(tmp_path, llama3_tokenizer_path):
+    r = run([sys.executable, "example_text_completion.py", "--ckpt_dir", str(tmp_path), "--tokenizer_path",
+             str(llama3_tokenizer_path), "--threads", "0"])
+    assert r.returncode == 2, r.stderr
+    assert "error: --threads must be a positive integer, got 0" in r.stderr and "Traceback" not in r.stderr

@@ -5,7 +5,6 @@ import argparse
 import sys
 from typing import Optional
 
-from ..cli import set_threads
 from ..distributed import DTYPES
 from ..linear import QUANTIZATIONS
 
@@ -17,11 +16,16 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batc
     g.add_argument("--tokenizer_path", metavar="FILE",
                    help="tokenizer.model (default: found in --ckpt_dir, or its parent for Llama 2)")
     g.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), help="default bfloat16; float16 on GPUs only")
+    g.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="default: bfloat16 where the CPU or GPU computes it natively, else float32 on a CPU and "
+                        "float16 on a GPU; float16 on GPUs only")
     g.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], help="weight-only int8 linear layers (half the memory of bf16)")
     g.add_argument("--threads", metavar="N", type=int,
-                   help="CPU threads per process (default: torch's; 1 under torchrun with several processes per "
-                        "node); on a small or shared machine fewer threads can be much faster")
+                   help="CPU threads per process (default: the physical cores this process may run on, divided "
+                        "among the processes on this node); on a shared machine fewer threads can be much faster")
+    g.add_argument("--compile", action="store_true",
+                   help="decode through a torch.compile'd transformer block: fewer, fused operations per token; "
+                        "the first start compiles for tens of seconds (cached on disk) and needs a C++ compiler")
     g.add_argument("--pipeline_stages", metavar="P", type=int, default=1,
                    help="under torchrun: split the layers into P stages (world size / P processes each, "
                         "tensor-parallel within a stage), for nodes behind slow links (default 1)")
@@ -67,17 +71,17 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def build_generator(a: argparse.Namespace):
-    """Sets the thread count, then loads the model as the flags say."""
+    """Loads the model as the flags say."""
     from ..checkpoint_info import find_tokenizer
     from ..generation import Llama
 
-    set_threads(a.threads)
     if hasattr(a, "temperature"):
         sampling_kwargs(a)  # a bad sampling flag fails before the model loads
     return Llama.build(
         ckpt_dir=a.ckpt_dir, tokenizer_path=str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)),
         max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=getattr(a, "seed", 1),
-        device=a.device, dtype=a.dtype, quantize=a.quantize, pipeline_stages=a.pipeline_stages,
+        device=a.device, dtype=a.dtype, quantize=a.quantize, threads=a.threads, compile=a.compile,
+        pipeline_stages=a.pipeline_stages,
     )
 
 

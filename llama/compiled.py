@@ -1,0 +1,101 @@
+"""An optional compiled decoding step: one torch.compile'd graph per transformer block.
+
+Decoding one token of a small model is mostly operator overhead, not
+arithmetic: about 160 ATen calls per layer in eager mode (views, casts, RoPE
+pieces, the norm's reductions), each a few microseconds, against four
+matmuls that are the real work. `compile_decode(model)` compiles the block's
+forward pass once (inductor; dynamic shapes, so every batch size and cache
+length share one graph, and every layer reuses it: parameters are graph
+inputs, not constants) and runs decoding steps through it, which fuses the
+elementwise work into a few generated kernels.
+
+The matmuls and their collectives stay outside the compiled code: each
+model-parallel linear layer (whatever kernel `linear.use_kernels` chose:
+oneDNN's prepacked weights, int8, ...) is called through one opaque custom
+operator, so inductor neither needs to understand the kernel nor sees a
+collective (no graph breaks, the same exchange order on every rank).
+Prefill stays eager: it is matmul-bound.
+
+Costs: the first start compiles (tens of seconds on a small CPU; inductor
+caches the result on disk, so later starts take seconds) and needs a C++
+compiler on CPU. Off by default (`Llama.build(..., compile=True)`, `--compile`).
+"""
+
+import itertools
+import weakref
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .linear import KernelLinear
+
+_layers: "weakref.WeakValueDictionary[int, OpaqueLinear]" = weakref.WeakValueDictionary()
+_next_handle = itertools.count()
+
+
+@torch.library.custom_op("llama::opaque_linear", mutates_args=())
+def opaque_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Runs the parallel linear layer registered under `handle` (its matmul and collective)."""
+    return _layers[int(handle)].layer(x)
+
+
+@opaque_linear.register_fake
+def _(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class OpaqueLinear(nn.Module):
+    """A KernelLinear that compiled code calls as one opaque operator.
+
+    The handle is a tensor (a graph input), not an int, so every layer's
+    instance runs the same compiled graph. The output width is learned from
+    the first (eager) call, which `compile_decode` makes before compiling.
+    """
+
+    def __init__(self, layer: KernelLinear):
+        super().__init__()
+        self.layer = layer
+        key = next(_next_handle)
+        _layers[key] = self
+        self.register_buffer("handle", torch.tensor(key), persistent=False)
+        self.out_features: Optional[int] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.llama.opaque_linear(x, self.handle, self.out_features)
+        y = self.layer(x)
+        self.out_features = y.shape[-1]
+        return y
+
+
+def _block(layer: nn.Module, x: torch.Tensor, inputs) -> torch.Tensor:
+    return layer(x, inputs)
+
+
+def compile_decode(model: nn.Module) -> None:
+    """Makes `model` (a Transformer after `use_kernels` and `setup_caches`)
+    decode through a compiled block, in place.
+
+    Runs one eager decoding step and then one compiled step for each kind of
+    step the engine makes (all rows at one position; rows at different
+    positions), so that compiling happens here rather than in the middle of
+    a request. The steps write only cache positions 1 and 2 of rows 0 and 1,
+    which every prompt overwrites before reading them.
+    """
+    for module in list(model.layers.modules()):  # the blocks' layers; the output layer runs eagerly
+        for name, child in list(module.named_children()):
+            if isinstance(child, KernelLinear):
+                setattr(module, name, OpaqueLinear(child))
+    device = model.norm.weight.device
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    model(token, 1)  # eager: every OpaqueLinear learns its output width
+    model.compiled_block = torch.compile(_block, dynamic=True)
+    # Sizes 0 and 1 are always specialized: one row and several rows are two
+    # graphs, rows at different positions (a bias mask) a third. Position 1
+    # (2 cached keys) keeps the cache length symbolic.
+    model(token, 1)
+    rows = min(2, model.params.max_batch_size)
+    if rows > 1:
+        model(token.expand(rows, 1), 1)
+        model(token.expand(rows, 1), torch.tensor([1, 2], device=device))
