@@ -61,6 +61,7 @@ def main(
     stream: bool = True,
     interactive: bool = False,
     quantize: Optional[str] = None,
+    pipeline_stages: int = 1,
     metrics_json: Optional[str] = None,
     threads: Optional[int] = None,
     compile: bool = False,
@@ -86,6 +87,8 @@ def main(
         interactive: Chat on the terminal instead of answering the examples
             (/help lists the commands; an empty line or Ctrl-D ends).
         quantize: "int8" for weight-only int8 linear layers.
+        pipeline_stages: Under torchrun, split the layers into this many stages
+            (world size / stages processes each), for nodes behind slow links.
         metrics_json: Write the inference metrics of every generation here (a JSON list).
         threads: CPU threads per process (default: the physical cores this process may
             run on, divided among the processes on this node).
@@ -106,6 +109,7 @@ def main(
         quantize=quantize,
         threads=threads,
         compile=compile,
+        pipeline_stages=pipeline_stages,
     )
     if interactive:
         write = lambda text: print_rank0(text, end="", flush=True)  # noqa: E731

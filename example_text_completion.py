@@ -45,6 +45,7 @@ def main(
     device: Optional[str] = None,
     dtype: Optional[str] = None,
     quantize: Optional[str] = None,
+    pipeline_stages: int = 1,
     metrics_json: Optional[str] = None,
     threads: Optional[int] = None,
     compile: bool = False,
@@ -64,6 +65,8 @@ def main(
         dtype: "bfloat16", "float32" or "float16" (GPU only); default: bfloat16 where the
             hardware computes it natively, else float32 (CPU) or float16 (GPU).
         quantize: "int8" for weight-only int8 linear layers.
+        pipeline_stages: Under torchrun, split the layers into this many stages
+            (world size / stages processes each), for nodes behind slow links.
         metrics_json: Also write the inference metrics here (a JSON list with one entry).
         threads: CPU threads per process (default: the physical cores this process may
             run on, divided among the processes on this node).
@@ -82,6 +85,7 @@ def main(
         quantize=quantize,
         threads=threads,
         compile=compile,
+        pipeline_stages=pipeline_stages,
     )
     results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     for prompt, result in zip(PROMPTS, results):

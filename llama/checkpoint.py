@@ -19,7 +19,7 @@ import torch
 
 from . import manifest
 from .args import ModelArgs
-from .schema import UNUSED_KEYS, EmbeddingLayout, kv_replication, model_weights, shard_shapes
+from .schema import UNUSED_KEYS, EmbeddingLayout, kv_replication, model_weights, shard_shapes, stage_holds
 
 logger = logging.getLogger("llama")
 
@@ -215,9 +215,14 @@ def detect_embedding_layout(shard0: StateDict, n_shards: int, args: ModelArgs,
     return "dim" if emb.shape[1] * n_shards == args.dim else "vocab"
 
 
-def expected_shapes(args: ModelArgs, size: int, layout: EmbeddingLayout) -> Dict[str, tuple]:
-    """The shape of every tensor in one shard of a `size`-way checkpoint (see llama/schema.py)."""
-    return shard_shapes(args, size, layout)
+def expected_shapes(args: ModelArgs, size: int, layout: EmbeddingLayout,
+                    layers: Optional[range] = None) -> Dict[str, tuple]:
+    """The shape of every tensor in one shard of a `size`-way checkpoint (see
+    llama/schema.py); of a pipeline stage's tensors only, if it holds `layers`."""
+    shapes = shard_shapes(args, size, layout)
+    if layers is None:
+        return shapes
+    return {k: v for k, v in shapes.items() if stage_holds(k, layers, args.n_layers)}
 
 
 def check_shards_agree(shards: LazyShards) -> None:
@@ -240,10 +245,17 @@ def check_shards_agree(shards: LazyShards) -> None:
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
-def check_layer_count(shard0: StateDict, args: ModelArgs, path: Path) -> None:
+def check_layer_count(shard0: StateDict, args: ModelArgs, path: Path, held: Optional[range] = None) -> None:
     """params.json's n_layers against the layers shard 0 holds, before anything
-    is built per layer: the cheap fact first, with both numbers."""
+    is built per layer: the cheap fact first, with both numbers. `held`: the
+    layers of a pipeline stage's folder (its pipeline.json says which)."""
     layers = {int(m.group(1)) for k in shard0 if (m := _LAYER.match(k))}
+    if held is not None and held != range(args.n_layers):
+        if layers != set(held):
+            raise CheckpointError(
+                f"{path} holds layers {_shown(sorted(layers), 4)} but its folder's pipeline.json says it holds "
+                f"layers {held.start}..{held.stop - 1}: the folder mixes files of two splits; write it again")
+        return
     if len(layers) != args.n_layers:
         raise CheckpointError(
             f"params.json says n_layers={args.n_layers} but {path} holds {len(layers)} layers"
@@ -327,8 +339,9 @@ def first_needed_shard(n_shards: int, rank: int, size: int) -> int:
 
 
 def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, size: int,
-                    layout: EmbeddingLayout) -> StateDict:
-    """Rank `rank` of `size`'s weights, from shards written for any other size.
+                    layout: EmbeddingLayout, layers: Optional[range] = None) -> StateDict:
+    """Rank `rank` of `size`'s weights, from shards written for any other size;
+    of a pipeline stage holding `layers` only, if given (llama/schema.py's stage_holds).
 
     `shards` may load lazily (see LazyShards): only the files this rank needs
     are opened. Tensors stay views of the memory-mapped files where possible;
@@ -339,7 +352,7 @@ def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, siz
     schema = model_weights(args)
     ref = shards[first_needed_shard(len(shards), rank, size)]
     for key in ref:
-        if key in UNUSED_KEYS:
+        if key in UNUSED_KEYS or (layers is not None and not stage_holds(key, layers, args.n_layers)):
             continue
         weight = schema.get(key)  # an unknown key is kept whole; check_shapes reports it
         axis = weight.split_axis(layout) if weight else None
@@ -367,12 +380,22 @@ def weights_vocab_size(paths: Sequence[Path]) -> int:
     return out.shape[0] * len(paths)
 
 
-def _shard_count(present: Dict[int, Path], ref: StateDict, args: ModelArgs, ckpt_dir, whole: bool) -> int:
+def _shard_count(present: Dict[int, Path], ref: StateDict, args: ModelArgs, ckpt_dir, whole: bool,
+                 has_output: bool = True) -> int:
     """How many shards the checkpoint has, from whole-model facts: the
-    vocabulary (params.json or the tokenizer) over one shard's output rows.
-    The manifest, where there is one, says it too and must agree."""
+    vocabulary (params.json or the tokenizer) over one shard's output rows
+    (or, in a pipeline stage's folder without the output, the attention heads
+    over one layer's query rows). The manifest, where there is one, says it
+    too and must agree."""
     out = ref.get("output.weight")
     path = present[min(present)]
+    if not has_output:
+        wq = next((v for k, v in ref.items() if k.endswith(".attention.wq.weight")), None)
+        queries = args.n_heads * args.head_dim
+        if wq is None or wq.dim() != 2 or wq.shape[0] < 1 or queries % wq.shape[0]:
+            raise CheckpointError(f"{path} has no attention weights of {args.n_heads} x {args.head_dim} query rows: "
+                                  "it does not belong to this params.json; use the folder's own files")
+        return queries // wq.shape[0]
     if out is None or out.dim() != 2 or out.shape[0] < 1:
         raise CheckpointError(f"{path} has no output.weight: it is not a Meta Llama checkpoint")
     rows, top = out.shape[0], max(present) + 1
@@ -409,10 +432,11 @@ def _check_manifest(ckpt_dir, paths: Sequence[Path], needed: Optional[List[str]]
 
 
 def inspect_rank_files(ckpt_dir, args: ModelArgs, raw_vocab_size: int, rank: int, size: int,
-                       whole: bool = False):
+                       whole: bool = False, held: Optional[range] = None):
     """Finds the shards rank `rank` of `size` reads and checks one of them
     against params.json; the folder may lack the others (a node holding only
-    its own ranks' files), unless `whole`.
+    its own ranks' files), unless `whole`. `held`: the layers the files hold
+    (a pipeline stage's folder; default all).
 
     Returns (LazyShards, embedding layout).
     """
@@ -422,7 +446,8 @@ def inspect_rank_files(ckpt_dir, args: ModelArgs, raw_vocab_size: int, rank: int
     ref = LazyShards({first: present[first]})[first]  # first, for its own diagnostics (a web page, a pickle)
     if whole:  # the manifest names missing files better than the shapes can
         _check_manifest(ckpt_dir, list(present.values()), None)
-    count = _shard_count(present, ref, args, ckpt_dir, whole)
+    has_output = held is None or held.stop == args.n_layers
+    count = _shard_count(present, ref, args, ckpt_dir, whole, has_output)
     shards = LazyShards(present, count, who=f"rank {rank} of {size}")
     shards._loaded[first] = ref
     needed = first_needed_shard(count, rank, size)
@@ -431,46 +456,51 @@ def inspect_rank_files(ckpt_dir, args: ModelArgs, raw_vocab_size: int, rank: int
         last = max(-(-(rank + 1) * count // size), needed + 1)  # the shards holding this rank's rows
         _check_manifest(ckpt_dir, shards.paths, [shard_name(i) for i in range(needed, last)])
     has_manifest = manifest.read_manifest(Path(ckpt_dir)) is not None
-    check_layer_count(ref, args, present[needed])
+    check_layer_count(ref, args, present[needed], held)
     if not has_manifest:  # Meta's folders: at least every shard must have the tensors, shapes and dtypes of the others
         check_shards_agree(shards)
     layout = detect_embedding_layout(ref, count, args, default_embedding_layout(raw_vocab_size))
     check_world_size(args, count, f"{ckpt_dir} has {count} shards")
     check_shapes(
-        ref, expected_shapes(args, count, layout), str(present[needed]),
+        ref, expected_shapes(args, count, layout, held), str(present[needed]),
         f"Check that params.json belongs to these weights and that all {count} shards are present.",
     )
     return shards, layout
 
 
 def checked_rank_state(paths, args: ModelArgs, rank: int, size: int,
-                       layout: EmbeddingLayout) -> StateDict:
+                       layout: EmbeddingLayout, layers: Optional[range] = None) -> StateDict:
     """rank_state_dict over freshly opened shards (a list of paths, or LazyShards), with every shape checked."""
     shards = paths if isinstance(paths, LazyShards) else LazyShards(paths)
-    state = rank_state_dict(shards, args, rank, size, layout)
-    check_shapes(state, expected_shapes(args, size, layout), f"{shards.paths[0].parent} (rank {rank} of {size})",
+    state = rank_state_dict(shards, args, rank, size, layout, layers)
+    check_shapes(state, expected_shapes(args, size, layout, layers), f"{shards.paths[0].parent} (rank {rank} of {size})",
                  "The shards do not agree with each other: they come from different checkpoints.")
     return state
 
 
-def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_size: int):
+def load_rank_state(ckpt_dir, args: ModelArgs, rank: int, size: int, raw_vocab_size: int,
+                    layers: Optional[range] = None, held: Optional[range] = None):
     """This rank's weights from a checkpoint directory written for any MP size;
-    only the shard files this rank reads need to be in it.
+    only the shard files this rank reads need to be in it. `layers`: a
+    pipeline stage's (default all); `held`: the layers the files hold (a
+    stage folder's; default all).
 
     Returns (state_dict, embedding_layout).
     """
-    prepared = inspect_rank_files(ckpt_dir, args, raw_vocab_size, rank, size)
-    return load_prepared_rank_state(prepared, ckpt_dir, args, rank, size)
+    prepared = inspect_rank_files(ckpt_dir, args, raw_vocab_size, rank, size, held=held)
+    return load_prepared_rank_state(prepared, ckpt_dir, args, rank, size, layers)
 
 
-def load_prepared_rank_state(prepared, ckpt_dir, args: ModelArgs, rank: int, size: int):
-    """load_rank_state after `inspect_rank_files` gave `prepared` (shards, layout)."""
+def load_prepared_rank_state(prepared, ckpt_dir, args: ModelArgs, rank: int, size: int,
+                             layers: Optional[range] = None):
+    """load_rank_state after `inspect_rank_files` gave `prepared` (shards, layout);
+    `layers`: a pipeline stage's (default all)."""
     shards, layout = prepared
     if len(shards) != size:
         check_world_size(args, size, f"running on {size} processes")  # before announcing a reshard that cannot happen
         logger.info("Resharding %s from %d to %d model-parallel ranks on the fly (utils/shard_model_checkpoint.py "
                     "does it once, ahead of time)", ckpt_dir, len(shards), size)
-    return checked_rank_state(shards, args, rank, size, layout), layout
+    return checked_rank_state(shards, args, rank, size, layout, layers), layout
 
 
 def available_memory(device: torch.device) -> Optional[int]:

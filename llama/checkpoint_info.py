@@ -24,7 +24,9 @@ def find_tokenizer(ckpt_dir, tokenizer_path=None) -> Path:
     download puts one there for all sizes)."""
     if tokenizer_path is not None:
         return Path(tokenizer_path)
-    ckpt_dir = Path(ckpt_dir)
+    from .stage_files import model_folder  # a folder of pipeline stage folders: the first one's
+
+    ckpt_dir = model_folder(ckpt_dir)
     places = [ckpt_dir / "tokenizer.model", ckpt_dir.resolve().parent / "tokenizer.model"]
     for place in places:
         if place.is_file():

@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 
-from . import manifest
+from . import manifest, stage_files
 from .args import ModelArgs
 from .checkpoint import (CheckpointError, check_world_size, checked_rank_state, find_shards, inspect_checkpoint,
                          weights_vocab_size)
@@ -67,7 +67,7 @@ def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 _OUR_TEMP = re.compile(r"\.(consolidated\.\d+\.pth|params\.json|tokenizer\.model(\.json)?|checklist\.chk|"
-                       r"manifest\.json|\.incomplete)\.\w{8}\.tmp")
+                       r"manifest\.json|pipeline\.json|\.incomplete)\.\w{8}\.tmp")
 
 
 class _TempFiles:
@@ -157,6 +157,7 @@ def write_checkpoint(
     progress: Callable[[str], None] = lambda msg: None,
     n_shards: int = 1,
     show_progress: bool = False,
+    extra_files: Optional[Dict[str, str]] = None,
 ) -> Path:
     """Writes params.json, consolidated.NN.pth (one per item of `shards`,
     consumed one at a time so only one is in memory), tokenizer.model (with
@@ -164,7 +165,8 @@ def write_checkpoint(
     manifest.json into `out_dir`.
 
     `show_progress` draws shards written, MB and MB/s on stderr (`n_shards`
-    is the total it shows).
+    is the total it shows). `extra_files`: name -> text of small files
+    written with the others (a stage folder's pipeline.json).
 
     Raises DiskFullError (a ValueError) if the disk fills up; then, as on any
     other failure, nothing new is published and the folder is as before.
@@ -182,6 +184,9 @@ def write_checkpoint(
             progress(f"wrote {out_dir / name} ({len(state)} tensors)")
             del state
         bar.close()
+        for name, text in (extra_files or {}).items():
+            tmp.write_bytes(name, text.encode())
+            md5s[name] = hashlib.md5(text.encode()).hexdigest()
         params_bytes = (json.dumps(params, indent=2) + "\n").encode()
         tmp.write_bytes("params.json", params_bytes)
         md5s["params.json"] = hashlib.md5(params_bytes).hexdigest()
@@ -230,19 +235,26 @@ def write_checkpoint(
 
 
 def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[Path] = None, force: bool = False,
-                       progress: Callable[[str], None] = print, show_progress: bool = False) -> Path:
+                       progress: Callable[[str], None] = print, show_progress: bool = False,
+                       pipeline_stages: int = 1) -> Path:
     """Splits or merges a Meta checkpoint into `n_shards` files.
 
     Works one output shard at a time from memory-mapped inputs, so peak
     memory is about one output shard, not the whole model. params.json is
     copied as is; tokenizer.model is copied from `tokenizer_path`, or from the
-    input directory if it has one (Llama 3).
+    input directory if it has one (Llama 3). With `pipeline_stages` P > 1, it
+    writes P stage folders stage0/ .. (llama/stage_files.py), each with
+    `n_shards` files of only that stage's layers; each folder is written
+    atomically, one after the other.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise FileNotFoundError(f"input checkpoint directory {in_dir} not found")
-    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
-        raise ValueError(f"the number of shards must be a positive integer, got {n_shards!r}")
+    for name, value in (("the number of shards", n_shards), ("the number of pipeline stages", pipeline_stages)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if (in_dir / stage_files.NAME).is_file() or stage_files.stage_folders(in_dir):
+        raise ValueError(f"{in_dir} is split into pipeline stages already; pass a whole checkpoint as the input")
     check_output_dir(out_dir, force, protect=[in_dir])
     file_args = ModelArgs.from_json(in_dir / "params.json")  # validates; errors name the file
     # Llama 2 files say vocab_size -1; the weights know the real size.
@@ -254,6 +266,19 @@ def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found")
     params = json.loads((in_dir / "params.json").read_text())
+    if pipeline_stages > 1:
+        stage_files.stage_layers(args.n_layers, pipeline_stages, 0)  # too few layers: said before writing
+        for stage in range(pipeline_stages):
+            layers = stage_files.stage_layers(args.n_layers, pipeline_stages, stage)
+            folder = out_dir / stage_files.stage_dir_name(stage)
+            progress(f"{in_dir}: {len(paths)} shard(s) -> {folder}: layers {layers.start}..{layers.stop - 1}, "
+                     f"{n_shards} shard(s)")
+            shards = (checked_rank_state(paths, args, rank, n_shards, layout, layers) for rank in range(n_shards))
+            write_checkpoint(folder, params, shards, tokenizer_path=tokenizer_path, force=force, protect=[in_dir],
+                             progress=progress, n_shards=n_shards, show_progress=show_progress,
+                             extra_files={stage_files.NAME: stage_files.stage_record(
+                                 stage, pipeline_stages, args.n_layers, n_shards)})
+        return out_dir
     progress(f"{in_dir}: {len(paths)} shard(s) -> {out_dir}: {n_shards} shard(s)")
     # A fresh memory map per output shard: pages read for one shard are released before the next.
     shards = (checked_rank_state(paths, args, rank, n_shards, layout) for rank in range(n_shards))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import (
     get_model_parallel_world_size,
+    get_pipeline_parallel_ranks,
     initialize_model_parallel,
     model_parallel_is_initialized,
 )
@@ -73,6 +74,19 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    # Pipeline stages (llama/pipeline.py): rank = stage x mp_size + mp_rank,
+    # so a stage's tensor-parallel ranks are consecutive (one node under torchrun).
+    stages: int = 1
+    stage: int = 0
+
+    @property
+    def mp_size(self) -> int:
+        """Tensor-parallel ranks per stage (the world size without pipeline stages)."""
+        return self.world_size // self.stages
+
+    @property
+    def mp_rank(self) -> int:
+        return self.rank % self.mp_size
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -171,12 +185,13 @@ def resolve_dtype(dtype: Optional[str], device: torch.device) -> torch.dtype:
 
 
 def init_distributed(device: Optional[str], model_parallel_size: Optional[int] = None,
-                     timeout_s: Optional[float] = None) -> DistInfo:
+                     timeout_s: Optional[float] = None, pipeline_stages: int = 1) -> DistInfo:
     """Joins (or reuses) the process group and the fairscale model-parallel group.
 
     Under torchrun the group spans every process (world size = model-parallel
-    size). Without torchrun it is a group of one. Calling this again in the same
-    process reuses the groups.
+    size x pipeline_stages; fairscale's pipeline groups link the stages). Without
+    torchrun it is a group of one. Calling this again in the same process reuses
+    the groups (with the same number of stages).
     """
     if timeout_s is None:
         timeout_s = dist_timeout_s()
@@ -203,21 +218,47 @@ def init_distributed(device: Optional[str], model_parallel_size: Optional[int] =
             # Plain `python`: a one-process group needs no rendezvous.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     world_size = dist.get_world_size()
-    if model_parallel_size is not None and model_parallel_size != world_size:
+    stages = check_pipeline_stages(pipeline_stages, world_size)
+    mp_size = world_size // stages
+    if model_parallel_size is not None and model_parallel_size != mp_size:
         raise ValueError(
-            f"model_parallel_size={model_parallel_size} but {world_size} processes were launched; "
-            "every process holds one model-parallel shard, so launch that many processes "
+            f"model_parallel_size={model_parallel_size} but {world_size} processes were launched"
+            + (f" for {stages} pipeline stages ({mp_size} per stage)" if stages > 1 else "")
+            + "; every process holds one model-parallel shard, so launch that many processes "
             "(torchrun --nproc_per_node / --nnodes) or leave model_parallel_size unset"
         )
     if model_parallel_is_initialized():
-        if get_model_parallel_world_size() != world_size:
-            raise RuntimeError("the model-parallel group does not span all processes; this code needs it to")
+        if get_model_parallel_world_size() != mp_size or len(get_pipeline_parallel_ranks()) != stages:
+            raise RuntimeError(f"this process already set up model parallelism for {get_model_parallel_world_size()} "
+                               f"ranks x {len(get_pipeline_parallel_ranks())} stages, not {mp_size} x {stages}")
     else:
+        if world_size > 1:  # nodes that disagree would build mismatched groups and hang: say so first
+            said: list = [None] * world_size
+            dist.all_gather_object(said, stages)
+            if len(set(said)) > 1:
+                other = next(r for r, s in enumerate(said) if s != said[0])
+                raise ValueError(f"the ranks were given different numbers of pipeline stages: rank 0 has "
+                                 f"{said[0]}, rank {other} has {said[other]}; pass the same --pipeline_stages "
+                                 "on every node")
         # fairscale prints three "> initializing ..." lines on rank 0; they read
         # like generated answers in the examples' output, so keep them out of it.
         with contextlib.redirect_stdout(io.StringIO()), _new_groups_with_timeout(timedelta(seconds=timeout_s)):
-            initialize_model_parallel(world_size)
-    return DistInfo(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank, device=dev)
+            initialize_model_parallel(mp_size, stages)
+    rank = dist.get_rank()
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, stages=stages,
+                    stage=rank // mp_size)
+
+
+def check_pipeline_stages(stages, world_size: int) -> int:
+    """`stages` checked against the number of processes: each stage needs the same number of them."""
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"pipeline_stages must be a positive integer, got {stages!r}")
+    if world_size % stages:
+        raise ValueError(
+            f"pipeline_stages={stages} does not divide the {world_size} processes launched: each stage runs on "
+            f"the same number of processes, so launch a multiple of {stages} (torchrun --nproc_per_node x "
+            f"--nnodes), or choose a number of stages that divides {world_size}")
+    return stages
 
 
 def _is_loopback(addr: str) -> bool:

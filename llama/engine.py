@@ -26,9 +26,9 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .collectives import vocab_parallel_argmax, vocab_parallel_sample
 from .messages import StopReason
 from .metrics import RequestMetrics
+from .pipeline import Pipeline
 from .sampling import RowState, SamplingParams, sample_rows, token_logprobs
 from .text_stream import StopStrings, TextStream
 
@@ -139,7 +139,8 @@ class Engine:
         self._ended: List[_Sequence] = []  # cancelled, waiting for their last event
         self._stopping = False  # rank 0: the next step tells the other ranks to stop following
         self.stopped = False  # a following rank: rank 0 said stop
-        group = _model_parallel_group()
+        self.passes = Pipeline(model)  # the model's passes; with pipeline stages, their results on every rank
+        group = _all_ranks_group()
         self._group = group
         self._world = dist.get_world_size(group) if group is not None else 1
         self._leader = self._world == 1 or dist.get_rank(group) == 0
@@ -328,25 +329,16 @@ class Engine:
         tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
         positions = [s.next_pos for s in rows]
         start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
-        if self._world > 1 and all(_plain_greedy(s.request.params) for s in rows):
-            # Greedy rows need only the arg-max: each rank's (max, index) is
-            # exchanged, not its slice of the logits (4V/N bytes a row).
-            local = self.model.forward(tokens, start, last_logits_only=True, gather_logits=False)[:, 0]
-            for seq, pos in zip(rows, positions):
-                seq.cached = pos + 1
-            return self._emit(rows, vocab_parallel_argmax(local), None)
-        if self._world > 1 and not any(s.request.params.wants_logprobs for s in rows):
-            # Sampled rows: each rank's best candidates and log-sum-exp, not
-            # its slice of the logits (the slice only where they cannot decide).
-            local = self.model.forward(tokens, start, last_logits_only=True, gather_logits=False)[:, 0]
-            for seq, pos in zip(rows, positions):
-                seq.cached = pos + 1
-            states = [RowState(s.request.params, s.generator, *self._history(s)) for s in rows]
-            return self._emit(rows, vocab_parallel_sample(local, states), None)
-        logits = self.model.forward(tokens, start, last_logits_only=True)[:, 0]  # (rows, vocab)
+        # Greedy rows need only the arg-max, sampled ones (without logprobs) each
+        # rank's best candidates: llama/pipeline.py exchanges those, not the logits.
+        greedy = all(_plain_greedy(s.request.params) for s in rows)
+        states = None
+        if not greedy and not any(s.request.params.wants_logprobs for s in rows):
+            states = lambda: [RowState(s.request.params, s.generator, *self._history(s)) for s in rows]  # noqa: E731
+        ids, logits = self.passes.decode(tokens, start, greedy=greedy, row_states=states)
         for seq, pos in zip(rows, positions):
             seq.cached = pos + 1
-        return self._sample_and_emit(rows, logits)
+        return self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
 
     def _admit(self, admitted: List[_Sequence]) -> List[TokenEvent]:
         """Prefills the admitted prompts in one pass and samples their first tokens."""
@@ -366,7 +358,7 @@ class Engine:
             return events
         first_row = len(self.running)
         self.running.extend(prefill)
-        outs = self.model.prefill([s.request.prompt_tokens for s in prefill],
+        outs = self.passes.prefill([s.request.prompt_tokens for s in prefill],
                                   rows=list(range(first_row, first_row + len(prefill))),
                                   all_logits=[s.request.prompt_logprobs for s in prefill])
         for seq, out in zip(prefill, outs):
@@ -494,12 +486,9 @@ def _plain_greedy(p: SamplingParams) -> bool:
     return p.greedy and not p.has_penalties and not p.wants_logprobs
 
 
-def _model_parallel_group():
-    if not dist.is_initialized():
-        return None
-    from fairscale.nn.model_parallel.initialize import get_model_parallel_group, model_parallel_is_initialized
-
-    return get_model_parallel_group() if model_parallel_is_initialized() else None
+def _all_ranks_group():
+    """Every rank runs the engine's steps (all tensor-parallel ranks of every pipeline stage)."""
+    return dist.group.WORLD if dist.is_initialized() else None
 
 
 def _request_difference(rid: int, mine: Request, rank0: Request) -> Optional[str]:

@@ -12,7 +12,9 @@ differs. Costs milliseconds: nothing is read but the small files and the
 norms (memory-mapped).
 
 A node may hold only its own ranks' shard files: shard sizes are compared
-only for the files both ranks have.
+only for the files both ranks have. With pipeline stages, what differs from
+stage to stage (the files of a stage's folder, the norms of its layers) is
+compared between the ranks of one stage only.
 """
 
 import hashlib
@@ -23,7 +25,9 @@ from typing import Dict, List, Optional
 
 # Files that not every copy of a checkpoint has (a folder copied by hand may
 # lack the checklist): compared only between ranks that have them.
-_OPTIONAL = ("manifest.json", "checklist.chk")
+_OPTIONAL = ("manifest.json", "checklist.chk", "pipeline.json")
+# What a stage-split checkpoint has for each stage (llama/stage_files.py).
+_PER_STAGE = ("shard sizes",) + _OPTIONAL
 
 
 def _sha(path: Path) -> Optional[str]:
@@ -66,13 +70,14 @@ def differences(mine: Dict[str, object], theirs: Dict[str, object]) -> List[str]
     return sorted(out)
 
 
-def replicated_hash(state: dict) -> str:
+def replicated_hash(state: dict, keep=lambda key: True) -> str:
     """A hash of the tensors every shard holds whole (the norms): the same on
-    every rank of one checkpoint, whichever shard it reads."""
+    every rank of one checkpoint, whichever shard it reads. `keep`: which
+    names count (a pipeline stage's)."""
     import torch
 
     h = hashlib.sha256()
-    for key in sorted(k for k in state if "norm" in k):
+    for key in sorted(k for k in state if "norm" in k and keep(k)):
         t = state[key]
         h.update(key.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
         h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -80,10 +85,11 @@ def replicated_hash(state: dict) -> str:
 
 
 def check_same_checkpoint(ckpt_dir, tokenizer_path, error: Optional[BaseException] = None,
-                          extra: Optional[dict] = None, **settings) -> None:
+                          extra: Optional[dict] = None, stage: int = 0, **settings) -> None:
     """Raises on every rank if any rank loads something else than rank 0, or
     met `error` preparing its load (that rank raises its own error, the others
-    a ValueError naming it). `extra`: more facts to compare (a weights hash)."""
+    a ValueError naming it). `extra`: more facts to compare (a weights hash),
+    like the files, only with the first rank of the same pipeline `stage`."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -91,8 +97,8 @@ def check_same_checkpoint(ckpt_dir, tokenizer_path, error: Optional[BaseExceptio
             raise error
         return
     about = {**describe(ckpt_dir, tokenizer_path, **settings), **(extra or {})}
-    mine = {"who": (dist.get_rank(), _node(), str(ckpt_dir)), "about": about,
-            "error": None if error is None else str(error)}
+    mine = {"who": (dist.get_rank(), _node(), str(ckpt_dir)), "about": about, "stage": stage,
+            "per stage": _PER_STAGE + tuple(extra or ()), "error": None if error is None else str(error)}
     everyone: List[dict] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if error is not None:
@@ -105,7 +111,9 @@ def check_same_checkpoint(ckpt_dir, tokenizer_path, error: Optional[BaseExceptio
     first = everyone[0]
     problems = []
     for other in everyone[1:]:
-        keys = differences(first["about"], other["about"])
+        same_stage = next(o for o in everyone if o["stage"] == other["stage"])
+        keys = [k for k in differences(first["about"], other["about"]) if k not in other["per stage"]]
+        keys += [k for k in differences(same_stage["about"], other["about"]) if k in other["per stage"]]
         if keys:
             rank, node, folder = other["who"]
             problems.append(f"rank {rank} on {node} ({folder}) differs in {', '.join(keys)}")

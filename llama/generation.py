@@ -29,7 +29,8 @@ from .messages import Dialog, Message, StopReason
 from .metrics import GenerationMetrics, MetricsRecorder, device_probes
 from .model import Transformer
 from .sampling import SamplingParams
-from .schema import shard_shapes
+from .schema import shard_shapes, stage_holds
+from .stage_files import model_folder, stage_folder, stage_layers
 from .threads import local_ranks, set_threads
 from .tokenizer import Tokenizer
 
@@ -85,6 +86,7 @@ class Llama:
         quantize: Optional[str] = None,
         threads: Optional[int] = None,
         compile: bool = False,
+        pipeline_stages: int = 1,
     ) -> "Llama":
         """Loads a Meta checkpoint for inference on this process's model-parallel rank.
 
@@ -116,6 +118,11 @@ class Llama:
                 (llama/compiled.py): fewer, fused operations per token. The
                 first start compiles for tens of seconds (cached on disk
                 afterwards) and needs a C++ compiler on CPU.
+            pipeline_stages: Split the layers into this many contiguous stages
+                (llama/pipeline.py), each on world size / stages ranks that
+                split its layers tensor-parallel; for nodes behind slow links.
+                `ckpt_dir` may be a whole checkpoint or one split with
+                utils/shard_model_checkpoint.py --pipeline_stages.
 
         Returns:
             A ready `Llama`.
@@ -135,36 +142,44 @@ class Llama:
         if not Path(ckpt_dir).is_dir():
             raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found (--ckpt_dir)")
         tokenizer = Tokenizer.from_file(tokenizer_path)
-        args = ModelArgs.from_json(Path(ckpt_dir) / "params.json", max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        args = ModelArgs.from_json(model_folder(ckpt_dir) / "params.json", max_seq_len=max_seq_len,
+                                   max_batch_size=max_batch_size)
         raw_vocab_size = args.vocab_size
         args = _with_tokenizer_vocab(args, tokenizer, ckpt_dir)
 
-        dist_info = init_distributed(device, model_parallel_size)
+        dist_info = init_distributed(device, model_parallel_size, pipeline_stages=pipeline_stages)
         need = _fp32_need(args, dist_info) if dtype is None and dist_info.device.type == "cpu" else (None, None)
         torch_dtype, dtype_reason = choose_dtype(dtype, dist_info.device, *need)
         torch.manual_seed(seed)
+        rank, size = dist_info.mp_rank, dist_info.mp_size  # within this rank's pipeline stage
 
         # Cheap facts first: this rank's files are there and fit params.json,
         # every node loads the same checkpoint with the same settings, and the
         # KV cache fits in memory, before any weight is read. Errors are
         # exchanged too, so that no rank waits for one that has given up.
-        error, prepared, weights = None, None, {}
+        error, prepared, weights, folder, layers = None, None, {}, Path(ckpt_dir), None
         try:
-            check_cache_memory(args, dist_info.world_size, dist_info.device, torch_dtype)
-            prepared = inspect_rank_files(ckpt_dir, args, raw_vocab_size, dist_info.rank, dist_info.world_size)
+            folder, held = stage_folder(ckpt_dir, dist_info.stages, dist_info.stage, args.n_layers, dist_info.rank)
+            if dist_info.stages > 1:
+                layers = stage_layers(args.n_layers, dist_info.stages, dist_info.stage)
+            check_cache_memory(args if layers is None else dataclasses.replace(args, n_layers=len(layers)), size,
+                               dist_info.device, torch_dtype)
+            prepared = inspect_rank_files(folder, args, raw_vocab_size, rank, size, held=held)
             weights["weights (replicated norms)"] = replicated_hash(
-                prepared[0][first_needed_shard(len(prepared[0]), dist_info.rank, dist_info.world_size)])
+                prepared[0][first_needed_shard(len(prepared[0]), rank, size)],
+                keep=lambda key: layers is None or stage_holds(key, layers, args.n_layers))
         except (FileNotFoundError, ValueError) as e:
             error = e
-        check_same_checkpoint(ckpt_dir, tokenizer_path, error=error, extra=weights, dtype=torch_dtype,
-                              quantize=quantize, max_seq_len=max_seq_len, max_batch_size=max_batch_size, seed=seed)
-        state, layout = load_prepared_rank_state(prepared, ckpt_dir, args, dist_info.rank, dist_info.world_size)
+        check_same_checkpoint(folder, tokenizer_path, error=error, extra=weights, stage=dist_info.stage,
+                              dtype=torch_dtype, quantize=quantize, max_seq_len=max_seq_len,
+                              max_batch_size=max_batch_size, seed=seed, pipeline_stages=dist_info.stages)
+        state, layout = load_prepared_rank_state(prepared, folder, args, rank, size, layers)
         # int8 is quantized on the CPU and then moved: the full-precision
         # weights never occupy the GPU.
         load_device = torch.device("cpu") if quantize else dist_info.device
         state = {k: v.to(device=load_device, dtype=torch_dtype).contiguous() for k, v in state.items()}
         with torch.device("meta"):
-            model = Transformer(args, embedding_layout=layout)
+            model = Transformer(args, embedding_layout=layout, layers=layers)
         model.load_state_dict(state, strict=True, assign=True)
         del state
         use_kernels(model, quantize)
@@ -174,10 +189,12 @@ class Llama:
         model.eval()
         if compile:
             compile_decode(model)
-        logger.info("Loaded %s on %s in %.2f s: %s (%s)%s%s, %d thread%s, rank %d of %d", ckpt_dir, dist_info.device,
+        logger.info("Loaded %s on %s in %.2f s: %s (%s)%s%s, %d thread%s, rank %d of %d%s", folder, dist_info.device,
                     time.perf_counter() - start, str(torch_dtype).replace("torch.", ""), dtype_reason,
                     ", int8 weights" if quantize else "", ", compiled decoding" if compile else "",
-                    n_threads, "s" if n_threads > 1 else "", dist_info.rank, dist_info.world_size)
+                    n_threads, "s" if n_threads > 1 else "", dist_info.rank, dist_info.world_size,
+                    f", pipeline stage {dist_info.stage} of {dist_info.stages}: layers {layers.start}..{layers.stop - 1}"
+                    if layers is not None else "")
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -188,9 +205,16 @@ class Llama:
         self.last_metrics: Optional[GenerationMetrics] = None  # of the last call, even one broken off
         # Weights one decoding step reads, over all ranks (a step reads only B
         # rows of the embedding table).
-        self.weight_bytes_per_step = _world_size() * sum(
+        self.weight_bytes_per_step = sum(
             p.nbytes for name, p in model.named_parameters() if not name.startswith("tok_embeddings.")
         )
+        if self.engine.passes.stages > 1:  # the stages hold different layers: sum them
+            on = self.device if torch.distributed.get_backend() == "nccl" else "cpu"
+            total = torch.tensor([self.weight_bytes_per_step], dtype=torch.float64, device=on)
+            torch.distributed.all_reduce(total)
+            self.weight_bytes_per_step = int(total.item())
+        else:
+            self.weight_bytes_per_step *= _world_size()
 
     @property
     def device(self) -> torch.device:
@@ -434,11 +458,12 @@ def _fp32_need(args: ModelArgs, dist_info) -> Tuple[Optional[int], Optional[int]
     """(bytes the weights and KV caches of this node's ranks take in float32, bytes free on it),
     for the default dtype; (None, None) where the split is impossible (reported later, with the fix)."""
     try:
-        shapes = shard_shapes(args, dist_info.world_size, "vocab")  # both layouts hold as many values
+        shapes = shard_shapes(args, dist_info.mp_size, "vocab")  # both layouts hold as many values
     except ValueError:
         return None, None
-    per_rank = 4 * sum(math.prod(shape) for shape in shapes.values()) + cache_bytes(args, dist_info.world_size,
+    per_rank = 4 * sum(math.prod(shape) for shape in shapes.values()) + cache_bytes(args, dist_info.mp_size,
                                                                                      torch.float32)
+    per_rank //= dist_info.stages  # a pipeline stage holds about 1/stages of the layers
     return per_rank * local_ranks(), available_memory(dist_info.device)
 
 

@@ -260,17 +260,23 @@ class Transformer(nn.Module):
     Meta's names with `load_state_dict(..., assign=True)`, then call
     `setup_caches` once."""
 
-    def __init__(self, params: ModelArgs, embedding_layout: EmbeddingLayout = "vocab"):
+    def __init__(self, params: ModelArgs, embedding_layout: EmbeddingLayout = "vocab", layers: Optional[range] = None):
         super().__init__()
         if params.vocab_size < 1:
             raise ValueError("vocab_size must be resolved (from the tokenizer) before building the model")
         self.params = params
         self.embedding_layout = embedding_layout
+        # A pipeline stage (llama/pipeline.py) holds only `layers` (global
+        # indices, all by default), the first stage the embedding, the last the
+        # output; every stage the final norm (dim values: the model's device).
+        self.layer_ids = range(params.n_layers) if layers is None else layers
         embedding_cls = VocabParallelEmbedding if embedding_layout == "vocab" else ParallelEmbedding
         with _without_fairscale_init():
-            self.tok_embeddings = _meta_weights(embedding_cls(params.vocab_size, params.dim, init_method=_keep))
-            self.layers = nn.ModuleList(TransformerBlock(params) for _ in range(params.n_layers))
-            self.output = _meta_weights(ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep))
+            self.tok_embeddings = (_meta_weights(embedding_cls(params.vocab_size, params.dim, init_method=_keep))
+                                   if self.layer_ids.start == 0 else None)
+            self.layers = nn.ModuleList(TransformerBlock(params) for _ in self.layer_ids)
+            self.output = (_meta_weights(ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep))
+                           if self.layer_ids.stop == params.n_layers else None)
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
@@ -279,12 +285,17 @@ class Transformer(nn.Module):
 
     def _fuse_projections(self, state_dict, prefix, *args) -> None:
         """Concatenates a rank's wq|wk|wv and w1|w3 shards (Meta's names) into
-        the fused weights, as a state-dict hook: checkpoints keep Meta's layout."""
-        for i in range(self.params.n_layers):
+        the fused weights, as a state-dict hook: checkpoints keep Meta's layout.
+        A pipeline stage's layers keep their global numbers in checkpoints and
+        are renumbered from 0 here."""
+        for local, i in enumerate(self.layer_ids):
             for fused, parts in FUSED.items():
                 names = [f"{prefix}layers.{i}.{part}.weight" for part in parts]
                 if all(n in state_dict for n in names):
                     state_dict[f"{prefix}layers.{i}.{fused}.weight"] = torch.cat([state_dict.pop(n) for n in names])
+            if local != i:
+                for key in [k for k in state_dict if k.startswith(f"{prefix}layers.{i}.")]:
+                    state_dict[f"{prefix}layers.{local}.{key[len(f'{prefix}layers.{i}.'):]}"] = state_dict.pop(key)
 
     def setup_caches(self, device, dtype) -> None:
         """Allocates the KV cache and the RoPE table on `device` (after weights are loaded)."""
@@ -304,10 +315,14 @@ class Transformer(nn.Module):
         (bs, 1, vocab) for the last one if `last_logits_only` (what decoding needs).
         With `gather_logits=False`, only this rank's slice of the vocabulary
         (vocab / world size consecutive ids, rank 0 first), without the gather.
+        A pipeline stage after the first takes the previous stage's hidden
+        state (bs, seq, dim) as `tokens`; one before the last returns its own.
         """
-        bsz, seqlen = tokens.shape
+        bsz, seqlen = tokens.shape[:2]
         inputs = self._inputs_at(bsz, seqlen, start_pos, tokens.device)
         h = self._layers(tokens, inputs)
+        if self.output is None:
+            return h  # (bs, seq, dim): the next stage's input
         if last_logits_only:
             h = h[:, -1:]
         if not gather_logits:
@@ -318,14 +333,16 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int],
-                all_logits: Sequence[bool] = ()) -> List[torch.Tensor]:
+                all_logits: Sequence[bool] = (), hidden: Optional[torch.Tensor] = None):
         """Runs fresh prompts (from position 0) in one pass, packed end to end
         without padding, each into its own KV-cache row.
 
         Each prompt attends only to itself (a block-diagonal causal mask), so
         its logits equal those of running it alone. Returns, per prompt, float
         logits (1, vocab) of its last position, or (len, vocab) of every
-        position where `all_logits[i]` is true.
+        position where `all_logits[i]` is true. A pipeline stage after the
+        first takes the previous stage's `hidden` (1, total, dim); one before
+        the last returns its own instead of logits.
         """
         device = self.norm.weight.device
         lens = [len(p) for p in prompts]
@@ -343,7 +360,10 @@ class Transformer(nn.Module):
             cache_rows=torch.tensor(rows, device=device)[seg][None], cache_pos=pos[None],
             self_attention=True, kv_len=0, mask=mask,
         )
-        h = self._layers(tokens, inputs)[0]  # (total, dim)
+        h = self._layers(tokens if hidden is None else hidden, inputs)
+        if self.output is None:
+            return h  # (1, total, dim): the next stage's input
+        h = h[0]  # (total, dim)
         ends = (starts + torch.tensor(lens, device=device)).tolist()
         want_all = list(all_logits) + [False] * (len(prompts) - len(all_logits))
         picks = [torch.arange(s, e, device=device) if full else torch.tensor([e - 1], device=device)
@@ -357,7 +377,7 @@ class Transformer(nn.Module):
             layer.attention.move_cache_row(src, dst, length)
 
     def _layers(self, tokens: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)  # (bs, seq, dim)
+        h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (bs, seq, dim)
         if tokens.shape[1] == 1 and self.compiled_block is not None:  # decoding, compiled (llama/compiled.py)
             for layer in self.layers:
                 h = self.compiled_block(layer, h, inputs)

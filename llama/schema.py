@@ -6,6 +6,7 @@ loader and resharder, the checkpoint writer, the random-checkpoint maker, the
 GGUF converter, the transformers reference and the model's own loading.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Dict, Literal, Optional, Tuple
 
@@ -88,3 +89,21 @@ def shard_shapes(args: ModelArgs, size: int, layout: EmbeddingLayout) -> Dict[st
             shape[axis] //= size
         shapes[name] = tuple(shape)
     return shapes
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def stage_holds(name: str, layers: range, n_layers: int) -> bool:
+    """Whether a pipeline stage holding `layers` (global indices) holds weight
+    `name`: its layers, the embedding if it is the first stage, the output if
+    the last, and the final norm (every stage: a few values). Unknown names
+    are kept (the shape checks report them)."""
+    m = _LAYER.match(name)
+    if m:
+        return int(m.group(1)) in layers
+    if name.startswith("tok_embeddings."):
+        return layers.start == 0
+    if name.startswith("output."):
+        return layers.stop == n_layers
+    return True

@@ -23,9 +23,9 @@ PROMPTS = ["The llama is a domesticated", "Model parallelism splits every layer 
 
 def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, max_seq_len: int = 64,
          step_delay: float = 0.0, progress: Optional[str] = None, temperature: float = 0.0,
-         dtype: str = "float32", compile: bool = False):
+         dtype: str = "float32", compile: bool = False, pipeline_stages: int = 1):
     gen = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=len(PROMPTS),
-                      device="cpu", dtype=dtype, compile=compile)
+                      device="cpu", dtype=dtype, compile=compile, pipeline_stages=pipeline_stages)
     prompts = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     if step_delay:  # slow generation down, so a test can kill a rank in the middle of it
         gen.generate(prompts[:1], 1, temperature=0)
@@ -38,8 +38,12 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
     tokens, _ = gen.generate(prompts, max_gen_len, temperature=temperature)
     joined = joining_requests(gen, prompts, max_gen_len)
     followed = rank0_only_requests(gen, prompts, max_gen_len)
-    logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
-    ties = argmax_ties()
+    if pipeline_stages == 1:
+        logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
+        ties = argmax_ties()
+    else:  # every position's logits, from the last stage (the tie test needs one tensor-parallel group of all)
+        logits = gen.engine.passes.prefill([prompts[1]], rows=[0], all_logits=[True])[0][None]
+        ties = True
     sampled = sampled_requests(gen, prompts, max_gen_len)
     shm = shared_memory_check()
     if dist.get_rank() == 0:

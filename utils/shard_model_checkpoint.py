@@ -12,6 +12,14 @@ written, MB/s) goes to stderr.
 Not needed to run a checkpoint on a different number of workers (Llama.build
 reshards on the fly), but then every worker reads the original files; with
 pre-split shards each worker only needs its own file.
+
+With --pipeline_stages P it writes one folder per pipeline stage, stage0/ ..
+stage{P-1}/, each holding -n shards of only that stage's layers (the first
+stage also the embedding, the last the output), params.json, the tokenizer
+and pipeline.json (which layers). Copy to each node the folders of its
+stages, under the same --ckpt_dir:
+
+    python utils/shard_model_checkpoint.py --pipeline_stages 2 -n 1 -i Meta-Llama-3-8B/ -o llama3-8b-2-stages/
 """
 
 import argparse
@@ -26,12 +34,14 @@ def main(argv=None) -> int:
     parser.add_argument("-n", "--num_shards", type=int, required=True, help="number of output shards (workers)")
     parser.add_argument("-i", "--input", type=Path, required=True, help="input checkpoint directory")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output checkpoint directory")
+    parser.add_argument("--pipeline_stages", type=int, default=1,
+                        help="write one folder per pipeline stage, each with -n shards of its layers (default 1)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy (default: the input's, if any)")
     parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
     a = parser.parse_args(argv)
     try:
         reshard_checkpoint(a.input, a.output, a.num_shards, tokenizer_path=a.tokenizer, force=a.force,
-                           show_progress=True)
+                           show_progress=True, pipeline_stages=a.pipeline_stages)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,8 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num_shards", type=int, required=True, help="number of output shards (workers)")
     p.add_argument("-i", "--input", type=Path, required=True, help="input checkpoint directory")
     p.add_argument("-o", "--output", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--pipeline_stages", type=int, default=1,
+                   help="write one folder per pipeline stage, each with -n shards of its layers (default 1)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy (default: the input's, if any)")
     p.add_argument("--force", action="store_true", help="write into a non-empty output directory")
 
@@ -31,7 +33,8 @@ def add_shard_args(p: argparse.ArgumentParser) -> None:
 def shard(a: argparse.Namespace) -> None:
     from ..checkpoint_writer import reshard_checkpoint
 
-    reshard_checkpoint(a.input, a.output, a.num_shards, tokenizer_path=a.tokenizer, force=a.force)
+    reshard_checkpoint(a.input, a.output, a.num_shards, tokenizer_path=a.tokenizer, force=a.force,
+                       pipeline_stages=a.pipeline_stages)
     print(f"done: {a.output}")
 
 

@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batc
     g.add_argument("--compile", action="store_true",
                    help="decode through a torch.compile'd transformer block: fewer, fused operations per token; "
                         "the first start compiles for tens of seconds (cached on disk) and needs a C++ compiler")
+    g.add_argument("--pipeline_stages", metavar="P", type=int, default=1,
+                   help="under torchrun: split the layers into P stages (world size / P processes each, "
+                        "tensor-parallel within a stage), for nodes behind slow links (default 1)")
     g.add_argument("--max_seq_len", metavar="N", type=int, default=max_seq_len,
                    help=f"prompt plus answer, in tokens (sizes the KV cache; default {max_seq_len})")
     g.add_argument("--max_batch_size", metavar="N", type=int, default=max_batch_size,
@@ -78,6 +81,7 @@ def build_generator(a: argparse.Namespace):
         ckpt_dir=a.ckpt_dir, tokenizer_path=str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)),
         max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=getattr(a, "seed", 1),
         device=a.device, dtype=a.dtype, quantize=a.quantize, threads=a.threads, compile=a.compile,
+        pipeline_stages=a.pipeline_stages,
     )
 
 
