@@ -198,7 +198,7 @@ def measure(shapes, batches, threads, budget: int, min_time: float, only: str) -
                 for t in threads:
                     torch.set_num_threads(t)
                     results[(kern.name, kern.weights, shape_name, n, k, m, t)] = (seconds_per_call(fn, min_time), nbytes)
-            del copies, first
+            copies = first = None  # free the pool before the next kernel
     return results
 
 

@@ -9,7 +9,7 @@ math needs the whole vector.
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers

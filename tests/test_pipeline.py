@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO
 
 FOUR_LAYERS = {"n_layers": 4}
 
@@ -152,7 +152,6 @@ def test_errors_name_the_numbers_and_the_fix(make_ckpt, tmp_path):
 
 
 def test_build_refuses_stages_that_do_not_divide_the_processes(make_ckpt):
-    from conftest import build_tiny
     from llama import Llama
 
     ckpt = make_ckpt("llama3")
