@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -81,8 +82,10 @@ def version() -> str:
 
 
 def system_info() -> str:
-    """What llama.cpp was built for (its CPU features), as llama_print_system_info says."""
-    return import_llama_cpp().llama_print_system_info().decode(errors="replace").strip()
+    """The features llama.cpp was built with ("AVX2 AVX512 ..."), from llama_print_system_info."""
+    text = import_llama_cpp().llama_print_system_info().decode(errors="replace")
+    found = re.findall(r"(\w+) = 1\b", text)
+    return "built with " + " ".join(found) if found else text.strip()
 
 
 class LlamaCppRunner:

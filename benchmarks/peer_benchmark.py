@@ -122,7 +122,8 @@ def measure(engines: dict, a, prompt, long_prompt) -> dict:
             figures.update(prefill(long_prompt))
             time.sleep(PAUSE_S)
             rounds[key].append(figures)
-        print(f"  round {i + 1} of {a.rounds} done", file=sys.stderr, flush=True)
+        done = ", ".join(f"{e} {p} {v[-1]['decode_ms']:.1f}/{v[-1]['prefill_ms']:.0f}" for (e, p), v in rounds.items())
+        print(f"  round {i + 1} of {a.rounds} (decode ms/token / prefill ms): {done}", file=sys.stderr, flush=True)
     speed: dict = {}
     for (engine, precision), values in rounds.items():
         speed.setdefault(engine, {})[precision] = medians(values)
