@@ -43,7 +43,8 @@ def header_lines(res: dict) -> List[str]:
                if not any(f.startswith(prefix) for f in flags)]
     lines = [
         f"# {c['model']} side by side with llama.cpp: batch 1, greedy, {c['prompt_len']}-token prompt, "
-        f"{c['gen_len']} new tokens, stop tokens off, {c['threads']} threads, median of {c['rounds']} interleaved rounds",
+        f"{c['gen_len']} new tokens, stop tokens off, {c['threads']} thread{'s' * (c['threads'] != 1)}, "
+        f"median of {c['rounds']} interleaved rounds",
         "",
         f"- CPU: {m.get('cpu', '?')}, {m.get('cores', '?')} cores visible; flags: {' '.join(flags) or 'none of interest'}"
         + (f" (no {', no '.join(missing)})" if missing else ""),
