@@ -2,8 +2,11 @@
 
 Runtime dependencies are read from requirements.txt; `pip install` also
 installs the `llama` command (llama/commands/). The `gguf` extra is what
-utils/convert_gguf_checkpoint.py needs; the `server` extra what `llama serve`
-needs. The `test` extra holds tools that only
+utils/convert_gguf_checkpoint.py (and utils/export_gguf.py) need; the `server`
+extra what `llama serve` needs; the `bench` extra llama.cpp, the peer of
+benchmarks/peer_benchmark.py (llama-cpp-python builds llama.cpp from source:
+CMAKE_ARGS="-DGGML_NATIVE=ON" for this CPU's instructions, several minutes;
+not in CI, which installs `test` only). The `test` extra holds tools that only
 the test suite needs: pytest, Hugging Face `transformers` as an independent
 reference implementation (with `gguf` and `accelerate` for its GGUF loader),
 Hypothesis for the fuzz tests, and the linters and compose CLI that check
@@ -38,6 +41,8 @@ setup(
     extras_require={
         "gguf": ["gguf>=0.19"],  # utils/convert_gguf_checkpoint.py (0.19 is the version tested)
         "server": SERVER,  # `llama serve`: the OpenAI-compatible HTTP server (llama/server/)
+        # benchmarks/peer_benchmark.py: llama.cpp on the same weights (0.3.36 is the version measured)
+        "bench": ["llama-cpp-python>=0.3.36", "gguf>=0.19", "transformers>=4.45"],  # transformers: the second peer
         "test": [
             "gguf>=0.19",  # converts SmolLM2 and writes synthetic GGUF files
             "accelerate>=1.0",  # transformers' GGUF loader needs it

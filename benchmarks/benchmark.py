@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark.py                  # ~0.9B-parameter Llama 3 shape, 2 threads
     python benchmarks/benchmark.py --json out.json  # also write every figure
+    python benchmarks/benchmark.py --peer llama.cpp # SmolLM2 beside llama.cpp: benchmarks/peer_benchmark.py
 
 Builds (once, cached) a random Meta-format checkpoint, then measures: the
 memory read bandwidth; our prefill and decode tokens/s at batch 1 and 8 in
@@ -147,6 +148,10 @@ def mp_worker(ckpt: Path, a) -> None:
 
 
 def main() -> None:
+    if "--peer" in sys.argv[1:]:  # a different benchmark, with its own options
+        from benchmarks.peer_benchmark import main as peer_main
+
+        return peer_main(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--n_layers", type=int, default=8)
