@@ -134,11 +134,14 @@ def engines_to_time(a, ckpt: Path, prompt, long_prompt, res: dict) -> dict:
     """(engine, precision) -> (decode, prefill) callables, in the interleaving order: each of
     ours beside llama.cpp's file of the same weights, then transformers. Fills res['greedy']."""
     seq = max(a.prompt_len + a.gen_len, a.prefill_len + 1) + 8
-    ours = {}
+    ours, compiled = {}, {}
     for name, (dtype, quant) in OUR_BUILDS.items():
         gen = build(ckpt, dtype, quant, seq, a.threads)
         gen.tokenizer.stop_tokens = frozenset()  # every run generates its full length
         ours[name] = gen
+        if a.compile:  # the same model with compiled decoding (llama/compiled.py)
+            compiled[name] = build(ckpt, dtype, quant, seq, a.threads, compile=True)
+            compiled[name].tokenizer.stop_tokens = frozenset()
     theirs = {}
     if "llama.cpp" not in a.skip:
         from benchmarks.llamacpp_peer import LlamaCppRunner, peer_files
@@ -150,6 +153,9 @@ def engines_to_time(a, ckpt: Path, prompt, long_prompt, res: dict) -> dict:
     for mine, kind in PAIRS:
         gen = ours[mine]
         engines[("ours", mine)] = (lambda p, n, g=gen: ours_decode(g, p, n), lambda p, g=gen: ours_prefill(g, p))
+        if mine in compiled:
+            c = compiled[mine]
+            engines[("ours, compiled", mine)] = (lambda p, n, g=c: ours_decode(g, p, n), lambda p, g=c: ours_prefill(g, p))
         if kind in theirs:
             r = theirs[kind]
             engines[("llama.cpp", kind)] = (r.decode, r.prefill)
@@ -173,6 +179,7 @@ def main(argv=None) -> None:
     ap.add_argument("--gguf", type=Path, help="a GGUF of the model's vocabulary, for llama.cpp's tokenizer "
                     "(default: CKPT_DIR.Q4_1.gguf next to the checkpoint, where quickstart.sh puts it)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time ours with compiled decoding (Llama.build(compile=True))")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--gen_len", type=int, default=128)

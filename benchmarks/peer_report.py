@@ -81,10 +81,11 @@ def speed_table(res: dict) -> List[str]:
         t, o = lcpp.get(theirs), ours.get(mine)
         if t:
             lines.append(f"| {lcpp_name} | {theirs} | {_ms(t['decode_ms'])} | {_ms(t['prefill_ms'])} | | |")
-        if o:
-            lines.append(f"| ours | {mine} | {_ms(o['decode_ms'])} | {_ms(o['prefill_ms'])} "
-                         f"| {ratio(t and t['decode_ms'], o['decode_ms'])} "
-                         f"| {ratio(t and t['prefill_ms'], o['prefill_ms'])} |")
+        for name, o in (("ours", o), ("ours, compiled", speed.get("ours, compiled", {}).get(mine))):
+            if o:
+                lines.append(f"| {name} | {mine} | {_ms(o['decode_ms'])} | {_ms(o['prefill_ms'])} "
+                             f"| {ratio(t and t['decode_ms'], o['decode_ms'])} "
+                             f"| {ratio(t and t['prefill_ms'], o['prefill_ms'])} |")
     for mine in ("fp32", "bf16"):
         t, o = hf.get(mine), ours.get(mine)
         if t:

@@ -29,9 +29,12 @@ from llama import Llama  # noqa: E402
 TEXT = REPO / "benchmarks" / "data" / "pride_and_prejudice_ch1.txt"
 
 
-def build(ckpt_dir, dtype: str, quantize: Optional[str], max_seq_len: int, threads: Optional[int] = None) -> Llama:
+def build(ckpt_dir, dtype: str, quantize: Optional[str], max_seq_len: int, threads: Optional[int] = None,
+          compile: bool = False) -> Llama:
     """Llama.build through its public keywords, with `threads` where Llama.build has that parameter."""
     kwargs = dict(max_seq_len=max_seq_len, max_batch_size=1, device="cpu", dtype=dtype, quantize=quantize)
+    if compile:
+        kwargs["compile"] = True
     if threads is not None and "threads" in inspect.signature(Llama.build).parameters:
         kwargs["threads"] = threads
     return Llama.build(str(ckpt_dir), str(Path(ckpt_dir) / "tokenizer.model"), **kwargs)

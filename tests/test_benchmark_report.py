@@ -92,6 +92,18 @@ def test_peer_report_table_and_ratios():
     assert "decode step took F32 26.9, BF16 17.8, Q8_0 11.2 ms" in out
 
 
+def test_peer_report_compiled_rows_sit_below_ours():
+    from benchmarks.peer_report import report
+
+    figures = peer_figures()
+    figures["speed"]["ours, compiled"] = {"fp32": {"decode_ms": 26.3, "prefill_ms": 129.0}}
+    r = rows(report(figures))
+    assert r[("ours,", "fp32")] == ["ours, compiled", "fp32", "26.3", "129", "1.00x", "0.93x"]
+    assert ("ours,", "bf16") not in r
+    order = [k for k in r if k[0] in ("ours", "ours,", "llama.cpp")]
+    assert order[:3] == [("llama.cpp", "F32"), ("ours", "fp32"), ("ours,", "fp32")]
+
+
 def test_peer_report_header_and_greedy_check():
     from benchmarks.peer_report import report
 
