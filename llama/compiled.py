@@ -12,7 +12,8 @@ elementwise work into a few generated kernels.
 The matmuls and their collectives stay outside the compiled code: each
 model-parallel linear layer (whatever kernel `linear.use_kernels` chose:
 oneDNN's prepacked weights, int8, ...) is called through one opaque custom
-operator, so inductor neither needs to understand the kernel nor sees a
+operator (except plain `F.linear` in a single process, which inductor
+handles itself), so inductor neither needs to understand the kernel nor sees a
 collective (no graph breaks, the same exchange order on every rank).
 Prefill stays eager: it is matmul-bound.
 
@@ -26,9 +27,10 @@ import weakref
 from typing import Optional
 
 import torch
+from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size
 from torch import nn
 
-from .linear import KernelLinear
+from .linear import KernelLinear, PlainMatmul
 
 _layers: "weakref.WeakValueDictionary[int, OpaqueLinear]" = weakref.WeakValueDictionary()
 _next_handle = itertools.count()
@@ -83,10 +85,13 @@ def compile_decode(model: nn.Module) -> None:
     a request. The steps write only cache positions 1 and 2 of rows 0 and 1,
     which every prompt overwrites before reading them.
     """
+    alone = get_model_parallel_world_size() == 1
     for module in list(model.layers.modules()):  # the blocks' layers; the output layer runs eagerly
         for name, child in list(module.named_children()):
             if isinstance(child, KernelLinear):
-                setattr(module, name, OpaqueLinear(child))
+                # F.linear without a collective: inductor calls the BLAS itself, no opaque hop.
+                plain = alone and isinstance(child.matmul, PlainMatmul)
+                setattr(module, name, child.matmul if plain else OpaqueLinear(child))
     device = model.norm.weight.device
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
     model(token, 1)  # eager: every OpaqueLinear learns its output width

@@ -5,7 +5,7 @@ and then all-gather or all-reduce across ranks. Decoding one token reads every
 weight once, so on CPU its speed is the memory bandwidth the matmul kernel
 reaches, and which kernel reaches most depends on the instruction set:
 `choose_matmul` picks by weight dtype, quantization and `cpu_capability()`
-(oneDNN's prepacked linear on AVX-512, `F.linear` below it, weight-only int8
+(`F.linear` for fp32, oneDNN's prepacked linear for bf16 on AVX-512, weight-only int8
 with bf16 activations; the measurements are in its docstring and
 benchmarks/linear_kernels.py). Int8DynamicMatmul (int8 x int8, VNNI) and
 Int4Matmul (group-wise 4-bit) are kept for that benchmark: faster, but not
@@ -277,11 +277,12 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
 
     Measured with benchmarks/linear_kernels.py, under the native ISA and under
     forced AVX2, at SmolLM2-135M and 0.9B shapes:
-    * fp32: oneDNN packed on AVX-512; F.linear (MKL) below it, where it was
-      7-28% faster than oneDNN's packed fp32 at batch 1 (decoding one
-      sequence, what we optimize for). At batch 8 oneDNN was faster under
-      both ISAs, and on AVX-512 F.linear was also faster at batch 1 on our
-      busy machine: a per-batch-size switch would need both layouts in memory.
+    * fp32: F.linear (MKL) on every CPU. At batch 1 (decoding one sequence,
+      what we optimize for) it was 7-28% faster than oneDNN's packed fp32
+      under forced AVX2, and on an idle AVX-512 Xeon SmolLM2-135M decoded at
+      45 ms/token with it against 63 with oneDNN (2 threads,
+      benchmarks/peer_benchmark.py). oneDNN was faster at batch 8: a
+      per-batch-size switch would need both layouts in memory.
     * bf16: oneDNN packed on AVX-512 (native bf16 dot products, or emulated
       with AVX-512BW: then as fast as F.linear); F.linear on AVX2 (oneDNN has
       no bf16 linear without AVX-512 or AVX-NE-CONVERT).
@@ -297,7 +298,7 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
         return Int8Matmul(weight, torch.bfloat16)
     if quantize is not None:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
-    if cpu.isa == "AVX512" and onednn_available(weight.dtype):
+    if weight.dtype == torch.bfloat16 and cpu.isa == "AVX512" and onednn_available(weight.dtype):
         return OneDNNMatmul(weight)
     return PlainMatmul(weight)
 

@@ -123,7 +123,7 @@ def test_cpu_capability_reads_aten_and_flags(monkeypatch):
 # with bf16 activations everywhere): the measured choices of
 # benchmarks/linear_kernels.py (see llama/linear.py).
 EXPECTED = {
-    "AVX512": {torch.float32: OneDNNMatmul, torch.bfloat16: OneDNNMatmul},
+    "AVX512": {torch.float32: PlainMatmul, torch.bfloat16: OneDNNMatmul},
     "AVX2": {torch.float32: PlainMatmul, torch.bfloat16: PlainMatmul},
     "DEFAULT": {torch.float32: PlainMatmul, torch.bfloat16: PlainMatmul},
 }
