@@ -93,7 +93,10 @@ def compile_decode(model: nn.Module) -> None:
                 plain = alone and isinstance(child.matmul, PlainMatmul)
                 setattr(module, name, child.matmul if plain else OpaqueLinear(child))
     device = model.norm.weight.device
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    if model.tok_embeddings is not None:
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+    else:  # a later pipeline stage takes the previous stage's hidden state
+        token = torch.zeros(1, 1, model.params.dim, dtype=model.norm.weight.dtype, device=device)
     model(token, 1)  # eager: every OpaqueLinear learns its output width
     model.compiled_block = torch.compile(_block, dynamic=True)
     # Sizes 0 and 1 are always specialized: one row and several rows are two
@@ -102,5 +105,6 @@ def compile_decode(model: nn.Module) -> None:
     model(token, 1)
     rows = min(2, model.params.max_batch_size)
     if rows > 1:
-        model(token.expand(rows, 1), 1)
-        model(token.expand(rows, 1), torch.tensor([1, 2], device=device))
+        many = token.expand(rows, *token.shape[1:])
+        model(many, 1)
+        model(many, torch.tensor([1, 2], device=device))

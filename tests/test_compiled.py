@@ -82,3 +82,26 @@ def test_compiled_bf16_int8_decoding_is_as_close_to_fp32_as_eager(make_ckpt):
     eager_error, compiled_error = (eager - reference).abs().max(), (compiled - reference).abs().max()
     assert compiled_error <= 1.5 * eager_error + 1e-3, (compiled_error, eager_error)
     assert compiled.argmax(-1).item() == reference.argmax(-1).item()
+
+
+def test_compiled_pipeline_stages_chained_equal_the_whole_model(make_ckpt):
+    """A stage after the first compiles from a hidden state, not token ids."""
+    from llama.compiled import compile_decode
+    from llama.linear import use_kernels
+    from test_pipeline import FOUR_LAYERS, _stage_model
+
+    ckpt = make_ckpt("llama3", **FOUR_LAYERS)
+    whole = use_kernels(_stage_model(ckpt, None)[0])
+    stages = [use_kernels(_stage_model(ckpt, layers)[0]) for layers in (range(0, 2), range(2, 4))]
+    for stage in stages:
+        compile_decode(stage)
+    prompts = [[1, 5, 9], [3, 4, 7]]
+    whole.prefill(prompts, rows=[0, 1])
+    h = None
+    for stage in stages:
+        h = stage.prefill(prompts, rows=[0, 1], hidden=h)
+    step = torch.tensor([[11], [12]])
+    want = whole.forward(step, torch.tensor([3, 3]))
+    for stage in stages:
+        step = stage.forward(step, 3)
+    torch.testing.assert_close(step, want, atol=1e-4, rtol=1e-4)
