@@ -83,37 +83,38 @@ def test_gpu_default(monkeypatch, capability, dtype, why, keyword):
     assert d.resolve_dtype(None, CUDA) == dtype
 
 
+def build_default(ckpt, caplog):
+    """Llama.build without a dtype, its log captured, the thread count restored."""
+    from llama import Llama
+
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="llama"):
+            return Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1,
+                               device="cpu", threads=1)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("feature, dtype, said", [
     (None, torch.float32, "float32 (no native bf16 on this CPU)"),
     ("amx_bf16", torch.bfloat16, "bfloat16 (native bf16 on this CPU: amx_bf16)"),
 ])
 def test_build_uses_and_says_the_default(make_ckpt, monkeypatch, caplog, feature, dtype, said):
-    from llama import Llama
-
     monkeypatch.setattr(d, "cpu_bf16_feature", lambda: feature)
-    ckpt = make_ckpt("llama3")
-    before = torch.get_num_threads()
-    with caplog.at_level(logging.INFO, logger="llama"):
-        gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, device="cpu",
-                          threads=1)
-    torch.set_num_threads(before)
+    gen = build_default(make_ckpt("llama3"), caplog)
     assert {p.dtype for p in gen.model.parameters()} == {dtype}
     assert f"s: {said}, 1 thread, rank 0 of 1" in caplog.text
 
 
 
 def test_build_falls_back_to_bf16_when_fp32_would_not_fit(make_ckpt, monkeypatch, caplog):
-    from llama import Llama, generation
+    from llama import generation
 
     monkeypatch.setattr(d, "cpu_bf16_feature", lambda: None)
     monkeypatch.setattr(generation, "available_memory", lambda device: 1024**3 // 1000)  # about 1 MB free
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    ckpt = make_ckpt("llama3")
-    before = torch.get_num_threads()
-    with caplog.at_level(logging.INFO, logger="llama"):
-        gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, device="cpu",
-                          threads=1)
-    torch.set_num_threads(before)
+    gen = build_default(make_ckpt("llama3"), caplog)
     assert {p.dtype for p in gen.model.parameters()} == {torch.bfloat16}
     assert "bfloat16 (this CPU has no native bf16, but float32 weights (0.1 GiB) would not fit in the 0.0 GiB free)" \
         in caplog.text  # 2 x 128256 x 64 float32 values of embedding and output: 0.07 GiB
