@@ -24,7 +24,7 @@ from .compiled import compile_decode
 from .distributed import choose_dtype, init_distributed, is_rank0
 from .engine import Completion, Engine, Request, TokenEvent
 from .fingerprint import check_same_checkpoint, replicated_hash
-from .linear import QUANTIZATIONS, use_kernels
+from .linear import QUANTIZATIONS, describe_matmuls, use_kernels
 from .messages import Dialog, Message, StopReason
 from .metrics import GenerationMetrics, MetricsRecorder, device_probes
 from .model import Transformer
@@ -189,9 +189,10 @@ class Llama:
         model.eval()
         if compile:
             compile_decode(model)
-        logger.info("Loaded %s on %s in %.2f s: %s (%s)%s%s, %d thread%s, rank %d of %d%s", folder, dist_info.device,
-                    time.perf_counter() - start, str(torch_dtype).replace("torch.", ""), dtype_reason,
-                    ", int8 weights" if quantize else "", ", compiled decoding" if compile else "",
+        logger.info("Loaded %s on %s in %.2f s: %s (%s)%s, %s%s, %d thread%s, rank %d of %d%s", folder,
+                    dist_info.device, time.perf_counter() - start, str(torch_dtype).replace("torch.", ""), dtype_reason,
+                    ", int8 weights" if quantize else "", describe_matmuls(model),
+                    ", compiled decoding" if compile else "",
                     n_threads, "s" if n_threads > 1 else "", dist_info.rank, dist_info.world_size,
                     f", pipeline stage {dist_info.stage} of {dist_info.stages}: layers {layers.start}..{layers.stop - 1}"
                     if layers is not None else "")

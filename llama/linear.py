@@ -34,6 +34,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from . import native
 from .collectives import all_gather_last_dim, all_reduce
 
 # int4 (Int4Matmul) is not offered: on SmolLM2-135M its top-1 agreement with
@@ -210,6 +211,50 @@ def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return F.linear(x, qweight.to(x.dtype) * scales.to(x.dtype)[:, None])
 
 
+def group_int8(weight: torch.Tensor, group: int = native.GROUP):
+    """Symmetric int8 per group of `group` input columns: (q (N, K) int8 in
+    [-127, 127], scales (N, K / group) fp32) with W ~= q * scale of q's group.
+    Group-wise, as llama.cpp's Q8_0: a per-row scale lets one large weight
+    coarsen its whole row."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scales[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(n, k), scales.contiguous()
+
+
+class NativeMatmul(nn.Module):
+    """Our kernels (llama/native.py) for up to native.MAX_ROWS rows: fp32 or
+    bf16 weights, or int8 with one scale per 32 input columns (quantize="int8");
+    activations fp32 or bf16, sums in fp32. Above MAX_ROWS (prefill), PyTorch's
+    GEMM on the weight widened to `wide`: fp32 where the CPU has no native bf16
+    (emulated bf16 GEMMs ran at a third of fp32's speed), else the weight's dtype."""
+
+    def __init__(self, weight: torch.Tensor, quantize: Optional[str], cpu: CpuCapability):
+        super().__init__()
+        if quantize == "int8":
+            q, scales = group_int8(weight)
+            self.weight = nn.Parameter(q, requires_grad=False)
+            self.scales = nn.Parameter(scales, requires_grad=False)
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.scales = None
+        native_bf16 = cpu.bf16 and weight.dtype == torch.bfloat16
+        self.wide = weight.dtype if weight.dtype == torch.float32 or native_bf16 else torch.float32
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as the kernels read it, (N, K) in `dtype`."""
+        if self.scales is None:
+            return self.weight.to(dtype)
+        n, k = self.weight.shape
+        return (self.weight.view(n, -1, native.GROUP).to(dtype) * self.scales.to(dtype)[..., None]).view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= native.MAX_ROWS * x.shape[-1]:
+            return native.linear(x, self.weight, self.scales)
+        return F.linear(x.to(self.wide), self.dequantized(self.wide)).to(x.dtype)
+
+
 class PlainMatmul(nn.Module):
     """F.linear, what fairscale's layers compute (where no faster kernel applies)."""
 
@@ -275,29 +320,32 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
     """The fastest matmul for this weight, by its dtype, the quantization and
     the CPU's capability (`cpu`, default this process's cpu_capability()).
 
-    Measured with benchmarks/linear_kernels.py, under the native ISA and under
-    forced AVX2, at SmolLM2-135M and 0.9B shapes:
-    * fp32: F.linear (MKL) on every CPU. At batch 1 (decoding one sequence,
-      what we optimize for) it was 7-28% faster than oneDNN's packed fp32
-      under forced AVX2, and on an idle AVX-512 Xeon SmolLM2-135M decoded at
-      45 ms/token with it against 63 with oneDNN (2 threads,
-      benchmarks/peer_benchmark.py). oneDNN was faster at batch 8: a
-      per-batch-size switch would need both layouts in memory.
+    On x86 CPUs with AVX2+FMA or AVX-512, wherever llama/kernels.c builds
+    (native.supports): NativeMatmul for fp32, bf16 and int8 (group-wise, 32
+    columns a scale). Measured on SmolLM2-135M's matmuls, 2 threads, idle
+    AVX-512 Xeon (benchmarks/linear_kernels.py), ms per token of weights:
+    at 1 row, fp32 26 (MKL's F.linear 26), bf16 12-15 (F.linear 27), int8
+    8-10 (ATen's per-channel `_weight_int8pack_mm` 16); at 4 rows fp32 34
+    against MKL's 50. Elsewhere, PyTorch's kernels:
+    * fp32: F.linear (MKL). At batch 1 it was 7-28% faster than oneDNN's
+      packed fp32 under forced AVX2, and 45 against 63 ms/token on SmolLM2.
     * bf16: oneDNN packed on AVX-512 (native bf16 dot products, or emulated
       with AVX-512BW: then as fast as F.linear); F.linear on AVX2 (oneDNN has
       no bf16 linear without AVX-512 or AVX-NE-CONVERT).
-    * int8: weight-only with bf16 activations on every CPU. ATen's kernel with
-      fp32 activations was 4-20x slower; int8 x int8 (fbgemm, VNNI:
-      Int8DynamicMatmul) was the fastest, but quantized activations cut top-1
-      agreement with bf16 to 53% on SmolLM2-135M.
+    * int8: weight-only, per output channel, with bf16 activations. ATen's
+      kernel with fp32 activations was 4-20x slower; int8 x int8 (fbgemm,
+      VNNI: Int8DynamicMatmul) was the fastest, but quantized activations
+      cut top-1 agreement with bf16 to 53% on SmolLM2-135M.
     """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
     if weight.device.type != "cpu":
         return Int8Matmul(weight) if quantize == "int8" else PlainMatmul(weight)
     cpu = cpu or cpu_capability()
+    if cpu.isa in ("AVX2", "AVX512") and weight.dtype in (torch.float32, torch.bfloat16) and native.supports(weight):
+        return NativeMatmul(weight, quantize, cpu)
     if quantize == "int8":
         return Int8Matmul(weight, torch.bfloat16)
-    if quantize is not None:
-        raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
     if weight.dtype == torch.bfloat16 and cpu.isa == "AVX512" and onednn_available(weight.dtype):
         return OneDNNMatmul(weight)
     return PlainMatmul(weight)
@@ -322,3 +370,12 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
             elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
                 setattr(module, child_name, KernelEmbedding(child))
     return model
+
+
+def describe_matmuls(model: nn.Module) -> str:
+    """For the Loaded line: whose matmul kernels the model's linear layers run."""
+    kinds = {type(m.matmul) for m in model.modules() if isinstance(m, KernelLinear)}
+    if NativeMatmul in kinds:
+        return f"our {native.status()} matmuls"
+    why = native.status()
+    return "PyTorch's matmuls" + (f" (our kernels: {why})" if why.startswith("none") else "")

@@ -24,9 +24,10 @@ def test_text_completion_example(make_ckpt, launcher):
                       str(ckpt / "tokenizer.model"), "--max_gen_len", "6", "--temperature", "0", "--device", "cpu"])
     assert r.returncode == 0, r.stderr
     assert "I believe the meaning of life is" in r.stdout and r.stdout.count("\n> ") == 4 and r.stdout.count("=====\n") == 4
-    # the dtype chosen by the hardware, why, and the default thread count
+    # the dtype chosen by the hardware, why, whose matmuls, and the default thread count
     assert re.search(r"Loaded .* s: (bfloat16|float32) \((native bf16 on this CPU|no native bf16 on this CPU).*\), "
-                     r"\d+ threads?, rank 0 of 1", r.stderr), r.stderr
+                     r"(our (AVX-512|AVX2) \(\d+ floats a vector\)|PyTorch's) matmuls.*, \d+ threads?, rank 0 of 1",
+                     r.stderr), r.stderr
 
 
 @pytest.mark.slow

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama
-from llama.linear import (CpuCapability, Int4Matmul, Int8DynamicMatmul, Int8Matmul, KernelLinear, OneDNNMatmul,
-                          PlainMatmul, choose_matmul, cpu_capability, int4_groups, onednn_available)
+from llama import native
+from llama.linear import (CpuCapability, Int4Matmul, Int8DynamicMatmul, Int8Matmul, KernelLinear, NativeMatmul,
+                          OneDNNMatmul, PlainMatmul, choose_matmul, cpu_capability, int4_groups, onednn_available)
 
 SHAPES = [(1, 64), (8, 64), (2, 5, 64)]  # M=1 (decoding), M=8 (a batch), 3-D (bs, seq, dim)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
@@ -119,9 +120,10 @@ def test_cpu_capability_reads_aten_and_flags(monkeypatch):
     linear.cpu_capability.cache_clear()
 
 
-# What choose_matmul picks, per capability and weight dtype (int8: Int8Matmul
-# with bf16 activations everywhere): the measured choices of
-# benchmarks/linear_kernels.py (see llama/linear.py).
+# What choose_matmul picks, per capability and weight dtype, where our kernels
+# (llama/kernels.c) cannot run (int8: Int8Matmul with bf16 activations
+# everywhere); with AVX2 or AVX-512, NativeMatmul wherever they built. The
+# measured choices of benchmarks/linear_kernels.py (see llama/linear.py).
 EXPECTED = {
     "AVX512": {torch.float32: PlainMatmul, torch.bfloat16: OneDNNMatmul},
     "AVX2": {torch.float32: PlainMatmul, torch.bfloat16: PlainMatmul},
@@ -140,8 +142,10 @@ def test_each_capability_gets_its_path_and_it_matches(cpu, dtype, quantize):
     expected = Int8Matmul if quantize == "int8" else EXPECTED[cpu.isa][dtype]
     if expected is OneDNNMatmul and not onednn_available(dtype):  # this PyTorch / CPU has none: F.linear
         expected = PlainMatmul
+    if cpu.isa in ("AVX512", "AVX2") and native.library() is not None:
+        expected = NativeMatmul
     assert type(mm) is expected
-    if quantize == "int8":
+    if expected is Int8Matmul:
         assert mm.act == torch.bfloat16  # ATen's int8 kernel is 4-20x slower with fp32 activations
     deq = mm.dequantized() if quantize else w.float()
     for x in inputs(dtype):
@@ -157,7 +161,7 @@ def test_kernels_replace_every_parallel_linear(make_ckpt):
                       device="cpu", dtype="bfloat16", quantize="int8")
     kernels = [m for m in gen.model.modules() if isinstance(m, KernelLinear)]
     assert len(kernels) == 2 * 4 + 1  # wqkv, wo, w13 and w2 per layer, plus the output layer
-    assert all(isinstance(k.matmul, Int8Matmul) for k in kernels)
+    assert all(type(k.matmul) is (NativeMatmul if native.library() else Int8Matmul) for k in kernels)
     layer = gen.model.layers[0]
     assert gen.model.output.collective == "gather" and layer.attention.wo.collective == "reduce"
     assert layer.attention.wqkv.matmul.dequantized().shape == (4 * 16 + 2 * 2 * 16, 64)  # 4 query heads, 2 KV heads

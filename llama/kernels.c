@@ -1,0 +1,183 @@
+/* Matrix-vector kernels for decoding on CPU: y = x @ W^T for a few rows of x.
+ *
+ * Decoding reads every weight once per token, so its speed is the memory
+ * bandwidth a kernel reaches. PyTorch has no kernel that reads bf16 or
+ * group-wise int8 weights with fp32 arithmetic at that speed on CPUs without
+ * native bf16 (README, Speed): these do what llama.cpp does, widening each
+ * weight to fp32 in registers. llama/native.py compiles this file for the
+ * CPU it runs on (-march=native) and calls it through ctypes.
+ *
+ * Layouts (row-major, contiguous):
+ *   x: (M, K) fp32 or bf16 (x_bf16), y: (M, N) in the same dtype
+ *   bf16 weights: w (N, K) as uint16
+ *   int8 weights: w (N, K) int8 and scales (N, K / 32) fp32, W[n, k] = w[n, k] * scales[n, k / 32]
+ * K must be a multiple of 32. Sums are in fp32.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define W 16 /* floats per vector */
+#define R 4  /* weight rows per tile */
+typedef __m512 vf;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf ld_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline vf ld_i8(const int8_t *p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vf ld_bf16(const uint16_t *p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define W 8
+#define R 2 /* 16 vector registers: fewer accumulators */
+typedef __m256 vf;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf ld_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf ld_i8(const int8_t *p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vf ld_bf16(const uint16_t *p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline float hsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+#error "llama/kernels.c needs AVX2 with FMA, or AVX-512"
+#endif
+
+#define V (32 / W) /* vectors per group of 32 weights */
+#define PREFETCH_ROWS (2 * R) /* read ahead by two tiles: the streams of R rows defeat the hardware's prefetcher */
+#define MB 4       /* rows of x per pass over a tile of weights */
+#define INLINE static inline __attribute__((always_inline))
+
+/* Version of this interface; native.py refuses a library of another. */
+int llama_kernels_version(void) { return 1; }
+int llama_kernels_vector_width(void) { return W; }
+
+static inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* x as fp32: itself, or a converted copy the caller frees. */
+static const float *x_as_f32(const void *x, int x_bf16, long count, float **owned) {
+  *owned = NULL;
+  if (!x_bf16) return (const float *)x;
+  float *buf = malloc(sizeof(float) * count);
+  if (!buf) return NULL;
+  for (long i = 0; i < count; i++) buf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+  *owned = buf;
+  return buf;
+}
+
+static inline void store(void *y, int y_bf16, long i, float v) {
+  if (y_bf16) ((uint16_t *)y)[i] = f32_to_bf16(v);
+  else ((float *)y)[i] = v;
+}
+
+enum kind { F32, BF16, Q8 }; /* the weight's format */
+
+INLINE vf ld_w(enum kind kind, const void *w, long i) {
+  if (kind == F32) return ld_f32((const float *)w + i);
+  if (kind == BF16) return ld_bf16((const uint16_t *)w + i);
+  return ld_i8((const int8_t *)w + i);
+}
+
+INLINE long w_size(enum kind kind) { return kind == F32 ? 4 : kind == BF16 ? 2 : 1; }
+
+/* One tile: rows n0..n0+rr-1 of W against rows m0..m0+mb-1 of x. Each group of
+ * 32 weights is widened once and used for every row of x. */
+INLINE void tile(enum kind kind, int mb, int rr, long m0, long n0, const float *x, const void *w, const float *s,
+                 void *y, int y_bf16, long N, long K) {
+  long G = K / 32;
+  vf acc[MB][R];
+  for (int m = 0; m < mb; m++)
+    for (int r = 0; r < rr; r++) acc[m][r] = vzero();
+  for (long g = 0; g < G; g++) {
+    for (int r = 0; r < rr; r++) {
+      long at = (n0 + r) * K + g * 32;
+      _mm_prefetch((const char *)w + (at + PREFETCH_ROWS * K) * w_size(kind), _MM_HINT_T0);
+      vf wv[V];
+      for (int v = 0; v < V; v++) wv[v] = ld_w(kind, w, at + v * W);
+      for (int m = 0; m < mb; m++) {
+        const float *xm = x + (m0 + m) * K + g * 32;
+        vf t = vmul(ld_f32(xm), wv[0]);
+        for (int v = 1; v < V; v++) t = vfma(ld_f32(xm + v * W), wv[v], t);
+        acc[m][r] = kind == Q8 ? vfma(t, vset1(s[(n0 + r) * G + g]), acc[m][r]) : vadd(t, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < mb; m++)
+    for (int r = 0; r < rr; r++) store(y, y_bf16, (m0 + m) * N + n0 + r, hsum(acc[m][r]));
+}
+
+/* y = x @ W^T over tiles of R weight rows split among threads, MB rows of x at a
+ * time. Full tiles run at constant sizes, so that the accumulators live in
+ * registers; the last, partial tile one row at a time. Returns 0, or -1 if
+ * there was no memory to widen a bf16 x. */
+INLINE int linear(enum kind kind, const void *x, int x_bf16, const void *w, const float *s, void *y, long M, long N,
+                  long K, int threads) {
+  float *owned;
+  const float *xf = x_as_f32(x, x_bf16, M * K, &owned);
+  if (!xf) return -1;
+  long tiles = (N + R - 1) / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long t = 0; t < tiles; t++) {
+    long n0 = t * R;
+    for (long m0 = 0; m0 < M; m0 += MB) {
+      int mb = M - m0 < MB ? (int)(M - m0) : MB;
+      if (N - n0 < R) {
+        for (long r = 0; r < N - n0; r++)
+          for (long m = 0; m < mb; m++) tile(kind, 1, 1, m0 + m, n0 + r, xf, w, s, y, x_bf16, N, K);
+      } else if (mb == 1) {
+        tile(kind, 1, R, m0, n0, xf, w, s, y, x_bf16, N, K);
+      } else if (mb == 2) {
+        tile(kind, 2, R, m0, n0, xf, w, s, y, x_bf16, N, K);
+      } else if (mb == 3) {
+        tile(kind, 3, R, m0, n0, xf, w, s, y, x_bf16, N, K);
+      } else {
+        tile(kind, MB, R, m0, n0, xf, w, s, y, x_bf16, N, K);
+      }
+    }
+  }
+  free(owned);
+  return 0;
+}
+
+int f32_linear(const void *x, int x_bf16, const float *w, void *y, long M, long N, long K, int threads) {
+  return linear(F32, x, x_bf16, w, NULL, y, M, N, K, threads);
+}
+
+int bf16_linear(const void *x, int x_bf16, const uint16_t *w, void *y, long M, long N, long K, int threads) {
+  return linear(BF16, x, x_bf16, w, NULL, y, M, N, K, threads);
+}
+
+int q8_linear(const void *x, int x_bf16, const int8_t *w, const float *scales, void *y, long M, long N, long K,
+              int threads) {
+  return linear(Q8, x, x_bf16, w, scales, y, M, N, K, threads);
+}

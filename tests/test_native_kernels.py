@@ -1,0 +1,150 @@
+"""Our CPU kernels (llama/kernels.c through llama/native.py): built for this
+CPU, the same results as F.linear on the weights they hold, PyTorch's path
+above native.MAX_ROWS rows, and a clear fallback when they cannot build.
+No timing here: benchmarks/linear_kernels.py."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama import Llama, native
+from llama.linear import CpuCapability, NativeMatmul, choose_matmul, group_int8
+
+CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+CAN_BUILD = bool(shutil.which("cc") or shutil.which("gcc")) and " avx2 " in CPU_FLAGS and " fma " in CPU_FLAGS
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"no native kernels here: {native.status()}")
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """native.library() rebuilt from scratch into tmp_path (restored afterwards)."""
+    monkeypatch.setenv("LLAMA_NATIVE_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    native.library.cache_clear()
+
+
+def weight(n, k, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no C compiler or no AVX2+FMA: the fallback is tested below")
+def test_builds_here_into_its_cache_without_leftovers(fresh_library):
+    lib = native.library()
+    assert lib is not None, native.status()
+    assert native.status().startswith(("AVX-512 (16 floats", "AVX2 (8 floats"))
+    built = sorted(p.name for p in fresh_library.iterdir())
+    assert len(built) == 1 and built[0].startswith("kernels-") and built[0].endswith(".so")  # no temporary left
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_kernels_equal_f_linear_on_the_weight_they_hold(kind, x_dtype):
+    """Every row count up to and past MAX_ROWS (PyTorch's GEMM there), a row
+    count that leaves a partial tile (37), 3-D input; sums in fp32, so fp32
+    is exact to rounding and bf16 output to one bf16 step."""
+    w = weight(37, 96)
+    mm = NativeMatmul(w.bfloat16() if kind == "bf16" else w, "int8" if kind == "int8" else None,
+                      CpuCapability("AVX512"))
+    held = mm.dequantized()
+    for rows in list(range(1, 10)) + [native.MAX_ROWS, native.MAX_ROWS + 1, 40]:
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)).to(x_dtype)
+        y = mm(x)
+        assert y.dtype == x_dtype and y.shape == (rows, 37)
+        ref = F.linear(x.float(), held)
+        if x_dtype == torch.float32:
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(y, ref.bfloat16(), atol=0, rtol=2 ** -7)
+    x3 = torch.randn(2, 5, 96).to(x_dtype)
+    torch.testing.assert_close(mm(x3).float(), mm(x3.reshape(10, 96)).float().reshape(2, 5, 37))
+
+
+@needs_native
+def test_bf16_output_rounds_to_nearest_even():
+    """Sums a + b exact in fp32 that fall on, near and past bf16 ties, and
+    past bf16's largest value: the kernel's rounding to bf16 is torch's."""
+    pairs = [(1.0, 2 ** -8), (1 + 2 ** -7, 2 ** -8), (1.0, 2 ** -8 + 2 ** -12), (-1.0, -(2 ** -8) - 2 ** -12),
+             (3.3e38, 3.3e38), (float("nan"), 1.0), (2 ** -130, 0.0)]
+    x = torch.zeros(len(pairs), 32)
+    x[:, :2] = torch.tensor(pairs)
+    x = x.bfloat16()
+    w = torch.zeros(1, 32)
+    w[0, :2] = 1
+    sums = x.float()[:, 0] + x.float()[:, 1]  # exact in fp32
+    y = native.linear(x, w)[:, 0]
+    assert torch.equal(y.isnan(), sums.isnan())
+    assert torch.equal(y[~y.isnan()], sums.bfloat16()[~sums.isnan()])
+
+
+def test_group_int8_is_within_half_a_step_of_each_group():
+    w = weight(8, 128)
+    w[3, 70] = 50.0  # one large weight coarsens only its own group
+    q, scales = group_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (8, 4) and q.abs().max() <= 127
+    deq = (q.view(8, 4, 32).float() * scales[..., None]).view(8, 128)
+    assert ((deq - w).abs().view(8, 4, 32) <= scales[..., None] / 2 * 1.0001).all()
+    assert scales[3, 2] == 50.0 / 127
+    others = torch.ones(8, 4, dtype=torch.bool)
+    others[3, 2] = False
+    assert scales[others].max() < 0.5 / 127  # every other group keeps its own fine step (weight() < 0.5)
+
+
+def test_off_switch_and_failed_builds_fall_back_with_a_reason(fresh_library, monkeypatch):
+    monkeypatch.setenv("LLAMA_NATIVE", "0")
+    native.library.cache_clear()
+    assert native.library() is None and native.status() == "off (LLAMA_NATIVE=0)"
+    assert type(choose_matmul(weight(8, 64), None, CpuCapability("AVX512"))) is not NativeMatmul
+    monkeypatch.delenv("LLAMA_NATIVE")
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    native.library.cache_clear()
+    if native.platform.machine().lower() in ("x86_64", "amd64"):
+        assert native.library() is None
+        assert "building llama/kernels.c with false failed" in native.status() or "does not run" in native.status()
+        assert not list(fresh_library.glob("*"))  # nothing half-written left behind
+
+
+@needs_native
+def test_a_library_of_another_version_is_refused(fresh_library, monkeypatch):
+    monkeypatch.setattr(native, "VERSION", native.VERSION + 1)
+    native.library.cache_clear()
+    assert native.library() is None and "this code needs" in native.status()
+
+
+def test_k_not_a_multiple_of_32_is_left_to_pytorch():
+    assert not native.supports(weight(8, 48))
+    assert type(choose_matmul(weight(8, 48), "int8", CpuCapability("AVX512"))) is not NativeMatmul
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_with_our_kernels_decodes_as_with_pytorchs(make_ckpt, monkeypatch, dtype):
+    """The same greedy tokens and close logits as the build without our
+    kernels; int8 decoding steps (our kernel) agree with its prefill
+    (PyTorch's GEMM on the dequantized weights)."""
+    ckpt = make_ckpt("llama3")
+    kw = dict(max_seq_len=64, max_batch_size=2, device="cpu", dtype=dtype)
+    ours = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)
+    monkeypatch.setenv("LLAMA_NATIVE", "0")
+    native.library.cache_clear()
+    theirs = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)
+    monkeypatch.undo()
+    native.library.cache_clear()
+    assert any(isinstance(m, NativeMatmul) for m in ours.model.modules())
+    assert not any(isinstance(m, NativeMatmul) for m in theirs.model.modules())
+    prompt = [[128000, 1000, 2000, 3000, 4000]]
+    tokens = [g.generate(prompt, max_gen_len=8, temperature=0)[0][0] for g in (ours, theirs)]
+    assert tokens[0] == tokens[1]
+
+    quant = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), quantize="int8", **kw)
+    long_seq = torch.randint(3, 500, (1, native.MAX_ROWS + 8), generator=torch.Generator().manual_seed(6))
+    prefill = quant.model.forward(long_seq, 0)  # PyTorch's GEMM on the dequantized weights
+    steps = [quant.model.forward(long_seq[:, :1], 0)]
+    steps += [quant.model.forward(long_seq[:, i:i + 1], i) for i in range(1, long_seq.shape[1])]  # our kernel
+    tol = 1e-3 if dtype == "float32" else 0.1
+    assert (torch.cat(steps, 1) - prefill).abs().max() < tol * prefill.abs().max()
