@@ -36,6 +36,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["llama", "llama.*"]),
+    package_data={"llama": ["kernels.c"]},  # compiled on first use by llama/native.py
     install_requires=read_requirements(here / "requirements.txt"),
     entry_points={"console_scripts": ["llama = llama.main:main"]},  # the `llama` command
     extras_require={

@@ -12,9 +12,9 @@ bandwidth the kernel reaches. This is the measurement behind llama/linear.py's
 through its forward (reshapes and casts included).
 
 `--isa avx2` runs the same measurement in a child process with ATen, oneDNN,
-MKL and fbgemm all limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
+MKL, fbgemm and our kernels all limited to AVX2 (ATEN_CPU_CAPABILITY=avx2,
 ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2,
-FBGEMM_ENABLE_INSTRUCTIONS=AVX2): what an AVX2-only CPU runs, on this machine's
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2, LLAMA_NATIVE_ARCH=haswell): what an AVX2-only CPU runs, on this machine's
 memory. The "Model" lines weight each kernel by the matmuls of one decoded
 token (every layer's four matmuls plus the output layer).
 """
@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+            "LLAMA_NATIVE_ARCH": "haswell"}  # our kernels (llama/native.py) built for AVX2+FMA
 
 # (out, in) features of each matmul of one decoded token, and how many per token.
 MODELS = {

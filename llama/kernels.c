@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
@@ -180,4 +181,119 @@ int bf16_linear(const void *x, int x_bf16, const uint16_t *w, void *y, long M, l
 int q8_linear(const void *x, int x_bf16, const int8_t *w, const float *scales, void *y, long M, long N, long K,
               int threads) {
   return linear(Q8, x, x_bf16, w, scales, y, M, N, K, threads);
+}
+
+/* ---- The rest of a decoding step: fused so that each is one call, not ten.
+ * Each rounds where PyTorch's eager code rounds (to bf16 after each operation
+ * a bf16 model does in bf16), so results match it to fp32 summation order. */
+
+#define MAX_HEAD_DIM 256 /* native.MAX_HEAD_DIM */
+
+static inline float rnd(int bf16, float v) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+static inline float ld1(int bf16, const void *p, long i) {
+  return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* RMSNorm (model.RMSNorm): y = dtype(x * rsqrt(mean(x^2) + eps)) * w, per row of dim values. */
+void rms_norm(const void *x, const void *w, void *y, long rows, long dim, float eps, int bf16, int threads) {
+#pragma omp parallel for num_threads(rows > 1 ? threads : 1) schedule(static)
+  for (long r = 0; r < rows; r++) {
+    float ss = 0;
+    for (long i = 0; i < dim; i++) {
+      float v = ld1(bf16, x, r * dim + i);
+      ss += v * v;
+    }
+    float inv = 1.0f / sqrtf(ss / dim + eps);
+    for (long i = 0; i < dim; i++)
+      store(y, bf16, r * dim + i, rnd(bf16, ld1(bf16, x, r * dim + i) * inv) * ld1(bf16, w, i));
+  }
+}
+
+/* FeedForward's silu(gate) * up, for rows of (gate | up), each `hidden` wide. */
+void silu_mul(const void *gu, void *y, long rows, long hidden, int bf16, int threads) {
+#pragma omp parallel for num_threads(rows * hidden > 65536 ? threads : 1) schedule(static)
+  for (long r = 0; r < rows; r++)
+    for (long i = 0; i < hidden; i++) {
+      float g = ld1(bf16, gu, r * 2 * hidden + i);
+      store(y, bf16, r * hidden + i, rnd(bf16, g / (1.0f + expf(-g))) * ld1(bf16, gu, r * 2 * hidden + hidden + i));
+    }
+}
+
+/* Attention for one new token per row (model.Attention, decoding): rotates q
+ * and k (RoPE, Meta's interleaved pairs), writes k and v to the cache at the
+ * row's position, and attends to cache positions 0..pos[b] of row b.
+ *   qkv:  (bsz, n_q + 2 n_kv, hd)  q heads, then k, then v
+ *   cache_k, cache_v: (cache_rows, n_kv, max_seq, hd)
+ *   cos, sin: (1 or bsz, hd) the rope table's (cos, cos) and (-sin, sin) at the row's position
+ *   out: (bsz, n_q, hd); hd a multiple of 32, at most MAX_HEAD_DIM
+ * Returns 0, or -1 without memory for the scores. */
+int decode_attention(const void *qkv, void *cache_k, void *cache_v, const float *cos, const float *sin, int per_row,
+                     const int64_t *pos, void *out, long bsz, long n_q, long n_kv, long hd, long max_seq, int bf16,
+                     int threads) {
+  long heads = n_q + 2 * n_kv, rep = n_q / n_kv;
+  float scale = (float)(1.0 / sqrt((double)hd)); /* as Python's hd**-0.5 times a tensor */
+  /* k and v into the cache first: every query head of a KV group reads them. */
+  for (long b = 0; b < bsz; b++) {
+    const float *c = cos + (per_row ? b * hd : 0), *s = sin + (per_row ? b * hd : 0);
+    for (long g = 0; g < n_kv; g++) {
+      long src = (b * heads + n_q + g) * hd, vsrc = (b * heads + n_q + n_kv + g) * hd;
+      long dst = ((b * n_kv + g) * max_seq + pos[b]) * hd;
+      for (long i = 0; i < hd; i += 2) {
+        float x0 = ld1(bf16, qkv, src + i), x1 = ld1(bf16, qkv, src + i + 1);
+        store(cache_k, bf16, dst + i, x0 * c[i] + x1 * s[i]);
+        store(cache_k, bf16, dst + i + 1, x1 * c[i + 1] + x0 * s[i + 1]);
+      }
+      if (bf16) memcpy((uint16_t *)cache_v + dst, (const uint16_t *)qkv + vsrc, hd * 2);
+      else memcpy((float *)cache_v + dst, (const float *)qkv + vsrc, hd * 4);
+    }
+  }
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    long most = 0;
+    for (long b = 0; b < bsz; b++) most = pos[b] + 1 > most ? pos[b] + 1 : most;
+    float *scores = malloc(sizeof(float) * (most + hd) + 64), *q = scores + most;
+    if (!scores) failed = 1;
+#pragma omp for schedule(static)
+    for (long t = 0; t < bsz * n_q; t++) {
+      if (!scores) continue;
+      long b = t / n_q, h = t % n_q, g = h / rep, len = pos[b] + 1;
+      const float *c = cos + (per_row ? b * hd : 0), *s = sin + (per_row ? b * hd : 0);
+      long src = (b * heads + h) * hd;
+      for (long i = 0; i < hd; i += 2) {
+        float x0 = ld1(bf16, qkv, src + i), x1 = ld1(bf16, qkv, src + i + 1);
+        q[i] = rnd(bf16, x0 * c[i] + x1 * s[i]);
+        q[i + 1] = rnd(bf16, x1 * c[i + 1] + x0 * s[i + 1]);
+      }
+      long base = (b * n_kv + g) * max_seq * hd;
+      float top = -INFINITY;
+      for (long j = 0; j < len; j++) {
+        vf acc = vzero();
+        for (long i = 0; i < hd; i += W)
+          acc = vfma(ld_f32(q + i), bf16 ? ld_bf16((const uint16_t *)cache_k + base + j * hd + i)
+                                        : ld_f32((const float *)cache_k + base + j * hd + i), acc);
+        float v = rnd(bf16, rnd(bf16, hsum(acc)) * scale);
+        scores[j] = v;
+        top = v > top ? v : top;
+      }
+      float total = 0;
+      for (long j = 0; j < len; j++) total += scores[j] = expf(scores[j] - top);
+      for (long j = 0; j < len; j++) scores[j] = rnd(bf16, scores[j] / total);
+      vf o[MAX_HEAD_DIM / W];
+      for (long i = 0; i < hd / W; i++) o[i] = vzero();
+      for (long j = 0; j < len; j++) {
+        vf p = vset1(scores[j]);
+        for (long i = 0; i < hd / W; i++)
+          o[i] = vfma(p, bf16 ? ld_bf16((const uint16_t *)cache_v + base + j * hd + i * W)
+                              : ld_f32((const float *)cache_v + base + j * hd + i * W), o[i]);
+      }
+      float tmp[W];
+      for (long i = 0; i < hd / W; i++) {
+        memcpy(tmp, &o[i], sizeof tmp);
+        for (int l = 0; l < W; l++) store(out, bf16, (b * n_q + h) * hd + i * W + l, tmp[l]);
+      }
+    }
+    free(scores);
+  }
+  return failed ? -1 : 0;
 }

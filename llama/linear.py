@@ -375,7 +375,4 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
 def describe_matmuls(model: nn.Module) -> str:
     """For the Loaded line: whose matmul kernels the model's linear layers run."""
     kinds = {type(m.matmul) for m in model.modules() if isinstance(m, KernelLinear)}
-    if NativeMatmul in kinds:
-        return f"our {native.status()} matmuls"
-    why = native.status()
-    return "PyTorch's matmuls" + (f" (our kernels: {why})" if why.startswith("none") else "")
+    return f"our {native.status()} kernels" if NativeMatmul in kinds else "PyTorch's kernels"

@@ -23,6 +23,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from . import native
 from .args import ModelArgs
 from .schema import EmbeddingLayout, kv_replication
 
@@ -68,6 +69,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.fused(x) and self.weight.dtype == x.dtype:  # the same, in one call (llama/kernels.c)
+            return native.rms_norm(x, self.weight, self.eps)
         # Normalize in fp32 (as Meta does), then scale in the model dtype.
         xf = x.float()
         mean_square = torch.sum(xf * xf, dim=-1, keepdim=True).div_(xf.shape[-1])  # fewer calls than .mean()
@@ -174,6 +177,11 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         n_q, n_kv = self.n_local_heads, self.n_local_kv_heads
         qkv = self.wqkv(x).view(bsz, seqlen, n_q + 2 * n_kv, self.head_dim)  # heads: q, then k, then v
+        if seqlen == 1 and not inputs.self_attention and self._native_decoding(qkv):
+            # Decoding in one call (llama/kernels.c): what the lines below do for one token a row.
+            out = native.decode_attention(qkv, self.cache_k, self.cache_v, inputs.cos, inputs.sin, inputs.cache_pos,
+                                          n_q, n_kv)
+            return self.wo(out.reshape(bsz, seqlen, -1))
         # q and k rotated in one pass: (bs, seq, local_heads, head_dim) and (bs, seq, local_kv_heads, head_dim)
         xq, xk = apply_rotary_emb(qkv[:, :, : n_q + n_kv], inputs.cos, inputs.sin).split([n_q, n_kv], dim=2)
         xv = qkv[:, :, n_q + n_kv :]
@@ -190,6 +198,10 @@ class Attention(nn.Module):
             values = self.cache_v[:bsz, :, : inputs.kv_len]
             out = self._attend(xq, keys, values, inputs.mask)
         return self.wo(out.reshape(bsz, seqlen, -1))
+
+    def _native_decoding(self, qkv: torch.Tensor) -> bool:
+        return (native.fused(qkv) and qkv.dtype == self.cache_k.dtype and self.head_dim % 32 == 0
+                and self.head_dim <= native.MAX_HEAD_DIM)
 
     @staticmethod
     def _attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -232,7 +244,10 @@ class FeedForward(nn.Module):
         self.w2 = _meta_weights(RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
+        gate_up = self.w13(x)
+        if native.fused(gate_up):
+            return self.w2(native.silu_mul(gate_up))  # the same, in one call (llama/kernels.c)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
 

@@ -10,7 +10,7 @@ in registers, as llama.cpp does, with AVX2+FMA or AVX-512; measured in
 benchmarks/linear_kernels.py and in the README's Speed section.
 
 The library is built once per source, compiler and CPU (`cc -O3
--march=native -fopenmp`, about a second) into ~/.cache/llama/native (or
+-march=native -fopenmp`, about a second; $LLAMA_NATIVE_ARCH replaces native) into ~/.cache/llama/native (or
 $LLAMA_NATIVE_CACHE), written under a temporary name and renamed, and loaded
 with ctypes. Its OpenMP is the one PyTorch already loaded (libgomp, same
 soname); each call is given torch.get_num_threads(). Without a C compiler,
@@ -21,6 +21,7 @@ says why.
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -32,17 +33,22 @@ from typing import Optional
 
 import torch
 
+logger = logging.getLogger("llama")
+
 SOURCE = Path(__file__).with_name("kernels.c")
 VERSION = 1  # kernels.c's llama_kernels_version()
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: no fused multiply-adds the source does not ask for, so that
+# the elementwise kernels round as PyTorch does (the matmuls use FMA explicitly).
+FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 GROUP = 32  # int8 weights: one scale per this many input columns (kernels.c's group)
 MAX_ROWS = 16  # above this many rows, MKL's sgemm is as fast (benchmarks/linear_kernels.py)
+MAX_HEAD_DIM = 256  # kernels.c's decode_attention keeps a head's output in registers
 
 _status = "not loaded yet"
 
 
 def status() -> str:
-    """What `library()` found: 'AVX-512 (16 floats a vector)', or why there are no native kernels."""
+    """What `library()` found: 'AVX-512' or 'AVX2', or why there are no native kernels ('off ...', 'none: ...')."""
     library()
     return _status
 
@@ -57,6 +63,12 @@ def _cpu_id() -> str:
     return "\n".join(dict.fromkeys(keep))  # one of each: every core lists them
 
 
+def _flags() -> list:
+    """FLAGS for this CPU, or for $LLAMA_NATIVE_ARCH (e.g. haswell: AVX2 only,
+    what benchmarks/linear_kernels.py --isa avx2 measures)."""
+    return [f"-march={os.environ.get('LLAMA_NATIVE_ARCH') or 'native'}", *FLAGS]
+
+
 def _compiler() -> Optional[str]:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
@@ -66,7 +78,7 @@ def _build(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp")
     os.close(fd)
     try:
-        result = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        result = subprocess.run([cc, *_flags(), str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
         os.replace(tmp, out)  # a crash never leaves a half-written library under the final name
@@ -80,7 +92,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q8_linear.argtypes = [p, i, p, p, p, n, n, n, i]
     lib.bf16_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.f32_linear.argtypes = [p, i, p, p, n, n, n, i]
-    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.llama_kernels_version, lib.llama_kernels_vector_width):
+    lib.rms_norm.argtypes = [p, p, p, n, n, ctypes.c_float, i, i]
+    lib.silu_mul.argtypes = [p, p, n, n, i, i]
+    lib.decode_attention.argtypes = [p, p, p, p, p, i, p, p, n, n, n, n, n, i, i]
+    lib.rms_norm.restype = lib.silu_mul.restype = None
+    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.llama_kernels_version,
+              lib.llama_kernels_vector_width):
         f.restype = i
 
 
@@ -103,7 +120,7 @@ def library() -> Optional[ctypes.CDLL]:
     except (OSError, subprocess.SubprocessError) as e:
         _status = f"none: {cc} does not run ({e})"
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_id()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_flags()), version, _cpu_id()]).encode()).hexdigest()
     cache = Path(os.environ.get("LLAMA_NATIVE_CACHE") or Path.home() / ".cache" / "llama" / "native")
     path = cache / f"kernels-{key[:16]}.so"
     try:
@@ -113,12 +130,12 @@ def library() -> Optional[ctypes.CDLL]:
         _declare(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"none: building llama/kernels.c with {cc} failed ({e})"
+        logger.warning("Using PyTorch's kernels: %s", _status)
         return None
     if lib.llama_kernels_version() != VERSION:
         _status = f"none: {path} is version {lib.llama_kernels_version()}, this code needs {VERSION}"
         return None
-    width = lib.llama_kernels_vector_width()
-    _status = f"{'AVX-512' if width == 16 else 'AVX2'} ({width} floats a vector)"
+    _status = "AVX-512" if lib.llama_kernels_vector_width() == 16 else "AVX2"
     return lib
 
 
@@ -148,3 +165,54 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     if err:
         raise MemoryError(f"no memory to widen {rows}x{k} bf16 activations")
     return y.view(*x.shape[:-1], n)
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Whether the fused elementwise kernels below apply to activations `x`:
+    ours are loaded, x is on the CPU in fp32 or bf16, and no torch.compile is
+    tracing (inductor fuses these itself)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and library() is not None
+            and not torch.compiler.is_compiling())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.RMSNorm's forward: x (..., dim) and weight (dim,) in one dtype."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    library().rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps,
+                       int(x.dtype == torch.bfloat16), torch.get_num_threads())
+    return y
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up (..., 2 * hidden) = gate | up."""
+    gate_up = gate_up.contiguous()
+    hidden = gate_up.shape[-1] // 2
+    y = gate_up.new_empty(*gate_up.shape[:-1], hidden)
+    library().silu_mul(gate_up.data_ptr(), y.data_ptr(), y.numel() // hidden, hidden,
+                       int(gate_up.dtype == torch.bfloat16), torch.get_num_threads())
+    return y
+
+
+def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, n_q: int, n_kv: int) -> torch.Tensor:
+    """model.Attention's decoding step in one call: RoPE on q and k, k and v
+    written to cache row b at position pos[b], and attention of each row to
+    its cache positions 0..pos[b].
+
+    qkv (bs, 1, n_q + 2 n_kv, hd) contiguous; caches (rows, n_kv, max_seq, hd)
+    in qkv's dtype; cos, sin (1 or bs, 1, 1, hd / 2, 2) as model.rope_table
+    gives them at the rows' positions; pos (bs, 1) int64. Returns (bs, 1, n_q, hd).
+    """
+    bsz, hd = qkv.shape[0], qkv.shape[-1]
+    pos = pos.reshape(bsz).contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = qkv.new_empty(bsz, 1, n_q, hd)
+    err = library().decode_attention(
+        qkv.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(cos.shape[0] > 1),
+        pos.data_ptr(), out.data_ptr(), bsz, n_q, n_kv, hd, cache_k.shape[2], int(qkv.dtype == torch.bfloat16),
+        torch.get_num_threads())
+    if err:
+        raise MemoryError(f"no memory for the attention scores of {int(pos.max()) + 1} positions")
+    return out
