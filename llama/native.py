@@ -150,6 +150,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     weight (N, K) fp32, bf16, or int8 with `scales` (N, K / GROUP) fp32;
     all contiguous on the CPU. Sums in fp32."""
     lib = library()
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != weight.shape[1]:
+        raise TypeError(f"native.linear takes fp32 or bf16 x (..., {weight.shape[1]}), not {x.dtype} {tuple(x.shape)}")
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     rows, n = x2.shape[0], weight.shape[0]
@@ -206,6 +208,8 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
     gives them at the rows' positions; pos (bs, 1) int64. Returns (bs, 1, n_q, hd).
     """
     bsz, hd = qkv.shape[0], qkv.shape[-1]
+    if bsz > cache_k.shape[0]:  # positions are checked by the caller (Transformer._inputs_at)
+        raise ValueError(f"{bsz} rows, but the KV cache holds {cache_k.shape[0]}")
     pos = pos.reshape(bsz).contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     out = qkv.new_empty(bsz, 1, n_q, hd)
