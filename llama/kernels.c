@@ -225,7 +225,7 @@ void silu_mul(const void *gu, void *y, long rows, long hidden, int bf16, int thr
  *   qkv:  (bsz, n_q + 2 n_kv, hd)  q heads, then k, then v
  *   cache_k, cache_v: (cache_rows, n_kv, max_seq, hd)
  *   cos, sin: (1 or bsz, hd) the rope table's (cos, cos) and (-sin, sin) at the row's position
- *   out: (bsz, n_q, hd); hd a multiple of 32, at most MAX_HEAD_DIM
+ *   out: (bsz, n_q, hd); hd a multiple of 16 (of W), at most MAX_HEAD_DIM
  * Returns 0, or -1 without memory for the scores. */
 int decode_attention(const void *qkv, void *cache_k, void *cache_v, const float *cos, const float *sin, int per_row,
                      const int64_t *pos, void *out, long bsz, long n_q, long n_kv, long hd, long max_seq, int bf16,
@@ -296,4 +296,52 @@ int decode_attention(const void *qkv, void *cache_k, void *cache_v, const float 
     free(scores);
   }
   return failed ? -1 : 0;
+}
+
+/* The matmuls above by the weight's kind, given at run time. */
+static int linear_of(int kind, const void *x, int x_bf16, const void *w, const float *s, void *y, long M, long N,
+                     long K, int threads) {
+  if (kind == F32) return linear(F32, x, x_bf16, w, s, y, M, N, K, threads);
+  if (kind == BF16) return linear(BF16, x, x_bf16, w, s, y, M, N, K, threads);
+  return linear(Q8, x, x_bf16, w, s, y, M, N, K, threads);
+}
+
+/* A linear layer's weight as decode_block takes it: kind F32, BF16 or Q8 (then with scales). */
+struct weight {
+  int kind;
+  const void *w;
+  const float *scales;
+};
+
+static void add_into(void *h, const void *d, long n, int bf16) { /* h += d, rounded as PyTorch's add */
+  for (long i = 0; i < n; i++) store(h, bf16, i, ld1(bf16, h, i) + ld1(bf16, d, i));
+}
+
+/* One transformer block's decoding step (model.TransformerBlock, one token a
+ * row, one process: no collective between the matmuls), in place on h (M, dim):
+ *   h += wo(attention(rope(wqkv(norm(h)))));  h += w2(silu(w13(norm(h))))
+ * with the kernels above, so that Python makes one call per layer, not fifteen.
+ * Returns 0, or -1 without memory. */
+int decode_block(void *h, const void *attention_norm, const void *ffn_norm, float eps, const struct weight *wqkv,
+                 const struct weight *wo, const struct weight *w13, const struct weight *w2, void *cache_k,
+                 void *cache_v, const float *cos, const float *sin, int per_row, const int64_t *pos, long M, long dim,
+                 long n_q, long n_kv, long hd, long hidden, long max_seq, int bf16, int threads) {
+  long esize = bf16 ? 2 : 4, n_qkv = (n_q + 2 * n_kv) * hd;
+  char *buf = malloc(esize * M * (dim + n_qkv + n_q * hd + 3 * hidden + dim));
+  if (!buf) return -1;
+  char *normed = buf, *qkv = normed + esize * M * dim, *att = qkv + esize * M * n_qkv;
+  char *gate_up = att + esize * M * n_q * hd, *act = gate_up + esize * M * 2 * hidden, *delta = act + esize * M * hidden;
+  int err = 0;
+  rms_norm(h, attention_norm, normed, M, dim, eps, bf16, threads);
+  err |= linear_of(wqkv->kind, normed, bf16, wqkv->w, wqkv->scales, qkv, M, n_qkv, dim, threads);
+  err |= decode_attention(qkv, cache_k, cache_v, cos, sin, per_row, pos, att, M, n_q, n_kv, hd, max_seq, bf16, threads);
+  err |= linear_of(wo->kind, att, bf16, wo->w, wo->scales, delta, M, dim, n_q * hd, threads);
+  add_into(h, delta, M * dim, bf16);
+  rms_norm(h, ffn_norm, normed, M, dim, eps, bf16, threads);
+  err |= linear_of(w13->kind, normed, bf16, w13->w, w13->scales, gate_up, M, 2 * hidden, dim, threads);
+  silu_mul(gate_up, act, M, hidden, bf16, threads);
+  err |= linear_of(w2->kind, act, bf16, w2->w, w2->scales, delta, M, dim, hidden, threads);
+  add_into(h, delta, M * dim, bf16);
+  free(buf);
+  return err ? -1 : 0;
 }

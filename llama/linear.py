@@ -376,3 +376,11 @@ def describe_matmuls(model: nn.Module) -> str:
     """For the Loaded line: whose matmul kernels the model's linear layers run."""
     kinds = {type(m.matmul) for m in model.modules() if isinstance(m, KernelLinear)}
     return f"our {native.status()} kernels" if NativeMatmul in kinds else "PyTorch's kernels"
+
+
+def native_weight(layer: nn.Module) -> Optional[tuple]:
+    """(weight, scales or None) of a KernelLinear that runs our kernels, for
+    native.decode_block; None for any other layer."""
+    if isinstance(layer, KernelLinear) and isinstance(layer.matmul, NativeMatmul):
+        return layer.matmul.weight, layer.matmul.scales
+    return None

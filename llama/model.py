@@ -25,6 +25,7 @@ from torch import nn
 
 from . import native
 from .args import ModelArgs
+from .linear import native_weight
 from .schema import EmbeddingLayout, kv_replication
 
 
@@ -177,7 +178,7 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         n_q, n_kv = self.n_local_heads, self.n_local_kv_heads
         qkv = self.wqkv(x).view(bsz, seqlen, n_q + 2 * n_kv, self.head_dim)  # heads: q, then k, then v
-        if seqlen == 1 and not inputs.self_attention and self._native_decoding(qkv):
+        if seqlen == 1 and not inputs.self_attention and native.fused(qkv) and self.native_decoding(qkv.dtype):
             # Decoding in one call (llama/kernels.c): what the lines below do for one token a row.
             out = native.decode_attention(qkv, self.cache_k, self.cache_v, inputs.cos, inputs.sin, inputs.cache_pos,
                                           n_q, n_kv)
@@ -199,9 +200,9 @@ class Attention(nn.Module):
             out = self._attend(xq, keys, values, inputs.mask)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
-    def _native_decoding(self, qkv: torch.Tensor) -> bool:
-        return (native.fused(qkv) and qkv.dtype == self.cache_k.dtype and self.head_dim % 32 == 0
-                and self.head_dim <= native.MAX_HEAD_DIM)
+    def native_decoding(self, dtype: torch.dtype) -> bool:
+        """Whether kernels.c's decode_attention takes this layer's decoding step in `dtype`."""
+        return dtype == self.cache_k.dtype and self.head_dim % 16 == 0 and self.head_dim <= native.MAX_HEAD_DIM
 
     @staticmethod
     def _attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -258,10 +259,30 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.alone = fs_init.get_model_parallel_world_size() == 1  # no collective inside the block
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        if x.shape[1] == 1 and not inputs.self_attention and native.fused(x):
+            linears = self._native_linears(x)
+            if linears is not None:  # the lines below in one call (llama/kernels.c)
+                a = self.attention
+                return native.decode_block(x, self.attention_norm.weight, self.ffn_norm.weight, self.ffn_norm.eps,
+                                           linears, a.cache_k, a.cache_v, inputs.cos, inputs.sin, inputs.cache_pos,
+                                           a.n_local_heads, a.n_local_kv_heads)
         h = x + self.attention(self.attention_norm(x), inputs)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def _native_linears(self, x: torch.Tensor):
+        """The four linear layers' weights for native.decode_block, or None
+        where it does not apply: several model-parallel ranks (a collective
+        inside the block), another kernel, or a dtype or head size it lacks."""
+        a, f = self.attention, self.feed_forward
+        if (self.alone and self.attention_norm.weight.dtype == x.dtype == self.ffn_norm.weight.dtype
+                and self.ffn_norm.eps == self.attention_norm.eps and a.native_decoding(x.dtype)):
+            linears = [native_weight(layer) for layer in (a.wqkv, a.wo, f.w13, f.w2)]
+            if all(w is not None for w in linears):
+                return linears
+        return None
 
 
 # Weights the model holds as one, and the checkpoint weights (Meta's names)

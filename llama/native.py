@@ -87,6 +87,14 @@ def _build(cc: str, out: Path) -> None:
             os.unlink(tmp)
 
 
+class _Weight(ctypes.Structure):
+    """kernels.c's struct weight: a linear layer's weight for decode_block."""
+    _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.c's enum kind
+
+
 def _declare(lib: ctypes.CDLL) -> None:
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.q8_linear.argtypes = [p, i, p, p, p, n, n, n, i]
@@ -95,9 +103,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rms_norm.argtypes = [p, p, p, n, n, ctypes.c_float, i, i]
     lib.silu_mul.argtypes = [p, p, n, n, i, i]
     lib.decode_attention.argtypes = [p, p, p, p, p, i, p, p, n, n, n, n, n, i, i]
+    w = ctypes.POINTER(_Weight)
+    lib.decode_block.argtypes = [p, p, p, ctypes.c_float, w, w, w, w, p, p, p, p, i, p, n, n, n, n, n, n, n, i, i]
     lib.rms_norm.restype = lib.silu_mul.restype = None
-    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.llama_kernels_version,
-              lib.llama_kernels_vector_width):
+    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_block,
+              lib.llama_kernels_version, lib.llama_kernels_vector_width):
         f.restype = i
 
 
@@ -219,4 +229,29 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
         torch.get_num_threads())
     if err:
         raise MemoryError(f"no memory for the attention scores of {int(pos.max()) + 1} positions")
+    return out
+
+
+def decode_block(h: torch.Tensor, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float, linears,
+                 cache_k: torch.Tensor, cache_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 pos: torch.Tensor, n_q: int, n_kv: int) -> torch.Tensor:
+    """model.TransformerBlock's decoding step in one call, for one process (no
+    collective inside the block): the norms, `linears` = (weight, scales or
+    None) of wqkv, wo, w13 and w2 as NativeMatmul holds them, and
+    decode_attention's arguments. Returns the block's output (bs, 1, dim)."""
+    bsz, dim = h.shape[0], h.shape[-1]
+    hd, hidden = cache_k.shape[-1], linears[3][0].shape[1]
+    shapes = [((n_q + 2 * n_kv) * hd, dim), (dim, n_q * hd), (2 * hidden, dim), (dim, hidden)]
+    if [tuple(w.shape) for w, _ in linears] != shapes or bsz > cache_k.shape[0]:
+        raise ValueError(f"decode_block: weights {[tuple(w.shape) for w, _ in linears]}, expected {shapes}")
+    out = h.contiguous().clone()
+    pos = pos.reshape(bsz).contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    weights = [_Weight(KINDS[w.dtype], w.data_ptr(), None if s is None else s.data_ptr()) for w, s in linears]
+    err = library().decode_block(
+        out.data_ptr(), attention_norm.data_ptr(), ffn_norm.data_ptr(), eps, *(ctypes.byref(w) for w in weights),
+        cache_k.data_ptr(), cache_v.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(cos.shape[0] > 1), pos.data_ptr(),
+        bsz, dim, n_q, n_kv, hd, hidden, cache_k.shape[2], int(h.dtype == torch.bfloat16), torch.get_num_threads())
+    if err:
+        raise MemoryError(f"no memory for a decoding step of {bsz} rows")
     return out

@@ -161,30 +161,40 @@ def _without_native(monkeypatch, build):
 
 
 @needs_native
-@pytest.mark.parametrize("family", ["llama2", "llama3"])
+@pytest.mark.parametrize("family, shape", [("llama2", {}), ("llama3", {}),  # head_dim 16
+                                           ("llama3", dict(dim=256, n_heads=4, n_kv_heads=1)),  # 64, 4 per KV head
+                                           ("llama3", dict(dim=256, n_heads=2, n_kv_heads=2))])  # 128
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, dtype):
-    """RMSNorm, silu * up and the decoding attention (RoPE, cache writes,
-    grouped-query attention) in one call each: the same logits and caches as
+def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, shape, dtype):
+    """A whole block's decoding step in one call (one process), and RMSNorm,
+    silu * up and the decoding attention (RoPE, cache writes, grouped-query
+    attention) in one call each (several ranks): the same logits and caches as
     PyTorch's operators, for one row, rows at one position and rows at their
     own positions (the engine's continuous batching)."""
-    ckpt = make_ckpt(family)
+    ckpt = make_ckpt(family, **shape)
     kw = dict(max_seq_len=64, max_batch_size=3, device="cpu", dtype=dtype)
     build = lambda: Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)  # noqa: E731
-    ours, theirs = build(), _without_native(monkeypatch, build)
+    whole, ops, theirs = build(), build(), _without_native(monkeypatch, build)
+    for block in ops.model.layers:  # as under model parallelism: fused pieces, not decode_block
+        block.alone = False
     assert native.fused(torch.zeros(1, dtype=getattr(torch, dtype)))
+    assert all(block._native_linears(torch.zeros(1, dtype=getattr(torch, dtype))) for block in whole.model.layers)
     lens = [5, 9, 2]
     seqs = [torch.randint(3, 500, (n + 3,), generator=torch.Generator().manual_seed(n)) for n in lens]
-    for gen in (ours, theirs):
+    gens = (whole, ops, theirs)
+    for gen in gens:
         gen.model.prefill([s[:n].tolist() for s, n in zip(seqs, lens)], rows=[0, 1, 2])
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == "float32" else dict(atol=0.1, rtol=0.05)
     for step in range(3):
         nxt = torch.stack([s[n + step] for s, n in zip(seqs, lens)])[:, None]
         start = torch.tensor(lens) + step
-        logits = [gen.model.forward(nxt, start) for gen in (ours, theirs)]
-        torch.testing.assert_close(logits[0], logits[1], **tol)
-    one = [gen.model.forward(seqs[0][:1][None], 20) for gen in (ours, theirs)]  # one row at an int position
-    torch.testing.assert_close(one[0], one[1], **tol)
-    for a, b in zip(ours.model.layers, theirs.model.layers):
-        torch.testing.assert_close(a.attention.cache_k, b.attention.cache_k, **tol)
-        torch.testing.assert_close(a.attention.cache_v, b.attention.cache_v, **tol)
+        logits = [gen.model.forward(nxt, start) for gen in gens]
+        torch.testing.assert_close(logits[0], logits[2], **tol)
+        torch.testing.assert_close(logits[1], logits[2], **tol)
+    one = [gen.model.forward(seqs[0][:1][None], 20) for gen in gens]  # one row at an int position
+    torch.testing.assert_close(one[0], one[2], **tol)
+    torch.testing.assert_close(one[1], one[2], **tol)
+    for gen in (whole, ops):
+        for a, b in zip(gen.model.layers, theirs.model.layers):
+            torch.testing.assert_close(a.attention.cache_k, b.attention.cache_k, **tol)
+            torch.testing.assert_close(a.attention.cache_v, b.attention.cache_v, **tol)
