@@ -5,11 +5,12 @@ and then all-gather or all-reduce across ranks. Decoding one token reads every
 weight once, so on CPU its speed is the memory bandwidth the matmul kernel
 reaches, and which kernel reaches most depends on the instruction set:
 `choose_matmul` picks by weight dtype, quantization and `cpu_capability()`
-(`F.linear` for fp32, oneDNN's prepacked linear for bf16 on AVX-512, weight-only int8
-with bf16 activations; the measurements are in its docstring and
-benchmarks/linear_kernels.py). Int8DynamicMatmul (int8 x int8, VNNI) and
-Int4Matmul (group-wise 4-bit) are kept for that benchmark: faster, but not
-accurate enough to be chosen.
+(our own kernels, `NativeMatmul` (llama/native.py), wherever they build: x86
+with AVX2 or AVX-512; else `F.linear` for fp32, oneDNN's prepacked linear for
+bf16 on AVX-512, per-channel weight-only int8 with bf16 activations; the
+measurements are in its docstring and benchmarks/linear_kernels.py).
+Int8DynamicMatmul (int8 x int8, VNNI) and Int4Matmul (group-wise 4-bit) are
+kept for that benchmark: faster, but not accurate enough to be chosen.
 
 `use_kernels(model, ...)` swaps each parallel layer, after its weights are
 loaded, for a `KernelLinear` that does the same collective through

@@ -124,6 +124,7 @@ def library() -> Optional[ctypes.CDLL]:
     cc = _compiler()
     if cc is None:
         _status = "none: no C compiler (cc, gcc or $CC) to build llama/kernels.c"
+        logger.warning("Using PyTorch's kernels: %s", _status)
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout

@@ -107,6 +107,22 @@ def test_off_switch_and_failed_builds_fall_back_with_a_reason(fresh_library, mon
         assert native.library() is None
         assert "building llama/kernels.c with false failed" in native.status() or "does not run" in native.status()
         assert not list(fresh_library.glob("*"))  # nothing half-written left behind
+        monkeypatch.setattr(native, "_compiler", lambda: None)
+        native.library.cache_clear()
+        assert native.library() is None and "no C compiler" in native.status()
+
+
+def test_the_loaded_line_says_whose_kernels_run(make_ckpt, monkeypatch, caplog):
+    ckpt = make_ckpt("llama3")
+    kw = dict(max_seq_len=32, max_batch_size=1, device="cpu", dtype="float32")
+    with caplog.at_level("INFO", logger="llama"):
+        _without_native(monkeypatch, lambda: Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw))
+    assert "float32 (as asked), PyTorch's kernels, " in caplog.text
+    if native.library() is not None:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="llama"):
+            Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)
+        assert f"float32 (as asked), our {native.status()} kernels, " in caplog.text
 
 
 @needs_native
