@@ -323,11 +323,15 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
 
     On x86 CPUs with AVX2+FMA or AVX-512, wherever llama/kernels.c builds
     (native.supports): NativeMatmul for fp32, bf16 and int8 (group-wise, 32
-    columns a scale). Measured on SmolLM2-135M's matmuls, 2 threads, idle
-    AVX-512 Xeon (benchmarks/linear_kernels.py), ms per token of weights:
-    at 1 row, fp32 26 (MKL's F.linear 26), bf16 12-15 (F.linear 27), int8
-    8-10 (ATen's per-channel `_weight_int8pack_mm` 16); at 4 rows fp32 34
-    against MKL's 50. Elsewhere, PyTorch's kernels:
+    columns a scale). One token's matmuls of SmolLM2-135M, 2 threads, idle
+    AVX-512 Xeon (`python benchmarks/linear_kernels.py --models smollm2
+    --threads 2 --batch 1 4 --only "chosen|^F.linear|weight-only, bf16"`),
+    ms at 1 row / 4 rows, ours against PyTorch's: fp32 27 / 34 against
+    F.linear's 21 / 42; bf16 15 / 18 against 22 / 50; int8 10 / 16 against
+    ATen's per-channel int8 13 / 17; under forced AVX2 (ours built for AVX2)
+    the same within 10%. fp32 at one row is our only loss, and kernels.c's
+    decode_block (one call per block) needs all four matmuls to be ours: on
+    SmolLM2 that saves more than the difference. Elsewhere, PyTorch's kernels:
     * fp32: F.linear (MKL). At batch 1 it was 7-28% faster than oneDNN's
       packed fp32 under forced AVX2, and 45 against 63 ms/token on SmolLM2.
     * bf16: oneDNN packed on AVX-512 (native bf16 dot products, or emulated
