@@ -253,7 +253,10 @@ int decode_attention(const void *qkv, void *cache_k, void *cache_v, const float 
     long most = 0;
     for (long b = 0; b < bsz; b++) most = pos[b] + 1 > most ? pos[b] + 1 : most;
     float *scores = malloc(sizeof(float) * (most + hd) + 64), *q = scores + most;
-    if (!scores) failed = 1;
+    if (!scores) {
+#pragma omp atomic write
+      failed = 1;
+    }
 #pragma omp for schedule(static)
     for (long t = 0; t < bsz * n_q; t++) {
       if (!scores) continue;

@@ -10,9 +10,9 @@ in registers, as llama.cpp does, with AVX2+FMA or AVX-512; measured in
 benchmarks/linear_kernels.py and in the README's Speed section.
 
 The library is built once per source, compiler and CPU (`cc -O3
--march=native -fopenmp`, about a second; $LLAMA_NATIVE_ARCH replaces native) into ~/.cache/llama/native (or
-$LLAMA_NATIVE_CACHE), written under a temporary name and renamed, and loaded
-with ctypes. Its OpenMP is the one PyTorch already loaded (libgomp, same
+-march=native -fopenmp`, about a second; $LLAMA_NATIVE_ARCH replaces native)
+into ~/.cache/llama/native (or $LLAMA_NATIVE_CACHE), written under a
+temporary name and renamed, and loaded with ctypes. Its OpenMP is the one PyTorch already loaded (libgomp, same
 soname); each call is given torch.get_num_threads(). Without a C compiler,
 on a CPU without AVX2 and FMA, or with LLAMA_NATIVE=0, `library()` is None
 and the caller (linear.choose_matmul) uses PyTorch's kernels; `status()`
@@ -78,7 +78,8 @@ def _build(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp")
     os.close(fd)
     try:
-        result = subprocess.run([cc, *_flags(), str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        command = [cc, *_flags(), str(SOURCE), "-o", tmp, "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
         os.replace(tmp, out)  # a crash never leaves a half-written library under the final name
@@ -113,24 +114,27 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 @lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernels, or None (see `status()`)."""
+    """The compiled kernels, or None (see `status()`; a failure to build is also logged once)."""
     global _status
+    lib, _status = _load()
+    if lib is None and _status.startswith("none:"):
+        logger.warning("Using PyTorch's kernels: %s", _status)
+    return lib
+
+
+def _load():
+    """(library or None, status)."""
     if os.environ.get("LLAMA_NATIVE", "1") == "0":
-        _status = "off (LLAMA_NATIVE=0)"
-        return None
+        return None, "off (LLAMA_NATIVE=0)"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        _status = f"none for {platform.machine()} (x86 AVX2 or AVX-512 only)"
-        return None
+        return None, f"none for {platform.machine()} (x86 AVX2 or AVX-512 only)"
     cc = _compiler()
     if cc is None:
-        _status = "none: no C compiler (cc, gcc or $CC) to build llama/kernels.c"
-        logger.warning("Using PyTorch's kernels: %s", _status)
-        return None
+        return None, "none: no C compiler (cc, gcc or $CC) to build llama/kernels.c"
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        _status = f"none: {cc} does not run ({e})"
-        return None
+        return None, f"none: {cc} does not run ({e})"
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_flags()), version, _cpu_id()]).encode()).hexdigest()
     cache = Path(os.environ.get("LLAMA_NATIVE_CACHE") or Path.home() / ".cache" / "llama" / "native")
     path = cache / f"kernels-{key[:16]}.so"
@@ -140,14 +144,10 @@ def library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(path))
         _declare(lib)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _status = f"none: building llama/kernels.c with {cc} failed ({e})"
-        logger.warning("Using PyTorch's kernels: %s", _status)
-        return None
+        return None, f"none: building llama/kernels.c with {cc} failed ({e})"
     if lib.llama_kernels_version() != VERSION:
-        _status = f"none: {path} is version {lib.llama_kernels_version()}, this code needs {VERSION}"
-        return None
-    _status = "AVX-512" if lib.llama_kernels_vector_width() == 16 else "AVX2"
-    return lib
+        return None, f"none: {path} is version {lib.llama_kernels_version()}, this code needs {VERSION}"
+    return lib, "AVX-512" if lib.llama_kernels_vector_width() == 16 else "AVX2"
 
 
 def supports(weight: torch.Tensor) -> bool:
