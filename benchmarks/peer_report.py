@@ -103,10 +103,19 @@ def speed_table(res: dict) -> List[str]:
 
 
 def quality_table(q: dict) -> List[str]:
-    """Top-1 agreement with bf16 and perplexity, teacher-forced on a fixed text."""
+    """Top-1 agreement with bf16 and perplexity, teacher-forced on a fixed text
+    in one pass, then (where measured) one token a step."""
     name = q["quantize"]
     lines = [f"Quality of {name} on the real model: teacher-forced on {q['text']} ({q['positions']} positions)", "",
-             "| model | same top-1 as bf16 | same top-1 as fp32 | perplexity | perplexity vs bf16 |",
+             *_quality_rows(q, name)]
+    if q.get("decoding"):
+        lines += ["", "The same, one token a step through the KV cache (the decoding kernels generation runs):", "",
+                  *_quality_rows(q["decoding"], name)]
+    return lines
+
+
+def _quality_rows(q: dict, name: str) -> List[str]:
+    lines = ["| model | same top-1 as bf16 | same top-1 as fp32 | perplexity | perplexity vs bf16 |",
              "|---|---|---|---|---|"]
     base = q["perplexity"]["bf16"]
 

@@ -41,9 +41,13 @@ def build(ckpt_dir, dtype: str, quantize: Optional[str], max_seq_len: int, threa
 
 
 @torch.inference_mode()
-def teacher_forced_logits(gen: Llama, tokens: Sequence[int]) -> torch.Tensor:
-    """Float logits (len(tokens), vocab): row i predicts token i + 1."""
-    return gen.model.forward(torch.tensor([list(tokens)]), 0)[0].float()
+def teacher_forced_logits(gen: Llama, tokens: Sequence[int], steps: bool = False) -> torch.Tensor:
+    """Float logits (len(tokens), vocab): row i predicts token i + 1. In one
+    pass (the prefill kernels), or with `steps` one token at a time through
+    the KV cache (the decoding kernels, what generation runs)."""
+    if not steps:
+        return gen.model.forward(torch.tensor([list(tokens)]), 0)[0].float()
+    return torch.cat([gen.model.forward(torch.tensor([[t]]), i)[0].float() for i, t in enumerate(tokens)])
 
 
 def top1_agreement(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -67,25 +71,29 @@ def text_tokens(gen: Llama, text: str, positions: int):
 
 def quantization_quality(ckpt_dir, quantize: str = "int8", text_path: Path = TEXT, positions: int = 512,
                          threads: Optional[int] = None) -> Dict:
-    """Top-1 agreement with bf16 and perplexity of fp32, bf16 and bf16 + `quantize`.
+    """Top-1 agreement with bf16 and perplexity of fp32, bf16 and bf16 + `quantize`,
+    teacher-forced in one pass and, under "decoding", one token a step.
 
     Builds one model at a time (the largest, fp32, is freed before the next)."""
-    logits, tokens = {}, None
+    logits, stepped, tokens = {}, {}, None
     for name, dtype, quant in (("fp32", "float32", None), ("bf16", "bfloat16", None), (quantize, "bfloat16", quantize)):
         gen = build(ckpt_dir, dtype, quant, positions + 1, threads)
         if tokens is None:
             tokens = text_tokens(gen, Path(text_path).read_text(encoding="utf-8"), positions)
         logits[name] = teacher_forced_logits(gen, tokens)[:-1]  # the last row predicts past the text
+        stepped[name] = teacher_forced_logits(gen, tokens, steps=True)[:-1]
         del gen
     targets = torch.tensor(tokens[1:])
-    return {
-        "quantize": quantize,
-        "text": Path(text_path).name,
-        "positions": positions,
-        "agreement_with_bf16": {name: top1_agreement(logits["bf16"], logits[name]) for name in logits if name != "bf16"},
-        "agreement_with_fp32": {name: top1_agreement(logits["fp32"], logits[name]) for name in logits if name != "fp32"},
-        "perplexity": {name: perplexity(value, targets) for name, value in logits.items()},
-    }
+
+    def figures(table: Dict[str, torch.Tensor]) -> Dict:
+        return {
+            "agreement_with_bf16": {name: top1_agreement(table["bf16"], table[name]) for name in table if name != "bf16"},
+            "agreement_with_fp32": {name: top1_agreement(table["fp32"], table[name]) for name in table if name != "fp32"},
+            "perplexity": {name: perplexity(value, targets) for name, value in table.items()},
+        }
+
+    return {"quantize": quantize, "text": Path(text_path).name, "positions": positions, **figures(logits),
+            "decoding": figures(stepped)}
 
 
 def main() -> None:

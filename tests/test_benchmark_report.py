@@ -124,6 +124,13 @@ def test_peer_report_quality_table():
     assert r[("fp32", "97.7%")] == ["fp32", "97.7%", "—", "16.845", "+0.34%"]
     assert r[("bf16", "—")] == ["bf16", "—", "97.7%", "16.788", ""]
     assert r[("int8", "95.1%")] == ["int8", "95.1%", "94.9%", "16.841", "+0.32%"]  # 16.841 / 16.788
+    res = peer_figures()
+    res["quality"]["decoding"] = {"agreement_with_bf16": {"fp32": 0.97, "int8": 0.985},
+                                  "agreement_with_fp32": {"bf16": 0.97, "int8": 0.96},
+                                  "perplexity": {"fp32": 16.8, "bf16": 16.9, "int8": 16.95}}
+    out = report(res)
+    assert "one token a step through the KV cache" in out
+    assert rows(out)[("int8", "98.5%")] == ["int8", "98.5%", "96.0%", "16.950", "+0.30%"]
 
 
 def test_peer_report_without_llama_cpp_or_quality():
@@ -180,6 +187,9 @@ def test_quantization_quality_on_a_tiny_model(make_ckpt, tmp_path):
     assert q["agreement_with_bf16"]["int8"] >= 0.75 and q["agreement_with_fp32"]["bf16"] >= 0.75
     ppl = q["perplexity"]
     assert ppl["fp32"] > 1 and abs(ppl["int8"] / ppl["bf16"] - 1) < 0.1
+    steps = q["decoding"]  # one token a step: the decoding kernels
+    assert abs(steps["perplexity"]["fp32"] / ppl["fp32"] - 1) < 1e-3  # fp32 decodes what its one pass computes
+    assert steps["agreement_with_bf16"]["int8"] >= 0.75
     with pytest.raises(ValueError, match=r"the text has \d+ tokens; 500 positions need 501: pass a longer --text"):
         quantization_quality(make_ckpt("llama3"), "int8", text, positions=500)
 
