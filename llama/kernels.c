@@ -1,11 +1,14 @@
-/* Matrix-vector kernels for decoding on CPU: y = x @ W^T for a few rows of x.
+/* Our CPU kernels for decoding (llama/native.py compiles this file for the CPU
+ * it runs on, -march=native, and calls it through ctypes):
  *
- * Decoding reads every weight once per token, so its speed is the memory
- * bandwidth a kernel reaches. PyTorch has no kernel that reads bf16 or
- * group-wise int8 weights with fp32 arithmetic at that speed on CPUs without
- * native bf16 (README, Speed): these do what llama.cpp does, widening each
- * weight to fp32 in registers. llama/native.py compiles this file for the
- * CPU it runs on (-march=native) and calls it through ctypes.
+ * - y = x @ W^T for a few rows of x. Decoding reads every weight once per
+ *   token, so its speed is the memory bandwidth a kernel reaches. PyTorch has
+ *   no kernel that reads bf16 or group-wise int8 weights with fp32
+ *   arithmetic at that speed on CPUs without native bf16 (README, Speed):
+ *   these do what llama.cpp does, widening each weight to fp32 in registers.
+ * - The rest of a decoding step fused (RMSNorm, silu * up, attention for one
+ *   token a row, a whole transformer block), so that Python makes one call
+ *   where PyTorch's operators took ten or more.
  *
  * Layouts (row-major, contiguous):
  *   x: (M, K) fp32 or bf16 (x_bf16), y: (M, N) in the same dtype
