@@ -184,8 +184,8 @@ def fused(x: torch.Tensor) -> bool:
     """Whether the fused elementwise kernels below apply to activations `x`:
     ours are loaded, x is on the CPU in fp32 or bf16, and no torch.compile is
     tracing (inductor fuses these itself)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and library() is not None
-            and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling()  # first: dynamo then traces nothing below
+            and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and library() is not None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
