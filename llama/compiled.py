@@ -25,9 +25,9 @@ Where our own kernels run (llama/native.py: x86 with AVX2 or AVX-512 and a C
 compiler), eager decoding is faster than this: a block's step is one call of
 hand-written code there, while the compiled graph calls them as opaque
 operators between its own kernels (SmolLM2-135M, 2 threads, idle AVX-512
-Xeon, two runs of benchmarks/peer_benchmark.py --compile: 29-32 against
-52-58 ms/token in fp32, 17-18 against 44-53 in bf16). compile_decode then
-says so in a warning and compiles anyway, as asked.
+Xeon, benchmarks/peer_benchmark.py --compile: 27 against 36 ms/token in
+fp32, 16 against 29 in bf16). compile_decode then says so in a warning and
+compiles anyway, as asked.
 """
 
 import itertools
