@@ -260,29 +260,42 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.alone = fs_init.get_model_parallel_world_size() == 1  # no collective inside the block
+        self._native = None  # (what it was decided for, native.BlockWeights or None): _native_weights
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         if x.shape[1] == 1 and not inputs.self_attention and native.fused(x):
-            linears = self._native_linears(x)
-            if linears is not None:  # the lines below in one call (llama/kernels.c)
+            weights = self._native_weights(x.dtype)
+            if weights is not None:  # the lines below in one call (llama/kernels.c)
                 a = self.attention
                 return native.decode_block(x, self.attention_norm.weight, self.ffn_norm.weight, self.ffn_norm.eps,
-                                           linears, a.cache_k, a.cache_v, inputs.cos, inputs.sin, inputs.cache_pos,
+                                           weights, a.cache_k, a.cache_v, inputs.cos, inputs.sin, inputs.cache_pos,
                                            a.n_local_heads, a.n_local_kv_heads)
         h = x + self.attention(self.attention_norm(x), inputs)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def _native_linears(self, x: torch.Tensor):
-        """The four linear layers' weights for native.decode_block, or None
-        where it does not apply: several model-parallel ranks (a collective
-        inside the block), another kernel, or a dtype or head size it lacks."""
+    def _native_weights(self, dtype: torch.dtype) -> Optional[native.BlockWeights]:
+        """The four linear layers for native.decode_block, or None where it
+        does not apply: several model-parallel ranks (a collective inside the
+        block), another kernel, or a dtype or head size it lacks. Decided once
+        per dtype, KV cache and set of matmuls (each decoding step would
+        otherwise walk the modules again), and again when any of them changes."""
         a, f = self.attention, self.feed_forward
-        if (self.alone and self.attention_norm.weight.dtype == x.dtype == self.ffn_norm.weight.dtype
-                and self.ffn_norm.eps == self.attention_norm.eps and a.native_decoding(x.dtype)):
-            linears = [native_weight(layer) for layer in (a.wqkv, a.wo, f.w13, f.w2)]
-            if all(w is not None for w in linears):
-                return linears
-        return None
+        matmuls = tuple(getattr(layer, "matmul", None) for layer in (a.wqkv, a.wo, f.w13, f.w2))
+        key = (dtype, a.cache_k, *matmuls)
+        if self._native is None or any(new is not old for new, old in zip(key, self._native[0])):
+            self._native = (key, self._prepare_native(dtype))
+        return self._native[1]
+
+    def _prepare_native(self, dtype: torch.dtype) -> Optional[native.BlockWeights]:
+        a, f = self.attention, self.feed_forward
+        if not (self.alone and self.attention_norm.weight.dtype == dtype == self.ffn_norm.weight.dtype
+                and self.ffn_norm.eps == self.attention_norm.eps and a.native_decoding(dtype)):
+            return None
+        linears = [native_weight(layer) for layer in (a.wqkv, a.wo, f.w13, f.w2)]
+        if any(w is None for w in linears):
+            return None
+        return native.BlockWeights(linears, self.ffn_norm.weight.shape[0], a.n_local_heads, a.n_local_kv_heads,
+                                   a.head_dim)
 
 
 # Weights the model holds as one, and the checkpoint weights (Meta's names)
@@ -428,7 +441,7 @@ class Transformer(nn.Module):
         if isinstance(start_pos, int):
             if start_pos < 0 or start_pos + seqlen > max_seq_len:
                 raise ValueError(f"positions {start_pos}..{start_pos + seqlen - 1} exceed max_seq_len={max_seq_len}")
-            pos = torch.arange(start_pos, start_pos + seqlen, device=device)[None].expand(bsz, seqlen)
+            pos = torch.arange(start_pos, start_pos + seqlen, device=device)[None].expand(bsz, seqlen).contiguous()
             kv_len = start_pos + seqlen
             if seqlen == 1 or start_pos == 0:
                 mask = None  # one query sees the whole cache; a fresh chunk is plainly causal

@@ -233,26 +233,39 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
     return out
 
 
-def decode_block(h: torch.Tensor, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float, linears,
-                 cache_k: torch.Tensor, cache_v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 pos: torch.Tensor, n_q: int, n_kv: int) -> torch.Tensor:
+class BlockWeights:
+    """A block's four linear layers (wqkv, wo, w13, w2) as decode_block takes
+    them: `linears` = (weight, scales or None) as NativeMatmul holds them,
+    shapes checked and structs made once, not at every decoding step. Holds
+    the tensors, so that the structs' pointers stay valid."""
+
+    def __init__(self, linears, dim: int, n_q: int, n_kv: int, head_dim: int):
+        self.hidden = linears[3][0].shape[1]
+        shapes = [((n_q + 2 * n_kv) * head_dim, dim), (dim, n_q * head_dim), (2 * self.hidden, dim), (dim, self.hidden)]
+        if [tuple(w.shape) for w, _ in linears] != shapes:
+            raise ValueError(f"decode_block: weights {[tuple(w.shape) for w, _ in linears]}, expected {shapes}")
+        self.linears = linears
+        self.structs = [_Weight(KINDS[w.dtype], w.data_ptr(), None if s is None else s.data_ptr()) for w, s in linears]
+        self.refs = [ctypes.byref(w) for w in self.structs]
+
+
+def decode_block(h: torch.Tensor, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
+                 weights: BlockWeights, cache_k: torch.Tensor, cache_v: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, pos: torch.Tensor, n_q: int, n_kv: int) -> torch.Tensor:
     """model.TransformerBlock's decoding step in one call, for one process (no
-    collective inside the block): the norms, `linears` = (weight, scales or
-    None) of wqkv, wo, w13 and w2 as NativeMatmul holds them, and
+    collective inside the block): the norms, the linear layers' `weights`, and
     decode_attention's arguments. Returns the block's output (bs, 1, dim)."""
     bsz, dim = h.shape[0], h.shape[-1]
-    hd, hidden = cache_k.shape[-1], linears[3][0].shape[1]
-    shapes = [((n_q + 2 * n_kv) * hd, dim), (dim, n_q * hd), (2 * hidden, dim), (dim, hidden)]
-    if [tuple(w.shape) for w, _ in linears] != shapes or bsz > cache_k.shape[0]:
-        raise ValueError(f"decode_block: weights {[tuple(w.shape) for w, _ in linears]}, expected {shapes}")
+    if bsz > cache_k.shape[0]:
+        raise ValueError(f"{bsz} rows, but the KV cache holds {cache_k.shape[0]}")
     out = h.contiguous().clone()
     pos = pos.reshape(bsz).contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
-    weights = [_Weight(KINDS[w.dtype], w.data_ptr(), None if s is None else s.data_ptr()) for w, s in linears]
     err = library().decode_block(
-        out.data_ptr(), attention_norm.data_ptr(), ffn_norm.data_ptr(), eps, *(ctypes.byref(w) for w in weights),
+        out.data_ptr(), attention_norm.data_ptr(), ffn_norm.data_ptr(), eps, *weights.refs,
         cache_k.data_ptr(), cache_v.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(cos.shape[0] > 1), pos.data_ptr(),
-        bsz, dim, n_q, n_kv, hd, hidden, cache_k.shape[2], int(h.dtype == torch.bfloat16), torch.get_num_threads())
+        bsz, dim, n_q, n_kv, cache_k.shape[-1], weights.hidden, cache_k.shape[2], int(h.dtype == torch.bfloat16),
+        torch.get_num_threads())
     if err:
         raise MemoryError(f"no memory for a decoding step of {bsz} rows")
     return out

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama, native
-from llama.linear import CpuCapability, NativeMatmul, choose_matmul, group_int8
+from llama.linear import CpuCapability, NativeMatmul, PlainMatmul, choose_matmul, group_int8
 
 CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
 CAN_BUILD = bool(shutil.which("cc") or shutil.which("gcc")) and " avx2 " in CPU_FLAGS and " fma " in CPU_FLAGS
@@ -194,7 +194,10 @@ def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, sha
     for block in ops.model.layers:  # as under model parallelism: fused pieces, not decode_block
         block.alone = False
     assert native.fused(torch.zeros(1, dtype=getattr(torch, dtype)))
-    assert all(block._native_linears(torch.zeros(1, dtype=getattr(torch, dtype))) for block in whole.model.layers)
+    assert all(block._native_weights(getattr(torch, dtype)) for block in whole.model.layers)
+    block = build().model.layers[0]  # the decision follows a swapped matmul
+    block.feed_forward.w2.matmul = PlainMatmul(block.feed_forward.w2.matmul.weight)
+    assert block._native_weights(getattr(torch, dtype)) is None
     lens = [5, 9, 2]
     seqs = [torch.randint(3, 500, (n + 3,), generator=torch.Generator().manual_seed(n)) for n in lens]
     gens = (whole, ops, theirs)
