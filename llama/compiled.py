@@ -22,7 +22,7 @@ caches the result on disk, so later starts take seconds) and needs a C++
 compiler on CPU. Off by default (`Llama.build(..., compile=True)`, `--compile`).
 
 Where our own kernels run (llama/native.py: x86 with AVX2 or AVX-512 and a C
-compiler), eager decoding is faster than this: a block's step is one call of
+compiler), eager decoding is faster than this: a token's blocks are one call of
 hand-written code there, while the compiled graph calls them as opaque
 operators between its own kernels (SmolLM2-135M, 2 threads, idle AVX-512
 Xeon, benchmarks/peer_benchmark.py --compile: 29 against 41 ms/token in

@@ -7,8 +7,8 @@
  *   arithmetic at that speed on CPUs without native bf16 (README, Speed):
  *   these do what llama.cpp does, widening each weight to fp32 in registers.
  * - The rest of a decoding step fused (RMSNorm, silu * up, attention for one
- *   token a row, a whole transformer block), so that Python makes one call
- *   where PyTorch's operators took ten or more.
+ *   token a row, all transformer blocks), so that Python makes one call
+ *   where PyTorch's operators took ten or more per block.
  *
  * Layouts (row-major, contiguous):
  *   x: (M, K) fp32 or bf16 (x_bf16), y: (M, N) in the same dtype
@@ -66,12 +66,15 @@ static inline float hsum(vf v) {
 #endif
 
 #define V (32 / W) /* vectors per group of 32 weights */
-#define PREFETCH_ROWS (2 * R) /* read ahead by two tiles: the streams of R rows defeat the hardware's prefetcher */
+/* Read ahead by 4 R K bytes (2 R K for int8): the streams of R rows defeat the
+ * hardware's prefetcher (benchmarks/linear_kernels.py; fp32 one tile ahead, and
+ * both cache lines of its 32 floats, read 7-9% faster than two tiles and one line). */
+#define PREFETCH_ROWS(kind) ((kind) == F32 ? R : 2 * R)
 #define MB 4       /* rows of x per pass over a tile of weights */
 #define INLINE static inline __attribute__((always_inline))
 
 /* Version of this interface; native.py refuses a library of another. */
-int llama_kernels_version(void) { return 1; }
+int llama_kernels_version(void) { return 2; }
 int llama_kernels_vector_width(void) { return W; }
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -125,14 +128,20 @@ INLINE void tile(enum kind kind, int mb, int rr, long m0, long n0, const float *
   for (long g = 0; g < G; g++) {
     for (int r = 0; r < rr; r++) {
       long at = (n0 + r) * K + g * 32;
-      _mm_prefetch((const char *)w + (at + PREFETCH_ROWS * K) * w_size(kind), _MM_HINT_T0);
+      const char *ahead = (const char *)w + (at + PREFETCH_ROWS(kind) * K) * w_size(kind);
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      if (kind == F32) _mm_prefetch(ahead + 64, _MM_HINT_T0); /* 32 floats: two cache lines */
       vf wv[V];
       for (int v = 0; v < V; v++) wv[v] = ld_w(kind, w, at + v * W);
       for (int m = 0; m < mb; m++) {
         const float *xm = x + (m0 + m) * K + g * 32;
-        vf t = vmul(ld_f32(xm), wv[0]);
-        for (int v = 1; v < V; v++) t = vfma(ld_f32(xm + v * W), wv[v], t);
-        acc[m][r] = kind == Q8 ? vfma(t, vset1(s[(n0 + r) * G + g]), acc[m][r]) : vadd(t, acc[m][r]);
+        if (kind == Q8) { /* the group's sum, then times its scale */
+          vf t = vmul(ld_f32(xm), wv[0]);
+          for (int v = 1; v < V; v++) t = vfma(ld_f32(xm + v * W), wv[v], t);
+          acc[m][r] = vfma(t, vset1(s[(n0 + r) * G + g]), acc[m][r]);
+        } else {
+          for (int v = 0; v < V; v++) acc[m][r] = vfma(ld_f32(xm + v * W), wv[v], acc[m][r]);
+        }
       }
     }
   }
@@ -312,7 +321,7 @@ static int linear_of(int kind, const void *x, int x_bf16, const void *w, const f
   return linear(Q8, x, x_bf16, w, s, y, M, N, K, threads);
 }
 
-/* A linear layer's weight as decode_block takes it: kind F32, BF16 or Q8 (then with scales). */
+/* A linear layer's weight as decode_layers takes it: kind F32, BF16 or Q8 (then with scales). */
 struct weight {
   int kind;
   const void *w;
@@ -323,31 +332,42 @@ static void add_into(void *h, const void *d, long n, int bf16) { /* h += d, roun
   for (long i = 0; i < n; i++) store(h, bf16, i, ld1(bf16, h, i) + ld1(bf16, d, i));
 }
 
-/* One transformer block's decoding step (model.TransformerBlock, one token a
- * row, one process: no collective between the matmuls), in place on h (M, dim):
+/* A transformer block's weights and KV cache, as decode_layers takes them. */
+struct block {
+  const void *attention_norm, *ffn_norm;
+  struct weight wqkv, wo, w13, w2;
+  void *cache_k, *cache_v;
+};
+
+/* Transformer blocks' decoding steps (model.TransformerBlock, one token a row,
+ * one process: no collective between the matmuls), in place on h (M, dim),
+ * each block:
  *   h += wo(attention(rope(wqkv(norm(h)))));  h += w2(silu(w13(norm(h))))
- * with the kernels above, so that Python makes one call per layer, not fifteen.
- * Returns 0, or -1 without memory. */
-int decode_block(void *h, const void *attention_norm, const void *ffn_norm, float eps, const struct weight *wqkv,
-                 const struct weight *wo, const struct weight *w13, const struct weight *w2, void *cache_k,
-                 void *cache_v, const float *cos, const float *sin, int per_row, const int64_t *pos, long M, long dim,
-                 long n_q, long n_kv, long hd, long hidden, long max_seq, int bf16, int threads) {
+ * with the kernels above, so that Python makes one call per token, not
+ * fifteen per block. Returns 0, or -1 without memory. */
+int decode_layers(void *h, const struct block *blocks, long n_layers, float eps, const float *cos, const float *sin,
+                  int per_row, const int64_t *pos, long M, long dim, long n_q, long n_kv, long hd, long hidden,
+                  long max_seq, int bf16, int threads) {
   long esize = bf16 ? 2 : 4, n_qkv = (n_q + 2 * n_kv) * hd;
   char *buf = malloc(esize * M * (dim + n_qkv + n_q * hd + 3 * hidden + dim));
   if (!buf) return -1;
   char *normed = buf, *qkv = normed + esize * M * dim, *att = qkv + esize * M * n_qkv;
   char *gate_up = att + esize * M * n_q * hd, *act = gate_up + esize * M * 2 * hidden, *delta = act + esize * M * hidden;
   int err = 0;
-  rms_norm(h, attention_norm, normed, M, dim, eps, bf16, threads);
-  err |= linear_of(wqkv->kind, normed, bf16, wqkv->w, wqkv->scales, qkv, M, n_qkv, dim, threads);
-  err |= decode_attention(qkv, cache_k, cache_v, cos, sin, per_row, pos, att, M, n_q, n_kv, hd, max_seq, bf16, threads);
-  err |= linear_of(wo->kind, att, bf16, wo->w, wo->scales, delta, M, dim, n_q * hd, threads);
-  add_into(h, delta, M * dim, bf16);
-  rms_norm(h, ffn_norm, normed, M, dim, eps, bf16, threads);
-  err |= linear_of(w13->kind, normed, bf16, w13->w, w13->scales, gate_up, M, 2 * hidden, dim, threads);
-  silu_mul(gate_up, act, M, hidden, bf16, threads);
-  err |= linear_of(w2->kind, act, bf16, w2->w, w2->scales, delta, M, dim, hidden, threads);
-  add_into(h, delta, M * dim, bf16);
+  for (long l = 0; l < n_layers && !err; l++) {
+    const struct block *b = blocks + l;
+    rms_norm(h, b->attention_norm, normed, M, dim, eps, bf16, threads);
+    err |= linear_of(b->wqkv.kind, normed, bf16, b->wqkv.w, b->wqkv.scales, qkv, M, n_qkv, dim, threads);
+    err |= decode_attention(qkv, b->cache_k, b->cache_v, cos, sin, per_row, pos, att, M, n_q, n_kv, hd, max_seq, bf16,
+                            threads);
+    err |= linear_of(b->wo.kind, att, bf16, b->wo.w, b->wo.scales, delta, M, dim, n_q * hd, threads);
+    add_into(h, delta, M * dim, bf16);
+    rms_norm(h, b->ffn_norm, normed, M, dim, eps, bf16, threads);
+    err |= linear_of(b->w13.kind, normed, bf16, b->w13.w, b->w13.scales, gate_up, M, 2 * hidden, dim, threads);
+    silu_mul(gate_up, act, M, hidden, bf16, threads);
+    err |= linear_of(b->w2.kind, act, bf16, b->w2.w, b->w2.scales, delta, M, dim, hidden, threads);
+    add_into(h, delta, M * dim, bf16);
+  }
   free(buf);
   return err ? -1 : 0;
 }

@@ -329,9 +329,10 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
     ms at 1 row / 4 rows, ours against PyTorch's: fp32 27 / 34 against
     F.linear's 21 / 42; bf16 15 / 18 against 22 / 50; int8 10 / 16 against
     ATen's per-channel int8 13 / 17; under forced AVX2 (ours built for AVX2)
-    the same within 10%. fp32 at one row is our only loss, and kernels.c's
-    decode_block (one call per block) needs all four matmuls to be ours: on
-    SmolLM2 that saves more than the difference. Elsewhere, PyTorch's kernels:
+    the same within 10%. fp32 at one row was our only loss (since then
+    kernels.c's prefetch reads both cache lines of 32 floats: as fast as
+    MKL), and kernels.c's decode_layers (one call per token) needs all
+    matmuls to be ours. Elsewhere, PyTorch's kernels:
     * fp32: F.linear (MKL). At batch 1 it was 7-28% faster than oneDNN's
       packed fp32 under forced AVX2, and 45 against 63 ms/token on SmolLM2.
     * bf16: oneDNN packed on AVX-512 (native bf16 dot products, or emulated
@@ -385,7 +386,7 @@ def describe_matmuls(model: nn.Module) -> str:
 
 def native_weight(layer: nn.Module) -> Optional[tuple]:
     """(weight, scales or None) of a KernelLinear that runs our kernels, for
-    native.decode_block; None for any other layer."""
+    native.decode_layers; None for any other layer."""
     if isinstance(layer, KernelLinear) and isinstance(layer.matmul, NativeMatmul):
         return layer.matmul.weight, layer.matmul.scales
     return None

@@ -36,7 +36,7 @@ import torch
 logger = logging.getLogger("llama")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-VERSION = 1  # kernels.c's llama_kernels_version()
+VERSION = 2  # kernels.c's llama_kernels_version()
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so that
 # the elementwise kernels round as PyTorch does (the matmuls use FMA explicitly).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -89,8 +89,15 @@ def _build(cc: str, out: Path) -> None:
 
 
 class _Weight(ctypes.Structure):
-    """kernels.c's struct weight: a linear layer's weight for decode_block."""
+    """kernels.c's struct weight: a linear layer's weight for decode_layers."""
     _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
+class _Block(ctypes.Structure):
+    """kernels.c's struct block: a transformer block's weights and KV cache."""
+    _fields_ = [("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p), ("wqkv", _Weight),
+                ("wo", _Weight), ("w13", _Weight), ("w2", _Weight), ("cache_k", ctypes.c_void_p),
+                ("cache_v", ctypes.c_void_p)]
 
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.c's enum kind
@@ -104,10 +111,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rms_norm.argtypes = [p, p, p, n, n, ctypes.c_float, i, i]
     lib.silu_mul.argtypes = [p, p, n, n, i, i]
     lib.decode_attention.argtypes = [p, p, p, p, p, i, p, p, n, n, n, n, n, i, i]
-    w = ctypes.POINTER(_Weight)
-    lib.decode_block.argtypes = [p, p, p, ctypes.c_float, w, w, w, w, p, p, p, p, i, p, n, n, n, n, n, n, n, i, i]
+    lib.decode_layers.argtypes = [p, ctypes.POINTER(_Block), n, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
     lib.rms_norm.restype = lib.silu_mul.restype = None
-    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_block,
+    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers,
               lib.llama_kernels_version, lib.llama_kernels_vector_width):
         f.restype = i
 
@@ -234,38 +240,57 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
 
 
 class BlockWeights:
-    """A block's four linear layers (wqkv, wo, w13, w2) as decode_block takes
-    them: `linears` = (weight, scales or None) as NativeMatmul holds them,
-    shapes checked and structs made once, not at every decoding step. Holds
-    the tensors, so that the structs' pointers stay valid."""
+    """A transformer block as decode_layers takes it: its four linear layers
+    (wqkv, wo, w13, w2) as `linears` = (weight, scales or None) as
+    NativeMatmul holds them, its two norms' weights and its KV cache. Shapes
+    checked and the struct made once, not at every decoding step; holds the
+    tensors, so that the struct's pointers stay valid."""
 
-    def __init__(self, linears, dim: int, n_q: int, n_kv: int, head_dim: int):
-        self.hidden = linears[3][0].shape[1]
-        shapes = [((n_q + 2 * n_kv) * head_dim, dim), (dim, n_q * head_dim), (2 * self.hidden, dim), (dim, self.hidden)]
+    def __init__(self, linears, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
+                 cache_k: torch.Tensor, cache_v: torch.Tensor, n_q: int, n_kv: int):
+        dim, head_dim = ffn_norm.shape[0], cache_k.shape[-1]
+        hidden = linears[3][0].shape[1]
+        shapes = [((n_q + 2 * n_kv) * head_dim, dim), (dim, n_q * head_dim), (2 * hidden, dim), (dim, hidden)]
         if [tuple(w.shape) for w, _ in linears] != shapes:
-            raise ValueError(f"decode_block: weights {[tuple(w.shape) for w, _ in linears]}, expected {shapes}")
-        self.linears = linears
-        self.structs = [_Weight(KINDS[w.dtype], w.data_ptr(), None if s is None else s.data_ptr()) for w, s in linears]
-        self.refs = [ctypes.byref(w) for w in self.structs]
+            raise ValueError(f"decode_layers: weights {[tuple(w.shape) for w, _ in linears]}, expected {shapes}")
+        # What every block of one decode_layers call must share:
+        self.shape = (attention_norm.dtype, eps, dim, n_q, n_kv, hidden, tuple(cache_k.shape))
+        self.tensors = (linears, attention_norm, ffn_norm, cache_k, cache_v)
+        self.struct = _Block(attention_norm.data_ptr(), ffn_norm.data_ptr(),
+                             *[_Weight(KINDS[w.dtype], w.data_ptr(), None if s is None else s.data_ptr())
+                               for w, s in linears], cache_k.data_ptr(), cache_v.data_ptr())
 
 
-def decode_block(h: torch.Tensor, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
-                 weights: BlockWeights, cache_k: torch.Tensor, cache_v: torch.Tensor, cos: torch.Tensor,
-                 sin: torch.Tensor, pos: torch.Tensor, n_q: int, n_kv: int) -> torch.Tensor:
-    """model.TransformerBlock's decoding step in one call, for one process (no
-    collective inside the block): the norms, the linear layers' `weights`, and
-    decode_attention's arguments. Returns the block's output (bs, 1, dim)."""
+class Layers:
+    """Consecutive blocks (BlockWeights of the same shapes) for one decode_layers call."""
+
+    def __init__(self, blocks):
+        if not blocks or any(b.shape != blocks[0].shape for b in blocks):
+            raise ValueError("decode_layers: the blocks differ in dtype, eps or shape")
+        self.blocks = list(blocks)
+        self.structs = (_Block * len(blocks))(*[b.struct for b in blocks])
+        self.dtype, self.eps, self.dim, self.n_q, self.n_kv, self.hidden, self.cache_shape = blocks[0].shape
+
+
+def decode_layers(h: torch.Tensor, layers: Layers, cos: torch.Tensor, sin: torch.Tensor,
+                  pos: torch.Tensor) -> torch.Tensor:
+    """model.TransformerBlock's decoding step for every block of `layers` in
+    one call, for one process (no collective inside a block). h (bs, 1, dim)
+    in the blocks' dtype; cos, sin and pos as decode_attention takes them.
+    Returns the last block's output (bs, 1, dim)."""
     bsz, dim = h.shape[0], h.shape[-1]
-    if bsz > cache_k.shape[0]:
-        raise ValueError(f"{bsz} rows, but the KV cache holds {cache_k.shape[0]}")
+    rows, _, max_seq, head_dim = layers.cache_shape
+    if bsz > rows:
+        raise ValueError(f"{bsz} rows, but the KV cache holds {rows}")
+    if h.dtype != layers.dtype or dim != layers.dim:
+        raise TypeError(f"decode_layers: h is {h.dtype} (..., {dim}), the blocks take {layers.dtype} (..., {layers.dim})")
     out = h.contiguous().clone()
     pos = pos.reshape(bsz).contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
-    err = library().decode_block(
-        out.data_ptr(), attention_norm.data_ptr(), ffn_norm.data_ptr(), eps, *weights.refs,
-        cache_k.data_ptr(), cache_v.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(cos.shape[0] > 1), pos.data_ptr(),
-        bsz, dim, n_q, n_kv, cache_k.shape[-1], weights.hidden, cache_k.shape[2], int(h.dtype == torch.bfloat16),
-        torch.get_num_threads())
+    err = library().decode_layers(
+        out.data_ptr(), layers.structs, len(layers.blocks), layers.eps, cos.data_ptr(), sin.data_ptr(),
+        int(cos.shape[0] > 1), pos.data_ptr(), bsz, dim, layers.n_q, layers.n_kv, head_dim, layers.hidden, max_seq,
+        int(h.dtype == torch.bfloat16), torch.get_num_threads())
     if err:
         raise MemoryError(f"no memory for a decoding step of {bsz} rows")
     return out

@@ -191,13 +191,13 @@ def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, sha
     kw = dict(max_seq_len=64, max_batch_size=3, device="cpu", dtype=dtype)
     build = lambda: Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)  # noqa: E731
     whole, ops, theirs = build(), build(), _without_native(monkeypatch, build)
-    for block in ops.model.layers:  # as under model parallelism: fused pieces, not decode_block
+    for block in ops.model.layers:  # as under model parallelism: fused pieces, not decode_layers
         block.alone = False
     assert native.fused(torch.zeros(1, dtype=getattr(torch, dtype)))
-    assert all(block._native_weights(getattr(torch, dtype)) for block in whole.model.layers)
+    assert all(block.native_weights(getattr(torch, dtype)) for block in whole.model.layers)
     block = build().model.layers[0]  # the decision follows a swapped matmul
     block.feed_forward.w2.matmul = PlainMatmul(block.feed_forward.w2.matmul.weight)
-    assert block._native_weights(getattr(torch, dtype)) is None
+    assert block.native_weights(getattr(torch, dtype)) is None
     lens = [5, 9, 2]
     seqs = [torch.randint(3, 500, (n + 3,), generator=torch.Generator().manual_seed(n)) for n in lens]
     gens = (whole, ops, theirs)
