@@ -35,7 +35,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from . import native
+from . import huge_pages, native
 from .collectives import all_gather_last_dim, all_reduce
 
 # int4 (Int4Matmul) is not offered: on SmolLM2-135M its top-1 agreement with
@@ -375,7 +375,36 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
                 setattr(module, child_name, KernelLinear(child, choose_matmul(child.weight.data, quantize)))
             elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
                 setattr(module, child_name, KernelEmbedding(child))
+    _weights_on_huge_pages(model)
     return model
+
+
+TRIM_BYTES = 256 << 20
+
+
+def _weights_on_huge_pages(model: nn.Module) -> None:
+    """Moves the weights our kernels stream (NativeMatmuls' weights and scales)
+    into one huge_pages.HugePageArena, in the model's order, which is the
+    order decoding reads them. One at a time: each original is freed as its
+    copy replaces it (unless something else holds it, such as the mapped
+    checkpoint file's pages, which the kernel can drop), and freed memory is
+    returned to the system every TRIM_BYTES, so that the weights are not held
+    twice."""
+    held = [(m, name) for m in model.modules() if isinstance(m, NativeMatmul)
+            for name in ("weight", "scales") if getattr(m, name) is not None]
+    arena = huge_pages.gather([getattr(m, name) for m, name in held])
+    if arena is None:
+        return
+    since_trim = 0
+    for m, name in held:
+        original = getattr(m, name).data
+        since_trim += original.numel() * original.element_size()
+        setattr(m, name, nn.Parameter(arena.copy(original), requires_grad=False))
+        del original
+        if since_trim >= TRIM_BYTES:
+            huge_pages.return_freed_memory()
+            since_trim = 0
+    huge_pages.return_freed_memory()
 
 
 def describe_matmuls(model: nn.Module) -> str:

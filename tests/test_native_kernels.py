@@ -217,3 +217,35 @@ def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, sha
         for a, b in zip(gen.model.layers, theirs.model.layers):
             torch.testing.assert_close(a.attention.cache_k, b.attention.cache_k, **tol)
             torch.testing.assert_close(a.attention.cache_v, b.attention.cache_v, **tol)
+
+
+@needs_native
+def test_a_decoding_step_is_one_native_call_for_all_blocks(make_ckpt, monkeypatch):
+    """One process: each decoded token runs every block in one decode_layers
+    call (not one call per block, not PyTorch's operators); blocks that
+    cannot be run together are refused with the reason."""
+    ckpt = make_ckpt("llama3")
+    gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=1, device="cpu",
+                      dtype="float32")
+    calls = []
+    real = native.decode_layers
+    monkeypatch.setattr(native, "decode_layers", lambda h, layers, *a: calls.append(len(layers.blocks)) or real(h, layers, *a))
+    gen.tokenizer.stop_tokens = frozenset()  # every run decodes its full length
+    gen.generate([[128000, 1000, 2000]], max_gen_len=6, temperature=0)
+    assert calls == [len(gen.model.layers)] * 5  # the first token comes from the prefill
+    blocks = [layer.native_weights(torch.float32) for layer in gen.model.layers]
+    assert native.Layers(blocks).blocks == blocks
+    with pytest.raises(ValueError, match="differ"):
+        native.Layers([blocks[0], gen.model.layers[1].native_weights(torch.bfloat16) or _bf16_block(blocks[1])])
+    with pytest.raises(ValueError, match="differ"):
+        native.Layers([])
+    with pytest.raises(TypeError, match="bfloat16"):
+        native.decode_layers(torch.zeros(1, 1, gen.model.params.dim, dtype=torch.bfloat16), native.Layers(blocks),
+                             *[None] * 3)
+
+
+def _bf16_block(block: native.BlockWeights) -> native.BlockWeights:
+    """`block` with bf16 norms: a block of another dtype."""
+    linears, attention_norm, ffn_norm, cache_k, cache_v = block.tensors
+    _, eps, _, n_q, n_kv, _, _ = block.shape
+    return native.BlockWeights(linears, attention_norm.bfloat16(), ffn_norm.bfloat16(), eps, cache_k, cache_v, n_q, n_kv)
