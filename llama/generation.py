@@ -182,7 +182,7 @@ class Llama:
             model = Transformer(args, embedding_layout=layout, layers=layers)
         model.load_state_dict(state, strict=True, assign=True)
         del state
-        use_kernels(model, quantize)
+        use_kernels(model, quantize, device=dist_info.device)
         if load_device != dist_info.device:
             model.to(dist_info.device)
         model.setup_caches(dist_info.device, torch_dtype)

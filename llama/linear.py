@@ -317,9 +317,11 @@ class KernelLinear(nn.Module):
 
 
 def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
-                  cpu: Optional[CpuCapability] = None) -> nn.Module:
+                  cpu: Optional[CpuCapability] = None, device: Optional[torch.device] = None) -> nn.Module:
     """The fastest matmul for this weight, by its dtype, the quantization and
-    the CPU's capability (`cpu`, default this process's cpu_capability()).
+    the CPU's capability (`cpu`, default this process's cpu_capability()),
+    for the device the model will run on (`device`, default the weight's: an
+    int8 model for a GPU is quantized on the CPU, then moved).
 
     On x86 CPUs with AVX2+FMA or AVX-512, wherever llama/kernels.c builds
     (native.supports): NativeMatmul for fp32, bf16 and int8 (group-wise, 32
@@ -345,7 +347,7 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
-    if weight.device.type != "cpu":
+    if (device or weight.device).type != "cpu":
         return Int8Matmul(weight) if quantize == "int8" else PlainMatmul(weight)
     cpu = cpu or cpu_capability()
     if cpu.isa in ("AVX2", "AVX512") and weight.dtype in (torch.float32, torch.bfloat16) and native.supports(weight):
@@ -357,8 +359,9 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
     return PlainMatmul(weight)
 
 
-def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
-    """Gives every fairscale parallel linear layer of `model` a faster matmul, in place.
+def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Optional[torch.device] = None) -> nn.Module:
+    """Gives every fairscale parallel linear layer of `model` a faster matmul, in place,
+    for the device it will run on (`device`, default where its weights are).
 
     Each matmul is choose_matmul's for this CPU (oneDNN's prepacked linear or
     F.linear); with quantize="int8", weight-only int8 on any device. Only
@@ -372,7 +375,7 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None) -> nn.Module:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                setattr(module, child_name, KernelLinear(child, choose_matmul(child.weight.data, quantize)))
+                setattr(module, child_name, KernelLinear(child, choose_matmul(child.weight.data, quantize, device=device)))
             elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
                 setattr(module, child_name, KernelEmbedding(child))
     _weights_on_huge_pages(model)

@@ -50,6 +50,27 @@ def test_gpu_int8_matmul_computes_in_the_activation_dtype(dtype, tol):
     torch.testing.assert_close(y.float(), reference, atol=tol * reference.abs().max().item(), rtol=tol)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_model_bound_for_a_gpu_gets_gpu_matmuls_though_its_weights_are_on_the_cpu(make_ckpt, quantize):
+    """int8 is quantized on the CPU, then the model moves to the GPU: none of
+    our CPU kernels (NativeMatmul) may be chosen for it, nor an arena of CPU
+    memory be made for them."""
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
+
+    from conftest import build_tiny
+    from llama.linear import KernelLinear, NativeMatmul, PlainMatmul, choose_matmul, use_kernels
+
+    build_tiny(make_ckpt("llama3"))  # sets up the (one-process) model-parallel group the layers need
+    assert type(choose_matmul(torch.randn(32, 64), quantize, device=torch.device("cuda"))) is not NativeMatmul
+    with torch.device("meta"):
+        model = torch.nn.Sequential(ColumnParallelLinear(64, 32, bias=False, gather_output=False))
+    model[0].weight = torch.nn.Parameter(torch.randn(32, 64), requires_grad=False)
+    use_kernels(model, quantize, device=torch.device("cuda"))
+    assert isinstance(model[0], KernelLinear)
+    assert type(model[0].matmul) is (Int8Matmul if quantize else PlainMatmul)
+    assert not any(isinstance(m, NativeMatmul) for m in model.modules())
+
+
 def test_check_gpu_refuses_without_cuda():
     r = subprocess.run([sys.executable, "utils/check_gpu.py"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
