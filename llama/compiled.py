@@ -25,8 +25,8 @@ Where our own kernels run (llama/native.py: x86 with AVX2 or AVX-512 and a C
 compiler), eager decoding is faster than this: a token's blocks are one call of
 hand-written code there, while the compiled graph calls them as opaque
 operators between its own kernels (SmolLM2-135M, 2 threads, idle AVX-512
-Xeon, benchmarks/peer_benchmark.py --compile: 29 against 41 ms/token in
-fp32, 18 against 29 in bf16). compile_decode then says so in a warning and
+Xeon, benchmarks/peer_benchmark.py --compile: 27 against 46 ms/token in
+fp32, 17 against 35 in bf16). compile_decode then says so in a warning and
 compiles anyway, as asked.
 """
 
