@@ -252,7 +252,16 @@ class InterruptedGenerator(ScriptedGenerator):
             InterruptedGenerator.closed = True
 
 
-def test_ctrl_c_stops_the_answer_closes_the_stream_and_the_chat_goes_on(fmt):
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT as at an interactive prompt, even where the tests run in the
+    background (there it starts ignored); restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_stops_the_answer_closes_the_stream_and_the_chat_goes_on(fmt, interactive_sigint):
     gen = InterruptedGenerator(fmt, [ids(fmt, "one two three four five six seven", EOT), ids(fmt, "Fine.", EOT)])
     out = []
     chat = ChatSession(gen, out.append)

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,9 @@ UP = b"\x1b[A"
 
 def _controlling_terminal():
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # stdin (the pty) becomes this new session's terminal
+    # Ctrl-C as a shell's foreground job gets it, even where the tests run in
+    # the background (there SIGINT is ignored, and ignoring is inherited).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Chat:
