@@ -314,20 +314,20 @@ int decode_attention(const void *qkv, void *cache_k, void *cache_v, const float 
   return failed ? -1 : 0;
 }
 
-/* The matmuls above by the weight's kind, given at run time. */
-static int linear_of(int kind, const void *x, int x_bf16, const void *w, const float *s, void *y, long M, long N,
-                     long K, int threads) {
-  if (kind == F32) return linear(F32, x, x_bf16, w, s, y, M, N, K, threads);
-  if (kind == BF16) return linear(BF16, x, x_bf16, w, s, y, M, N, K, threads);
-  return linear(Q8, x, x_bf16, w, s, y, M, N, K, threads);
-}
-
 /* A linear layer's weight as decode_layers takes it: kind F32, BF16 or Q8 (then with scales). */
 struct weight {
   int kind;
   const void *w;
   const float *scales;
 };
+
+/* y = x @ W^T by the matmuls above, for a weight whose kind is known at run time. */
+static int linear_by(const struct weight *wt, const void *x, int x_bf16, void *y, long M, long N, long K,
+                     int threads) {
+  if (wt->kind == F32) return linear(F32, x, x_bf16, wt->w, NULL, y, M, N, K, threads);
+  if (wt->kind == BF16) return linear(BF16, x, x_bf16, wt->w, NULL, y, M, N, K, threads);
+  return linear(Q8, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
+}
 
 static void add_into(void *h, const void *d, long n, int bf16) { /* h += d, rounded as PyTorch's add */
   for (long i = 0; i < n; i++) store(h, bf16, i, ld1(bf16, h, i) + ld1(bf16, d, i));
@@ -358,15 +358,15 @@ int decode_layers(void *h, const struct block *blocks, long n_layers, float eps,
   for (long l = 0; l < n_layers && !err; l++) {
     const struct block *b = blocks + l;
     rms_norm(h, b->attention_norm, normed, M, dim, eps, bf16, threads);
-    err |= linear_of(b->wqkv.kind, normed, bf16, b->wqkv.w, b->wqkv.scales, qkv, M, n_qkv, dim, threads);
+    err |= linear_by(&b->wqkv, normed, bf16, qkv, M, n_qkv, dim, threads);
     err |= decode_attention(qkv, b->cache_k, b->cache_v, cos, sin, per_row, pos, att, M, n_q, n_kv, hd, max_seq, bf16,
                             threads);
-    err |= linear_of(b->wo.kind, att, bf16, b->wo.w, b->wo.scales, delta, M, dim, n_q * hd, threads);
+    err |= linear_by(&b->wo, att, bf16, delta, M, dim, n_q * hd, threads);
     add_into(h, delta, M * dim, bf16);
     rms_norm(h, b->ffn_norm, normed, M, dim, eps, bf16, threads);
-    err |= linear_of(b->w13.kind, normed, bf16, b->w13.w, b->w13.scales, gate_up, M, 2 * hidden, dim, threads);
+    err |= linear_by(&b->w13, normed, bf16, gate_up, M, 2 * hidden, dim, threads);
     silu_mul(gate_up, act, M, hidden, bf16, threads);
-    err |= linear_of(b->w2.kind, act, bf16, b->w2.w, b->w2.scales, delta, M, dim, hidden, threads);
+    err |= linear_by(&b->w2, act, bf16, delta, M, dim, hidden, threads);
     add_into(h, delta, M * dim, bf16);
   }
   free(buf);

@@ -214,6 +214,16 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _step_positions(cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, bsz: int, cache_rows: int):
+    """A decoding step's RoPE table and positions as kernels.c takes them:
+    (cos, sin, per_row, pos (bsz,)) contiguous; per_row is 1 where cos has
+    a row per batch row. Positions are checked by the caller
+    (Transformer._inputs_at), the number of rows here."""
+    if bsz > cache_rows:
+        raise ValueError(f"{bsz} rows, but the KV cache holds {cache_rows}")
+    return cos.contiguous(), sin.contiguous(), int(cos.shape[0] > 1), pos.reshape(bsz).contiguous()
+
+
 def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, pos: torch.Tensor, n_q: int, n_kv: int) -> torch.Tensor:
     """model.Attention's decoding step in one call: RoPE on q and k, k and v
@@ -225,13 +235,10 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
     gives them at the rows' positions; pos (bs, 1) int64. Returns (bs, 1, n_q, hd).
     """
     bsz, hd = qkv.shape[0], qkv.shape[-1]
-    if bsz > cache_k.shape[0]:  # positions are checked by the caller (Transformer._inputs_at)
-        raise ValueError(f"{bsz} rows, but the KV cache holds {cache_k.shape[0]}")
-    pos = pos.reshape(bsz).contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin, per_row, pos = _step_positions(cos, sin, pos, bsz, cache_k.shape[0])
     out = qkv.new_empty(bsz, 1, n_q, hd)
     err = library().decode_attention(
-        qkv.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cos.data_ptr(), sin.data_ptr(), int(cos.shape[0] > 1),
+        qkv.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cos.data_ptr(), sin.data_ptr(), per_row,
         pos.data_ptr(), out.data_ptr(), bsz, n_q, n_kv, hd, cache_k.shape[2], int(qkv.dtype == torch.bfloat16),
         torch.get_num_threads())
     if err:
@@ -280,16 +287,13 @@ def decode_layers(h: torch.Tensor, layers: Layers, cos: torch.Tensor, sin: torch
     Returns the last block's output (bs, 1, dim)."""
     bsz, dim = h.shape[0], h.shape[-1]
     rows, _, max_seq, head_dim = layers.cache_shape
-    if bsz > rows:
-        raise ValueError(f"{bsz} rows, but the KV cache holds {rows}")
     if h.dtype != layers.dtype or dim != layers.dim:
         raise TypeError(f"decode_layers: h is {h.dtype} (..., {dim}), the blocks take {layers.dtype} (..., {layers.dim})")
+    cos, sin, per_row, pos = _step_positions(cos, sin, pos, bsz, rows)
     out = h.contiguous().clone()
-    pos = pos.reshape(bsz).contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
     err = library().decode_layers(
-        out.data_ptr(), layers.structs, len(layers.blocks), layers.eps, cos.data_ptr(), sin.data_ptr(),
-        int(cos.shape[0] > 1), pos.data_ptr(), bsz, dim, layers.n_q, layers.n_kv, head_dim, layers.hidden, max_seq,
+        out.data_ptr(), layers.structs, len(layers.blocks), layers.eps, cos.data_ptr(), sin.data_ptr(), per_row,
+        pos.data_ptr(), bsz, dim, layers.n_q, layers.n_kv, head_dim, layers.hidden, max_seq,
         int(h.dtype == torch.bfloat16), torch.get_num_threads())
     if err:
         raise MemoryError(f"no memory for a decoding step of {bsz} rows")
