@@ -5,7 +5,9 @@
  *   token, so its speed is the memory bandwidth a kernel reaches. PyTorch has
  *   no kernel that reads bf16 or group-wise int8 weights with fp32
  *   arithmetic at that speed on CPUs without native bf16 (README, Speed):
- *   these do what llama.cpp does, widening each weight to fp32 in registers.
+ *   these do what llama.cpp does, widening each weight to fp32 in registers;
+ *   int8 weights meet activations quantized to int8 (Q8_0) in int8 dot
+ *   products where the CPU has them (tile_q8).
  * - The rest of a decoding step fused (RMSNorm, silu * up, attention for one
  *   token a row, all transformer blocks), so that Python makes one call
  *   where PyTorch's operators took ten or more per block.
@@ -14,13 +16,15 @@
  *   x: (M, K) fp32 or bf16 (x_bf16), y: (M, N) in the same dtype
  *   bf16 weights: w (N, K) as uint16
  *   int8 weights: w (N, K) int8 and scales (N, K / 32) fp32, W[n, k] = w[n, k] * scales[n, k / 32]
- * K must be a multiple of 32. Sums are in fp32.
+ * K must be a multiple of 32. Sums are in fp32 (int8 dot products: exact in int32 per group).
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
 
 #if defined(__AVX512F__)
 #define W 16 /* floats per vector */
@@ -39,6 +43,36 @@ static inline vf ld_bf16(const uint16_t *p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+#if defined(__AVX512VNNI__)
+/* int8 dot products (see tile_q8): 64 bytes, two groups of 32, a vector; vpdpbusd
+ * multiplies unsigned by signed bytes, so each weight is read as w + 128 (w ^ 0x80)
+ * and each group's sum starts at -128 sum(xq), in its first lane (c). */
+#define QB 64
+typedef __m512i vi;
+INLINE vi q_ld_w(const int8_t *w, int whole) {
+  __m512i v = whole ? _mm512_loadu_si512(w) : _mm512_maskz_loadu_epi8(0xffffffffULL, w);
+  return _mm512_xor_si512(v, _mm512_set1_epi8((char)0x80));
+}
+INLINE vi q_dot(vi w, const int8_t *q, const int32_t *c) {
+  return _mm512_dpbusd_epi32(_mm512_load_si512(c), w, _mm512_load_si512(q));
+}
+INLINE vf q_w_scales(const float *s, int whole) { /* each group's scale over its 8 lanes */
+  return whole ? _mm512_insertf32x8(_mm512_set1_ps(s[0]), _mm256_set1_ps(s[1]), 1)
+               : _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(s[0]));
+}
+INLINE vf q_cvt(vi v) { return _mm512_cvtepi32_ps(v); }
+INLINE float q_group(const float *x, int8_t *q, int *sum) {
+  __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16), sign = _mm512_set1_ps(-0.0f);
+  float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
+  __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+  __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+  _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qa));
+  _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qb));
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  int nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+  return nan ? NAN : amax / 127.0f; /* a NaN in x stays NaN in y */
+}
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #define W 8
 #define R 2 /* 16 vector registers: fewer accumulators */
@@ -61,6 +95,38 @@ static inline float hsum(vf v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+/* int8 dot products (see tile_q8): 32 bytes, one group, a vector; vpmaddubsw
+ * multiplies unsigned by signed bytes into saturating int16 pairs, so it takes
+ * |xq| and w with xq's sign (llama.cpp's trick: no pair passes 2 * 127 * 127). */
+#define QB 32
+typedef __m256i vi;
+INLINE vi q_ld_w(const int8_t *w, int whole) {
+  (void)whole;
+  return _mm256_loadu_si256((const __m256i *)w);
+}
+INLINE vi q_dot(vi w, const int8_t *q, const int32_t *c) {
+  (void)c;
+  __m256i xq = _mm256_load_si256((const __m256i *)q);
+  __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(xq), _mm256_sign_epi8(w, xq));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+INLINE vf q_w_scales(const float *s, int whole) {
+  (void)whole;
+  return _mm256_set1_ps(s[0]);
+}
+INLINE vf q_cvt(vi v) { return _mm256_cvtepi32_ps(v); }
+INLINE float q_group(const float *x, int8_t *q, int *sum) {
+  float amax = 0;
+  int nan = 0;
+  for (int i = 0; i < 32; i++) {
+    amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    nan |= x[i] != x[i];
+  }
+  float inv = amax > 0 && !nan ? 127.0f / amax : 0.0f;
+  *sum = 0;
+  for (int i = 0; i < 32; i++) *sum += q[i] = (int8_t)lrintf(x[i] * inv);
+  return nan ? NAN : amax / 127.0f; /* a NaN in x stays NaN in y */
+}
 #else
 #error "llama/kernels.c needs AVX2 with FMA, or AVX-512"
 #endif
@@ -72,11 +138,17 @@ static inline float hsum(vf v) {
  * line (2 threads, AVX-512 Xeon); bf16 and int8 were level either way. */
 #define PREFETCH_ROWS(kind) ((kind) == F32 ? R : 2 * R)
 #define MB 4       /* rows of x per pass over a tile of weights */
-#define INLINE static inline __attribute__((always_inline))
 
 /* Version of this interface; native.py refuses a library of another. */
-int llama_kernels_version(void) { return 2; }
+int llama_kernels_version(void) { return 3; }
 int llama_kernels_vector_width(void) { return W; }
+int llama_kernels_int8_dot(void) { /* 1: int8 weights by int8 dot products (tile_q8), 0: widened to fp32 */
+#ifdef QB
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 static inline float bf16_to_f32(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
@@ -150,6 +222,80 @@ INLINE void tile(enum kind kind, int mb, int rr, long m0, long n0, const float *
     for (int r = 0; r < rr; r++) store(y, y_bf16, (m0 + m) * N + n0 + r, hsum(acc[m][r]));
 }
 
+/* int8 weights by int8 dot products, where the CPU has them (QB: AVX-512 VNNI,
+ * or AVX2). Widening each weight to fp32 took four instructions per 16 weights
+ * and made int8 decoding compute-bound; a dot product instruction takes 32 or
+ * 64 bytes. x is quantized as llama.cpp's Q8_0 does for the same products: per
+ * row and group of 32, sx = max|x| / 127 and xq = round(x / sx); then
+ * y[n] = sum over groups of sx * scale[n] * (xq . w[n]), the dot exact in int32.
+ * Laid out per row and vector of QB bytes (QB / 32 groups, an odd last group
+ * paired with zeros): q the xq; c -128 sum(xq) of each group in its first
+ * int32 lane (for vpdpbusd, see q_dot); s each group's sx over its lanes. */
+struct qx {
+  int8_t *q;
+  int32_t *c;
+  float *s;
+  long vecs; /* per row */
+};
+
+#ifdef QB
+#define QG (QB / 32) /* groups per vector */
+static int quantize_x(const float *x, long M, long K, struct qx *qx) {
+  long G = K / 32, V8 = (G + QG - 1) / QG, n = M * V8;
+  long size = (n * (QB + 8 * W) + 63) / 64 * 64;
+  char *buf = aligned_alloc(64, size);
+  if (!buf) return -1;
+  memset(buf, 0, size);
+  *qx = (struct qx){(int8_t *)buf, (int32_t *)(buf + n * QB), (float *)(buf + n * (QB + 4 * W)), V8};
+  for (long m = 0; m < M; m++)
+    for (long g = 0; g < G; g++) {
+      long v = m * V8 + g / QG, lane = v * W + (g % QG) * (W / QG);
+      int sum;
+      float sx = q_group(x + m * K + g * 32, qx->q + v * QB + (g % QG) * 32, &sum);
+      qx->c[lane] = -128 * sum;
+      for (int l = 0; l < W / QG; l++) qx->s[lane + l] = sx;
+    }
+  return 0;
+}
+
+/* tile() for int8 weights by int8 dot products, a vector of QB weights at a time. */
+INLINE void tile_q8(int mb, int rr, long m0, long n0, const struct qx *qx, const int8_t *w, const float *s, void *y,
+                    int y_bf16, long N, long K) {
+  long G = K / 32;
+  vf acc[MB][R];
+  for (int m = 0; m < mb; m++)
+    for (int r = 0; r < rr; r++) acc[m][r] = vzero();
+  for (long p = 0; p < qx->vecs; p++) {
+    int whole = (p + 1) * QG <= G;
+    for (int r = 0; r < rr; r++) {
+      long at = (n0 + r) * K + p * QB;
+      _mm_prefetch((const char *)(w + at + PREFETCH_ROWS(Q8) * K), _MM_HINT_T0);
+      vi wv = q_ld_w(w + at, whole);
+      vf sw = q_w_scales(s + (n0 + r) * G + p * QG, whole);
+      for (int m = 0; m < mb; m++) {
+        long v = (m0 + m) * qx->vecs + p;
+        vf d = q_cvt(q_dot(wv, qx->q + v * QB, qx->c + v * W));
+        acc[m][r] = vfma(d, vmul(sw, ld_f32(qx->s + v * W)), acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < mb; m++)
+    for (int r = 0; r < rr; r++) store(y, y_bf16, (m0 + m) * N + n0 + r, hsum(acc[m][r]));
+}
+#endif
+
+INLINE void run_tile(enum kind kind, int mb, int rr, long m0, long n0, const float *x, const struct qx *qx,
+                     const void *w, const float *s, void *y, int y_bf16, long N, long K) {
+#ifdef QB
+  if (kind == Q8) {
+    tile_q8(mb, rr, m0, n0, qx, w, s, y, y_bf16, N, K);
+    return;
+  }
+#endif
+  (void)qx;
+  tile(kind, mb, rr, m0, n0, x, w, s, y, y_bf16, N, K);
+}
+
 /* y = x @ W^T over tiles of R weight rows split among threads, MB rows of x at a
  * time. Full tiles run at constant sizes, so that the accumulators live in
  * registers; the last, partial tile one row at a time. Returns 0, or -1 if
@@ -159,6 +305,13 @@ INLINE int linear(enum kind kind, const void *x, int x_bf16, const void *w, cons
   float *owned;
   const float *xf = x_as_f32(x, x_bf16, M * K, &owned);
   if (!xf) return -1;
+  struct qx qx = {0};
+#ifdef QB
+  if (kind == Q8 && quantize_x(xf, M, K, &qx)) {
+    free(owned);
+    return -1;
+  }
+#endif
   long tiles = (N + R - 1) / R;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long t = 0; t < tiles; t++) {
@@ -167,19 +320,20 @@ INLINE int linear(enum kind kind, const void *x, int x_bf16, const void *w, cons
       int mb = M - m0 < MB ? (int)(M - m0) : MB;
       if (N - n0 < R) {
         for (long r = 0; r < N - n0; r++)
-          for (long m = 0; m < mb; m++) tile(kind, 1, 1, m0 + m, n0 + r, xf, w, s, y, x_bf16, N, K);
+          for (long m = 0; m < mb; m++) run_tile(kind, 1, 1, m0 + m, n0 + r, xf, &qx, w, s, y, x_bf16, N, K);
       } else if (mb == 1) {
-        tile(kind, 1, R, m0, n0, xf, w, s, y, x_bf16, N, K);
+        run_tile(kind, 1, R, m0, n0, xf, &qx, w, s, y, x_bf16, N, K);
       } else if (mb == 2) {
-        tile(kind, 2, R, m0, n0, xf, w, s, y, x_bf16, N, K);
+        run_tile(kind, 2, R, m0, n0, xf, &qx, w, s, y, x_bf16, N, K);
       } else if (mb == 3) {
-        tile(kind, 3, R, m0, n0, xf, w, s, y, x_bf16, N, K);
+        run_tile(kind, 3, R, m0, n0, xf, &qx, w, s, y, x_bf16, N, K);
       } else {
-        tile(kind, MB, R, m0, n0, xf, w, s, y, x_bf16, N, K);
+        run_tile(kind, MB, R, m0, n0, xf, &qx, w, s, y, x_bf16, N, K);
       }
     }
   }
   free(owned);
+  free(qx.q);
   return 0;
 }
 

@@ -9,8 +9,10 @@ reaches, and which kernel reaches most depends on the instruction set:
 with AVX2 or AVX-512; else `F.linear` for fp32, oneDNN's prepacked linear for
 bf16 on AVX-512, per-channel weight-only int8 with bf16 activations; the
 measurements are in its docstring and benchmarks/linear_kernels.py).
-Int8DynamicMatmul (int8 x int8, VNNI) and Int4Matmul (group-wise 4-bit) are
-kept for that benchmark: faster, but not accurate enough to be chosen.
+Int8DynamicMatmul (int8 x int8, VNNI, activations quantized per tensor) and
+Int4Matmul (group-wise 4-bit) are kept for that benchmark: not accurate
+enough to be chosen. NativeMatmul's int8 quantizes activations per group of
+32 instead, as llama.cpp's Q8_0 does.
 
 `use_kernels(model, ...)` swaps each parallel layer, after its weights are
 loaded, for a `KernelLinear` that does the same collective through
@@ -226,7 +228,8 @@ def group_int8(weight: torch.Tensor, group: int = native.GROUP):
 
 class NativeMatmul(nn.Module):
     """Our kernels (llama/native.py) for up to native.MAX_ROWS rows: fp32 or
-    bf16 weights, or int8 with one scale per 32 input columns (quantize="int8");
+    bf16 weights, or int8 with one scale per 32 input columns (quantize="int8";
+    activations then quantized per group of 32 too where native.int8_dot());
     activations fp32 or bf16, sums in fp32. Above MAX_ROWS (prefill), PyTorch's
     GEMM on the weight widened to `wide`: fp32 where the CPU has no native bf16
     (emulated bf16 GEMMs ran at a third of fp32's speed), else the weight's dtype."""
@@ -342,8 +345,9 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
       no bf16 linear without AVX-512 or AVX-NE-CONVERT).
     * int8: weight-only, per output channel, with bf16 activations. ATen's
       kernel with fp32 activations was 4-20x slower; int8 x int8 (fbgemm,
-      VNNI: Int8DynamicMatmul) was the fastest, but quantized activations
-      cut top-1 agreement with bf16 to 53% on SmolLM2-135M.
+      VNNI: Int8DynamicMatmul) was the fastest, but activations quantized
+      per tensor cut top-1 agreement with bf16 to 53% on SmolLM2-135M (ours,
+      per group of 32: 96.8% one token a step, README Speed).
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
@@ -412,8 +416,11 @@ def _weights_on_huge_pages(model: nn.Module) -> None:
 
 def describe_matmuls(model: nn.Module) -> str:
     """For the Loaded line: whose matmul kernels the model's linear layers run."""
-    kinds = {type(m.matmul) for m in model.modules() if isinstance(m, KernelLinear)}
-    return f"our {native.status()} kernels" if NativeMatmul in kinds else "PyTorch's kernels"
+    ours = [m.matmul for m in model.modules() if isinstance(m, KernelLinear) and isinstance(m.matmul, NativeMatmul)]
+    if not ours:
+        return "PyTorch's kernels"
+    int8 = any(m.weight.dtype == torch.int8 for m in ours)
+    return f"our {native.status()} kernels" + (", int8 dot products" if int8 and native.int8_dot() else "")
 
 
 def native_weight(layer: nn.Module) -> Optional[tuple]:

@@ -5,9 +5,11 @@ its speed is the memory bandwidth a matmul kernel reaches. PyTorch's reach
 less than the machine has for the formats we need at one to a few rows:
 bf16 weights on CPUs without native bf16 (emulated), group-wise int8 (no
 ATen kernel at all) and fp32 beyond one row (MKL's sgemm at 2-16 rows read
-the weights at half the speed of one). kernels.c widens each weight to fp32
-in registers, as llama.cpp does, with AVX2+FMA or AVX-512; measured in
-benchmarks/linear_kernels.py and in the README's Speed section.
+the weights at half the speed of one). kernels.c widens each fp32 or bf16
+weight to fp32 in registers, as llama.cpp does, with AVX2+FMA or AVX-512;
+int8 weights meet activations quantized per group of 32 (as llama.cpp's
+Q8_0) in int8 dot products, on AVX2 and AVX-512 VNNI (`int8_dot()`); measured
+in benchmarks/linear_kernels.py and in the README's Speed section.
 
 The library is built once per source, compiler and CPU (`cc -O3
 -march=native -fopenmp`, about a second; $LLAMA_NATIVE_ARCH replaces native)
@@ -36,7 +38,7 @@ import torch
 logger = logging.getLogger("llama")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-VERSION = 2  # kernels.c's llama_kernels_version()
+VERSION = 3  # kernels.c's llama_kernels_version()
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so that
 # the elementwise kernels round as PyTorch does (the matmuls use FMA explicitly).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -114,7 +116,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.decode_layers.argtypes = [p, ctypes.POINTER(_Block), n, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
     lib.rms_norm.restype = lib.silu_mul.restype = None
     for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers,
-              lib.llama_kernels_version, lib.llama_kernels_vector_width):
+              lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot):
         f.restype = i
 
 
@@ -156,6 +158,14 @@ def _load():
     return lib, "AVX-512" if lib.llama_kernels_vector_width() == 16 else "AVX2"
 
 
+def int8_dot() -> bool:
+    """Whether int8 weights meet int8-quantized activations (kernels.c's
+    tile_q8: AVX2, or AVX-512 with VNNI) rather than being widened to fp32
+    (AVX-512 without VNNI). False without our kernels."""
+    lib = library()
+    return lib is not None and bool(lib.llama_kernels_int8_dot())
+
+
 def supports(weight: torch.Tensor) -> bool:
     """Whether the native kernels can multiply by this (N, K) weight."""
     return (library() is not None and weight.device.type == "cpu" and weight.dim() == 2
@@ -165,7 +175,10 @@ def supports(weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight.T for x (..., K) in fp32 or bf16 (returned in x's dtype),
     weight (N, K) fp32, bf16, or int8 with `scales` (N, K / GROUP) fp32;
-    all contiguous on the CPU. Sums in fp32."""
+    all contiguous on the CPU. Sums in fp32; by int8 weights, where
+    `int8_dot()`, each group of GROUP values of x is first quantized to int8
+    with the scale max|x| / 127 (llama.cpp's Q8_0) and the group's dot
+    product is exact in int32."""
     lib = library()
     if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != weight.shape[1]:
         raise TypeError(f"native.linear takes fp32 or bf16 x (..., {weight.shape[1]}), not {x.dtype} {tuple(x.shape)}")

@@ -32,6 +32,18 @@ def weight(n, k, seed=0):
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
 
 
+def q8_reference(x, q, scales):
+    """x @ (q * scales)^T as kernels.c's int8 dot products compute it, in
+    float64: each group of 32 of x quantized to int8 with the scale
+    max|x| / 127 (llama.cpp's Q8_0), the dot with q exact, then both scales."""
+    rows, k = x.shape
+    xg = x.double().view(rows, k // 32, 32)
+    amax = xg.abs().amax(-1, keepdim=True)
+    xq = torch.where(amax > 0, torch.round(xg.float() * (127 / amax.float())).double(), 0.0)
+    dots = torch.einsum("mgi,ngi->mng", xq, q.double().view(q.shape[0], k // 32, 32))
+    return (dots * (amax[..., 0] / 127)[:, None, :] * scales.double()[None]).sum(-1)
+
+
 @pytest.mark.skipif(not CAN_BUILD, reason="no C compiler or no AVX2+FMA: the fallback is tested below")
 def test_builds_here_into_its_cache_without_leftovers(fresh_library):
     lib = native.library()
@@ -47,7 +59,9 @@ def test_builds_here_into_its_cache_without_leftovers(fresh_library):
 def test_kernels_equal_f_linear_on_the_weight_they_hold(kind, x_dtype):
     """Every row count up to and past MAX_ROWS (PyTorch's GEMM there), a row
     count that leaves a partial tile (37), 3-D input; sums in fp32, so fp32
-    is exact to rounding and bf16 output to one bf16 step."""
+    is exact to rounding and bf16 output to one bf16 step. int8 by int8 dot
+    products (native.int8_dot()) equals q8_reference instead, up to MAX_ROWS;
+    96 columns are three groups, so the last vector of 64 has one."""
     w = weight(37, 96)
     mm = NativeMatmul(w.bfloat16() if kind == "bf16" else w, "int8" if kind == "int8" else None,
                       CpuCapability("AVX512"))
@@ -57,12 +71,45 @@ def test_kernels_equal_f_linear_on_the_weight_they_hold(kind, x_dtype):
         y = mm(x)
         assert y.dtype == x_dtype and y.shape == (rows, 37)
         ref = F.linear(x.float(), held)
+        if kind == "int8" and native.int8_dot() and rows <= native.MAX_ROWS:
+            ref = q8_reference(x.float(), mm.weight, mm.scales).float()
         if x_dtype == torch.float32:
             torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
         else:
             torch.testing.assert_close(y, ref.bfloat16(), atol=0, rtol=2 ** -7)
     x3 = torch.randn(2, 5, 96).to(x_dtype)
     torch.testing.assert_close(mm(x3).float(), mm(x3.reshape(10, 96)).float().reshape(2, 5, 37))
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="no C compiler or no AVX2+FMA")
+@pytest.mark.parametrize("arch", ["haswell", "skylake-avx512", "native"])
+def test_int8_kernels_for_each_instruction_set(fresh_library, monkeypatch, arch):
+    """The library built for AVX2 (vpmaddubsw, llama.cpp's sign trick), for
+    AVX-512 without VNNI (weights widened to fp32) and for this CPU: int8
+    by int8 dot products equal q8_reference, widened ones F.linear, and both
+    stay within the quantization's bound of F.linear on the held weight; a
+    NaN in x gives NaN in its row only, as F.linear does."""
+    if arch == "skylake-avx512" and " avx512f " not in CPU_FLAGS:
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("LLAMA_NATIVE_ARCH", arch)
+    native.library.cache_clear()
+    assert native.library() is not None, native.status()
+    here = " avx512_vnni " in CPU_FLAGS or " avx512f " not in CPU_FLAGS
+    assert native.int8_dot() == {"haswell": True, "skylake-avx512": False, "native": here}[arch]
+    q, scales = group_int8(weight(67, 160, seed=3))  # a partial tile; five groups: an odd last one
+    held = (q.view(67, 5, 32).float() * scales[..., None]).view(67, 160)
+    x = torch.randn(6, 160, generator=torch.Generator().manual_seed(9))
+    x[2, 40:45] = torch.tensor([30.0, -0.0, 1e-30, -7.0, 0.0])  # an outlier coarsens its own group only
+    x[4, 96:128] = 0.0  # a group of zeros: scale 0, not NaN
+    y = native.linear(x, q, scales).double()
+    exact = F.linear(x.double(), held.double())
+    torch.testing.assert_close(y, q8_reference(x, q, scales) if native.int8_dot() else exact, rtol=1e-5, atol=1e-5)
+    step = x.view(6, 5, 32).abs().amax(-1) / 127  # |x - sx xq| <= sx / 2 per element
+    bound = (step / 2).double() @ held.abs().view(67, 5, 32).sum(-1).double().T
+    assert ((y - exact).abs() <= bound * 1.001 + 1e-6).all()
+    x[3, 77] = float("nan")
+    y = native.linear(x, q, scales)
+    assert y[3].isnan().all() and not y[[0, 1, 2, 4, 5]].isnan().any()
 
 
 @needs_native
@@ -162,7 +209,8 @@ def test_model_with_our_kernels_decodes_as_with_pytorchs(make_ckpt, monkeypatch,
     prefill = quant.model.forward(long_seq, 0)  # PyTorch's GEMM on the dequantized weights
     steps = [quant.model.forward(long_seq[:, :1], 0)]
     steps += [quant.model.forward(long_seq[:, i:i + 1], i) for i in range(1, long_seq.shape[1])]  # our kernel
-    tol = 1e-3 if dtype == "float32" else 0.1
+    # activations quantized to int8 per group of 32 (native.int8_dot()) move logits by about 1.5% here
+    tol = 0.1 if dtype == "bfloat16" else 0.05 if native.int8_dot() else 1e-3
     assert (torch.cat(steps, 1) - prefill).abs().max() < tol * prefill.abs().max()
 
 
