@@ -140,7 +140,7 @@ INLINE float q_group(const float *x, int8_t *q, int *sum) {
 #define MB 4       /* rows of x per pass over a tile of weights */
 
 /* Version of this interface; native.py refuses a library of another. */
-int llama_kernels_version(void) { return 3; }
+int llama_kernels_version(void) { return 4; }
 int llama_kernels_vector_width(void) { return W; }
 int llama_kernels_int8_dot(void) { /* 1: int8 weights by int8 dot products (tile_q8), 0: widened to fp32 */
 #ifdef QB
@@ -494,6 +494,46 @@ struct block {
   void *cache_k, *cache_v;
 };
 
+/* The shapes of a decoding step, shared by every block of one call. */
+struct step {
+  float eps;
+  const float *cos, *sin;
+  int per_row;
+  const int64_t *pos;
+  long M, dim, n_q, n_kv, hd, hidden, max_seq;
+  int bf16, threads;
+};
+
+/* Scratch for one block's decoding step: normed, qkv, att, gate_up, act. */
+static char *scratch(const struct step *st) {
+  long n_qkv = (st->n_q + 2 * st->n_kv) * st->hd;
+  return malloc((st->bf16 ? 2 : 4) * st->M * (st->dim + n_qkv + st->n_q * st->hd + 3 * st->hidden));
+}
+
+/* Half of block b's decoding step, from h into delta (M, dim), whose sum
+ * over the model-parallel ranks (delta itself in one process) is added to h:
+ *   half 0: delta = wo(attention(rope(wqkv(norm(h)))))
+ *   half 1: delta = w2(silu(w13(norm(h)))) */
+static int block_half(const void *h, const struct block *b, int half, void *delta, char *buf, const struct step *st) {
+  long esize = st->bf16 ? 2 : 4, M = st->M, n_qkv = (st->n_q + 2 * st->n_kv) * st->hd;
+  char *normed = buf, *qkv = normed + esize * M * st->dim, *att = qkv + esize * M * n_qkv;
+  char *gate_up = att + esize * M * st->n_q * st->hd, *act = gate_up + esize * M * 2 * st->hidden;
+  int err = 0;
+  if (half == 0) {
+    rms_norm(h, b->attention_norm, normed, M, st->dim, st->eps, st->bf16, st->threads);
+    err |= linear_by(&b->wqkv, normed, st->bf16, qkv, M, n_qkv, st->dim, st->threads);
+    err |= decode_attention(qkv, b->cache_k, b->cache_v, st->cos, st->sin, st->per_row, st->pos, att, M, st->n_q,
+                            st->n_kv, st->hd, st->max_seq, st->bf16, st->threads);
+    err |= linear_by(&b->wo, att, st->bf16, delta, M, st->dim, st->n_q * st->hd, st->threads);
+  } else {
+    rms_norm(h, b->ffn_norm, normed, M, st->dim, st->eps, st->bf16, st->threads);
+    err |= linear_by(&b->w13, normed, st->bf16, gate_up, M, 2 * st->hidden, st->dim, st->threads);
+    silu_mul(gate_up, act, M, st->hidden, st->bf16, st->threads);
+    err |= linear_by(&b->w2, act, st->bf16, delta, M, st->dim, st->hidden, st->threads);
+  }
+  return err;
+}
+
 /* Transformer blocks' decoding steps (model.TransformerBlock, one token a row,
  * one process: no collective between the matmuls), in place on h (M, dim),
  * each block:
@@ -503,26 +543,31 @@ struct block {
 int decode_layers(void *h, const struct block *blocks, long n_layers, float eps, const float *cos, const float *sin,
                   int per_row, const int64_t *pos, long M, long dim, long n_q, long n_kv, long hd, long hidden,
                   long max_seq, int bf16, int threads) {
-  long esize = bf16 ? 2 : 4, n_qkv = (n_q + 2 * n_kv) * hd;
-  char *buf = malloc(esize * M * (dim + n_qkv + n_q * hd + 3 * hidden + dim));
-  if (!buf) return -1;
-  char *normed = buf, *qkv = normed + esize * M * dim, *att = qkv + esize * M * n_qkv;
-  char *gate_up = att + esize * M * n_q * hd, *act = gate_up + esize * M * 2 * hidden, *delta = act + esize * M * hidden;
-  int err = 0;
-  for (long l = 0; l < n_layers && !err; l++) {
-    const struct block *b = blocks + l;
-    rms_norm(h, b->attention_norm, normed, M, dim, eps, bf16, threads);
-    err |= linear_by(&b->wqkv, normed, bf16, qkv, M, n_qkv, dim, threads);
-    err |= decode_attention(qkv, b->cache_k, b->cache_v, cos, sin, per_row, pos, att, M, n_q, n_kv, hd, max_seq, bf16,
-                            threads);
-    err |= linear_by(&b->wo, att, bf16, delta, M, dim, n_q * hd, threads);
-    add_into(h, delta, M * dim, bf16);
-    rms_norm(h, b->ffn_norm, normed, M, dim, eps, bf16, threads);
-    err |= linear_by(&b->w13, normed, bf16, gate_up, M, 2 * hidden, dim, threads);
-    silu_mul(gate_up, act, M, hidden, bf16, threads);
-    err |= linear_by(&b->w2, act, bf16, delta, M, dim, hidden, threads);
-    add_into(h, delta, M * dim, bf16);
-  }
+  struct step st = {eps, cos, sin, per_row, pos, M, dim, n_q, n_kv, hd, hidden, max_seq, bf16, threads};
+  char *buf = scratch(&st), *delta = malloc((bf16 ? 2 : 4) * M * dim);
+  int err = !buf || !delta;
+  for (long l = 0; l < n_layers && !err; l++)
+    for (int half = 0; half < 2 && !err; half++) {
+      err |= block_half(h, blocks + l, half, delta, buf, &st);
+      add_into(h, delta, M * dim, bf16);
+    }
+  free(buf);
+  free(delta);
+  return err ? -1 : 0;
+}
+
+/* decode_layers' step under tensor parallelism, half a block a call: the
+ * caller sums each delta over the ranks in between. First h += sum (the
+ * previous half's sum, unless sum is NULL), then half `half` of block b (if
+ * b is not NULL) into delta, this rank's part. Returns 0, or -1 without memory. */
+int decode_half(void *h, const void *sum, const struct block *b, int half, void *delta, float eps, const float *cos,
+                const float *sin, int per_row, const int64_t *pos, long M, long dim, long n_q, long n_kv, long hd,
+                long hidden, long max_seq, int bf16, int threads) {
+  struct step st = {eps, cos, sin, per_row, pos, M, dim, n_q, n_kv, hd, hidden, max_seq, bf16, threads};
+  if (sum) add_into(h, sum, M * dim, bf16);
+  if (!b) return 0;
+  char *buf = scratch(&st);
+  int err = !buf || block_half(h, b, half, delta, buf, &st);
   free(buf);
   return err ? -1 : 0;
 }

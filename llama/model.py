@@ -25,6 +25,7 @@ from torch import nn
 
 from . import native
 from .args import ModelArgs
+from .collectives import all_reduce
 from .linear import native_weight
 from .schema import EmbeddingLayout, kv_replication
 
@@ -268,9 +269,9 @@ class TransformerBlock(nn.Module):
 
     def native_weights(self, dtype: torch.dtype) -> Optional[native.BlockWeights]:
         """This block for native.decode_layers (its decoding step in
-        llama/kernels.c), or None where that does not apply: several
-        model-parallel ranks (a collective inside the block), another kernel,
-        or a dtype or head size it lacks. Decided once per dtype, KV cache, set
+        llama/kernels.c; decode_layers_parallel under tensor parallelism), or
+        None where that does not apply: another kernel or collective, or a
+        dtype or head size it lacks. Decided once per dtype, KV cache, set
         of matmuls and norm weights (each decoding step would otherwise walk
         the modules again), and again when any of them changes."""
         # By identity, through the modules' own dicts: nn.Module.__getattr__
@@ -286,11 +287,13 @@ class TransformerBlock(nn.Module):
 
     def _prepare_native(self, dtype: torch.dtype) -> Optional[native.BlockWeights]:
         a, f = self.attention, self.feed_forward
-        if not (self.alone and self.attention_norm.weight.dtype == dtype == self.ffn_norm.weight.dtype
+        if not (self.attention_norm.weight.dtype == dtype == self.ffn_norm.weight.dtype
                 and self.ffn_norm.eps == self.attention_norm.eps and a.native_decoding(dtype)):
             return None
-        linears = [native_weight(layer) for layer in (a.wqkv, a.wo, f.w13, f.w2)]
-        if any(w is None for w in linears):
+        layers = (a.wqkv, a.wo, f.w13, f.w2)
+        linears = [native_weight(layer) for layer in layers]
+        # the row-parallel wo and w2 sum over the ranks (decode_layers_parallel does), nothing else gathers
+        if any(w is None for w in linears) or [layer.collective for layer in layers] != [None, "reduce", None, "reduce"]:
             return None
         return native.BlockWeights(linears, self.attention_norm.weight, self.ffn_norm.weight, self.ffn_norm.eps,
                                    a.cache_k, a.cache_v, a.n_local_heads, a.n_local_kv_heads)
@@ -432,8 +435,10 @@ class Transformer(nn.Module):
             return h
         if tokens.shape[1] == 1 and not inputs.self_attention and native.fused(h):  # decoding, one call
             layers = self._native_layers(h.dtype)
-            if layers is not None:
+            if layers is not None and self.layers[0].alone:
                 return native.decode_layers(h, layers, inputs.cos, inputs.sin, inputs.cache_pos)
+            if layers is not None:  # tensor-parallel: the sums over the ranks between the calls
+                return native.decode_layers_parallel(h, layers, inputs.cos, inputs.sin, inputs.cache_pos, all_reduce)
         for layer in self.layers:
             h = layer(h, inputs)
         return h

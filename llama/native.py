@@ -31,14 +31,14 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 logger = logging.getLogger("llama")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-VERSION = 3  # kernels.c's llama_kernels_version()
+VERSION = 4  # kernels.c's llama_kernels_version()
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so that
 # the elementwise kernels round as PyTorch does (the matmuls use FMA explicitly).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -114,8 +114,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.silu_mul.argtypes = [p, p, n, n, i, i]
     lib.decode_attention.argtypes = [p, p, p, p, p, i, p, p, n, n, n, n, n, i, i]
     lib.decode_layers.argtypes = [p, ctypes.POINTER(_Block), n, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
+    lib.decode_half.argtypes = [p, p, p, i, p, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n,
+                                i, i]
     lib.rms_norm.restype = lib.silu_mul.restype = None
-    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers,
+    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers, lib.decode_half,
               lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot):
         f.restype = i
 
@@ -289,7 +291,20 @@ class Layers:
             raise ValueError("decode_layers: the blocks differ in dtype, eps or shape")
         self.blocks = list(blocks)
         self.structs = (_Block * len(blocks))(*[b.struct for b in blocks])
+        self.each = [ctypes.addressof(self.structs) + i * ctypes.sizeof(_Block) for i in range(len(blocks))]
         self.dtype, self.eps, self.dim, self.n_q, self.n_kv, self.hidden, self.cache_shape = blocks[0].shape
+
+    def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> tuple:
+        """h's copy to decode in place, and the arguments after the blocks
+        that kernels.c's decode_layers and decode_half share (struct step)."""
+        bsz, dim = h.shape[0], h.shape[-1]
+        rows, _, max_seq, head_dim = self.cache_shape
+        if h.dtype != self.dtype or dim != self.dim:
+            raise TypeError(f"decode_layers: h is {h.dtype} (..., {dim}), the blocks take {self.dtype} (..., {self.dim})")
+        cos, sin, per_row, pos = _step_positions(cos, sin, pos, bsz, rows)
+        shapes = (self.eps, cos.data_ptr(), sin.data_ptr(), per_row, pos.data_ptr(), bsz, dim, self.n_q, self.n_kv,
+                  head_dim, self.hidden, max_seq, int(h.dtype == torch.bfloat16), torch.get_num_threads())
+        return h.contiguous().clone(), (cos, sin, pos), shapes
 
 
 def decode_layers(h: torch.Tensor, layers: Layers, cos: torch.Tensor, sin: torch.Tensor,
@@ -298,16 +313,27 @@ def decode_layers(h: torch.Tensor, layers: Layers, cos: torch.Tensor, sin: torch
     one call, for one process (no collective inside a block). h (bs, 1, dim)
     in the blocks' dtype; cos, sin and pos as decode_attention takes them.
     Returns the last block's output (bs, 1, dim)."""
-    bsz, dim = h.shape[0], h.shape[-1]
-    rows, _, max_seq, head_dim = layers.cache_shape
-    if h.dtype != layers.dtype or dim != layers.dim:
-        raise TypeError(f"decode_layers: h is {h.dtype} (..., {dim}), the blocks take {layers.dtype} (..., {layers.dim})")
-    cos, sin, per_row, pos = _step_positions(cos, sin, pos, bsz, rows)
-    out = h.contiguous().clone()
-    err = library().decode_layers(
-        out.data_ptr(), layers.structs, len(layers.blocks), layers.eps, cos.data_ptr(), sin.data_ptr(), per_row,
-        pos.data_ptr(), bsz, dim, layers.n_q, layers.n_kv, head_dim, layers.hidden, max_seq,
-        int(h.dtype == torch.bfloat16), torch.get_num_threads())
-    if err:
-        raise MemoryError(f"no memory for a decoding step of {bsz} rows")
+    out, _held, shapes = layers.step(h, cos, sin, pos)
+    if library().decode_layers(out.data_ptr(), layers.structs, len(layers.blocks), *shapes):
+        raise MemoryError(f"no memory for a decoding step of {h.shape[0]} rows")
+    return out
+
+
+def decode_layers_parallel(h: torch.Tensor, layers: Layers, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                           all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """decode_layers under tensor parallelism (each rank holds its shards of
+    the blocks): half a block a call (kernels.c's decode_half: attention,
+    then feed-forward), with `all_reduce` summing each half's output over the
+    ranks in between, as the row-parallel wo and w2 do. Two calls and two
+    reductions per block; the modules' way took about fifteen calls."""
+    out, _held, shapes = layers.step(h, cos, sin, pos)
+    delta, total, lib = torch.empty_like(out), None, library()
+    for block in layers.each:
+        for half in (0, 1):
+            # total (the last sum, possibly delta itself) is added to out before delta is overwritten
+            if lib.decode_half(out.data_ptr(), None if total is None else total.data_ptr(), block, half,
+                               delta.data_ptr(), *shapes):
+                raise MemoryError(f"no memory for a decoding step of {h.shape[0]} rows")
+            total = all_reduce(delta).contiguous()
+    lib.decode_half(out.data_ptr(), total.data_ptr(), None, 0, None, *shapes)
     return out

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.distributed as dist
 
-from llama import Llama
+from llama import Llama, native
 from llama.cli import run
 from llama.engine import Request
 from llama.sampling import SamplingParams
@@ -26,6 +26,9 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
          dtype: str = "float32", compile: bool = False, pipeline_stages: int = 1):
     gen = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=len(PROMPTS),
                       device="cpu", dtype=dtype, compile=compile, pipeline_stages=pipeline_stages)
+    parallel_steps = []  # decoding steps through our kernels' tensor-parallel path
+    real = native.decode_layers_parallel
+    native.decode_layers_parallel = lambda *a: parallel_steps.append(1) or real(*a)
     prompts = [gen.tokenizer.encode(p, bos=True, eos=False) for p in PROMPTS]
     if step_delay:  # slow generation down, so a test can kill a rank in the middle of it
         gen.generate(prompts[:1], 1, temperature=0)
@@ -47,7 +50,8 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
     sampled = sampled_requests(gen, prompts, max_gen_len)
     shm = shared_memory_check()
     if dist.get_rank() == 0:
-        torch.save({"argmax_ties": ties, "shared_memory": shm, "sampled": sampled, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size()}, out)
+        torch.save({"argmax_ties": ties, "shared_memory": shm, "sampled": sampled, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size(),
+                    "native": native.library() is not None, "parallel_native_steps": len(parallel_steps)}, out)
 
 
 def argmax_ties():

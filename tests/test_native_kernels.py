@@ -230,17 +230,23 @@ def _without_native(monkeypatch, build):
                                            ("llama3", dict(dim=256, n_heads=2, n_kv_heads=2))])  # 128
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, shape, dtype):
-    """A whole block's decoding step in one call (one process), and RMSNorm,
-    silu * up and the decoding attention (RoPE, cache writes, grouped-query
-    attention) in one call each (several ranks): the same logits and caches as
-    PyTorch's operators, for one row, rows at one position and rows at their
-    own positions (the engine's continuous batching)."""
+    """Every block's decoding step in one call (one process), half a block a
+    call (tensor parallelism: decode_layers_parallel, here with one rank),
+    and RMSNorm, silu * up and the decoding attention (RoPE, cache writes,
+    grouped-query attention) in one call each (blocks that decode_layers
+    cannot take): the same logits and caches as PyTorch's operators, for one
+    row, rows at one position and rows at their own positions (the engine's
+    continuous batching)."""
     ckpt = make_ckpt(family, **shape)
     kw = dict(max_seq_len=64, max_batch_size=3, device="cpu", dtype=dtype)
     build = lambda: Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw)  # noqa: E731
-    whole, ops, theirs = build(), build(), _without_native(monkeypatch, build)
-    for block in ops.model.layers:  # as under model parallelism: fused pieces, not decode_layers
+    whole, halves, ops, theirs = build(), build(), build(), _without_native(monkeypatch, build)
+    for block in halves.model.layers:  # as under model parallelism
         block.alone = False
+    parallel_calls = []
+    real = native.decode_layers_parallel
+    monkeypatch.setattr(native, "decode_layers_parallel", lambda *a: parallel_calls.append(1) or real(*a))
+    monkeypatch.setattr(ops.model, "_native_layers", lambda dtype: None)  # the fused pieces, block by block
     assert native.fused(torch.zeros(1, dtype=getattr(torch, dtype)))
     assert all(block.native_weights(getattr(torch, dtype)) for block in whole.model.layers)
     block = build().model.layers[0]  # the decision follows a swapped matmul
@@ -248,7 +254,7 @@ def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, sha
     assert block.native_weights(getattr(torch, dtype)) is None
     lens = [5, 9, 2]
     seqs = [torch.randint(3, 500, (n + 3,), generator=torch.Generator().manual_seed(n)) for n in lens]
-    gens = (whole, ops, theirs)
+    gens = (whole, halves, ops, theirs)
     for gen in gens:
         gen.model.prefill([s[:n].tolist() for s, n in zip(seqs, lens)], rows=[0, 1, 2])
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == "float32" else dict(atol=0.1, rtol=0.05)
@@ -256,12 +262,14 @@ def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, sha
         nxt = torch.stack([s[n + step] for s, n in zip(seqs, lens)])[:, None]
         start = torch.tensor(lens) + step
         logits = [gen.model.forward(nxt, start) for gen in gens]
-        torch.testing.assert_close(logits[0], logits[2], **tol)
-        torch.testing.assert_close(logits[1], logits[2], **tol)
+        for mine in logits[:3]:
+            torch.testing.assert_close(mine, logits[3], **tol)
+        assert torch.equal(logits[0], logits[1])  # the same kernels, the same order of sums
     one = [gen.model.forward(seqs[0][:1][None], 20) for gen in gens]  # one row at an int position
-    torch.testing.assert_close(one[0], one[2], **tol)
-    torch.testing.assert_close(one[1], one[2], **tol)
-    for gen in (whole, ops):
+    for mine in one[:3]:
+        torch.testing.assert_close(mine, one[3], **tol)
+    assert len(parallel_calls) == 4  # halves' four decoding steps, nobody else's
+    for gen in (whole, halves, ops):
         for a, b in zip(gen.model.layers, theirs.model.layers):
             torch.testing.assert_close(a.attention.cache_k, b.attention.cache_k, **tol)
             torch.testing.assert_close(a.attention.cache_v, b.attention.cache_v, **tol)
