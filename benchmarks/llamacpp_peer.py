@@ -145,3 +145,31 @@ class LlamaCppRunner:
 
     def tokenize(self, text: str) -> List[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+
+def teacher_forced_logits(path: Path, tokens: Sequence[int], threads: int, steps: bool = False) -> np.ndarray:
+    """llama.cpp's logits (len(tokens), vocab) for `tokens`, row i predicting
+    token i + 1: in batches of 512 (its prefill) or one token a step (its
+    decoding), as quant_quality.teacher_forced_logits gives ours."""
+    llama_cpp = import_llama_cpp()
+    batch = 1 if steps else 512
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(tokens) + 8, n_batch=batch, n_ubatch=batch,
+                          n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+    llm.eval(list(tokens))
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def quantization_quality(files: Dict[str, Path], tokens: Sequence[int], text: str, threads: int) -> dict:
+    """Our quality report's figures (quant_quality.quality_figures) for
+    llama.cpp's Q8_0 against its BF16 and F32 files, on the same tokens: how
+    much llama.cpp's own 8-bit format moves the top-1 token, beside ours."""
+    import torch
+
+    from benchmarks.quant_quality import quality_figures
+
+    names = {"fp32": "F32", "bf16": "BF16", "Q8_0": "Q8_0"}
+    logits = {name: torch.from_numpy(teacher_forced_logits(files[kind], tokens, threads))[:-1]
+              for name, kind in names.items()}
+    stepped = {name: torch.from_numpy(teacher_forced_logits(files[kind], tokens, threads, steps=True))[:-1]
+               for name, kind in names.items()}
+    return {**quality_figures(logits, stepped, tokens, "Q8_0", text), "engine": "llama.cpp"}

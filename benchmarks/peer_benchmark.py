@@ -17,7 +17,8 @@ new tokens) and prefill (time to the first token of a 512-token prompt) of:
 ours fp32 / bf16 / int8 (Llama.build + generate, the public API) against
 llama.cpp F32 / BF16 / Q8_0 (its own counters), and transformers fp32 / bf16
 (benchmarks/hf_reference.py). Prints the medians as a Markdown table with
-ratios, then the int8 quality report (benchmarks/quant_quality.py).
+ratios, then the int8 quality report (benchmarks/quant_quality.py) and the
+same report of llama.cpp's Q8_0 against its BF16 and F32, on the same tokens.
 """
 
 import argparse
@@ -39,6 +40,9 @@ from llama.tokenizer import Tokenizer  # noqa: E402
 
 OUR_BUILDS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
 PAUSE_S = 0.2  # between engines: the previous one's idle worker threads stop spinning
+
+
+QUALITY_POSITIONS = 512  # next-token predictions in the quality reports
 
 
 def machine(with_llama_cpp: bool) -> dict:
@@ -204,7 +208,13 @@ def main(argv=None) -> None:
     res["speed"] = measure(engines, a, prompt, long_prompt)
     del engines
     if "quality" not in a.skip:
-        res["quality"] = quantization_quality(ckpt, "int8", TEXT, positions=512, threads=a.threads)
+        res["quality"] = quantization_quality(ckpt, "int8", TEXT, positions=QUALITY_POSITIONS, threads=a.threads)
+        if "llama.cpp" not in a.skip:  # its Q8_0 on the same tokens, for scale
+            from benchmarks import llamacpp_peer
+
+            files = llamacpp_peer.peer_files(ckpt, a.gguf, a.threads, log=lambda m: print(m, file=sys.stderr))
+            forced = tokens[:QUALITY_POSITIONS + 1]
+            res["quality_llama_cpp"] = llamacpp_peer.quantization_quality(files, forced, TEXT.name, a.threads)
     print(report(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -106,8 +106,9 @@ def quality_table(q: dict) -> List[str]:
     """Top-1 agreement with bf16 and perplexity, teacher-forced on a fixed text
     in one pass, then (where measured) one token a step."""
     name = q["quantize"]
-    lines = [f"Quality of {name} on the real model: teacher-forced on {q['text']} ({q['positions']} positions)", "",
-             *_quality_rows(q, name)]
+    engine = f"{q['engine']}'s " if q.get("engine") else ""
+    lines = [f"Quality of {engine}{name} on the real model: teacher-forced on {q['text']} ({q['positions']} positions)",
+             "", *_quality_rows(q, name)]
     if q.get("decoding"):
         lines += ["", "The same, one token a step through the KV cache (the decoding kernels generation runs):", "",
                   *_quality_rows(q["decoding"], name)]
@@ -138,8 +139,9 @@ def report(res: dict) -> str:
         parts += [greedy_line(res["greedy"]), ""]
     if res.get("speed"):
         parts += speed_table(res) + [""]
-    if res.get("quality"):
-        parts += quality_table(res["quality"]) + [""]
+    for key in ("quality", "quality_llama_cpp"):
+        if res.get(key):
+            parts += quality_table(res[key]) + [""]
     return "\n".join(parts)
 
 

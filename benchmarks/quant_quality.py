@@ -83,7 +83,14 @@ def quantization_quality(ckpt_dir, quantize: str = "int8", text_path: Path = TEX
         logits[name] = teacher_forced_logits(gen, tokens)[:-1]  # the last row predicts past the text
         stepped[name] = teacher_forced_logits(gen, tokens, steps=True)[:-1]
         del gen
-    targets = torch.tensor(tokens[1:])
+    return quality_figures(logits, stepped, tokens, quantize, Path(text_path).name)
+
+
+def quality_figures(logits: Dict[str, torch.Tensor], stepped: Dict[str, torch.Tensor], tokens: Sequence[int],
+                    quantize: str, text: str) -> Dict:
+    """The report's figures from teacher-forced logits {"fp32", "bf16", quantize: (positions, vocab)}
+    of `tokens` (positions + 1), in one pass and one token a step (also llamacpp_peer's)."""
+    targets = torch.tensor(list(tokens[1:]))
 
     def figures(table: Dict[str, torch.Tensor]) -> Dict:
         return {
@@ -92,7 +99,7 @@ def quantization_quality(ckpt_dir, quantize: str = "int8", text_path: Path = TEX
             "perplexity": {name: perplexity(value, targets) for name, value in table.items()},
         }
 
-    return {"quantize": quantize, "text": Path(text_path).name, "positions": positions, **figures(logits),
+    return {"quantize": quantize, "text": text, "positions": len(targets), **figures(logits),
             "decoding": figures(stepped)}
 
 

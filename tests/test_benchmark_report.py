@@ -22,11 +22,12 @@ def test_report(capsys):
         "int8_quality": {"top1_agreement": 0.91, "max_abs_logit_error": 0.3, "logit_range": 12.0,
                          "bf16_vs_fp32_top1_agreement": 0.95},
         "read_bandwidth_GB_s": 29.0, "read_bandwidth_samples_GB_s": [26.0, 29.0, 31.0],
-        "mp2_decode_tok_s": {"float32": 7.1},
+        "mp2_decode_tok_s": {"float32": 7.1}, "int8_decoding": "int8 dot products",
         "build": {"bfloat16": {"build_s": 1.2, "read_s": 0.8, "file_GB": 1.9, "page_cache": "warm"}},
     }
     print_table(res, a)
     out = capsys.readouterr().out
+    assert "int8 (int8 dot products)" in out  # which int8 decoding ran
     for heading in ("Llama inference benchmark (CPU)", "Quality of int8", "Model parallelism", "Loading"):
         assert heading in out
     lines = out.splitlines()
@@ -131,6 +132,13 @@ def test_peer_report_quality_table():
     out = report(res)
     assert "one token a step through the KV cache" in out
     assert rows(out)[("int8", "98.5%")] == ["int8", "98.5%", "96.0%", "16.950", "+0.30%"]
+    res["quality_llama_cpp"] = {"quantize": "Q8_0", "engine": "llama.cpp", "text": "pride_and_prejudice_ch1.txt",
+                                "positions": 512, "agreement_with_bf16": {"fp32": 0.994, "Q8_0": 0.963},
+                                "agreement_with_fp32": {"bf16": 0.994, "Q8_0": 0.961},
+                                "perplexity": {"fp32": 16.844, "bf16": 16.833, "Q8_0": 16.682}}
+    out = report(res)
+    assert out.index("Quality of int8 on the real model") < out.index("Quality of llama.cpp's Q8_0 on the real model")
+    assert rows(out)[("Q8_0", "96.3%")] == ["Q8_0", "96.3%", "96.1%", "16.682", "-0.90%"]
 
 
 def test_peer_report_without_llama_cpp_or_quality():
