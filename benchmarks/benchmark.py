@@ -6,8 +6,9 @@
 
 Builds (once, cached) a random Meta-format checkpoint, then measures: the
 memory read bandwidth; our prefill and decode tokens/s at batch 1 and 8 in
-fp32 and bf16; transformers' LlamaForCausalLM on the same weights, dtype and
-threads; weight-only int8 (speed and agreement with bf16); model parallelism
+fp32 and bf16 (each the median of --rounds generations); transformers'
+LlamaForCausalLM on the same weights, dtype and threads; int8 weights
+(speed and agreement with bf16); model parallelism
 (2 processes x 1 thread against 1 process x 2 threads); and Llama.build time
 against reading the checkpoint file once. Prints a report: the setup, a speed
 table (tokens/s, weight bandwidth, transformers beside us), int8 quality,
@@ -17,6 +18,7 @@ model parallelism and loading time.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -59,11 +61,15 @@ def prompts(batch: int, length: int):
 
 
 def ours(gen: Llama, batch: int, a) -> dict:
+    """Our figures, each the median of `a.rounds` generations (this machine's speed moves between them)."""
     gen.generate(prompts(batch, 8), 4, temperature=0)  # warm up
-    result = gen.generate(prompts(batch, a.prompt_len), a.gen_len, temperature=0)
-    m = result.metrics
-    return {"prefill_tok_s": batch * a.prompt_len / m.first_token_seconds, "decode_tok_s": m.decode_tokens_per_s,
-            "bandwidth_GB_s": m.bandwidth_bytes_per_s / 1e9, "weight_GB": m.weight_bytes / 1e9}
+    runs = []
+    for _ in range(a.rounds):
+        m = gen.generate(prompts(batch, a.prompt_len), a.gen_len, temperature=0).metrics
+        runs.append({"prefill_tok_s": batch * a.prompt_len / m.first_token_seconds,
+                     "decode_tok_s": m.decode_tokens_per_s, "bandwidth_GB_s": m.bandwidth_bytes_per_s / 1e9,
+                     "weight_GB": m.weight_bytes / 1e9})
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 @torch.inference_mode()
@@ -129,7 +135,7 @@ def build_vs_read(ckpt: Path, dtype: str) -> dict:
 def mp2(ckpt: Path, a) -> dict:
     """Decode speed with two model-parallel processes of one thread each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, "--mp_worker", str(ckpt),
-           "--prompt_len", str(a.prompt_len), "--gen_len", str(a.gen_len)]
+           "--prompt_len", str(a.prompt_len), "--gen_len", str(a.gen_len), "--rounds", str(a.rounds)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -160,6 +166,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--gen_len", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="generations per figure of ours (the median is kept)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "int8", "mp2", "build"])
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--mp_worker", type=Path, help=argparse.SUPPRESS)
@@ -221,7 +228,8 @@ def print_table(res: dict, a) -> None:
     print(f"  Model     Llama 3 shape: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads ({a.n_kv_heads} KV), "
           f"vocabulary 128,256; random weights")
     print(f"  Machine   {a.threads} threads; memory read bandwidth {bw:.1f} GB/s (median of {samples})")
-    print(f"  Workload  {a.prompt_len}-token prompts, {a.gen_len} tokens generated greedily per row\n")
+    print(f"  Workload  {a.prompt_len}-token prompts, {a.gen_len} tokens generated greedily per row; "
+          f"ours: median of {a.rounds} generations\n")
 
     has_hf = any(k.startswith("hf_") for k in res)
     head = f"  {'weights':<26}{'batch':>6}{'prefill':>10}{'decode':>9}{'weights read':>15}"

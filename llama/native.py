@@ -114,8 +114,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.silu_mul.argtypes = [p, p, n, n, i, i]
     lib.decode_attention.argtypes = [p, p, p, p, p, i, p, p, n, n, n, n, n, i, i]
     lib.decode_layers.argtypes = [p, ctypes.POINTER(_Block), n, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
-    lib.decode_half.argtypes = [p, p, p, i, p, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n,
-                                i, i]
+    lib.decode_half.argtypes = [p, p, p, i, p, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
     lib.rms_norm.restype = lib.silu_mul.restype = None
     for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers, lib.decode_half,
               lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot):

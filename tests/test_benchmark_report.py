@@ -14,7 +14,7 @@ def figures(prefill, decode, gb_s):
 
 
 def test_report(capsys):
-    a = SimpleNamespace(dim=2048, n_layers=8, n_heads=16, n_kv_heads=8, threads=2, prompt_len=128, gen_len=32)
+    a = SimpleNamespace(dim=2048, n_layers=8, n_heads=16, n_kv_heads=8, threads=2, prompt_len=128, gen_len=32, rounds=3)
     res = {
         "ours_bfloat16_b1": figures(150, 11.2, 20.1), "hf_bfloat16_b1": {"prefill_tok_s": 120, "decode_tok_s": 8.0},
         "ours_int8_b1": figures(100, 15.1, 13.0),
@@ -28,6 +28,7 @@ def test_report(capsys):
     print_table(res, a)
     out = capsys.readouterr().out
     assert "int8 (int8 dot products)" in out  # which int8 decoding ran
+    assert "ours: median of 3 generations" in out
     for heading in ("Llama inference benchmark (CPU)", "Quality of int8", "Model parallelism", "Loading"):
         assert heading in out
     lines = out.splitlines()
