@@ -6,9 +6,9 @@
 
 Builds (once, cached) a random Meta-format checkpoint, then measures: the
 memory read bandwidth; our prefill and decode tokens/s at batch 1 and 8 in
-fp32 and bf16 (each the median of --rounds generations); transformers'
-LlamaForCausalLM on the same weights, dtype and threads; int8 weights
-(speed and agreement with bf16); model parallelism
+bf16, int8 and fp32 (each the median of --rounds generations, the three
+taking turns in each round) and int8's agreement with bf16; transformers'
+LlamaForCausalLM on the same weights, dtype and threads; model parallelism
 (2 processes x 1 thread against 1 process x 2 threads); and Llama.build time
 against reading the checkpoint file once. Prints a report: the setup, a speed
 table (tokens/s, weight bandwidth, transformers beside us), int8 quality,
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
 import torch
 
@@ -60,16 +61,26 @@ def prompts(batch: int, length: int):
     return torch.randint(0, 128000, (batch, length), generator=g).tolist()
 
 
-def ours(gen: Llama, batch: int, a) -> dict:
-    """Our figures, each the median of `a.rounds` generations (this machine's speed moves between them)."""
-    gen.generate(prompts(batch, 8), 4, temperature=0)  # warm up
-    runs = []
+def one_generation(gen: Llama, batch: int, a) -> dict:
+    m = gen.generate(prompts(batch, a.prompt_len), a.gen_len, temperature=0).metrics
+    return {"prefill_tok_s": batch * a.prompt_len / m.first_token_seconds, "decode_tok_s": m.decode_tokens_per_s,
+            "bandwidth_GB_s": m.bandwidth_bytes_per_s / 1e9, "weight_GB": m.weight_bytes / 1e9}
+
+
+def ours(gens: Dict[str, Llama], batches, a) -> Dict[str, dict]:
+    """{"ours_NAME_bBATCH": figures} for each of our builds and batch sizes,
+    each figure the median of `a.rounds` generations. The builds take turns
+    within every round, so that their ratios see the same machine (this one's
+    speed moves by 10-30% from minute to minute)."""
+    for gen in gens.values():
+        for batch in batches:
+            gen.generate(prompts(batch, 8), 4, temperature=0)  # warm up
+    runs = {(name, batch): [] for name in gens for batch in batches}
     for _ in range(a.rounds):
-        m = gen.generate(prompts(batch, a.prompt_len), a.gen_len, temperature=0).metrics
-        runs.append({"prefill_tok_s": batch * a.prompt_len / m.first_token_seconds,
-                     "decode_tok_s": m.decode_tokens_per_s, "bandwidth_GB_s": m.bandwidth_bytes_per_s / 1e9,
-                     "weight_GB": m.weight_bytes / 1e9})
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        for (name, batch), figures in runs.items():
+            figures.append(one_generation(gens[name], batch, a))
+    return {f"ours_{name}_b{batch}": {key: statistics.median(r[key] for r in figures) for key in figures[0]}
+            for (name, batch), figures in runs.items()}
 
 
 @torch.inference_mode()
@@ -147,7 +158,7 @@ def mp_worker(ckpt: Path, a) -> None:
     res = {}
     for dtype in ("float32", "bfloat16"):
         gen = build(ckpt, dtype, 1, a.prompt_len + a.gen_len + 8)
-        res[dtype] = ours(gen, 1, a)["decode_tok_s"]
+        res[dtype] = ours({dtype: gen}, [1], a)[f"ours_{dtype}_b1"]["decode_tok_s"]
         del gen
     if dist.get_rank() == 0:
         print(json.dumps(res))
@@ -178,33 +189,31 @@ def main() -> None:
     res = {"config": {k: v for k, v in vars(a).items() if k not in ("json", "mp_worker", "skip")}}
     bandwidths = [read_bandwidth()]  # it varies from run to run here: measure it three times
     seq = a.prompt_len + a.gen_len + 8
-    for dtype in ("bfloat16", "float32"):
-        gen = build(ckpt, dtype, 8, seq)
-        hf = None if "transformers" in a.skip else hf_model_from_meta(ckpt, 128256, getattr(torch, dtype), "sdpa")
-        for batch in (1, 8):
-            res[f"ours_{dtype}_b{batch}"] = ours(gen, batch, a)
-            if hf is not None:
-                res[f"hf_{dtype}_b{batch}"] = transformers_speed(hf, batch, a)
-        del hf
-        bandwidths.append(read_bandwidth())
-        if dtype == "bfloat16":
-            seqs = greedy_sequences(gen, a)  # bf16's greedy output: the quality yardstick
-            bf16_logits = gen.model.forward(seqs, 0)
-        if dtype == "bfloat16" and "int8" not in a.skip:
-            quant = build(ckpt, dtype, 8, seq, quantize="int8")
-            # decoding's int8 x int8 products (activations quantized per 32, as Q8_0), or weights widened
-            res["int8_decoding"] = "int8 dot products" if native.int8_dot() else "bf16 activations"
+    gens = {"bfloat16": build(ckpt, "bfloat16", 8, seq)}
+    if "int8" not in a.skip:
+        gens["int8"] = build(ckpt, "bfloat16", 8, seq, quantize="int8")
+        # decoding's int8 x int8 products (activations quantized per 32, as Q8_0), or weights widened
+        res["int8_decoding"] = "int8 dot products" if native.int8_dot() else "bf16 activations"
+    gens["float32"] = build(ckpt, "float32", 8, seq)
+    res.update(ours(gens, (1, 8), a))
+    bandwidths.append(read_bandwidth())
+    seqs = greedy_sequences(gens["bfloat16"], a)  # bf16's greedy output: the quality yardstick
+    logits = {name: gen.model.forward(seqs, 0) for name, gen in gens.items()}
+    if "int8" in gens:
+        bf16, int8 = logits["bfloat16"], logits["int8"]
+        res["int8_quality"] = {"top1_agreement": top1_agreement(bf16, int8),
+                               "max_abs_logit_error": (int8 - bf16).abs().max().item(),
+                               "logit_range": (bf16.max() - bf16.min()).item(),
+                               # for scale: how much bf16 itself moves the top-1 token of this model
+                               "bf16_vs_fp32_top1_agreement": top1_agreement(logits["float32"], bf16)}
+    del gens, logits
+    if "transformers" not in a.skip:
+        for dtype in ("bfloat16", "float32"):
+            hf = hf_model_from_meta(ckpt, 128256, getattr(torch, dtype), "sdpa")
             for batch in (1, 8):
-                res[f"ours_int8_b{batch}"] = ours(quant, batch, a)
-            int8_logits = quant.model.forward(seqs, 0)
-            res["int8_quality"] = {"top1_agreement": top1_agreement(bf16_logits, int8_logits),
-                                   "max_abs_logit_error": (int8_logits - bf16_logits).abs().max().item(),
-                                   "logit_range": (bf16_logits.max() - bf16_logits.min()).item()}
-            del quant
-        if dtype == "float32" and "int8_quality" in res:
-            # For scale: how much bf16 itself moves the top-1 token of this model.
-            res["int8_quality"]["bf16_vs_fp32_top1_agreement"] = top1_agreement(gen.model.forward(seqs, 0), bf16_logits)
-        del gen
+                res[f"hf_{dtype}_b{batch}"] = transformers_speed(hf, batch, a)
+            del hf
+    bandwidths.append(read_bandwidth())
     res["read_bandwidth_GB_s"] = sorted(bandwidths)[len(bandwidths) // 2]
     res["read_bandwidth_samples_GB_s"] = bandwidths
     if "mp2" not in a.skip:

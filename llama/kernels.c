@@ -241,15 +241,15 @@ struct qx {
 #ifdef QB
 #define QG (QB / 32) /* groups per vector */
 static int quantize_x(const float *x, long M, long K, struct qx *qx) {
-  long G = K / 32, V8 = (G + QG - 1) / QG, n = M * V8;
+  long G = K / 32, vecs = (G + QG - 1) / QG, n = M * vecs;
   long size = (n * (QB + 8 * W) + 63) / 64 * 64;
   char *buf = aligned_alloc(64, size);
   if (!buf) return -1;
   memset(buf, 0, size);
-  *qx = (struct qx){(int8_t *)buf, (int32_t *)(buf + n * QB), (float *)(buf + n * (QB + 4 * W)), V8};
+  *qx = (struct qx){(int8_t *)buf, (int32_t *)(buf + n * QB), (float *)(buf + n * (QB + 4 * W)), vecs};
   for (long m = 0; m < M; m++)
     for (long g = 0; g < G; g++) {
-      long v = m * V8 + g / QG, lane = v * W + (g % QG) * (W / QG);
+      long v = m * vecs + g / QG, lane = v * W + (g % QG) * (W / QG);
       int sum;
       float sx = q_group(x + m * K + g * 32, qx->q + v * QB + (g % QG) * 32, &sum);
       qx->c[lane] = -128 * sum;
