@@ -49,3 +49,17 @@ def test_parts_are_summed_as_recursive_doubling_sums_them():
     assert (((parts[0] + parts[1]) + parts[2]) + parts[3]).item() == 1.0
     three = [torch.tensor([v]) for v in (1.0, 2.0, 3.0)]
     assert shared_memory._pairwise_sum(three).item() == 6.0
+
+
+def test_ranks_on_cores_of_their_own_spin_longer(monkeypatch):
+    """Spinning takes a CPU from no one while ranks x threads fit the CPUs:
+    then a wait spins for 2 ms before it sleeps; else for the adapted 0.2 ms or less."""
+    group = object.__new__(shared_memory.SharedMemoryGroup)  # the policy alone, no file
+    group.world, group._cpus, group._spin_s = 2, 2, 0.00005
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert group.spin_budget() == shared_memory._SPIN_OWN_CORES_S == 0.002
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # 4 threads on 2 CPUs
+    assert group.spin_budget() == 0.00005
+    group.world, group._cpus = 3, 4
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert group.spin_budget() == 0.002
