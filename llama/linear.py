@@ -347,7 +347,7 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
       kernel with fp32 activations was 4-20x slower; int8 x int8 (fbgemm,
       VNNI: Int8DynamicMatmul) was the fastest, but activations quantized
       per tensor cut top-1 agreement with bf16 to 53% on SmolLM2-135M (ours,
-      per group of 32: 96.8% one token a step, README Speed).
+      per group of 32: 97.1% one token a step, README Speed).
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
