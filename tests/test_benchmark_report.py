@@ -22,7 +22,7 @@ def test_report(capsys):
         "int8_quality": {"top1_agreement": 0.91, "max_abs_logit_error": 0.3, "logit_range": 12.0,
                          "bf16_vs_fp32_top1_agreement": 0.95},
         "read_bandwidth_GB_s": 29.0, "read_bandwidth_samples_GB_s": [26.0, 29.0, 31.0],
-        "mp2_decode_tok_s": {"float32": 7.1}, "int8_decoding": "int8 dot products",
+        "mp_decode_tok_s": {"float32": {"mp2": 7.1, "mp1": 7.9}}, "int8_decoding": "int8 dot products",
         "build": {"bfloat16": {"build_s": 1.2, "read_s": 0.8, "file_GB": 1.9, "page_cache": "warm"}},
     }
     print_table(res, a)
