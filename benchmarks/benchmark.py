@@ -10,9 +10,9 @@ bf16, int8 and fp32 (each the median of --rounds generations, the three
 taking turns in each round) and int8's agreement with bf16; transformers'
 LlamaForCausalLM on the same weights, dtype and threads; model parallelism
 (2 processes x 1 thread against 1 process x 2 threads, jobs taking turns);
-and Llama.build time against reading the checkpoint file once. Prints a report: the setup, a speed
-table (tokens/s, weight bandwidth, transformers beside us), int8 quality,
-model parallelism and loading time.
+and Llama.build time against reading the checkpoint file once. Prints a
+report: the setup, a speed table (tokens/s, weight bandwidth, transformers
+beside us), int8 quality, model parallelism and loading time.
 """
 
 import argparse
