@@ -86,7 +86,7 @@ def main(
             --nostream answers all dialogs in one call, then prints the answers and the metrics.
         interactive: Chat on the terminal instead of answering the examples
             (/help lists the commands; an empty line or Ctrl-D ends).
-        quantize: "int8" for weight-only int8 linear layers.
+        quantize: "int8" or "int4" (our CPU kernels only) for quantized linear layers.
         pipeline_stages: Under torchrun, split the layers into this many stages
             (world size / stages processes each), for nodes behind slow links.
         metrics_json: Write the inference metrics of every generation here (a JSON list).

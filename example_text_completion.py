@@ -64,7 +64,7 @@ def main(
         device: "cpu" or "cuda" (default: cuda if available).
         dtype: "bfloat16", "float32" or "float16" (GPU only); default: bfloat16 where the
             hardware computes it natively, else float32 (CPU) or float16 (GPU).
-        quantize: "int8" for weight-only int8 linear layers.
+        quantize: "int8" or "int4" (our CPU kernels only) for quantized linear layers.
         pipeline_stages: Under torchrun, split the layers into this many stages
             (world size / stages processes each), for nodes behind slow links.
         metrics_json: Also write the inference metrics here (a JSON list with one entry).

@@ -24,7 +24,7 @@ from .compiled import compile_decode
 from .distributed import choose_dtype, init_distributed, is_rank0
 from .engine import Completion, Engine, Request, TokenEvent
 from .fingerprint import check_same_checkpoint, replicated_hash
-from .linear import QUANTIZATIONS, describe_matmuls, use_kernels
+from .linear import QUANTIZATIONS, check_quantization, describe_matmuls, use_kernels
 from .messages import Dialog, Message, StopReason
 from .metrics import GenerationMetrics, MetricsRecorder, device_probes
 from .model import Transformer
@@ -106,9 +106,12 @@ class Llama:
                 else float16 on a GPU and float32 on a CPU (bfloat16 there
                 too if float32 weights would not fit in memory). The
                 "Loaded" log line says which and why.
-            quantize: "int8" for weight-only int8 linear layers (per output
-                channel, applied to each rank's shard after loading, on the
-                CPU, so a model that fits a GPU only in int8 loads), or None.
+            quantize: "int8" for int8 linear layers (a scale per 32 input
+                columns on our CPU kernels, per output channel elsewhere),
+                "int4" for 4-bit ones (a scale and a min per 32 columns, the
+                output layer int8; our CPU kernels only), or None. Applied
+                to each rank's shard after loading, on the CPU, so that a
+                model that fits a GPU only in int8 loads.
             threads: CPU threads this process computes with
                 (torch.set_num_threads). Default: the physical cores this
                 process may run on (its CPU affinity) divided among the
@@ -132,7 +135,7 @@ class Llama:
         """
         start = time.perf_counter()
         if quantize not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantize!r}; use 'int8' or leave it unset")
+            raise ValueError(f"unknown quantization {quantize!r}; use one of {QUANTIZATIONS[1:]} or leave it unset")
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be true or false, got {compile!r}")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
@@ -148,6 +151,7 @@ class Llama:
         args = _with_tokenizer_vocab(args, tokenizer, ckpt_dir)
 
         dist_info = init_distributed(device, model_parallel_size, pipeline_stages=pipeline_stages)
+        check_quantization(quantize, dist_info.device)
         need = _fp32_need(args, dist_info) if dtype is None and dist_info.device.type == "cpu" else (None, None)
         torch_dtype, dtype_reason = choose_dtype(dtype, dist_info.device, *need)
         torch.manual_seed(seed)
@@ -191,7 +195,7 @@ class Llama:
             compile_decode(model)
         logger.info("Loaded %s on %s in %.2f s: %s (%s)%s, %s%s, %d thread%s, rank %d of %d%s", folder,
                     dist_info.device, time.perf_counter() - start, str(torch_dtype).replace("torch.", ""), dtype_reason,
-                    ", int8 weights" if quantize else "", describe_matmuls(model),
+                    f", {quantize} weights" if quantize else "", describe_matmuls(model),
                     ", compiled decoding" if compile else "",
                     n_threads, "s" if n_threads > 1 else "", dist_info.rank, dist_info.world_size,
                     f", pipeline stage {dist_info.stage} of {dist_info.stages}: layers {layers.start}..{layers.stop - 1}"

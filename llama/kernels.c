@@ -16,6 +16,9 @@
  *   x: (M, K) fp32 or bf16 (x_bf16), y: (M, N) in the same dtype
  *   bf16 weights: w (N, K) as uint16
  *   int8 weights: w (N, K) int8 and scales (N, K / 32) fp32, W[n, k] = w[n, k] * scales[n, k / 32]
+ *   int4 weights: w (N, K / 2) uint8 and scales (N, K / 32, 2) fp16 (scale, min) per group of 32, with
+ *     W[n, 32 g + j] = q * scale + min, q = the low nibble of w[n, 16 g + j] for j < 16, else the high
+ *     nibble of w[n, 16 g + j - 16] (llama.cpp's Q4_1 layout)
  * K must be a multiple of 32. Sums are in fp32 (int8 dot products: exact in int32 per group).
  */
 #include <immintrin.h>
@@ -42,6 +45,11 @@ static inline vf ld_i8(const int8_t *p) {
 static inline vf ld_bf16(const uint16_t *p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+static inline vf ld_nib(const uint8_t *p, int hi) { /* 16 nibbles, low or high, of 16 bytes */
+  __m128i b = _mm_loadu_si128((const __m128i *)p);
+  b = _mm_and_si128(hi ? _mm_srli_epi16(b, 4) : b, _mm_set1_epi8(0x0f));
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+}
 static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
 #if defined(__AVX512VNNI__)
 /* int8 dot products (see tile_q8): 64 bytes, two groups of 32, a vector; vpdpbusd
@@ -61,6 +69,22 @@ INLINE vf q_w_scales(const float *s, int whole) { /* each group's scale over its
                : _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(s[0]));
 }
 INLINE vf q_cvt(vi v) { return _mm512_cvtepi32_ps(v); }
+/* int4 (see tile_q4): a chunk of W / 4 = 4 groups, 64 packed bytes, each
+ * group's dot product in 4 lanes: low nibbles by xq's first halves, high
+ * nibbles by its second halves (q4_x's layout); `groups` < 4 in a last chunk. */
+INLINE vi q4_dot(const uint8_t *w, int groups, const int8_t *q) {
+  __m512i v = groups == 4 ? _mm512_loadu_si512(w) : _mm512_maskz_loadu_epi8((1ULL << (16 * groups)) - 1, w);
+  __m512i nib = _mm512_set1_epi8(0x0f), lo = _mm512_and_si512(v, nib);
+  __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib); /* q in [0, 15]: unsigned, as vpdpbusd takes it */
+  __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(q));
+  return _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(q + 64));
+}
+INLINE void q4_scales(const uint16_t *sm, int groups, vf *scale, vf *min) { /* fp16 (scale, min) pairs, over 4 lanes each */
+  __m128i h = groups == 4 ? _mm_loadu_si128((const __m128i *)sm) : _mm_maskz_loadu_epi16((1 << (2 * groups)) - 1, sm);
+  __m512 v = _mm512_castps256_ps512(_mm256_cvtph_ps(h));
+  *scale = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), v);
+  *min = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7), v);
+}
 INLINE float q_group(const float *x, int8_t *q, int *sum) {
   __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16), sign = _mm512_set1_ps(-0.0f);
   float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
@@ -89,6 +113,11 @@ static inline vf ld_i8(const int8_t *p) {
 static inline vf ld_bf16(const uint16_t *p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+static inline vf ld_nib(const uint8_t *p, int hi) { /* 8 nibbles, low or high, of 8 bytes */
+  __m128i b = _mm_loadl_epi64((const __m128i *)p);
+  b = _mm_and_si128(hi ? _mm_srli_epi16(b, 4) : b, _mm_set1_epi8(0x0f));
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+}
 static inline float hsum(vf v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -115,6 +144,25 @@ INLINE vf q_w_scales(const float *s, int whole) {
   return _mm256_set1_ps(s[0]);
 }
 INLINE vf q_cvt(vi v) { return _mm256_cvtepi32_ps(v); }
+/* int4 (see tile_q4): a chunk of W / 4 = 2 groups, 32 packed bytes, each
+ * group's dot product in 4 lanes; no int16 sum passes 2 * 2 * 15 * 127. */
+INLINE vi q4_dot(const uint8_t *w, int groups, const int8_t *q) {
+  __m256i v = groups == 2 ? _mm256_loadu_si256((const __m256i *)w)
+                          : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)w));
+  __m256i nib = _mm256_set1_epi8(0x0f), lo = _mm256_and_si256(v, nib);
+  __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+  __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)q)),
+                                   _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(q + 32))));
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+INLINE void q4_scales(const uint16_t *sm, int groups, vf *scale, vf *min) {
+  int32_t pair;
+  memcpy(&pair, sm, 4);
+  __m128i h = groups == 2 ? _mm_loadl_epi64((const __m128i *)sm) : _mm_cvtsi32_si128(pair);
+  __m256 w = _mm256_castps128_ps256(_mm_cvtph_ps(h));
+  *scale = _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+  *min = _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3));
+}
 INLINE float q_group(const float *x, int8_t *q, int *sum) {
   float amax = 0;
   int nan = 0;
@@ -140,7 +188,7 @@ INLINE float q_group(const float *x, int8_t *q, int *sum) {
 #define MB 4       /* rows of x per pass over a tile of weights */
 
 /* Version of this interface; native.py refuses a library of another. */
-int llama_kernels_version(void) { return 4; }
+int llama_kernels_version(void) { return 5; }
 int llama_kernels_vector_width(void) { return W; }
 int llama_kernels_int8_dot(void) { /* 1: int8 weights by int8 dot products (tile_q8), 0: widened to fp32 */
 #ifdef QB
@@ -180,15 +228,19 @@ static inline void store(void *y, int y_bf16, long i, float v) {
   else ((float *)y)[i] = v;
 }
 
-enum kind { F32, BF16, Q8 }; /* the weight's format */
+enum kind { F32, BF16, Q8, Q4 }; /* the weight's format */
 
-INLINE vf ld_w(enum kind kind, const void *w, long i) {
+INLINE vf ld_w(enum kind kind, const void *w, long i) { /* weights i .. i + W - 1 of a row-major (N, K) W */
   if (kind == F32) return ld_f32((const float *)w + i);
   if (kind == BF16) return ld_bf16((const uint16_t *)w + i);
-  return ld_i8((const int8_t *)w + i);
+  if (kind == Q8) return ld_i8((const int8_t *)w + i);
+  long j = i % 32; /* within its group of 32: 16 bytes, weight j in byte j % 16, high nibble from 16 on */
+  return ld_nib((const uint8_t *)w + i / 32 * 16 + j % 16, j >= 16);
 }
 
-INLINE long w_size(enum kind kind) { return kind == F32 ? 4 : kind == BF16 ? 2 : 1; }
+INLINE long row_bytes(enum kind kind, long K) { /* of K weights */
+  return kind == F32 ? 4 * K : kind == BF16 ? 2 * K : kind == Q8 ? K : K / 2;
+}
 
 /* One tile: rows n0..n0+rr-1 of W against rows m0..m0+mb-1 of x. Each group of
  * 32 weights is widened once and used for every row of x. */
@@ -201,7 +253,8 @@ INLINE void tile(enum kind kind, int mb, int rr, long m0, long n0, const float *
   for (long g = 0; g < G; g++) {
     for (int r = 0; r < rr; r++) {
       long at = (n0 + r) * K + g * 32;
-      const char *ahead = (const char *)w + (at + PREFETCH_ROWS(kind) * K) * w_size(kind);
+      const char *ahead = (const char *)w + (n0 + r + PREFETCH_ROWS(kind)) * row_bytes(kind, K)
+                          + row_bytes(kind, g * 32);
       _mm_prefetch(ahead, _MM_HINT_T0);
       if (kind == F32) _mm_prefetch(ahead + 64, _MM_HINT_T0); /* 32 floats: two cache lines */
       vf wv[V];
@@ -212,6 +265,14 @@ INLINE void tile(enum kind kind, int mb, int rr, long m0, long n0, const float *
           vf t = vmul(ld_f32(xm), wv[0]);
           for (int v = 1; v < V; v++) t = vfma(ld_f32(xm + v * W), wv[v], t);
           acc[m][r] = vfma(t, vset1(s[(n0 + r) * G + g]), acc[m][r]);
+        } else if (kind == Q4) { /* (sum of x q) * scale + (sum of x) * min */
+          vf t = vmul(ld_f32(xm), wv[0]), xs = ld_f32(xm);
+          for (int v = 1; v < V; v++) {
+            t = vfma(ld_f32(xm + v * W), wv[v], t);
+            xs = vadd(xs, ld_f32(xm + v * W));
+          }
+          const uint16_t *sm = (const uint16_t *)s + 2 * ((n0 + r) * G + g); /* fp16 scale, min */
+          acc[m][r] = vfma(xs, vset1(_cvtsh_ss(sm[1])), vfma(t, vset1(_cvtsh_ss(sm[0])), acc[m][r]));
         } else {
           for (int v = 0; v < V; v++) acc[m][r] = vfma(ld_f32(xm + v * W), wv[v], acc[m][r]);
         }
@@ -230,11 +291,12 @@ INLINE void tile(enum kind kind, int mb, int rr, long m0, long n0, const float *
  * y[n] = sum over groups of sx * scale[n] * (xq . w[n]), the dot exact in int32.
  * Laid out per row and vector of QB bytes (QB / 32 groups, an odd last group
  * paired with zeros): q the xq; c -128 sum(xq) of each group in its first
- * int32 lane (for vpdpbusd, see q_dot); s each group's sx over its lanes. */
+ * int32 lane (for vpdpbusd, see q_dot); s each group's sx over its lanes.
+ * For int4 weights (q4_x) t is sx sum(xq) of each group in its first lane. */
 struct qx {
   int8_t *q;
   int32_t *c;
-  float *s;
+  float *s, *t;
   long vecs; /* per row */
 };
 
@@ -246,7 +308,7 @@ static int quantize_x(const float *x, long M, long K, struct qx *qx) {
   char *buf = aligned_alloc(64, size);
   if (!buf) return -1;
   memset(buf, 0, size);
-  *qx = (struct qx){(int8_t *)buf, (int32_t *)(buf + n * QB), (float *)(buf + n * (QB + 4 * W)), vecs};
+  *qx = (struct qx){(int8_t *)buf, (int32_t *)(buf + n * QB), (float *)(buf + n * (QB + 4 * W)), NULL, vecs};
   for (long m = 0; m < M; m++)
     for (long g = 0; g < G; g++) {
       long v = m * vecs + g / QG, lane = v * W + (g % QG) * (W / QG);
@@ -254,6 +316,32 @@ static int quantize_x(const float *x, long M, long K, struct qx *qx) {
       float sx = q_group(x + m * K + g * 32, qx->q + v * QB + (g % QG) * 32, &sum);
       qx->c[lane] = -128 * sum;
       for (int l = 0; l < W / QG; l++) qx->s[lane + l] = sx;
+    }
+  return 0;
+}
+
+/* x quantized as quantize_x does, laid out for int4 weights (tile_q4): per
+ * row and chunk of W / 4 groups, two vectors of bytes, the first halves of
+ * the chunk's groups (xq[0..15] of each) and then their second halves, which
+ * meet the packed weights' low and high nibbles; s each group's sx over its 4
+ * lanes, t sx sum(xq) in its first lane. A last chunk padded with zeros. */
+#define QC (W / 4) /* groups per chunk */
+static int q4_x(const float *x, long M, long K, struct qx *qx) {
+  long G = K / 32, vecs = (G + QC - 1) / QC, n = M * vecs;
+  char *buf = aligned_alloc(64, (n * (8 * W + 8 * W) + 63) / 64 * 64);
+  if (!buf) return -1;
+  memset(buf, 0, n * 16 * W);
+  *qx = (struct qx){(int8_t *)buf, NULL, (float *)(buf + n * 8 * W), (float *)(buf + n * 12 * W), vecs};
+  for (long m = 0; m < M; m++)
+    for (long g = 0; g < G; g++) {
+      long v = m * vecs + g / QC, j = g % QC;
+      int8_t tmp[32];
+      int sum;
+      float sx = q_group(x + m * K + g * 32, tmp, &sum);
+      memcpy(qx->q + v * 8 * W + j * 16, tmp, 16);
+      memcpy(qx->q + v * 8 * W + 4 * W + j * 16, tmp + 16, 16);
+      for (int l = 0; l < 4; l++) qx->s[v * W + 4 * j + l] = sx;
+      qx->t[v * W + 4 * j] = sx * (float)sum;
     }
   return 0;
 }
@@ -282,6 +370,36 @@ INLINE void tile_q8(int mb, int rr, long m0, long n0, const struct qx *qx, const
   for (int m = 0; m < mb; m++)
     for (int r = 0; r < rr; r++) store(y, y_bf16, (m0 + m) * N + n0 + r, hsum(acc[m][r]));
 }
+
+/* tile_q8 for int4 weights (a scale and a min per group), a chunk of W / 4
+ * groups at a time: the group's dot q . xq is exact in int32 (q unsigned,
+ * as the dot product instructions take their first operand), and
+ * y[n] = sum over groups of sx * (scale * (q . xq) + min * sum(xq)). */
+INLINE void tile_q4(int mb, int rr, long m0, long n0, const struct qx *qx, const uint8_t *w, const float *s, void *y,
+                    int y_bf16, long N, long K) {
+  long G = K / 32;
+  vf acc[MB][R];
+  for (int m = 0; m < mb; m++)
+    for (int r = 0; r < rr; r++) acc[m][r] = vzero();
+  for (long p = 0; p < qx->vecs; p++) {
+    int groups = G - p * QC < QC ? (int)(G - p * QC) : QC;
+    for (int r = 0; r < rr; r++) {
+      long at = (n0 + r) * (K / 2) + p * QC * 16;
+      _mm_prefetch((const char *)(w + at + PREFETCH_ROWS(Q4) * (K / 2)), _MM_HINT_T0);
+      const uint16_t *sm = (const uint16_t *)s + 2 * ((n0 + r) * G + p * QC);
+      _mm_prefetch((const char *)(sm + 2 * PREFETCH_ROWS(Q4) * G), _MM_HINT_T0);
+      vf sw, mw;
+      q4_scales(sm, groups, &sw, &mw);
+      for (int m = 0; m < mb; m++) {
+        long v = (m0 + m) * qx->vecs + p;
+        vf d = q_cvt(q4_dot(w + at, groups, qx->q + v * 8 * W));
+        acc[m][r] = vfma(mw, ld_f32(qx->t + v * W), vfma(d, vmul(sw, ld_f32(qx->s + v * W)), acc[m][r]));
+      }
+    }
+  }
+  for (int m = 0; m < mb; m++)
+    for (int r = 0; r < rr; r++) store(y, y_bf16, (m0 + m) * N + n0 + r, hsum(acc[m][r]));
+}
 #endif
 
 INLINE void run_tile(enum kind kind, int mb, int rr, long m0, long n0, const float *x, const struct qx *qx,
@@ -289,6 +407,10 @@ INLINE void run_tile(enum kind kind, int mb, int rr, long m0, long n0, const flo
 #ifdef QB
   if (kind == Q8) {
     tile_q8(mb, rr, m0, n0, qx, w, s, y, y_bf16, N, K);
+    return;
+  }
+  if (kind == Q4) {
+    tile_q4(mb, rr, m0, n0, qx, w, s, y, y_bf16, N, K);
     return;
   }
 #endif
@@ -307,7 +429,7 @@ INLINE int linear(enum kind kind, const void *x, int x_bf16, const void *w, cons
   if (!xf) return -1;
   struct qx qx = {0};
 #ifdef QB
-  if (kind == Q8 && quantize_x(xf, M, K, &qx)) {
+  if ((kind == Q8 && quantize_x(xf, M, K, &qx)) || (kind == Q4 && q4_x(xf, M, K, &qx))) {
     free(owned);
     return -1;
   }
@@ -348,6 +470,11 @@ int bf16_linear(const void *x, int x_bf16, const uint16_t *w, void *y, long M, l
 int q8_linear(const void *x, int x_bf16, const int8_t *w, const float *scales, void *y, long M, long N, long K,
               int threads) {
   return linear(Q8, x, x_bf16, w, scales, y, M, N, K, threads);
+}
+
+int q4_linear(const void *x, int x_bf16, const uint8_t *w, const float *scales, void *y, long M, long N, long K,
+              int threads) {
+  return linear(Q4, x, x_bf16, w, scales, y, M, N, K, threads);
 }
 
 /* ---- The rest of a decoding step: fused so that each is one call, not ten.
@@ -468,7 +595,7 @@ int decode_attention(const void *qkv, void *cache_k, void *cache_v, const float 
   return failed ? -1 : 0;
 }
 
-/* A linear layer's weight as decode_layers takes it: kind F32, BF16 or Q8 (then with scales). */
+/* A linear layer's weight as decode_layers takes it: kind F32, BF16, Q8 or Q4 (then with scales). */
 struct weight {
   int kind;
   const void *w;
@@ -480,7 +607,8 @@ static int linear_by(const struct weight *wt, const void *x, int x_bf16, void *y
                      int threads) {
   if (wt->kind == F32) return linear(F32, x, x_bf16, wt->w, NULL, y, M, N, K, threads);
   if (wt->kind == BF16) return linear(BF16, x, x_bf16, wt->w, NULL, y, M, N, K, threads);
-  return linear(Q8, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
+  if (wt->kind == Q8) return linear(Q8, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
+  return linear(Q4, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
 }
 
 static void add_into(void *h, const void *d, long n, int bf16) { /* h += d, rounded as PyTorch's add */

@@ -10,9 +10,9 @@ with AVX2 or AVX-512; else `F.linear` for fp32, oneDNN's prepacked linear for
 bf16 on AVX-512, per-channel weight-only int8 with bf16 activations; the
 measurements are in its docstring and benchmarks/linear_kernels.py).
 Int8DynamicMatmul (int8 x int8, VNNI, activations quantized per tensor) and
-Int4Matmul (group-wise 4-bit) are kept for that benchmark: not accurate
-enough to be chosen. NativeMatmul's int8 quantizes activations per group of
-32 instead, as llama.cpp's Q8_0 does.
+Int4Matmul (ATen's group-wise 4-bit) are kept for that benchmark: not
+accurate enough to be chosen. NativeMatmul's int8 and int4 quantize
+activations per group of 32 instead, as llama.cpp's Q8_0 does.
 
 `use_kernels(model, ...)` swaps each parallel layer, after its weights are
 loaded, for a `KernelLinear` that does the same collective through
@@ -40,9 +40,9 @@ from torch import nn
 from . import huge_pages, native
 from .collectives import all_gather_last_dim, all_reduce
 
-# int4 (Int4Matmul) is not offered: on SmolLM2-135M its top-1 agreement with
-# bf16 was 84% (group 32), under the 97% it would need (README, Speed).
-QUANTIZATIONS = (None, "int8")
+# int4: our kernels only (NativeMatmul), 4-bit blocks and an int8 output layer
+# (use_kernels; README, Speed).
+QUANTIZATIONS = (None, "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -162,21 +162,43 @@ class Int8DynamicMatmul(nn.Module):
         return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
 
 
-def int4_groups(weight: torch.Tensor, group: int):
-    """Asymmetric 4-bit per group of `group` input columns: (q in [0, 15],
-    scale, zero) with W ~= (q - 8) * scale + zero, as ATen's int4 kernel reads it."""
+def int4_groups(weight: torch.Tensor, group: int, scale_dtype: torch.dtype = torch.float32):
+    """Asymmetric 4-bit per group of `group` input columns (llama.cpp's Q4_1):
+    (q (N, K) in [0, 15], scale, min (N, K / group) fp32) with
+    W ~= q * scale + min of q's group, scale and min rounded to
+    `scale_dtype` (the kernel's). First the group's range in 15 steps; then,
+    where it has a smaller squared error, the least-squares scale and min
+    for those q, with q rounded again. That step took SmolLM2-135M's top-1
+    agreement with bf16 from 97.9% to 98.2% (one pass of 512 positions; one
+    token a step 95.7% to 96.1%), its perplexity from +0.23% to +0.08%; more
+    steps changed nothing."""
     n, k = weight.shape
     w = weight.float().reshape(n, k // group, group)
-    lo, hi = w.amin(-1), w.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
-    return q.reshape(n, k), scale, lo + 8 * scale
+
+    def rounded(scale, lo):
+        scale, lo = scale.to(scale_dtype).float(), lo.to(scale_dtype).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+        return q, scale, lo, ((q * scale[..., None] + lo[..., None] - w) ** 2).sum(-1)
+
+    lo = w.amin(-1)
+    q, scale, lo, error = rounded((w.amax(-1) - lo) / 15, lo)
+    sq, sq2, sw, sqw = q.sum(-1), (q * q).sum(-1), w.sum(-1), (q * w).sum(-1)  # least squares of w ~ q s + lo
+    det = group * sq2 - sq * sq
+    fit = det > 0  # q not all equal
+    fit_scale = torch.where(fit, (group * sqw - sq * sw) / torch.where(fit, det, 1), scale)
+    q2, scale2, lo2, error2 = rounded(fit_scale, torch.where(fit, (sw - fit_scale * sq) / group, lo))
+    better = error2 < error
+    q = torch.where(better[..., None], q2, q)
+    return q.reshape(n, k), torch.where(better, scale2, scale), torch.where(better, lo2, lo)
 
 
 def quantize_int4(weight: torch.Tensor, group: int):
     """int4_groups packed for ATen's `_weight_int4pack_mm_for_cpu`: (uint8
-    [n, k/2], scales and zeros [k/group, n, 2] float32)."""
-    q, scale, zero = int4_groups(weight, group)
+    [n, k/2], scales and zeros [k/group, n, 2] float32), which it reads as
+    W ~= (q - 8) * scale + zero."""
+    q, scale, lo = int4_groups(weight, group)
+    zero = lo + 8 * scale
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
 
@@ -214,6 +236,30 @@ def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return F.linear(x, qweight.to(x.dtype) * scales.to(x.dtype)[:, None])
 
 
+def group_int4(weight: torch.Tensor):
+    """int4_groups per native.GROUP columns as kernels.c reads them (llama.cpp's
+    Q4_1): (packed (N, K / 2) uint8, scales (N, K / GROUP, 2) fp16 = (scale,
+    min)), q computed against the fp16 scale and min; weight j of a group in
+    byte j % 16 of the group's 16, the low nibble for j < 16. 0.625 bytes a
+    weight. ValueError for weights beyond fp16's range."""
+    n, k = weight.shape
+    if not weight.isfinite().all() or weight.abs().max() > torch.finfo(torch.float16).max:
+        raise ValueError(f"int4 keeps fp16 scales: this ({n}, {k}) weight has values beyond fp16's range "
+                         f"(±{torch.finfo(torch.float16).max:g}) or not finite; use --quantize int8")
+    q, scale, lo = int4_groups(weight, native.GROUP, torch.float16)
+    q = q.to(torch.uint8).reshape(n, k // native.GROUP, 2, native.GROUP // 2)
+    packed = q[:, :, 0] | (q[:, :, 1] << 4)
+    return packed.reshape(n, k // 2).contiguous(), torch.stack([scale, lo], -1).half().contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """group_int4's weight (N, K) in `dtype`, as the kernels read it."""
+    n, half = packed.shape
+    p = packed.view(n, -1, native.GROUP // 2)
+    q = torch.cat([p & 15, p >> 4], dim=-1).to(dtype)  # (N, K / GROUP, GROUP)
+    return (q * scales[..., :1].to(dtype) + scales[..., 1:].to(dtype)).view(n, 2 * half)
+
+
 def group_int8(weight: torch.Tensor, group: int = native.GROUP):
     """Symmetric int8 per group of `group` input columns: (q (N, K) int8 in
     [-127, 127], scales (N, K / group) fp32) with W ~= q * scale of q's group.
@@ -228,16 +274,18 @@ def group_int8(weight: torch.Tensor, group: int = native.GROUP):
 
 class NativeMatmul(nn.Module):
     """Our kernels (llama/native.py) for up to native.MAX_ROWS rows: fp32 or
-    bf16 weights, or int8 with one scale per 32 input columns (quantize="int8";
-    activations then quantized per group of 32 too where native.int8_dot());
-    activations fp32 or bf16, sums in fp32. Above MAX_ROWS (prefill), PyTorch's
-    GEMM on the weight widened to `wide`: fp32 where the CPU has no native bf16
-    (emulated bf16 GEMMs ran at a third of fp32's speed), else the weight's dtype."""
+    bf16 weights, int8 with one scale per 32 input columns (quantize="int8"),
+    or int4 with a scale and a min per 32 (quantize="int4", group_int4);
+    quantized weights meet activations quantized per group of 32 where
+    native.int8_dot(); activations fp32 or bf16, sums in fp32. Above MAX_ROWS
+    (prefill), PyTorch's GEMM on the weight widened to `wide`: fp32 where the
+    CPU has no native bf16 (emulated bf16 GEMMs ran at a third of fp32's
+    speed), else the weight's dtype."""
 
     def __init__(self, weight: torch.Tensor, quantize: Optional[str], cpu: CpuCapability):
         super().__init__()
-        if quantize == "int8":
-            q, scales = group_int8(weight)
+        if quantize in ("int8", "int4"):
+            q, scales = group_int8(weight) if quantize == "int8" else group_int4(weight)
             self.weight = nn.Parameter(q, requires_grad=False)
             self.scales = nn.Parameter(scales, requires_grad=False)
         else:
@@ -250,6 +298,8 @@ class NativeMatmul(nn.Module):
         """The weight as the kernels read it, (N, K) in `dtype`."""
         if self.scales is None:
             return self.weight.to(dtype)
+        if self.weight.dtype == torch.uint8:
+            return unpack_int4(self.weight, self.scales, dtype)
         n, k = self.weight.shape
         return (self.weight.view(n, -1, native.GROUP).to(dtype) * self.scales.to(dtype)[..., None]).view(n, k)
 
@@ -348,13 +398,26 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
       VNNI: Int8DynamicMatmul) was the fastest, but activations quantized
       per tensor cut top-1 agreement with bf16 to 53% on SmolLM2-135M (ours,
       per group of 32: 97.1% one token a step, README Speed).
+    * int4: none (ValueError): ATen's group-wise int4 kernel reads bf16
+      activations and agreed less with bf16 than ours does; int4 is only
+      worth its quality loss where it is faster than int8.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
-    if (device or weight.device).type != "cpu":
+    on_cpu = (device or weight.device).type == "cpu"
+    cpu = cpu or cpu_capability() if on_cpu else None
+    ours = (on_cpu and cpu.isa in ("AVX2", "AVX512") and weight.dtype in (torch.float32, torch.bfloat16)
+            and native.supports(weight))
+    if quantize == "int4" and not ours:
+        where = (f"on {(device or weight.device).type}" if not on_cpu else
+                 f"for a ({weight.shape[0]}, {weight.shape[1]}) {weight.dtype} weight on this CPU "
+                 f"(our kernels: {native.status()}; they need x86 AVX2 or AVX-512, a C compiler and "
+                 f"a multiple of {native.GROUP} input columns per rank)")
+        raise ValueError(f"--quantize int4 runs on our CPU kernels only, which do not apply {where}; "
+                         "use --quantize int8")
+    if not on_cpu:
         return Int8Matmul(weight) if quantize == "int8" else PlainMatmul(weight)
-    cpu = cpu or cpu_capability()
-    if cpu.isa in ("AVX2", "AVX512") and weight.dtype in (torch.float32, torch.bfloat16) and native.supports(weight):
+    if ours:
         return NativeMatmul(weight, quantize, cpu)
     if quantize == "int8":
         return Int8Matmul(weight, torch.bfloat16)
@@ -363,23 +426,42 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
     return PlainMatmul(weight)
 
 
+def check_quantization(quantize: Optional[str], device: torch.device) -> None:
+    """Before any weight is read: ValueError if `quantize` cannot run on
+    `device` (int4 needs our CPU kernels; whether each weight's shape suits
+    them, choose_matmul says)."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
+    if quantize == "int4" and (device.type != "cpu" or native.library() is None
+                               or cpu_capability().isa not in ("AVX2", "AVX512")):
+        where = f"on {device.type}" if device.type != "cpu" else f"on this CPU (our kernels: {native.status()})"
+        raise ValueError(f"--quantize int4 runs on our CPU kernels only (x86 with AVX2 or AVX-512 and a C compiler), "
+                         f"not {where}; use --quantize int8")
+
+
 def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Optional[torch.device] = None) -> nn.Module:
     """Gives every fairscale parallel linear layer of `model` a faster matmul, in place,
     for the device it will run on (`device`, default where its weights are).
 
-    Each matmul is choose_matmul's for this CPU (oneDNN's prepacked linear or
-    F.linear); with quantize="int8", weight-only int8 on any device. Only
-    leaf layers are swapped, found by type: this module knows no attribute
-    names of the model (which already fuses wq|wk|wv and w1|w3 into single,
-    larger matmuls). Each rank converts its own shard. The model can no
+    Each matmul is choose_matmul's for this CPU (ours, oneDNN's prepacked
+    linear or F.linear); with quantize="int8", int8 weights on any device;
+    with "int4", 4-bit weights on our CPU kernels, except the output layer
+    (`model.output`), which stays int8: as llama.cpp's 4-bit mixes keep it
+    at 6 bits or more, because 4 bits there cut SmolLM2-135M's top-1
+    agreement with bf16 from 97.9% to 79% (one pass of 512 positions). Only
+    leaf layers are swapped, found by type (and the output layer by that
+    one name): the model already fuses wq|wk|wv and w1|w3 into single,
+    larger matmuls. Each rank converts its own shard. The model can no
     longer load a state dict afterwards: this is the last step of building it.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
+    output = getattr(model, "output", None)
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                setattr(module, child_name, KernelLinear(child, choose_matmul(child.weight.data, quantize, device=device)))
+                q = "int8" if quantize == "int4" and child is output else quantize
+                setattr(module, child_name, KernelLinear(child, choose_matmul(child.weight.data, q, device=device)))
             elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
                 setattr(module, child_name, KernelEmbedding(child))
     _weights_on_huge_pages(model)
@@ -419,8 +501,8 @@ def describe_matmuls(model: nn.Module) -> str:
     ours = [m.matmul for m in model.modules() if isinstance(m, KernelLinear) and isinstance(m.matmul, NativeMatmul)]
     if not ours:
         return "PyTorch's kernels"
-    int8 = any(m.weight.dtype == torch.int8 for m in ours)
-    return f"our {native.status()} kernels" + (", int8 dot products" if int8 and native.int8_dot() else "")
+    quantized = any(m.weight.dtype in (torch.int8, torch.uint8) for m in ours)
+    return f"our {native.status()} kernels" + (", int8 dot products" if quantized and native.int8_dot() else "")
 
 
 def native_weight(layer: nn.Module) -> Optional[tuple]:

@@ -7,9 +7,10 @@ bf16 weights on CPUs without native bf16 (emulated), group-wise int8 (no
 ATen kernel at all) and fp32 beyond one row (MKL's sgemm at 2-16 rows read
 the weights at half the speed of one). kernels.c widens each fp32 or bf16
 weight to fp32 in registers, as llama.cpp does, with AVX2+FMA or AVX-512;
-int8 weights meet activations quantized per group of 32 (as llama.cpp's
-Q8_0) in int8 dot products, on AVX2 and AVX-512 VNNI (`int8_dot()`); measured
-in benchmarks/linear_kernels.py and in the README's Speed section.
+int8 and int4 weights meet activations quantized per group of 32 (as
+llama.cpp's Q8_0) in int8 dot products, on AVX2 and AVX-512 VNNI
+(`int8_dot()`); measured in benchmarks/linear_kernels.py and in the README's
+Speed section.
 
 The library is built once per source, compiler and CPU (`cc -O3
 -march=native -fopenmp`, about a second; $LLAMA_NATIVE_ARCH replaces native)
@@ -38,11 +39,11 @@ import torch
 logger = logging.getLogger("llama")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-VERSION = 4  # kernels.c's llama_kernels_version()
+VERSION = 5  # kernels.c's llama_kernels_version()
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so that
 # the elementwise kernels round as PyTorch does (the matmuls use FMA explicitly).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-GROUP = 32  # int8 weights: one scale per this many input columns (kernels.c's group)
+GROUP = 32  # int8 and int4 weights: one scale per this many input columns (kernels.c's group)
 MAX_ROWS = 16  # above this many rows, MKL's sgemm is as fast (benchmarks/linear_kernels.py)
 MAX_HEAD_DIM = 256  # kernels.c's decode_attention keeps a head's output in registers
 
@@ -102,12 +103,19 @@ class _Block(ctypes.Structure):
                 ("cache_v", ctypes.c_void_p)]
 
 
-KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.c's enum kind
+# kernels.c's enum kind, by the weight tensor's dtype (int4: two weights a uint8)
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+
+
+def in_features(weight: torch.Tensor) -> int:
+    """K of a weight as the kernels hold it: (N, K), or (N, K / 2) packed int4."""
+    return weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.q8_linear.argtypes = [p, i, p, p, p, n, n, n, i]
+    lib.q4_linear.argtypes = [p, i, p, p, p, n, n, n, i]
     lib.bf16_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.f32_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.rms_norm.argtypes = [p, p, p, n, n, ctypes.c_float, i, i]
@@ -116,8 +124,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.decode_layers.argtypes = [p, ctypes.POINTER(_Block), n, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
     lib.decode_half.argtypes = [p, p, p, i, p, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
     lib.rms_norm.restype = lib.silu_mul.restype = None
-    for f in (lib.q8_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers, lib.decode_half,
-              lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot):
+    for f in (lib.q8_linear, lib.q4_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers,
+              lib.decode_half, lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot):
         f.restype = i
 
 
@@ -160,9 +168,9 @@ def _load():
 
 
 def int8_dot() -> bool:
-    """Whether int8 weights meet int8-quantized activations (kernels.c's
-    tile_q8: AVX2, or AVX-512 with VNNI) rather than being widened to fp32
-    (AVX-512 without VNNI). False without our kernels."""
+    """Whether int8 and int4 weights meet int8-quantized activations
+    (kernels.c's tile_q8 and tile_q4: AVX2, or AVX-512 with VNNI) rather
+    than being widened to fp32 (AVX-512 without VNNI). False without our kernels."""
     lib = library()
     return lib is not None and bool(lib.llama_kernels_int8_dot())
 
@@ -174,23 +182,27 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x @ weight.T for x (..., K) in fp32 or bf16 (returned in x's dtype),
-    weight (N, K) fp32, bf16, or int8 with `scales` (N, K / GROUP) fp32;
-    all contiguous on the CPU. Sums in fp32; by int8 weights, where
+    """x @ W.T for x (..., K) in fp32 or bf16 (returned in x's dtype), W
+    (N, K) as `weight`: fp32, bf16, int8 (N, K) with `scales` (N, K / GROUP)
+    fp32, or int4 packed two a byte (N, K / 2) uint8 with `scales` (N, K /
+    GROUP, 2) fp32 = (scale, min) (linear.group_int4's layout); all
+    contiguous on the CPU. Sums in fp32; by int8 or int4 weights, where
     `int8_dot()`, each group of GROUP values of x is first quantized to int8
     with the scale max|x| / 127 (llama.cpp's Q8_0) and the group's dot
     product is exact in int32."""
     lib = library()
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != weight.shape[1]:
-        raise TypeError(f"native.linear takes fp32 or bf16 x (..., {weight.shape[1]}), not {x.dtype} {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != in_features(weight):
+        raise TypeError(f"native.linear takes fp32 or bf16 x (..., {in_features(weight)}), "
+                        f"not {x.dtype} {tuple(x.shape)}")
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     rows, n = x2.shape[0], weight.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype)
     x_bf16 = int(x.dtype == torch.bfloat16)
     threads = torch.get_num_threads()
-    if weight.dtype == torch.int8:
-        err = lib.q8_linear(x2.data_ptr(), x_bf16, weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, n, k, threads)
+    if weight.dtype in (torch.int8, torch.uint8):
+        quantized = lib.q8_linear if weight.dtype == torch.int8 else lib.q4_linear
+        err = quantized(x2.data_ptr(), x_bf16, weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, n, k, threads)
     elif weight.dtype == torch.bfloat16:
         err = lib.bf16_linear(x2.data_ptr(), x_bf16, weight.data_ptr(), y.data_ptr(), rows, n, k, threads)
     else:
@@ -270,10 +282,11 @@ class BlockWeights:
     def __init__(self, linears, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
                  cache_k: torch.Tensor, cache_v: torch.Tensor, n_q: int, n_kv: int):
         dim, head_dim = ffn_norm.shape[0], cache_k.shape[-1]
-        hidden = linears[3][0].shape[1]
+        hidden = in_features(linears[3][0])
         shapes = [((n_q + 2 * n_kv) * head_dim, dim), (dim, n_q * head_dim), (2 * hidden, dim), (dim, hidden)]
-        if [tuple(w.shape) for w, _ in linears] != shapes:
-            raise ValueError(f"decode_layers: weights {[tuple(w.shape) for w, _ in linears]}, expected {shapes}")
+        got = [(w.shape[0], in_features(w)) for w, _ in linears]
+        if got != shapes:
+            raise ValueError(f"decode_layers: weights {got}, expected {shapes}")
         # What every block of one decode_layers call must share:
         self.shape = (attention_norm.dtype, eps, dim, n_q, n_kv, hidden, tuple(cache_k.shape))
         self.tensors = (linears, attention_norm, ffn_norm, cache_k, cache_v)

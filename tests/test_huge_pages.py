@@ -51,7 +51,7 @@ def test_weights_stay_put_where_huge_pages_are_off_or_memory_is_short(tmp_path, 
 
 
 @pytest.mark.skipif(native.library() is None, reason=f"no native kernels here: {native.status()}")
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_a_built_model_streams_its_weights_from_one_arena_in_decoding_order(make_ckpt, monkeypatch, quantize):
     ckpt = make_ckpt("llama3")
     build = lambda: Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64,  # noqa: E731

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from llama import Llama
 from llama import native
 from llama.linear import (CpuCapability, Int4Matmul, Int8DynamicMatmul, Int8Matmul, KernelLinear, NativeMatmul,
-                          OneDNNMatmul, PlainMatmul, choose_matmul, cpu_capability, int4_groups, onednn_available)
+                          OneDNNMatmul, PlainMatmul, check_quantization, choose_matmul, cpu_capability, int4_groups,
+                          onednn_available)
 
 SHAPES = [(1, 64), (8, 64), (2, 5, 64)]  # M=1 (decoding), M=8 (a batch), 3-D (bs, seq, dim)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
@@ -28,9 +29,9 @@ def inputs(dtype, seed=1):
 
 
 def int4_dequantized(w, group):
-    q, scale, zero = int4_groups(w, group)
+    q, scale, lo = int4_groups(w, group)
     n, k = w.shape
-    return ((q.reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    return (q.reshape(n, k // group, group) * scale[..., None] + lo[..., None]).reshape(n, k)
 
 
 @pytest.mark.skipif(not onednn_available(torch.float32), reason="this PyTorch has no oneDNN linear")
@@ -155,13 +156,21 @@ def test_each_capability_gets_its_path_and_it_matches(cpu, dtype, quantize):
         assert (y.float() - ref).norm() / ref.norm() < 0.01
 
 
-def test_kernels_replace_every_parallel_linear(make_ckpt):
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_kernels_replace_every_parallel_linear(make_ckpt, quantize):
+    """Each linear layer holds its quantized weight (int4: the output layer
+    in int8, as llama.cpp's 4-bit mixes keep it at 6 bits or more)."""
+    if quantize == "int4" and native.library() is None:
+        pytest.skip(f"int4 runs on our kernels only, and there are none here: {native.status()}")
     ckpt = make_ckpt("llama3")
     gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1,
-                      device="cpu", dtype="bfloat16", quantize="int8")
+                      device="cpu", dtype="bfloat16", quantize=quantize)
     kernels = [m for m in gen.model.modules() if isinstance(m, KernelLinear)]
     assert len(kernels) == 2 * 4 + 1  # wqkv, wo, w13 and w2 per layer, plus the output layer
     assert all(type(k.matmul) is (NativeMatmul if native.library() else Int8Matmul) for k in kernels)
+    if native.library():
+        held = {torch.int8: "int8", torch.uint8: "int4"}
+        assert [held[k.matmul.weight.dtype] for k in kernels] == [quantize] * 8 + ["int8"]
     layer = gen.model.layers[0]
     assert gen.model.output.collective == "gather" and layer.attention.wo.collective == "reduce"
     assert layer.attention.wqkv.matmul.dequantized().shape == (4 * 16 + 2 * 2 * 16, 64)  # 4 query heads, 2 KV heads
@@ -170,19 +179,22 @@ def test_kernels_replace_every_parallel_linear(make_ckpt):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_int8_model_agrees_with_bf16(make_ckpt, dtype):
+@pytest.mark.parametrize("quantize, agreement, spread", [("int8", 0.9, 0.2), ("int4", 0.65, 0.2)])
+def test_quantized_model_agrees_with_bf16(make_ckpt, dtype, quantize, agreement, spread):
     """Teacher-forced top-1 agreement with the bf16 model, and greedy tokens
     the same for the first steps. Random tiny weights are harder to quantize
     than trained ones (no position is confidently predicted), hence the rates
     here: the real-model figures are in the README."""
+    if quantize == "int4" and native.library() is None:
+        pytest.skip(f"int4 runs on our kernels only, and there are none here: {native.status()}")
     ckpt = make_ckpt("llama3", dtype=torch.bfloat16)
     kw = dict(max_seq_len=64, max_batch_size=2, device="cpu")
     base = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), dtype="bfloat16", **kw)
-    quant = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), dtype=dtype, quantize="int8", **kw)
+    quant = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), dtype=dtype, quantize=quantize, **kw)
     tokens = torch.randint(0, 128000, (2, 40), generator=torch.Generator().manual_seed(3))
     ref, got = base.model.forward(tokens, 0), quant.model.forward(tokens, 0)
-    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
-    assert (ref - got).abs().max() < 0.2 * (ref.max() - ref.min())
+    assert (ref.argmax(-1) == got.argmax(-1)).float().mean() >= agreement
+    assert (ref - got).abs().max() < spread * (ref.max() - ref.min())
     prompt = [[128000, 1000, 2000, 3000]]
     same = [g.generate(prompt, max_gen_len=3, temperature=0)[0][0] for g in (base, quant)]
     assert same[0] == same[1]
@@ -190,10 +202,31 @@ def test_int8_model_agrees_with_bf16(make_ckpt, dtype):
 
 def test_unknown_quantization(make_ckpt):
     ckpt = make_ckpt("llama3")
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
-        Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, quantize="int4")
-    with pytest.raises(ValueError, match="unknown quantization 'int4'.*int8"):
-        choose_matmul(weight(), "int4")
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, quantize="int3")
+    with pytest.raises(ValueError, match="unknown quantization 'int3'.*int8.*int4"):
+        choose_matmul(weight(), "int3")
+
+
+def test_int4_where_our_kernels_cannot_run_is_refused_before_loading(make_ckpt, monkeypatch):
+    """int4 has no PyTorch path: on a GPU, without our kernels, or for a
+    weight they cannot take, a clear error that says to use int8."""
+    with pytest.raises(ValueError, match="int4 runs on our CPU kernels only.*not on cuda.*int8"):
+        check_quantization("int4", torch.device("cuda"))
+    with pytest.raises(ValueError, match="int4 runs on our CPU kernels only.*on cuda.*int8"):
+        choose_matmul(weight(), "int4", device=torch.device("cuda"))
+    with pytest.raises(ValueError, match=r"\(96, 48\).*multiple of 32.*int8"):
+        choose_matmul(torch.zeros(96, 48), "int4", CpuCapability("AVX512"))
+    check_quantization("int8", torch.device("cuda"))  # int8 has a GPU path
+    ckpt = make_ckpt("llama3")
+    monkeypatch.setenv("LLAMA_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=r"int4 runs on our CPU kernels only.*off \(LLAMA_NATIVE=0\).*int8"):
+            Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=1, quantize="int4")
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
 
 
 @pytest.mark.parametrize("family", ["llama2", "llama3"])

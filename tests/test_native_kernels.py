@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama, native
-from llama.linear import CpuCapability, NativeMatmul, PlainMatmul, choose_matmul, group_int8
+from llama.linear import CpuCapability, NativeMatmul, PlainMatmul, choose_matmul, group_int4, group_int8, unpack_int4
 
 CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
 CAN_BUILD = bool(shutil.which("cc") or shutil.which("gcc")) and " avx2 " in CPU_FLAGS and " fma " in CPU_FLAGS
@@ -32,16 +32,45 @@ def weight(n, k, seed=0):
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
 
 
-def q8_reference(x, q, scales):
-    """x @ (q * scales)^T as kernels.c's int8 dot products compute it, in
-    float64: each group of 32 of x quantized to int8 with the scale
-    max|x| / 127 (llama.cpp's Q8_0), the dot with q exact, then both scales."""
+def quantized_x(x):
+    """x (rows, K) per group of 32 as kernels.c quantizes it for int8 dot
+    products (llama.cpp's Q8_0): (xq (rows, K / 32, 32), sx (rows, K / 32))
+    in float64, sx = max|x| / 127 and xq = round(x / sx)."""
     rows, k = x.shape
     xg = x.double().view(rows, k // 32, 32)
     amax = xg.abs().amax(-1, keepdim=True)
     xq = torch.where(amax > 0, torch.round(xg.float() * (127 / amax.float())).double(), 0.0)
-    dots = torch.einsum("mgi,ngi->mng", xq, q.double().view(q.shape[0], k // 32, 32))
-    return (dots * (amax[..., 0] / 127)[:, None, :] * scales.double()[None]).sum(-1)
+    return xq, amax[..., 0] / 127
+
+
+def q8_reference(x, q, scales):
+    """x @ (q * scales)^T as kernels.c's int8 dot products compute it, in
+    float64: the dot of quantized_x with q exact, then both scales."""
+    xq, sx = quantized_x(x)
+    dots = torch.einsum("mgi,ngi->mng", xq, q.double().view(q.shape[0], *xq.shape[1:]))
+    return (dots * sx[:, None, :] * scales.double()[None]).sum(-1)
+
+
+def q4_reference(x, packed, scales):
+    """x @ W^T for group_int4's (packed, scales) as kernels.c's int4 by int8
+    dot products compute it, in float64: per group sx * (scale * (q . xq) +
+    min * sum(xq)), the dot exact."""
+    xq, sx = quantized_x(x)
+    p = packed.view(packed.shape[0], -1, 16)
+    q = torch.cat([p & 15, p >> 4], dim=-1).double()
+    dots = torch.einsum("mgi,ngi->mng", xq, q)
+    s = scales.double()[None]
+    return ((dots * s[..., 0] + xq.sum(-1)[:, None, :] * s[..., 1]) * sx[:, None, :]).sum(-1)
+
+
+def quantized(kind, w):
+    """(weight, scales) of `w` as NativeMatmul holds it for "int8" or "int4",
+    the float weight they stand for, and the kernels' reference."""
+    if kind == "int8":
+        q, scales = group_int8(w)
+        return q, scales, (q.view(*w.shape[:1], -1, 32).float() * scales[..., None]).view(w.shape), q8_reference
+    q, scales = group_int4(w)
+    return q, scales, unpack_int4(q, scales, torch.float32), q4_reference
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no C compiler or no AVX2+FMA: the fallback is tested below")
@@ -54,16 +83,18 @@ def test_builds_here_into_its_cache_without_leftovers(fresh_library):
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_kernels_equal_f_linear_on_the_weight_they_hold(kind, x_dtype):
     """Every row count up to and past MAX_ROWS (PyTorch's GEMM there), a row
     count that leaves a partial tile (37), 3-D input; sums in fp32, so fp32
-    is exact to rounding and bf16 output to one bf16 step. int8 by int8 dot
-    products (native.int8_dot()) equals q8_reference instead, up to MAX_ROWS;
-    96 columns are three groups, so the last vector of 64 has one."""
+    is exact to rounding and bf16 output to one bf16 step (where the sum is
+    not about 0). int8 and int4 by
+    int8 dot products (native.int8_dot()) equal q8_reference and
+    q4_reference instead, up to MAX_ROWS; 96 columns are three groups, so
+    the last vector of 64 has one."""
     w = weight(37, 96)
-    mm = NativeMatmul(w.bfloat16() if kind == "bf16" else w, "int8" if kind == "int8" else None,
+    mm = NativeMatmul(w.bfloat16() if kind == "bf16" else w, kind if kind in ("int8", "int4") else None,
                       CpuCapability("AVX512"))
     held = mm.dequantized()
     for rows in list(range(1, 10)) + [native.MAX_ROWS, native.MAX_ROWS + 1, 40]:
@@ -71,24 +102,25 @@ def test_kernels_equal_f_linear_on_the_weight_they_hold(kind, x_dtype):
         y = mm(x)
         assert y.dtype == x_dtype and y.shape == (rows, 37)
         ref = F.linear(x.float(), held)
-        if kind == "int8" and native.int8_dot() and rows <= native.MAX_ROWS:
-            ref = q8_reference(x.float(), mm.weight, mm.scales).float()
+        if kind in ("int8", "int4") and native.int8_dot() and rows <= native.MAX_ROWS:
+            ref = (q8_reference if kind == "int8" else q4_reference)(x.float(), mm.weight, mm.scales).float()
         if x_dtype == torch.float32:
             torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
         else:
-            torch.testing.assert_close(y, ref.bfloat16(), atol=0, rtol=2 ** -7)
+            torch.testing.assert_close(y, ref.bfloat16(), atol=1e-6, rtol=2 ** -7)  # atol: sums that cancel to ~0
     x3 = torch.randn(2, 5, 96).to(x_dtype)
     torch.testing.assert_close(mm(x3).float(), mm(x3.reshape(10, 96)).float().reshape(2, 5, 37))
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no C compiler or no AVX2+FMA")
 @pytest.mark.parametrize("arch", ["haswell", "skylake-avx512", "native"])
-def test_int8_kernels_for_each_instruction_set(fresh_library, monkeypatch, arch):
-    """The library built for AVX2 (vpmaddubsw, llama.cpp's sign trick), for
-    AVX-512 without VNNI (weights widened to fp32) and for this CPU: int8
-    by int8 dot products equal q8_reference, widened ones F.linear, and both
-    stay within the quantization's bound of F.linear on the held weight; a
-    NaN in x gives NaN in its row only, as F.linear does."""
+def test_quantized_kernels_for_each_instruction_set(fresh_library, monkeypatch, arch):
+    """The library built for AVX2 (vpmaddubsw; llama.cpp's sign trick for
+    int8), for AVX-512 without VNNI (weights widened to fp32) and for this
+    CPU: int8 and int4 by int8 dot products equal q8_reference and
+    q4_reference, widened ones F.linear, and all stay within the
+    activations' quantization bound of F.linear on the held weight; a NaN in
+    x gives NaN in its row only, as F.linear does."""
     if arch == "skylake-avx512" and " avx512f " not in CPU_FLAGS:
         pytest.skip("this CPU has no AVX-512")
     monkeypatch.setenv("LLAMA_NATIVE_ARCH", arch)
@@ -96,20 +128,20 @@ def test_int8_kernels_for_each_instruction_set(fresh_library, monkeypatch, arch)
     assert native.library() is not None, native.status()
     here = " avx512_vnni " in CPU_FLAGS or " avx512f " not in CPU_FLAGS
     assert native.int8_dot() == {"haswell": True, "skylake-avx512": False, "native": here}[arch]
-    q, scales = group_int8(weight(67, 160, seed=3))  # a partial tile; five groups: an odd last one
-    held = (q.view(67, 5, 32).float() * scales[..., None]).view(67, 160)
-    x = torch.randn(6, 160, generator=torch.Generator().manual_seed(9))
-    x[2, 40:45] = torch.tensor([30.0, -0.0, 1e-30, -7.0, 0.0])  # an outlier coarsens its own group only
-    x[4, 96:128] = 0.0  # a group of zeros: scale 0, not NaN
-    y = native.linear(x, q, scales).double()
-    exact = F.linear(x.double(), held.double())
-    torch.testing.assert_close(y, q8_reference(x, q, scales) if native.int8_dot() else exact, rtol=1e-5, atol=1e-5)
-    step = x.view(6, 5, 32).abs().amax(-1) / 127  # |x - sx xq| <= sx / 2 per element
-    bound = (step / 2).double() @ held.abs().view(67, 5, 32).sum(-1).double().T
-    assert ((y - exact).abs() <= bound * 1.001 + 1e-6).all()
-    x[3, 77] = float("nan")
-    y = native.linear(x, q, scales)
-    assert y[3].isnan().all() and not y[[0, 1, 2, 4, 5]].isnan().any()
+    for kind in ("int8", "int4"):
+        q, scales, held, reference = quantized(kind, weight(67, 160, seed=3))  # a partial tile; an odd last group
+        x = torch.randn(6, 160, generator=torch.Generator().manual_seed(9))
+        x[2, 40:45] = torch.tensor([30.0, -0.0, 1e-30, -7.0, 0.0])  # an outlier coarsens its own group only
+        x[4, 96:128] = 0.0  # a group of zeros: scale 0, not NaN
+        y = native.linear(x, q, scales).double()
+        exact = F.linear(x.double(), held.double())
+        torch.testing.assert_close(y, reference(x, q, scales) if native.int8_dot() else exact, rtol=1e-5, atol=1e-5)
+        step = x.view(6, 5, 32).abs().amax(-1) / 127  # |x - sx xq| <= sx / 2 per element
+        bound = (step / 2).double() @ held.abs().view(67, 5, 32).sum(-1).double().T
+        assert ((y - exact).abs() <= bound * 1.001 + 1e-6).all(), kind
+        x[3, 77] = float("nan")
+        y = native.linear(x, q, scales)
+        assert y[3].isnan().all() and not y[[0, 1, 2, 4, 5]].isnan().any(), kind
 
 
 @needs_native
@@ -140,6 +172,35 @@ def test_group_int8_is_within_half_a_step_of_each_group():
     others = torch.ones(8, 4, dtype=torch.bool)
     others[3, 2] = False
     assert scales[others].max() < 0.5 / 127  # every other group keeps its own fine step (weight() < 0.5)
+
+
+def test_group_int4_is_within_half_a_step_of_each_group():
+    """Every weight within half a step (scale / 2) of itself, plus the
+    rounding of the fp16 min; the packing puts weight j of a group in byte
+    j % 16, the low nibble for j < 16; weights fp16 cannot scale are refused."""
+    w = weight(8, 128)
+    w[3, 70] = 50.0  # one large weight coarsens only its own group
+    w[5, 32:64] = 0.25  # a constant group: exact
+    packed, scales = group_int4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (8, 64)
+    assert scales.dtype == torch.float16 and scales.shape == (8, 4, 2)
+    deq = unpack_int4(packed, scales, torch.float32)
+    groups = w.view(8, 4, 32)
+    lo_error = (scales[..., 1].float() - groups.amin(-1)).abs()[..., None]
+    assert ((deq.view(8, 4, 32) - groups).abs() <= scales[..., :1].float() / 2 * 1.0001 + lo_error).all()
+    assert (deq.view(8, 4, 32).amin(-1) == scales[..., 1].float()).all()  # the smallest weight has q = 0
+    assert torch.equal(deq[5, 32:64], w[5, 32:64])
+    others = torch.ones(8, 4, dtype=torch.bool)
+    others[3, 2] = others[5, 1] = False
+    assert scales[3, 2, 0] > 3.0 and scales[..., 0][others].max() < 1.0 / 15
+    for bad in (float("inf"), float("nan"), 1e5):
+        w[2, 3] = bad
+        with pytest.raises(ValueError, match=r"int4 keeps fp16 scales.*\(8, 128\).*int8"):
+            group_int4(w)
+    one = torch.zeros(1, 32)
+    one[0, 17] = 1.0  # weight 17: high nibble of byte 1
+    packed, _ = group_int4(one)
+    assert packed[0, 1] == 15 << 4 and packed[0, [0, *range(2, 16)]].eq(0).all()
 
 
 def test_off_switch_and_failed_builds_fall_back_with_a_reason(fresh_library, monkeypatch):
@@ -204,14 +265,15 @@ def test_model_with_our_kernels_decodes_as_with_pytorchs(make_ckpt, monkeypatch,
     tokens = [g.generate(prompt, max_gen_len=8, temperature=0)[0][0] for g in (ours, theirs)]
     assert tokens[0] == tokens[1]
 
-    quant = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), quantize="int8", **kw)
     long_seq = torch.randint(3, 500, (1, native.MAX_ROWS + 8), generator=torch.Generator().manual_seed(6))
-    prefill = quant.model.forward(long_seq, 0)  # PyTorch's GEMM on the dequantized weights
-    steps = [quant.model.forward(long_seq[:, :1], 0)]
-    steps += [quant.model.forward(long_seq[:, i:i + 1], i) for i in range(1, long_seq.shape[1])]  # our kernel
-    # activations quantized to int8 per group of 32 (native.int8_dot()) move logits by about 1.5% here
-    tol = 0.1 if dtype == "bfloat16" else 0.05 if native.int8_dot() else 1e-3
-    assert (torch.cat(steps, 1) - prefill).abs().max() < tol * prefill.abs().max()
+    for quantize in ("int8", "int4"):
+        quant = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), quantize=quantize, **kw)
+        prefill = quant.model.forward(long_seq, 0)  # PyTorch's GEMM on the dequantized weights
+        steps = [quant.model.forward(long_seq[:, :1], 0)]
+        steps += [quant.model.forward(long_seq[:, i:i + 1], i) for i in range(1, long_seq.shape[1])]  # our kernel
+        # activations quantized to int8 per group of 32 (native.int8_dot()) move logits by about 1.5% here
+        tol = 0.1 if dtype == "bfloat16" else 0.05 if native.int8_dot() else 1e-3
+        assert (torch.cat(steps, 1) - prefill).abs().max() < tol * prefill.abs().max(), quantize
 
 
 def _without_native(monkeypatch, build):

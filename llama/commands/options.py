@@ -19,7 +19,7 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batc
     g.add_argument("--dtype", choices=sorted(DTYPES),
                    help="default: bfloat16 where the CPU or GPU computes it natively, else float32 on a CPU and "
                         "float16 on a GPU; float16 on GPUs only")
-    g.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], help="weight-only int8 linear layers (half the memory of bf16)")
+    g.add_argument("--quantize", choices=[q for q in QUANTIZATIONS if q], help="int8 (about half the memory of bf16) or int4 (about a third; our CPU kernels only) linear layers")
     g.add_argument("--threads", metavar="N", type=int,
                    help="CPU threads per process (default: the physical cores this process may run on, divided "
                         "among the processes on this node); on a shared machine fewer threads can be much faster")
