@@ -6,8 +6,8 @@
 
 Builds (once, cached) a random Meta-format checkpoint, then measures: the
 memory read bandwidth; our prefill and decode tokens/s at batch 1 and 8 in
-bf16, int8 and fp32 (each the median of --rounds generations, the three
-taking turns in each round) and int8's agreement with bf16; transformers'
+bf16, int8, int4 and fp32 (each the median of --rounds generations, taking
+turns in each round) and int8's and int4's agreement with bf16; transformers'
 LlamaForCausalLM on the same weights, dtype and threads; model parallelism
 (2 processes x 1 thread against 1 process x 2 threads, jobs taking turns);
 and Llama.build time against reading the checkpoint file once. Prints a
@@ -196,7 +196,7 @@ def main() -> None:
     parser.add_argument("--prompt_len", type=int, default=128)
     parser.add_argument("--gen_len", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="generations per figure of ours (the median is kept)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "int8", "mp2", "build"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "int8", "int4", "mp2", "build"])
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--mp_worker", type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
@@ -208,22 +208,24 @@ def main() -> None:
     bandwidths = [read_bandwidth()]  # it varies from run to run here: measure it three times
     seq = a.prompt_len + a.gen_len + 8
     gens = {"bfloat16": build(ckpt, "bfloat16", 8, seq)}
-    if "int8" not in a.skip:
-        gens["int8"] = build(ckpt, "bfloat16", 8, seq, quantize="int8")
-        # decoding's int8 x int8 products (activations quantized per 32, as Q8_0), or weights widened
-        res["int8_decoding"] = "int8 dot products" if native.int8_dot() else "bf16 activations"
+    for q in QUANTIZED:
+        if q not in a.skip and (q != "int4" or native.library() is not None):  # int4: our kernels only
+            gens[q] = build(ckpt, "bfloat16", 8, seq, quantize=q)
+    # decoding's int8 x int8 (or int4) products (activations quantized per 32, as Q8_0), or weights widened
+    res["int8_decoding"] = "int8 dot products" if native.int8_dot() else "bf16 activations"
     gens["float32"] = build(ckpt, "float32", 8, seq)
     res.update(ours(gens, (1, 8), a))
     bandwidths.append(read_bandwidth())
     seqs = greedy_sequences(gens["bfloat16"], a)  # bf16's greedy output: the quality yardstick
     logits = {name: gen.model.forward(seqs, 0) for name, gen in gens.items()}
-    if "int8" in gens:
-        bf16, int8 = logits["bfloat16"], logits["int8"]
-        res["int8_quality"] = {"top1_agreement": top1_agreement(bf16, int8),
-                               "max_abs_logit_error": (int8 - bf16).abs().max().item(),
-                               "logit_range": (bf16.max() - bf16.min()).item(),
-                               # for scale: how much bf16 itself moves the top-1 token of this model
-                               "bf16_vs_fp32_top1_agreement": top1_agreement(logits["float32"], bf16)}
+    for q in QUANTIZED:
+        if q in gens:
+            bf16, quant = logits["bfloat16"], logits[q]
+            res[f"{q}_quality"] = {"top1_agreement": top1_agreement(bf16, quant),
+                                   "max_abs_logit_error": (quant - bf16).abs().max().item(),
+                                   "logit_range": (bf16.max() - bf16.min()).item(),
+                                   # for scale: how much bf16 itself moves the top-1 token of this model
+                                   "bf16_vs_fp32_top1_agreement": top1_agreement(logits["float32"], bf16)}
     del gens, logits
     if "transformers" not in a.skip:
         for dtype in ("bfloat16", "float32"):
@@ -243,12 +245,13 @@ def main() -> None:
         a.json.write_text(json.dumps(res, indent=2) + "\n")
 
 
-DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8", "int4": "int4"}
+QUANTIZED = ("int8", "int4")
 
 
 def print_table(res: dict, a) -> None:
     """The report: setup, a speed table, then quality, model parallelism and loading."""
-    names = {**DTYPE_NAMES, "int8": f"int8 ({res.get('int8_decoding', 'bf16 activations')})"}
+    names = {**DTYPE_NAMES, **{q: f"{q} ({res.get('int8_decoding', 'bf16 activations')})" for q in QUANTIZED}}
     bw = res["read_bandwidth_GB_s"]
     samples = ", ".join(f"{b:.1f}" for b in res["read_bandwidth_samples_GB_s"])
     print("\nLlama inference benchmark (CPU)\n")
@@ -276,12 +279,14 @@ def print_table(res: dict, a) -> None:
             row += f"{hf_pair:>23}{r['decode_tok_s'] / hf['decode_tok_s']:9.2f}x"
         print(row)
 
-    if "int8_quality" in res:
-        q = res["int8_quality"]
-        print("\nQuality of int8 (teacher-forced on bf16's greedy output)")
-        print(f"  same top-1 token as bf16   {100 * q['top1_agreement']:.1f}% of positions "
-              f"(bf16 against fp32: {100 * q.get('bf16_vs_fp32_top1_agreement', float('nan')):.1f}%)")
-        print(f"  largest logit difference   {q['max_abs_logit_error']:.3f} (logits span {q['logit_range']:.1f})")
+    for name in QUANTIZED:
+        if f"{name}_quality" in res:
+            q = res[f"{name}_quality"]
+            print(f"\nQuality of {name} (teacher-forced on bf16's greedy output; random weights: "
+                  "the real model's figures come from benchmarks/quant_quality.py)")
+            print(f"  same top-1 token as bf16   {100 * q['top1_agreement']:.1f}% of positions "
+                  f"(bf16 against fp32: {100 * q.get('bf16_vs_fp32_top1_agreement', float('nan')):.1f}%)")
+            print(f"  largest logit difference   {q['max_abs_logit_error']:.3f} (logits span {q['logit_range']:.1f})")
     if "mp_decode_tok_s" in res:
         print("\nModel parallelism, batch 1 decode: 2 processes x 1 thread against 1 process x 2 threads "
               f"(medians of {a.rounds} jobs each, taking turns)")

@@ -154,19 +154,21 @@ def candidate_kernels() -> List[Kernel]:
 
 
 def chosen_kernels() -> List[Kernel]:
-    """linear.py's choice per (dtype, quantization), through its module."""
+    """linear.py's choice per (dtype, quantization), through its module
+    (int4 where our kernels run: it has no other)."""
+    from llama import native
     from llama.linear import choose_matmul
 
     out = []
-    for label, act, quantize in (("fp32", torch.float32, None), ("bf16", torch.bfloat16, None),
-                                 ("int8", torch.bfloat16, "int8")):
+    choices = [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None), ("int8", torch.bfloat16, "int8")]
+    for label, act, quantize in choices + ([("int4", torch.bfloat16, "int4")] if native.library() else []):
         def factory(w, act=act, quantize=quantize):
             module = choose_matmul(w.to(act), quantize)
             module.numel = w.numel()  # for bytes_of
             if quantize is None:  # oneDNN's packed tensors cannot be deep-copied; packing again is cheap
                 return lambda: (setattr(m := choose_matmul(w.to(act, copy=True)), "numel", w.numel()) or m,)
             return lambda: (copy.deepcopy(module),)
-        per_weight = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}[label]
+        per_weight = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.625}[label]  # int4: with its fp16 scale and min
         out.append(Kernel("chosen (linear.py), bf16 x" if quantize else "chosen (linear.py)", label, act, factory,
                           lambda x, s: s[0](x), bytes_of=lambda s, b=per_weight: int(b * s[0].numel)))
     return out

@@ -25,7 +25,7 @@ import numpy as np
 from utils.export_gguf import export_gguf
 
 CACHE = Path(os.environ.get("LLAMA_BENCH_CACHE", Path.home() / ".cache" / "llama-bench"))
-QUANT_FTYPES = {"BF16": "LLAMA_FTYPE_MOSTLY_BF16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
+QUANT_FTYPES = {"BF16": "LLAMA_FTYPE_MOSTLY_BF16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
 
 
 def import_llama_cpp():
@@ -47,7 +47,7 @@ def checkpoint_key(ckpt_dir: Path) -> str:
 
 
 def quantize(src: Path, dst: Path, kind: str, threads: int) -> Path:
-    """llama.cpp's quantizer (llama-quantize's code) from `src` to `dst` as `kind` (BF16, Q8_0)."""
+    """llama.cpp's quantizer (llama-quantize's code) from `src` to `dst` as `kind` (BF16, Q8_0, Q4_1)."""
     llama_cpp = import_llama_cpp()
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # not a line per tensor
     params = llama_cpp.llama_model_quantize_default_params()
@@ -62,7 +62,9 @@ def quantize(src: Path, dst: Path, kind: str, threads: int) -> Path:
 
 
 def peer_files(ckpt_dir, tokenizer_gguf, threads: int = 2, cache: Path = CACHE, log=print) -> Dict[str, Path]:
-    """{"F32": path, "BF16": path, "Q8_0": path}: the checkpoint's weights as llama.cpp files (made once)."""
+    """{"F32": path, "BF16": path, "Q8_0": path, "Q4_1": path}: the checkpoint's weights as llama.cpp
+    files (made once). llama.cpp's quantizer keeps some tensors at more bits than the file type
+    says (the output layer: Q8_0 or Q6_K), as ours keeps int4's output layer int8."""
     ckpt_dir = Path(ckpt_dir)
     base = cache / checkpoint_key(ckpt_dir)
     files = {"F32": base.with_name(base.name + "-F32.gguf")}
@@ -159,17 +161,24 @@ def teacher_forced_logits(path: Path, tokens: Sequence[int], threads: int, steps
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-def quantization_quality(files: Dict[str, Path], tokens: Sequence[int], text: str, threads: int) -> dict:
-    """Our quality report's figures (quant_quality.quality_figures) for
-    llama.cpp's Q8_0 against its BF16 and F32 files, on the same tokens: how
-    much llama.cpp's own 8-bit format moves the top-1 token, beside ours."""
+def quantization_quality(files: Dict[str, Path], tokens: Sequence[int], text: str, threads: int,
+                         kinds: Sequence[str] = ("Q8_0",)) -> Dict[str, dict]:
+    """{kind: our quality report's figures (quant_quality.quality_figures)}
+    for each of llama.cpp's quantized `kinds` against its BF16 and F32 files,
+    on the same tokens: how much llama.cpp's own formats move the top-1
+    token, beside ours."""
     import torch
 
     from benchmarks.quant_quality import quality_figures
 
-    names = {"fp32": "F32", "bf16": "BF16", "Q8_0": "Q8_0"}
+    names = {"fp32": "F32", "bf16": "BF16", **{kind: kind for kind in kinds}}
     logits = {name: torch.from_numpy(teacher_forced_logits(files[kind], tokens, threads))[:-1]
               for name, kind in names.items()}
     stepped = {name: torch.from_numpy(teacher_forced_logits(files[kind], tokens, threads, steps=True))[:-1]
                for name, kind in names.items()}
-    return {**quality_figures(logits, stepped, tokens, "Q8_0", text), "engine": "llama.cpp"}
+    out = {}
+    for kind in kinds:
+        keep = ("fp32", "bf16", kind)
+        out[kind] = {**quality_figures({k: logits[k] for k in keep}, {k: stepped[k] for k in keep}, tokens, kind, text),
+                     "engine": "llama.cpp"}
+    return out

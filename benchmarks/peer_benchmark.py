@@ -5,8 +5,8 @@
 
 Runs the quick start's SmolLM2-135M-Instruct (checkpoints/, any Meta
 checkpoint with a GGUF of its vocabulary works: --ckpt_dir, --gguf). llama.cpp
-gets the same weights: the checkpoint written as an F32 GGUF, and BF16 and
-Q8_0 made from it by llama.cpp's own quantizer (benchmarks/llamacpp_peer.py,
+gets the same weights: the checkpoint written as an F32 GGUF, and BF16, Q8_0
+and Q4_1 made from it by llama.cpp's own quantizer (benchmarks/llamacpp_peer.py,
 cached under ~/.cache/llama-bench). Batch 1, greedy, stop tokens off, every
 engine with the same number of threads.
 
@@ -14,11 +14,12 @@ First checks that llama.cpp F32 and our fp32 produce the same greedy tokens
 for the prompt (and says how many agree), then times, in each of --rounds
 interleaved rounds, decode (ms per token after the first, 32-token prompt, 128
 new tokens) and prefill (time to the first token of a 512-token prompt) of:
-ours fp32 / bf16 / int8 (Llama.build + generate, the public API) against
-llama.cpp F32 / BF16 / Q8_0 (its own counters), and transformers fp32 / bf16
-(benchmarks/hf_reference.py). Prints the medians as a Markdown table with
-ratios, then the int8 quality report (benchmarks/quant_quality.py) and the
-same report of llama.cpp's Q8_0 against its BF16 and F32, on the same tokens.
+ours fp32 / bf16 / int8 / int4 (Llama.build + generate, the public API)
+against llama.cpp F32 / BF16 / Q8_0 / Q4_1 (its own counters), and
+transformers fp32 / bf16 (benchmarks/hf_reference.py). Prints the medians as
+a Markdown table with ratios, then the int8 and int4 quality reports
+(benchmarks/quant_quality.py) and the same reports of llama.cpp's Q8_0 and
+Q4_1 against its BF16 and F32, on the same tokens.
 """
 
 import argparse
@@ -38,7 +39,9 @@ from benchmarks.peer_report import PAIRS, medians, report  # noqa: E402
 from benchmarks.quant_quality import TEXT, build, quantization_quality  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
-OUR_BUILDS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
+OUR_BUILDS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
+              "int4": ("bfloat16", "int4")}
+QUANTIZED = {"int8": "Q8_0", "int4": "Q4_1"}  # ours -> llama.cpp's file type of the same bits, for the quality reports
 PAUSE_S = 0.2  # between engines: the previous one's idle worker threads stop spinning
 
 
@@ -208,13 +211,16 @@ def main(argv=None) -> None:
     res["speed"] = measure(engines, a, prompt, long_prompt)
     del engines
     if "quality" not in a.skip:
-        res["quality"] = quantization_quality(ckpt, "int8", TEXT, positions=QUALITY_POSITIONS, threads=a.threads)
-        if "llama.cpp" not in a.skip:  # its Q8_0 on the same tokens, for scale
+        for mine in QUANTIZED:
+            res[f"quality_{mine}"] = quantization_quality(ckpt, mine, TEXT, positions=QUALITY_POSITIONS,
+                                                          threads=a.threads)
+        if "llama.cpp" not in a.skip:  # its Q8_0 and Q4_1 on the same tokens, for scale
             from benchmarks import llamacpp_peer
 
             files = llamacpp_peer.peer_files(ckpt, a.gguf, a.threads, log=lambda m: print(m, file=sys.stderr))
             forced = tokens[:QUALITY_POSITIONS + 1]
-            res["quality_llama_cpp"] = llamacpp_peer.quantization_quality(files, forced, TEXT.name, a.threads)
+            theirs = llamacpp_peer.quantization_quality(files, forced, TEXT.name, a.threads, list(QUANTIZED.values()))
+            res.update({f"quality_llama_cpp_{kind}": q for kind, q in theirs.items()})
     print(report(res))
     if a.json:
         a.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -7,14 +7,16 @@ Figures come as a dict (the benchmark's --json file holds the same):
     {"config": {...}, "machine": {...}, "greedy": {...},
      "speed": {"ours": {"fp32": {"decode_ms": .., "prefill_ms": ..}, ..},
                "llama.cpp": {"F32": {..}, ..}, "transformers": {"fp32": {..}, ..}},
-     "quality": {...}}
+     "quality": {...}, "quality_llama_cpp": {...}, ...}
+
+Every key that starts with "quality" is a quality table, printed in order.
 """
 
 import statistics
 from typing import Dict, List, Optional
 
 # Our precision -> llama.cpp's file type holding the same weights.
-PAIRS = (("fp32", "F32"), ("bf16", "BF16"), ("int8", "Q8_0"))
+PAIRS = (("fp32", "F32"), ("bf16", "BF16"), ("int8", "Q8_0"), ("int4", "Q4_1"))
 FLAG_PREFIXES = ("avx2", "avx512", "amx", "avx_vnni", "fma", "f16c")
 
 
@@ -139,9 +141,9 @@ def report(res: dict) -> str:
         parts += [greedy_line(res["greedy"]), ""]
     if res.get("speed"):
         parts += speed_table(res) + [""]
-    for key in ("quality", "quality_llama_cpp"):
-        if res.get(key):
-            parts += quality_table(res[key]) + [""]
+    for key, q in res.items():
+        if key.startswith("quality") and q:
+            parts += quality_table(q) + [""]
     return "\n".join(parts)
 
 

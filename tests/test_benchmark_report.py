@@ -17,9 +17,11 @@ def test_report(capsys):
     a = SimpleNamespace(dim=2048, n_layers=8, n_heads=16, n_kv_heads=8, threads=2, prompt_len=128, gen_len=32, rounds=3)
     res = {
         "ours_bfloat16_b1": figures(150, 11.2, 20.1), "hf_bfloat16_b1": {"prefill_tok_s": 120, "decode_tok_s": 8.0},
-        "ours_int8_b1": figures(100, 15.1, 13.0),
+        "ours_int8_b1": figures(100, 15.1, 13.0), "ours_int4_b1": figures(90, 19.5, 11.0),
         "ours_float32_b1": figures(140, 7.9, 29.0), "hf_float32_b1": {"prefill_tok_s": 100, "decode_tok_s": 5.0},
         "int8_quality": {"top1_agreement": 0.91, "max_abs_logit_error": 0.3, "logit_range": 12.0,
+                         "bf16_vs_fp32_top1_agreement": 0.95},
+        "int4_quality": {"top1_agreement": 0.88, "max_abs_logit_error": 0.6, "logit_range": 12.0,
                          "bf16_vs_fp32_top1_agreement": 0.95},
         "read_bandwidth_GB_s": 29.0, "read_bandwidth_samples_GB_s": [26.0, 29.0, 31.0],
         "mp_decode_tok_s": {"float32": {"mp2": 7.1, "mp1": 7.9}}, "int8_decoding": "int8 dot products",
@@ -28,8 +30,12 @@ def test_report(capsys):
     print_table(res, a)
     out = capsys.readouterr().out
     assert "int8 (int8 dot products)" in out  # which int8 decoding ran
+    int4 = next(line for line in out.splitlines() if line.strip().startswith("int4 (int8 dot products)"))
+    assert int4.split()[4:7] == ["1", "90.0", "19.50"]
+    assert "same top-1 token as bf16   88.0% of positions" in out
     assert "ours: median of 3 generations" in out
-    for heading in ("Llama inference benchmark (CPU)", "Quality of int8", "Model parallelism", "Loading"):
+    for heading in ("Llama inference benchmark (CPU)", "Quality of int8", "Quality of int4", "Model parallelism",
+                    "Loading"):
         assert heading in out
     lines = out.splitlines()
     assert "memory read bandwidth 29.0 GB/s" in out and any("tok/s" in line and "GB/s" in line for line in lines)
@@ -53,10 +59,11 @@ def peer_figures():
                    "prompt_tokens_same": True},
         "speed": {
             "ours": {"fp32": {"decode_ms": 58.5, "prefill_ms": 129.0}, "bf16": {"decode_ms": 44.8, "prefill_ms": 468.0},
-                     "int8": {"decode_ms": 38.9, "prefill_ms": 500.0}},
+                     "int8": {"decode_ms": 38.9, "prefill_ms": 500.0}, "int4": {"decode_ms": 8.0, "prefill_ms": 510.0}},
             "llama.cpp": {"F32": {"decode_ms": 26.3, "prefill_ms": 120.0, "decode_wall_ms": 26.9},
                           "BF16": {"decode_ms": 17.3, "prefill_ms": 234.0, "decode_wall_ms": 17.8},
-                          "Q8_0": {"decode_ms": 10.7, "prefill_ms": 100.0, "decode_wall_ms": 11.2}},
+                          "Q8_0": {"decode_ms": 10.7, "prefill_ms": 100.0, "decode_wall_ms": 11.2},
+                          "Q4_1": {"decode_ms": 9.0, "prefill_ms": 102.0, "decode_wall_ms": 9.4}},
             "transformers": {"fp32": {"decode_ms": 69.3, "prefill_ms": 300.0},
                              "bf16": {"decode_ms": 42.1, "prefill_ms": 936.0}},
         },
@@ -86,12 +93,13 @@ def test_peer_report_table_and_ratios():
     assert r[("ours", "fp32")] == ["ours", "fp32", "58.5", "129", "0.45x", "0.93x"]  # 26.3 / 58.5, 120 / 129
     assert r[("ours", "bf16")][4:] == ["0.39x", "0.50x"]
     assert r[("ours", "int8")][4:] == ["0.28x", "0.20x"]
+    assert r[("ours", "int4")][4:] == ["1.12x", "0.20x"]  # 9.0 / 8.0, 102 / 510
     assert r[("transformers", "fp32")] == ["transformers 5.24.0", "fp32", "69.3", "300", "1.18x", "2.33x"]
     assert r[("transformers", "bf16")][4:] == ["0.94x", "2.00x"]
     order = [k for k in r if k[0] in ("ours", "llama.cpp", "transformers")]
     assert order[:2] == [("llama.cpp", "F32"), ("ours", "fp32")]  # each of ours right below its peer
     assert "prefill ms (512-token prompt)" in out
-    assert "decode step took F32 26.9, BF16 17.8, Q8_0 11.2 ms" in out
+    assert "decode step took F32 26.9, BF16 17.8, Q8_0 11.2, Q4_1 9.4 ms" in out
 
 
 def test_peer_report_compiled_rows_sit_below_ours():
@@ -137,9 +145,15 @@ def test_peer_report_quality_table():
                                 "positions": 512, "agreement_with_bf16": {"fp32": 0.994, "Q8_0": 0.963},
                                 "agreement_with_fp32": {"bf16": 0.994, "Q8_0": 0.961},
                                 "perplexity": {"fp32": 16.844, "bf16": 16.833, "Q8_0": 16.682}}
+    res["quality_int4"] = {**res["quality"], "quantize": "int4", "agreement_with_bf16": {"fp32": 0.977, "int4": 0.982},
+                           "agreement_with_fp32": {"bf16": 0.977, "int4": 0.984},
+                           "perplexity": {"fp32": 16.845, "bf16": 16.788, "int4": 16.80}}
+    del res["quality_int4"]["decoding"]
     out = report(res)
-    assert out.index("Quality of int8 on the real model") < out.index("Quality of llama.cpp's Q8_0 on the real model")
+    assert (out.index("Quality of int8 on the real model") < out.index("Quality of llama.cpp's Q8_0 on the real model")
+            < out.index("Quality of int4 on the real model"))  # in the order the benchmark measured them
     assert rows(out)[("Q8_0", "96.3%")] == ["Q8_0", "96.3%", "96.1%", "16.682", "-0.90%"]
+    assert rows(out)[("int4", "98.2%")] == ["int4", "98.2%", "98.4%", "16.800", "+0.07%"]
 
 
 def test_peer_report_without_llama_cpp_or_quality():

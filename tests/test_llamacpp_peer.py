@@ -48,7 +48,7 @@ def test_llama_cpp_runs_our_weights_to_the_same_greedy_tokens(tiny_gguf, tmp_pat
     ckpt = make_random_checkpoint(tmp_path / "ckpt", params, template.parent / "ckpt" / "tokenizer.model",
                                   dtype=torch.float32, seed=1)
     files = peer_files(ckpt, template, threads=1, cache=tmp_path, log=lambda msg: None)
-    assert sorted(files) == ["BF16", "F32", "Q8_0"] and all(p.is_file() for p in files.values())
+    assert sorted(files) == ["BF16", "F32", "Q4_1", "Q8_0"] and all(p.is_file() for p in files.values())
     gen = build_tiny(ckpt, max_seq_len=64, max_batch_size=1)
     gen.tokenizer.stop_tokens = frozenset()
     prompt = gen.tokenizer.encode("the llama", bos=True, eos=False)
