@@ -1,4 +1,4 @@
-"""The two collectives inference needs, fast for decoding on CPU clusters.
+"""The collectives inference needs, fast for decoding on CPU clusters.
 
 A decoding step all-reduces two small vectors per layer (B x dim values). gloo's
 all_reduce takes about 1 ms for 8 KB between two processes on one machine,
@@ -11,6 +11,9 @@ reductions per layer that is most of the cost of model parallelism. So:
 * other gloo groups: small tensors by recursive doubling (log2(N) rounds of
   pairwise exchange); large ones (prefill) keep torch's all_reduce;
 * NCCL keeps torch's collectives.
+
+The engine's per-step plan (a few bytes from rank 0) goes through the same
+shared memory where it can (`broadcast_from_first`).
 
 Every rank ends with bit-identical sums (each round adds the same two
 operands, and float addition commutes; shared memory adds the parts in the
@@ -106,6 +109,20 @@ def gloo_all_reduce(t: torch.Tensor, group) -> torch.Tensor:
         partner = dist.get_global_rank(group, rank ^ step)
         t = t + _exchange(t, partner, group)
         step *= 2
+    return t
+
+
+def broadcast_from_first(t: torch.Tensor, group) -> torch.Tensor:
+    """`group`'s rank 0's `t` on every rank (a few bytes: the engine's plan
+    of each step). Through the model-parallel group's shared memory where
+    that group is all of `group`'s ranks (one host, no pipeline stages): a
+    step's plan then costs no gloo round trip. Else dist.broadcast."""
+    mp = get_model_parallel_group()
+    if dist.get_world_size(group) == dist.get_world_size(mp) > 1:  # the same ranks, rank 0 first in both
+        shm = _shared_memory(mp)
+        if shm is not None and shm.fits(t):
+            return shm.exchange(t)[0].clone()
+    dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
     return t
 
 

@@ -26,6 +26,7 @@ from typing import Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .collectives import broadcast_from_first
 from .messages import StopReason
 from .metrics import RequestMetrics
 from .pipeline import Pipeline
@@ -249,7 +250,7 @@ class Engine:
 
     def _broadcast_plan(self, cancelled: List[int], admitted: List[_Sequence], stop: bool = False) -> None:
         header = torch.tensor([len(cancelled), len(admitted), stop], dtype=torch.long, device=self._comm_device())
-        dist.broadcast(header, src=dist.get_global_rank(self._group, 0), group=self._group)
+        broadcast_from_first(header, self._group)
         if cancelled or admitted:
             payload = [(cancelled, [(s.id, s.request, s.seed) for s in admitted])]
             dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
@@ -258,8 +259,7 @@ class Engine:
 
     def _receive_plan(self) -> Tuple[List[int], List[_Sequence]]:
         header = torch.zeros(3, dtype=torch.long, device=self._comm_device())
-        dist.broadcast(header, src=dist.get_global_rank(self._group, 0), group=self._group)
-        n_cancelled, n_admitted, stop = header.tolist()
+        n_cancelled, n_admitted, stop = broadcast_from_first(header, self._group).tolist()
         if stop:
             self.stopped = True
             return [], []
