@@ -6,8 +6,8 @@
  *   no kernel that reads bf16 or group-wise int8 weights with fp32
  *   arithmetic at that speed on CPUs without native bf16 (README, Speed):
  *   these do what llama.cpp does, widening each weight to fp32 in registers;
- *   int8 weights meet activations quantized to int8 (Q8_0) in int8 dot
- *   products where the CPU has them (tile_q8).
+ *   int8 and int4 weights meet activations quantized to int8 (Q8_0) in int8
+ *   dot products where the CPU has them (tile_q8, tile_q4).
  * - The rest of a decoding step fused (RMSNorm, silu * up, attention for one
  *   token a row, all transformer blocks), so that Python makes one call
  *   where PyTorch's operators took ten or more per block.
@@ -69,17 +69,21 @@ INLINE vf q_w_scales(const float *s, int whole) { /* each group's scale over its
                : _mm512_maskz_mov_ps(0x00ff, _mm512_set1_ps(s[0]));
 }
 INLINE vf q_cvt(vi v) { return _mm512_cvtepi32_ps(v); }
-/* int4 (see tile_q4): a chunk of W / 4 = 4 groups, 64 packed bytes, each
- * group's dot product in 4 lanes: low nibbles by xq's first halves, high
- * nibbles by its second halves (q4_x's layout); `groups` < 4 in a last chunk. */
-INLINE vi q4_dot(const uint8_t *w, int groups, const int8_t *q) {
+/* int4 (see tile_q4): a chunk of W / 4 = 4 groups, 64 packed bytes (`groups`
+ * < 4 in a last chunk), as low and high nibbles; each group's dot product in
+ * 4 lanes: low nibbles by xq's first halves, high ones by its second halves
+ * (q4_x's layout). The nibbles are unsigned, as vpdpbusd takes them. */
+INLINE void q4_unpack(const uint8_t *w, int groups, vi *lo, vi *hi) {
   __m512i v = groups == 4 ? _mm512_loadu_si512(w) : _mm512_maskz_loadu_epi8((1ULL << (16 * groups)) - 1, w);
-  __m512i nib = _mm512_set1_epi8(0x0f), lo = _mm512_and_si512(v, nib);
-  __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib); /* q in [0, 15]: unsigned, as vpdpbusd takes it */
-  __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(q));
-  return _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(q + 64));
+  __m512i nib = _mm512_set1_epi8(0x0f);
+  *lo = _mm512_and_si512(v, nib);
+  *hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
 }
-INLINE void q4_scales(const uint16_t *sm, int groups, vf *scale, vf *min) { /* fp16 (scale, min) pairs, over 4 lanes each */
+INLINE vi q4_dot(vi lo, vi hi, const int8_t *q) {
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(q)), hi,
+                             _mm512_load_si512(q + 64));
+}
+INLINE void q4_scales(const uint16_t *sm, int groups, vf *scale, vf *min) { /* fp16 pairs, over 4 lanes each */
   __m128i h = groups == 4 ? _mm_loadu_si128((const __m128i *)sm) : _mm_maskz_loadu_epi16((1 << (2 * groups)) - 1, sm);
   __m512 v = _mm512_castps256_ps512(_mm256_cvtph_ps(h));
   *scale = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), v);
@@ -146,11 +150,14 @@ INLINE vf q_w_scales(const float *s, int whole) {
 INLINE vf q_cvt(vi v) { return _mm256_cvtepi32_ps(v); }
 /* int4 (see tile_q4): a chunk of W / 4 = 2 groups, 32 packed bytes, each
  * group's dot product in 4 lanes; no int16 sum passes 2 * 2 * 15 * 127. */
-INLINE vi q4_dot(const uint8_t *w, int groups, const int8_t *q) {
+INLINE void q4_unpack(const uint8_t *w, int groups, vi *lo, vi *hi) {
   __m256i v = groups == 2 ? _mm256_loadu_si256((const __m256i *)w)
                           : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)w));
-  __m256i nib = _mm256_set1_epi8(0x0f), lo = _mm256_and_si256(v, nib);
-  __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+  __m256i nib = _mm256_set1_epi8(0x0f);
+  *lo = _mm256_and_si256(v, nib);
+  *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+}
+INLINE vi q4_dot(vi lo, vi hi, const int8_t *q) {
   __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)q)),
                                    _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(q + 32))));
   return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
@@ -389,10 +396,12 @@ INLINE void tile_q4(int mb, int rr, long m0, long n0, const struct qx *qx, const
       const uint16_t *sm = (const uint16_t *)s + 2 * ((n0 + r) * G + p * QC);
       _mm_prefetch((const char *)(sm + 2 * PREFETCH_ROWS(Q4) * G), _MM_HINT_T0);
       vf sw, mw;
+      vi lo, hi;
       q4_scales(sm, groups, &sw, &mw);
+      q4_unpack(w + at, groups, &lo, &hi);
       for (int m = 0; m < mb; m++) {
         long v = (m0 + m) * qx->vecs + p;
-        vf d = q_cvt(q4_dot(w + at, groups, qx->q + v * 8 * W));
+        vf d = q_cvt(q4_dot(lo, hi, qx->q + v * 8 * W));
         acc[m][r] = vfma(mw, ld_f32(qx->t + v * W), vfma(d, vmul(sw, ld_f32(qx->s + v * W)), acc[m][r]));
       }
     }
