@@ -486,6 +486,31 @@ int q4_linear(const void *x, int x_bf16, const uint8_t *w, const float *scales, 
   return linear(Q4, x, x_bf16, w, scales, y, M, N, K, threads);
 }
 
+/* W of int8 or int4 weights (kind Q8 or Q4, layouts above) into out (N, K),
+ * fp32 or bf16 (out_bf16: each value computed in fp32, then rounded), for
+ * PyTorch's GEMM in prefill: one pass, where PyTorch's operators took five. */
+void dequantize(int kind, const void *w, const void *scales, void *out, long N, long K, int out_bf16, int threads) {
+  long G = K / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long n = 0; n < N; n++)
+    for (long g = 0; g < G; g++) {
+      long at = n * K + g * 32;
+      if (kind == Q8) {
+        float s = ((const float *)scales)[n * G + g];
+        const int8_t *q = (const int8_t *)w + at;
+        for (int j = 0; j < 32; j++) store(out, out_bf16, at + j, (float)q[j] * s);
+      } else {
+        const uint16_t *sm = (const uint16_t *)scales + 2 * (n * G + g);
+        float s = _cvtsh_ss(sm[0]), m = _cvtsh_ss(sm[1]);
+        const uint8_t *b = (const uint8_t *)w + at / 2;
+        for (int j = 0; j < 16; j++) {
+          store(out, out_bf16, at + j, (float)(b[j] & 15) * s + m);
+          store(out, out_bf16, at + 16 + j, (float)(b[j] >> 4) * s + m);
+        }
+      }
+    }
+}
+
 /* ---- The rest of a decoding step: fused so that each is one call, not ten.
  * Each rounds where PyTorch's eager code rounds (to bf16 after each operation
  * a bf16 model does in bf16), so results match it to fp32 summation order. */

@@ -252,12 +252,13 @@ def group_int4(weight: torch.Tensor):
     return packed.reshape(n, k // 2).contiguous(), torch.stack([scale, lo], -1).half().contiguous()
 
 
-def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """group_int4's weight (N, K) in `dtype`, as the kernels read it."""
+def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """group_int4's weight (N, K) as the kernels read it, computed in fp32
+    and returned in `dtype` (native.dequantize does the same in one pass)."""
     n, half = packed.shape
     p = packed.view(n, -1, native.GROUP // 2)
-    q = torch.cat([p & 15, p >> 4], dim=-1).to(dtype)  # (N, K / GROUP, GROUP)
-    return (q * scales[..., :1].to(dtype) + scales[..., 1:].to(dtype)).view(n, 2 * half)
+    q = torch.cat([p & 15, p >> 4], dim=-1).float()  # (N, K / GROUP, GROUP)
+    return (q * scales[..., :1].float() + scales[..., 1:].float()).view(n, 2 * half).to(dtype)
 
 
 def group_int8(weight: torch.Tensor, group: int = native.GROUP):
@@ -298,10 +299,12 @@ class NativeMatmul(nn.Module):
         """The weight as the kernels read it, (N, K) in `dtype`."""
         if self.scales is None:
             return self.weight.to(dtype)
+        if dtype in (torch.float32, torch.bfloat16) and self.weight.device.type == "cpu":
+            return native.dequantize(self.weight, self.scales, dtype)
         if self.weight.dtype == torch.uint8:
             return unpack_int4(self.weight, self.scales, dtype)
         n, k = self.weight.shape
-        return (self.weight.view(n, -1, native.GROUP).to(dtype) * self.scales.to(dtype)[..., None]).view(n, k)
+        return (self.weight.view(n, -1, native.GROUP).float() * self.scales[..., None]).view(n, k).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= native.MAX_ROWS * x.shape[-1]:

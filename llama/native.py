@@ -116,6 +116,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, n, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.q8_linear.argtypes = [p, i, p, p, p, n, n, n, i]
     lib.q4_linear.argtypes = [p, i, p, p, p, n, n, n, i]
+    lib.dequantize.argtypes = [i, p, p, p, n, n, i, i]
     lib.bf16_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.f32_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.rms_norm.argtypes = [p, p, p, n, n, ctypes.c_float, i, i]
@@ -123,7 +124,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.decode_attention.argtypes = [p, p, p, p, p, i, p, p, n, n, n, n, n, i, i]
     lib.decode_layers.argtypes = [p, ctypes.POINTER(_Block), n, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
     lib.decode_half.argtypes = [p, p, p, i, p, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
-    lib.rms_norm.restype = lib.silu_mul.restype = None
+    lib.rms_norm.restype = lib.silu_mul.restype = lib.dequantize.restype = None
     for f in (lib.q8_linear, lib.q4_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers,
               lib.decode_half, lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot):
         f.restype = i
@@ -210,6 +211,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     if err:
         raise MemoryError(f"no memory to widen {rows}x{k} bf16 activations")
     return y.view(*x.shape[:-1], n)
+
+
+def dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight that int8 `weight` with `scales`, or packed int4 (as
+    native.linear takes them), stands for, in fp32 or bf16 (computed in fp32,
+    rounded once): one pass over it, for PyTorch's GEMM in prefill."""
+    out = torch.empty(weight.shape[0], in_features(weight), dtype=dtype)
+    library().dequantize(KINDS[weight.dtype], weight.data_ptr(), scales.data_ptr(), out.data_ptr(), out.shape[0],
+                         out.shape[1], int(dtype == torch.bfloat16), torch.get_num_threads())
+    return out
 
 
 def fused(x: torch.Tensor) -> bool:

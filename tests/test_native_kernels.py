@@ -203,6 +203,19 @@ def test_group_int4_is_within_half_a_step_of_each_group():
     assert packed[0, 1] == 15 << 4 and packed[0, [0, *range(2, 16)]].eq(0).all()
 
 
+@needs_native
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_dequantize_for_prefill_equals_pytorchs_unpacking(kind):
+    """native.dequantize (what prefill's GEMM multiplies by) is the weight
+    the decoding kernels read, as PyTorch's operators compute it: fp32
+    exactly, bf16 rounded once from it."""
+    q, scales, held, _ = quantized(kind, weight(37, 160, seed=5))
+    assert torch.equal(native.dequantize(q, scales, torch.float32), held)
+    assert torch.equal(native.dequantize(q, scales, torch.bfloat16), held.bfloat16())
+    mm = NativeMatmul(weight(37, 160, seed=5), kind, CpuCapability("AVX512"))
+    assert torch.equal(mm.dequantized(), held)
+
+
 def test_off_switch_and_failed_builds_fall_back_with_a_reason(fresh_library, monkeypatch):
     monkeypatch.setenv("LLAMA_NATIVE", "0")
     native.library.cache_clear()
