@@ -401,9 +401,10 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
       VNNI: Int8DynamicMatmul) was the fastest, but activations quantized
       per tensor cut top-1 agreement with bf16 to 53% on SmolLM2-135M (ours,
       per group of 32: 97.1% one token a step, README Speed).
-    * int4: none (ValueError): ATen's group-wise int4 kernel reads bf16
-      activations and agreed less with bf16 than ours does; int4 is only
-      worth its quality loss where it is faster than int8.
+    * int4: none (ValueError). ATen's group-wise int4 kernel (Int4Matmul,
+      benchmark only) has another layout and bf16 activations; int4 is only
+      worth its quality loss where it is faster than int8, so there is no
+      slow fallback to fall into.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
@@ -449,9 +450,9 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Option
     Each matmul is choose_matmul's for this CPU (ours, oneDNN's prepacked
     linear or F.linear); with quantize="int8", int8 weights on any device;
     with "int4", 4-bit weights on our CPU kernels, except the output layer
-    (`model.output`), which stays int8: as llama.cpp's 4-bit mixes keep it
-    at 6 bits or more, because 4 bits there cut SmolLM2-135M's top-1
-    agreement with bf16 from 97.9% to 79% (one pass of 512 positions). Only
+    (`model.output`), which stays int8, as llama.cpp's 4-bit mixes keep it
+    at 6 bits or more: 4 bits there cut SmolLM2-135M's top-1 agreement with
+    bf16 from 97.9% to 79% (one pass of 512 positions). Only
     leaf layers are swapped, found by type (and the output layer by that
     one name): the model already fuses wq|wk|wv and w1|w3 into single,
     larger matmuls. Each rank converts its own shard. The model can no
