@@ -48,6 +48,13 @@ PAUSE_S = 0.2  # between engines: the previous one's idle worker threads stop sp
 QUALITY_POSITIONS = 512  # next-token predictions in the quality reports
 
 
+def our_builds() -> dict:
+    """OUR_BUILDS that run here: int4 only on our kernels (llama/native.py)."""
+    from llama import native
+
+    return {k: v for k, v in OUR_BUILDS.items() if v[1] != "int4" or native.library() is not None}
+
+
 def machine(with_llama_cpp: bool) -> dict:
     """CPU model and flags, cores, library versions, load."""
     info = {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
@@ -142,7 +149,7 @@ def engines_to_time(a, ckpt: Path, prompt, long_prompt, res: dict) -> dict:
     ours beside llama.cpp's file of the same weights, then transformers. Fills res['greedy']."""
     seq = max(a.prompt_len + a.gen_len, a.prefill_len + 1) + 8
     ours, compiled = {}, {}
-    for name, (dtype, quant) in OUR_BUILDS.items():
+    for name, (dtype, quant) in our_builds().items():
         gen = build(ckpt, dtype, quant, seq, a.threads)
         gen.tokenizer.stop_tokens = frozenset()  # every run generates its full length
         ours[name] = gen
@@ -158,6 +165,8 @@ def engines_to_time(a, ckpt: Path, prompt, long_prompt, res: dict) -> dict:
         res["greedy"] = greedy_check(ours["fp32"], theirs["F32"], prompt, a.gen_len, TEXT.read_text(encoding="utf-8"))
     engines = {}
     for mine, kind in PAIRS:
+        if mine not in ours:
+            continue
         gen = ours[mine]
         engines[("ours", mine)] = (lambda p, n, g=gen: ours_decode(g, p, n), lambda p, g=gen: ours_prefill(g, p))
         if mine in compiled:
@@ -211,7 +220,7 @@ def main(argv=None) -> None:
     res["speed"] = measure(engines, a, prompt, long_prompt)
     del engines
     if "quality" not in a.skip:
-        for mine in QUANTIZED:
+        for mine in [q for q in QUANTIZED if q in our_builds()]:
             res[f"quality_{mine}"] = quantization_quality(ckpt, mine, TEXT, positions=QUALITY_POSITIONS,
                                                           threads=a.threads)
         if "llama.cpp" not in a.skip:  # its Q8_0 and Q4_1 on the same tokens, for scale
