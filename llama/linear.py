@@ -252,15 +252,6 @@ def group_int4(weight: torch.Tensor):
     return packed.reshape(n, k // 2).contiguous(), torch.stack([scale, lo], -1).half().contiguous()
 
 
-def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """group_int4's weight (N, K) as the kernels read it, computed in fp32
-    and returned in `dtype` (native.dequantize does the same in one pass)."""
-    n, half = packed.shape
-    p = packed.view(n, -1, native.GROUP // 2)
-    q = torch.cat([p & 15, p >> 4], dim=-1).float()  # (N, K / GROUP, GROUP)
-    return (q * scales[..., :1].float() + scales[..., 1:].float()).view(n, 2 * half).to(dtype)
-
-
 def group_int8(weight: torch.Tensor, group: int = native.GROUP):
     """Symmetric int8 per group of `group` input columns: (q (N, K) int8 in
     [-127, 127], scales (N, K / group) fp32) with W ~= q * scale of q's group.
@@ -299,12 +290,8 @@ class NativeMatmul(nn.Module):
         """The weight as the kernels read it, (N, K) in `dtype`."""
         if self.scales is None:
             return self.weight.to(dtype)
-        if dtype in (torch.float32, torch.bfloat16) and self.weight.device.type == "cpu":
-            return native.dequantize(self.weight, self.scales, dtype)
-        if self.weight.dtype == torch.uint8:
-            return unpack_int4(self.weight, self.scales, dtype)
-        n, k = self.weight.shape
-        return (self.weight.view(n, -1, native.GROUP).float() * self.scales[..., None]).view(n, k).to(dtype)
+        direct = dtype in (torch.float32, torch.bfloat16)  # what native.dequantize writes
+        return native.dequantize(self.weight, self.scales, dtype if direct else torch.float32).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= native.MAX_ROWS * x.shape[-1]:
@@ -413,12 +400,9 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
     ours = (on_cpu and cpu.isa in ("AVX2", "AVX512") and weight.dtype in (torch.float32, torch.bfloat16)
             and native.supports(weight))
     if quantize == "int4" and not ours:
-        where = (f"on {(device or weight.device).type}" if not on_cpu else
-                 f"for a ({weight.shape[0]}, {weight.shape[1]}) {weight.dtype} weight on this CPU "
-                 f"(our kernels: {native.status()}; they need x86 AVX2 or AVX-512, a C compiler and "
-                 f"a multiple of {native.GROUP} input columns per rank)")
-        raise ValueError(f"--quantize int4 runs on our CPU kernels only, which do not apply {where}; "
-                         "use --quantize int8")
+        raise _int4_refused(f"on {(device or weight.device).type}" if not on_cpu else
+                            f"for a ({weight.shape[0]}, {weight.shape[1]}) {weight.dtype} weight, which needs a "
+                            f"multiple of {native.GROUP} input columns per rank (our kernels: {native.status()})")
     if not on_cpu:
         return Int8Matmul(weight) if quantize == "int8" else PlainMatmul(weight)
     if ours:
@@ -431,16 +415,18 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
 
 
 def check_quantization(quantize: Optional[str], device: torch.device) -> None:
-    """Before any weight is read: ValueError if `quantize` cannot run on
-    `device` (int4 needs our CPU kernels; whether each weight's shape suits
-    them, choose_matmul says)."""
-    if quantize not in QUANTIZATIONS:
-        raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
+    """Before any weight is read: ValueError if int4 cannot run on `device`
+    (it needs our CPU kernels; whether each weight's shape suits them,
+    choose_matmul says)."""
     if quantize == "int4" and (device.type != "cpu" or native.library() is None
                                or cpu_capability().isa not in ("AVX2", "AVX512")):
-        where = f"on {device.type}" if device.type != "cpu" else f"on this CPU (our kernels: {native.status()})"
-        raise ValueError(f"--quantize int4 runs on our CPU kernels only (x86 with AVX2 or AVX-512 and a C compiler), "
-                         f"not {where}; use --quantize int8")
+        raise _int4_refused(f"on {device.type}" if device.type != "cpu" else
+                            f"on this CPU (our kernels: {native.status()})")
+
+
+def _int4_refused(where: str) -> ValueError:
+    return ValueError(f"--quantize int4 runs on our CPU kernels only (x86 with AVX2 or AVX-512 and a C compiler), "
+                      f"not {where}; use --quantize int8")
 
 
 def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Optional[torch.device] = None) -> nn.Module:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llama import Llama, native
-from llama.linear import CpuCapability, NativeMatmul, PlainMatmul, choose_matmul, group_int4, group_int8, unpack_int4
+from llama.linear import CpuCapability, NativeMatmul, PlainMatmul, choose_matmul, group_int4, group_int8
 
 CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
 CAN_BUILD = bool(shutil.which("cc") or shutil.which("gcc")) and " avx2 " in CPU_FLAGS and " fma " in CPU_FLAGS
@@ -63,6 +63,15 @@ def q4_reference(x, packed, scales):
     return ((dots * s[..., 0] + xq.sum(-1)[:, None, :] * s[..., 1]) * sx[:, None, :]).sum(-1)
 
 
+def unpack_int4(packed, scales):
+    """group_int4's weight (N, K) in fp32, by PyTorch's operators: the format
+    as kernels.c reads it (low nibbles are a group's first 16 weights)."""
+    n, half = packed.shape
+    p = packed.view(n, -1, 16)
+    q = torch.cat([p & 15, p >> 4], dim=-1).float()  # (N, K / 32, 32)
+    return (q * scales[..., :1].float() + scales[..., 1:].float()).view(n, 2 * half)
+
+
 def quantized(kind, w):
     """(weight, scales) of `w` as NativeMatmul holds it for "int8" or "int4",
     the float weight they stand for, and the kernels' reference."""
@@ -70,7 +79,7 @@ def quantized(kind, w):
         q, scales = group_int8(w)
         return q, scales, (q.view(*w.shape[:1], -1, 32).float() * scales[..., None]).view(w.shape), q8_reference
     q, scales = group_int4(w)
-    return q, scales, unpack_int4(q, scales, torch.float32), q4_reference
+    return q, scales, unpack_int4(q, scales), q4_reference
 
 
 @pytest.mark.skipif(not CAN_BUILD, reason="no C compiler or no AVX2+FMA: the fallback is tested below")
@@ -184,7 +193,7 @@ def test_group_int4_is_within_half_a_step_of_each_group():
     packed, scales = group_int4(w)
     assert packed.dtype == torch.uint8 and packed.shape == (8, 64)
     assert scales.dtype == torch.float16 and scales.shape == (8, 4, 2)
-    deq = unpack_int4(packed, scales, torch.float32)
+    deq = unpack_int4(packed, scales)
     groups = w.view(8, 4, 32)
     lo_error = (scales[..., 1].float() - groups.amin(-1)).abs()[..., None]
     assert ((deq.view(8, 4, 32) - groups).abs() <= scales[..., :1].float() / 2 * 1.0001 + lo_error).all()
