@@ -14,11 +14,11 @@ Runs under plain `python` too, and on any number of processes or machines
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.chat_session import ChatSession
-from llama.checkpoint_info import find_tokenizer
-from llama.cli import run
-from llama.distributed import is_rank0, print_rank0
-from llama.metrics import write_json
+from llama.chat.session import ChatSession
+from llama.weights.stages import find_tokenizer
+from llama.cli.run import run
+from llama.parallel.distributed import is_rank0, print_rank0
+from llama.engine.metrics import write_json
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],

@@ -10,10 +10,10 @@ Runs under plain `python` too, and on any number of processes or machines
 from typing import Optional
 
 from llama import Llama
-from llama.checkpoint_info import find_tokenizer
-from llama.cli import run
-from llama.distributed import is_rank0, print_rank0
-from llama.metrics import write_json
+from llama.weights.stages import find_tokenizer
+from llama.cli.run import run
+from llama.parallel.distributed import is_rank0, print_rank0
+from llama.engine.metrics import write_json
 
 PROMPTS = [
     # For these prompts, the expected answer is the natural continuation of the prompt

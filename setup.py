@@ -1,7 +1,7 @@
 """Packaging for the `llama` inference package.
 
 Runtime dependencies are read from requirements.txt; `pip install` also
-installs the `llama` command (llama/commands/). The `gguf` extra is what
+installs the `llama` command (llama/cli/). The `gguf` extra is what
 utils/convert_gguf_checkpoint.py (and utils/export_gguf.py) need; the `server`
 extra what `llama serve` needs; the `bench` extra llama.cpp, the peer of
 benchmarks/peer_benchmark.py (llama-cpp-python builds llama.cpp from source:
@@ -36,9 +36,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["llama", "llama.*"]),
-    package_data={"llama": ["kernels.c"]},  # compiled on first use by llama/native.py
+    package_data={"llama.kernels": ["kernels.c"]},  # compiled on first use by llama/kernels/native.py
     install_requires=read_requirements(here / "requirements.txt"),
-    entry_points={"console_scripts": ["llama = llama.main:main"]},  # the `llama` command
+    entry_points={"console_scripts": ["llama = llama.cli.main:main"]},  # the `llama` command
     extras_require={
         "gguf": ["gguf>=0.19"],  # utils/convert_gguf_checkpoint.py (0.19 is the version tested)
         "server": SERVER,  # `llama serve`: the OpenAI-compatible HTTP server (llama/server/)

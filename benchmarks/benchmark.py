@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.hf_reference import hf_model_from_meta  # noqa: E402
 from benchmarks.linear_kernels import read_bandwidth  # noqa: E402
-from llama import Llama, native  # noqa: E402
+from llama import Llama  # noqa: E402
+from llama.kernels import native  # noqa: E402
 from utils.fetch_llama3_tokenizer import fetch_llama3_tokenizer  # noqa: E402
 from utils.make_random_checkpoint import make_random_checkpoint, random_params  # noqa: E402
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Latency of one all-reduce between two processes on this host: shared
-memory (llama/shared_memory.py) against the gloo paired exchange (recursive
+memory (llama/parallel/shared_memory.py) against the gloo paired exchange (recursive
 doubling, receives posted ahead) and gloo's own all_reduce, interleaved.
 
     python benchmarks/exchange_latency.py               # starts 2 processes (torchrun), 1 thread each
@@ -31,8 +31,8 @@ def worker(a) -> None:
     import torch.distributed as dist
     from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
-    from llama import collectives
-    from llama.distributed import init_distributed
+    from llama.parallel import collectives
+    from llama.parallel.distributed import init_distributed
 
     init_distributed("cpu")
     group = get_model_parallel_group()

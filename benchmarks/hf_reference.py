@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from llama.args import ModelArgs
-from llama.checkpoint import find_shards, load_shard
-from llama.schema import model_weights
+from llama.weights.args import ModelArgs
+from llama.weights.checkpoint import find_shards, load_shard
+from llama.weights.schema import model_weights
 
 
 HF_NAMES = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
@@ -48,7 +48,7 @@ def hf_model_from_meta(ckpt_dir, vocab_size: int, dtype=torch.float32, attn_impl
     (shard,) = find_shards(ckpt_dir)
     meta = load_shard(shard)
     hf = {}
-    for name in model_weights(args):  # every weight, by llama/schema.py
+    for name in model_weights(args):  # every weight, by llama/weights/schema.py
         key = name.removesuffix(".weight")
         if key.startswith("layers."):
             _, i, key = key.split(".", 2)

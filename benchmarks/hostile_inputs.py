@@ -128,7 +128,7 @@ def case_gguf_truncated(ckpt, tmp):
 
 def case_calculator(ckpt, tmp):
     """The calculator given round(1, -10**8), 10**10**10 and 9**9**9."""
-    from llama.local_tools import calculate
+    from llama.chat.local_tools import calculate
 
     def run():
         results = [calculate(e) for e in ("round(1, -10**8)", "10**10**10", "9**9**9")]

@@ -7,7 +7,7 @@ measured in the same run (torch.sum over 1 GB with that many threads).
     python benchmarks/linear_kernels.py --isa native --models smollm2 --threads 2
 
 Decoding one token is a matrix-vector product per weight: its speed is the
-bandwidth the kernel reaches. This is the measurement behind llama/linear.py's
+bandwidth the kernel reaches. This is the measurement behind llama/kernels/linear.py's
 `choose_matmul`; the row "chosen (linear.py)" is the module it picks, timed
 through its forward (reshapes and casts included).
 
@@ -40,7 +40,7 @@ warnings.filterwarnings("ignore", message=".*quantized tensor creation functions
 
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
-            "LLAMA_NATIVE_ARCH": "haswell"}  # our kernels (llama/native.py) built for AVX2+FMA
+            "LLAMA_NATIVE_ARCH": "haswell"}  # our kernels (llama/kernels/native.py) built for AVX2+FMA
 
 # (out, in) features of each matmul of one decoded token, and how many per token.
 MODELS = {
@@ -110,7 +110,7 @@ def _fbgemm_factory(w32):
 
 def _int4_factory(group: int, act: torch.dtype):
     def factory(w32):
-        from llama.linear import quantize_int4
+        from llama.kernels.linear import quantize_int4
         packed, sz = quantize_int4(w32, group)
         return lambda: (packed.clone(), sz.to(act))
     return factory
@@ -156,8 +156,8 @@ def candidate_kernels() -> List[Kernel]:
 def chosen_kernels() -> List[Kernel]:
     """linear.py's choice per (dtype, quantization), through its module
     (int4 where our kernels run: it has no other)."""
-    from llama import native
-    from llama.linear import choose_matmul
+    from llama.kernels import native
+    from llama.kernels.linear import choose_matmul
 
     out = []
     choices = [("fp32", torch.float32, None), ("bf16", torch.bfloat16, None), ("int8", torch.bfloat16, "int8")]
@@ -244,7 +244,7 @@ def report(isa: str, models, batches, threads, budget, min_time, only) -> None:
 
 def quality_candidates():
     """name -> (model dtype, matmul factory from a float weight)."""
-    from llama.linear import Int4Matmul, Int8DynamicMatmul, Int8Matmul, PlainMatmul
+    from llama.kernels.linear import Int4Matmul, Int8DynamicMatmul, Int8Matmul, PlainMatmul
 
     f32, b16 = torch.float32, torch.bfloat16
     c = {"plain fp32 (reference)": (f32, PlainMatmul),
@@ -262,7 +262,7 @@ def quality_candidates():
 def agreement(ckpt: str, text: Path, positions: int, only: str) -> None:
     """Teacher-forced on `text`: each candidate's top-1 agreement with the bf16
     model (F.linear) over `positions` positions, and perplexities."""
-    import llama.linear as linear
+    import llama.kernels.linear as linear
     from llama import Llama
 
     tokenizer = str(Path(ckpt) / "tokenizer.model")

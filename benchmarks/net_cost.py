@@ -19,8 +19,8 @@ if __name__ == "__main__" and "--main" not in sys.argv:  # this checkout's llama
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama import Llama  # noqa: E402
-from llama.checkpoint_info import find_tokenizer  # noqa: E402
-from llama.cli import run  # noqa: E402
+from llama.weights.stages import find_tokenizer  # noqa: E402
+from llama.cli.run import run  # noqa: E402
 
 
 def main(ckpt_dir: str, tokens: int = 48, dtype: str = "float32", temperature: float = 0.0, main: bool = False,

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.peer_report import PAIRS, medians, report  # noqa: E402
 from benchmarks.quant_quality import TEXT, build, quantization_quality  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.text.tokenizer import Tokenizer  # noqa: E402
 
 OUR_BUILDS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"),
               "int4": ("bfloat16", "int4")}
@@ -49,8 +49,8 @@ QUALITY_POSITIONS = 512  # next-token predictions in the quality reports
 
 
 def our_builds() -> dict:
-    """OUR_BUILDS that run here: int4 only on our kernels (llama/native.py)."""
-    from llama import native
+    """OUR_BUILDS that run here: int4 only on our kernels (llama/kernels/native.py)."""
+    from llama.kernels import native
 
     return {k: v for k, v in OUR_BUILDS.items() if v[1] != "int4" or native.library() is not None}
 
@@ -153,7 +153,7 @@ def engines_to_time(a, ckpt: Path, prompt, long_prompt, res: dict) -> dict:
         gen = build(ckpt, dtype, quant, seq, a.threads)
         gen.tokenizer.stop_tokens = frozenset()  # every run generates its full length
         ours[name] = gen
-        if a.compile:  # the same model with compiled decoding (llama/compiled.py)
+        if a.compile:  # the same model with compiled decoding (llama/kernels/compiled.py)
             compiled[name] = build(ckpt, dtype, quant, seq, a.threads, compile=True)
             compiled[name].tokenizer.stop_tokens = frozenset()
     theirs = {}

@@ -6,22 +6,22 @@ without torch; the model, the engine and `Llama` load torch when first used.
 
 import importlib
 
-from .args import ModelArgs
-from .chat_format import ChatFormat
-from .messages import Dialog, DialogError, Message, StopReason
-from .tokenizer import Tokenizer, TokenizerError
-from .tool_calls import BuiltinTool, CallSyntax, ToolCall, ToolDefinition, ToolParam
+from .text.chat_format import ChatFormat
+from .text.messages import Dialog, DialogError, Message, StopReason
+from .text.tokenizer import Tokenizer, TokenizerError
+from .text.tool_calls import BuiltinTool, CallSyntax, ToolCall, ToolDefinition, ToolParam
+from .weights.args import ModelArgs
 
 # Names whose modules need torch: imported on first access (PEP 562).
 _LAZY = {
-    "CheckpointError": "checkpoint",
+    "CheckpointError": "weights.checkpoint",
     "ChatPrediction": "generation",
     "CompletionPrediction": "generation",
     "Llama": "generation",
-    "Engine": "engine",
-    "Request": "engine",
-    "TokenEvent": "engine",
-    "SamplingParams": "sampling",
+    "Engine": "engine.engine",
+    "Request": "engine.engine",
+    "TokenEvent": "engine.engine",
+    "SamplingParams": "engine.sampling",
     "Transformer": "model",
 }
 

@@ -3,7 +3,7 @@
 The public API is that of Meta's reference repositories (`Llama.build`,
 `generate`, `text_completion`, `chat_completion`, same result dicts), plus
 `device`/`dtype` parameters, token streaming and per-request sampling
-parameters. Every call runs on the decoding engine (`llama/engine.py`): the
+parameters. Every call runs on the decoding engine (`llama/engine/engine.py`): the
 prompts are prefilled together and each row decodes at its own position.
 """
 
@@ -16,23 +16,23 @@ from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
-from .args import ModelArgs
-from .chat_format import ChatFormat
-from .checkpoint import (available_memory, cache_bytes, check_cache_memory, first_needed_shard, inspect_rank_files,
+from .weights.args import ModelArgs
+from .text.chat_format import ChatFormat
+from .weights.checkpoint import (available_memory, cache_bytes, check_cache_memory, first_needed_shard, inspect_rank_files,
                          load_prepared_rank_state)
-from .compiled import compile_decode
-from .distributed import choose_dtype, init_distributed, is_rank0
-from .engine import Completion, Engine, Request, TokenEvent
-from .fingerprint import check_same_checkpoint, replicated_hash
-from .linear import QUANTIZATIONS, check_quantization, describe_matmuls, use_kernels
-from .messages import Dialog, Message, StopReason
-from .metrics import GenerationMetrics, MetricsRecorder, device_probes
+from .kernels.compiled import compile_decode
+from .parallel.distributed import choose_dtype, init_distributed, is_rank0
+from .engine.engine import Completion, Engine, Request, TokenEvent
+from .parallel.fingerprint import check_same_checkpoint, replicated_hash
+from .kernels.linear import QUANTIZATIONS, check_quantization, describe_matmuls, use_kernels
+from .text.messages import Dialog, Message, StopReason
+from .engine.metrics import GenerationMetrics, MetricsRecorder, device_probes
 from .model import Transformer
-from .sampling import SamplingParams
-from .schema import shard_shapes, stage_holds
-from .stage_files import model_folder, stage_folder, stage_layers
-from .threads import local_ranks, set_threads
-from .tokenizer import Tokenizer
+from .engine.sampling import SamplingParams
+from .weights.schema import shard_shapes, stage_holds
+from .weights.stages import model_folder, stage_folder, stage_layers
+from .parallel.threads import local_ranks, set_threads
+from .text.tokenizer import Tokenizer
 
 __all__ = ["ChatPrediction", "CompletionPrediction", "GenerationResult", "Llama", "SamplingParams", "TokenEvent"]
 
@@ -118,11 +118,11 @@ class Llama:
                 processes on this node (torchrun's LOCAL_WORLD_SIZE), at
                 least 1. More than the CPUs it may use is refused.
             compile: Decode through a torch.compile'd transformer block
-                (llama/compiled.py): fewer, fused operations per token. The
+                (llama/kernels/compiled.py): fewer, fused operations per token. The
                 first start compiles for tens of seconds (cached on disk
                 afterwards) and needs a C++ compiler on CPU.
             pipeline_stages: Split the layers into this many contiguous stages
-                (llama/pipeline.py), each on world size / stages ranks that
+                (llama/engine/runner.py), each on world size / stages ranks that
                 split its layers tensor-parallel; for nodes behind slow links.
                 `ckpt_dir` may be a whole checkpoint or one split with
                 utils/shard_model_checkpoint.py --pipeline_stages.

@@ -23,11 +23,11 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from . import native
-from .args import ModelArgs
-from .collectives import all_reduce
-from .linear import native_weight
-from .schema import EmbeddingLayout, kv_replication
+from .kernels import native
+from .weights.args import ModelArgs
+from .parallel.collectives import all_reduce
+from .kernels.linear import native_weight
+from .weights.schema import EmbeddingLayout, kv_replication
 
 
 def _keep(x):  # init_method: weights come from the checkpoint, never from an initializer
@@ -316,7 +316,7 @@ class Transformer(nn.Module):
             raise ValueError("vocab_size must be resolved (from the tokenizer) before building the model")
         self.params = params
         self.embedding_layout = embedding_layout
-        # A pipeline stage (llama/pipeline.py) holds only `layers` (global
+        # A pipeline stage (llama/engine/runner.py) holds only `layers` (global
         # indices, all by default), the first stage the embedding, the last the
         # output; every stage the final norm (dim values: the model's device).
         self.layer_ids = range(params.n_layers) if layers is None else layers
@@ -429,7 +429,7 @@ class Transformer(nn.Module):
 
     def _layers(self, tokens: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (bs, seq, dim)
-        if tokens.shape[1] == 1 and self.compiled_block is not None:  # decoding, compiled (llama/compiled.py)
+        if tokens.shape[1] == 1 and self.compiled_block is not None:  # decoding, compiled (llama/kernels/compiled.py)
             for layer in self.layers:
                 h = self.compiled_block(layer, h, inputs)
             return h

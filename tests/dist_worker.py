@@ -13,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.distributed as dist
 
-from llama import Llama, native
-from llama.cli import run
-from llama.engine import Request
-from llama.sampling import SamplingParams
+from llama import Llama
+from llama.kernels import native
+from llama.cli.run import run
+from llama.engine.engine import Request
+from llama.engine.sampling import SamplingParams
 
 PROMPTS = ["The llama is a domesticated", "Model parallelism splits every layer across workers: each", "Hi"]
 
@@ -57,7 +58,7 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
 def argmax_ties():
     """The arg-max exchanged between ranks equals torch.argmax on the full
     logits, ties across ranks included (the lowest id wins)."""
-    from llama.collectives import vocab_parallel_argmax
+    from llama.parallel.collectives import vocab_parallel_argmax
 
     world, rank, vocab = dist.get_world_size(), dist.get_rank(), 16
     per = vocab // world
@@ -74,7 +75,7 @@ def argmax_ties():
 def _shared_memory():
     from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
-    from llama import collectives
+    from llama.parallel import collectives
 
     return collectives._shared_memory(get_model_parallel_group()) if dist.get_world_size() > 1 else None
 
@@ -86,7 +87,7 @@ def shared_memory_check():
     for decoding's shapes, bf16, and a reduction larger than one buffer."""
     from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
-    from llama import collectives, shared_memory
+    from llama.parallel import collectives, shared_memory
 
     shm, group = _shared_memory(), get_model_parallel_group()
     if shm is None:
@@ -110,7 +111,8 @@ def sampled_requests(gen, prompts, max_gen_len):
     """Seeded sampled requests, each alone: their tokens, those of the same
     requests when every step gathers the full logits, and the bytes of each
     gather the engine makes (under torchrun: candidates, not the slices)."""
-    from llama import collectives, sampling
+    from llama.parallel import collectives
+    from llama.engine import sampling
 
     params = [SamplingParams(temperature=1.0, top_k=20, seed=4, max_tokens=max_gen_len),
               SamplingParams(temperature=0.3, top_p=0.9, seed=3, max_tokens=max_gen_len),

@@ -57,7 +57,7 @@ def llama3_vocab(tokenizer_path, n_base: Optional[int] = None, specials: Optiona
     `n_base` keeps only the first n_base ranks (still a complete BPE)."""
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from llama.tokenizer import Tokenizer
+    from llama.text.tokenizer import Tokenizer
 
     vocab, merges = TikTokenConverter(vocab_file=str(tokenizer_path)).extract_vocab_merges_from_model(str(tokenizer_path))
     n_base = n_base or len(vocab)

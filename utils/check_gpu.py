@@ -89,7 +89,7 @@ def _verdict(r: dict, max_diff: float, same_tokens: bool = False) -> str:
 
 
 def check_parity(ckpt: Path) -> bool:
-    from llama.distributed import choose_dtype
+    from llama.parallel.distributed import choose_dtype
 
     default, why = choose_dtype(None, torch.device("cuda"))
     ok = True
@@ -105,7 +105,7 @@ def check_parity(ckpt: Path) -> bool:
 
 
 def check_int8(ckpt: Path) -> bool:
-    from llama.distributed import choose_dtype
+    from llama.parallel.distributed import choose_dtype
 
     dtype = str(choose_dtype(None, torch.device("cuda"))[0]).replace("torch.", "")
     full_tokens, full_lps, full = run(ckpt, "cuda", dtype)
@@ -138,7 +138,7 @@ def _time(fn, repeat: int = 50) -> float:
 
 
 def time_int8_matmul(dtype: torch.dtype) -> None:
-    from llama.linear import Int8Matmul, dequantized_linear
+    from llama.kernels.linear import Int8Matmul, dequantized_linear
 
     aten = torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CUDA")
     print(f"  int8 matmul, ms per call (ATen _weight_int8pack_mm has a CUDA kernel in this torch: {aten}):")
@@ -162,7 +162,7 @@ def time_int8_matmul(dtype: torch.dtype) -> None:
 def check_attention() -> bool:
     """Which SDPA kernels take the model's prefill calls; informative, never fails."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from llama.distributed import choose_dtype
+    from llama.parallel.distributed import choose_dtype
 
     heads, kv_heads, head_dim, seq = 32, 8, 128, 512
     backends = [b for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH") if hasattr(SDPBackend, b)]

@@ -36,11 +36,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from llama.args import ModelArgs
-from llama.checkpoint import CheckpointError, check_shapes, expected_shapes
-from llama.checkpoint_writer import check_output_dir, write_checkpoint
-from llama.progress import Progress
-from llama.tokenizer import LLAMA3_PATTERN, sidecar_path
+from llama.weights.args import ModelArgs
+from llama.weights.checkpoint import CheckpointError, check_shapes, expected_shapes
+from llama.weights.writer import check_output_dir, write_checkpoint
+from llama.weights.progress import Progress
+from llama.common.files import sidecar_path
+from llama.text.tokenizer import LLAMA3_PATTERN
 
 # GGUF pre-tokenizer name (tokenizer.ggml.pre) -> the equivalent split regex
 # for tiktoken, grouped as llama.cpp's llama-vocab.cpp groups the names, with
@@ -393,7 +394,7 @@ def tokenizer_files(fields: _Fields) -> Tuple[str, Optional[dict]]:
 def _check_tokenizer(tokenizer: Path, path: Path) -> None:
     """Loads the tokenizer files about to be written with the loader's own
     checks, so the converter never writes what the loader would then reject."""
-    from llama.tokenizer import Tokenizer, TokenizerError
+    from llama.text.tokenizer import Tokenizer, TokenizerError
 
     try:
         Tokenizer.from_file(tokenizer)

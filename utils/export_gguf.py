@@ -34,8 +34,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from llama.args import ModelArgs
-from llama.checkpoint import CheckpointError, check_shapes, expected_shapes, find_shards, load_shard
+from llama.weights.args import ModelArgs
+from llama.weights.checkpoint import CheckpointError, check_shapes, expected_shapes, find_shards, load_shard
 from utils.convert_gguf_checkpoint import GLOBAL_TENSORS, LAYER_TENSORS, ROPE_FREQS, import_gguf
 
 META_TO_GGUF = {meta: gguf for gguf, meta in {**GLOBAL_TENSORS, **LAYER_TENSORS}.items()}

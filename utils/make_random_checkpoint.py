@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
-from llama.args import ModelArgs
-from llama.checkpoint import default_embedding_layout, rank_state_dict
-from llama.checkpoint_writer import write_checkpoint
-from llama.schema import model_weights
-from llama.tokenizer import Tokenizer
+from llama.weights.args import ModelArgs
+from llama.weights.checkpoint import default_embedding_layout, rank_state_dict
+from llama.weights.writer import write_checkpoint
+from llama.weights.schema import model_weights
+from llama.text.tokenizer import Tokenizer
 
 FAMILIES = {
     # params.json extras per family; Llama 2 files say vocab_size -1 and omit rope_theta.
@@ -45,7 +45,7 @@ def random_params(family: str, dim: int, n_layers: int, n_heads: int, n_kv_heads
 
 
 def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
-    """Full (unsharded) random weights for `args`, under Meta's parameter names (llama/schema.py)."""
+    """Full (unsharded) random weights for `args`, under Meta's parameter names (llama/weights/schema.py)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, w in model_weights(args).items():

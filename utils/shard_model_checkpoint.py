@@ -26,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from llama.checkpoint_writer import reshard_checkpoint
+from llama.weights.writer import reshard_checkpoint
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,6 @@ prometheus_client); `import llama` never imports it. The pieces:
     translate.py OpenAI messages and tools <-> our dialogs and Llama 3.1 tool calls
     guard.py     ASGI middleware: API key, body size limit; validation messages
     app.py       the FastAPI app: endpoints, streaming, errors, metrics
-    metrics.py   /metrics in Prometheus text format
-    main.py      the command: load the model, serve on rank 0, follow elsewhere
+    prometheus.py /metrics in Prometheus text format
+    run.py       uvicorn on rank 0 (llama/cli/serve.py builds the model and calls it)
 """

@@ -20,9 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import Request
+from ..engine.engine import Request
 from .guard import Guard, validation_message
-from .metrics import ServerMetrics
+from .prometheus import ServerMetrics
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from .translate import answer, dialog_of, finish_reason, sampling_params, seeds, tools_offered
 from .worker import EngineFailed, EngineWorker, Overloaded

@@ -2,7 +2,7 @@
 
 OpenAI role "tool" is Llama 3.1's "ipython" (a tool result); "developer" is a
 system message. Tools are offered as Llama 3.1 custom tools: their
-definitions go into the system prompt (`llama.tool_calls.system_prompt`),
+definitions go into the system prompt (`llama.text.tool_calls.system_prompt`),
 before the client's own system message, and the calls the model writes come
 back as OpenAI `tool_calls` with `finish_reason` "tool_calls".
 """
@@ -10,9 +10,9 @@ back as OpenAI `tool_calls` with `finish_reason` "tool_calls".
 import json
 from typing import List, Optional, Tuple
 
-from ..messages import StopReason
-from ..sampling import SamplingParams
-from ..tool_calls import CallSyntax, ToolCall, ToolDefinition, ToolParam, system_prompt
+from ..text.messages import StopReason
+from ..engine.sampling import SamplingParams
+from ..text.tool_calls import CallSyntax, ToolCall, ToolDefinition, ToolParam, system_prompt
 from .protocol import APIError, ChatCompletionRequest, ChatMessage, Content, _Sampling
 
 # OpenAI's defaults (temperature 1, top_p 1), not the command line's.

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from ..engine import Engine, Request, TokenEvent
+from ..engine.engine import Engine, Request, TokenEvent
 
 logger = logging.getLogger("llama.server")
 

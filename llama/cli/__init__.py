@@ -1,0 +1,2 @@
+"""The `llama` command: its parser, options, subcommands, logging and error
+reporting. Nothing else in the package imports it."""

@@ -1,0 +1,108 @@
+"""What a checkpoint directory holds, read without loading the weights
+(`llama info`), and where its tokenizer is.
+
+Everything comes from params.json, the tokenizer file and shard 0's tensor
+headers (memory-mapped: its weights are not read) and the files' sizes.
+"""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import List, Optional
+
+from ..weights.args import ModelArgs
+from ..text.chat_format import ChatFormat, chat_format_name
+from ..weights.checkpoint import (LazyShards, expected_shapes, find_shards, inspect_checkpoint, supported_world_sizes,
+                         weights_vocab_size)
+from ..text.tokenizer import Tokenizer
+from ..weights.stages import find_tokenizer
+
+
+def model_family(args: ModelArgs, raw_vocab_size: int, tokenizer_kind: Optional[str]) -> str:
+    """"Llama 2", "Llama 3", "Llama 3.1" or "converted from GGUF" (a BPE tokenizer with a sidecar)."""
+    if tokenizer_kind == "bpe":
+        return "converted from GGUF"
+    if raw_vocab_size == -1 or tokenizer_kind == "sentencepiece":
+        return "Llama 2"
+    return "Llama 3.1" if args.use_scaled_rope else "Llama 3"
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    path: str
+    family: str
+    parameters: int  # whole model
+    file_bytes: int  # all consolidated.*.pth files on disk
+    shards: int
+    dtypes: List[str]  # of the stored tensors
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    tokenizer: Optional[str]  # path, or None if not found
+    tokenizer_kind: Optional[str]  # sentencepiece / tiktoken / bpe
+    chat_format: Optional[str]
+    world_sizes: List[int]  # numbers of processes it can run on
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def report(self) -> str:
+        sizes = ", ".join(map(str, self.world_sizes))
+        tok = f"{self.tokenizer} ({self.tokenizer_kind}, chat format {self.chat_format})" if self.tokenizer else \
+            "not found (pass --tokenizer_path)"
+        lines = [
+            ("checkpoint", self.path),
+            ("family", self.family),
+            ("parameters", f"{_human(self.parameters, 1000, ['', 'K', 'M', 'B', 'T'])} ({self.parameters:,})"),
+            ("size on disk", f"{_human(self.file_bytes, 1024, [' B', ' KiB', ' MiB', ' GiB', ' TiB'])} "
+                             f"in {self.shards} shard{'s' if self.shards > 1 else ''} (consolidated.*.pth)"),
+            ("stored dtype", ", ".join(self.dtypes)),
+            ("shape", f"dim {self.dim}, {self.n_layers} layers, {self.n_heads} heads, "
+                      f"{self.n_kv_heads} KV heads, vocabulary {self.vocab_size}"),
+            ("tokenizer", tok),
+            ("runs on", f"{sizes} processes (torchrun --nproc_per_node x --nnodes); "
+                        f"other counts than {self.shards} reshard while loading"),
+        ]
+        return "\n".join(f"{k + ':':<14}{v}" for k, v in lines)
+
+
+def _human(n: float, base: int, units: List[str]) -> str:
+    i = min(int(math.log(max(n, 1), base)), len(units) - 1)
+    value = n / base**i
+    return f"{value:.0f}{units[i]}" if i == 0 else f"{value:.3g}{units[i]}"
+
+
+def checkpoint_info(ckpt_dir, tokenizer_path=None) -> CheckpointInfo:
+    """Reads what `ckpt_dir` holds; raises FileNotFoundError / ValueError naming the problem."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found")
+    file_args = ModelArgs.from_json(ckpt_dir / "params.json")
+    paths = find_shards(ckpt_dir)
+    args = dataclasses.replace(file_args, vocab_size=weights_vocab_size(paths))  # Llama 2 says -1
+    paths, layout = inspect_checkpoint(ckpt_dir, args, file_args.vocab_size)  # shapes checked against params.json
+    try:
+        tok_path = find_tokenizer(ckpt_dir, tokenizer_path)
+    except FileNotFoundError:
+        tok_path = None
+    tokenizer = Tokenizer.from_file(tok_path) if tok_path is not None else None
+    chat_format = chat_format_name(ChatFormat.for_tokenizer(tokenizer)) if tokenizer else None
+    shard0 = LazyShards(paths[:1])[0]
+    full = expected_shapes(args, 1, layout)
+    return CheckpointInfo(
+        path=str(ckpt_dir),
+        family=model_family(args, file_args.vocab_size, tokenizer.kind if tokenizer else None),
+        parameters=sum(math.prod(shape) for shape in full.values()),
+        file_bytes=sum(p.stat().st_size for p in paths),
+        shards=len(paths),
+        dtypes=sorted({str(t.dtype).replace("torch.", "") for t in shard0.values()}),
+        dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+        vocab_size=args.vocab_size,
+        tokenizer=str(tok_path) if tok_path else None,
+        tokenizer_kind=tokenizer.kind if tokenizer else None,
+        chat_format=chat_format,
+        world_sizes=supported_world_sizes(args),
+    )

@@ -1,0 +1,55 @@
+"""`llama serve`: the server's flags, the model built from them, and the HTTP
+server started on rank 0 (llama/server/run.py); the other ranks follow rank
+0's engine steps (`Engine.follow`) until it shuts down."""
+
+import argparse
+import os
+from pathlib import Path
+
+from ..parallel.distributed import dist_timeout_s
+from .options import build_generator
+from .run import rank_and_world
+
+API_KEY_ENV = "LLAMA_API_KEY"
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    g.add_argument("--api_key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, if set; else no key)")
+    g.add_argument("--model_name", default=None, help="the model's name in the API (default: the --ckpt_dir folder name)")
+    g.add_argument("--max_queue", metavar="N", type=int, default=64,
+                   help="requests that may wait for a free slot; beyond that the server answers 429 (default 64)")
+    g.add_argument("--shutdown_timeout", metavar="S", type=float, default=30.0,
+                   help="on SIGTERM, seconds that running requests get to finish (default 30)")
+
+
+def _check(a: argparse.Namespace) -> None:
+    if not 0 < a.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {a.port}")
+    if a.max_queue < 0:
+        raise ValueError(f"--max_queue must be 0 or more, got {a.max_queue}")
+    if a.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown_timeout must be 0 or more seconds, got {a.shutdown_timeout}")
+
+
+def serve(a: argparse.Namespace) -> None:
+    _check(a)
+    try:
+        from ..server.run import run_server
+    except ImportError as e:
+        raise ValueError(f"llama serve needs the {e.name} package: pip install -e \".[server]\" "
+                         "(FastAPI, uvicorn, prometheus_client)") from None
+    generator = build_generator(a)
+    rank, world = rank_and_world()
+    if rank != 0:
+        generator.engine.follow()
+        return
+    api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    # The other ranks wait in follow(): an idle rank 0 steps well within the distributed timeout.
+    idle = min(5.0, dist_timeout_s() / 4) if world > 1 else None
+    run_server(generator, a.model_name or Path(a.ckpt_dir).resolve().name, host=a.host, port=a.port,
+               api_key=api_key, max_queue=a.max_queue, shutdown_timeout=a.shutdown_timeout, idle_step_s=idle)

@@ -1,0 +1,510 @@
+"""The decoding engine: KV-cache slots, a queue, and one step at a time.
+
+`Engine.submit` queues a request and returns its id; each `Engine.step`
+
+1. takes the step's plan: cancelled requests leave their slots and waiting
+   requests are admitted into free ones (rank 0 decides; under torchrun the
+   other ranks receive its plan, so every rank runs the same steps),
+2. decodes one token for every row that was already running, each at its own
+   position,
+3. prefills the admitted prompts in one packed pass and samples their first
+   token,
+
+and returns one `TokenEvent` per new token. A row's last event carries its
+`StopReason` and its `Completion`; the stop rule is decided here and nowhere
+else. The running rows always occupy KV-cache rows 0..n-1: a row that leaves
+is replaced by the last one (its cache is copied once), so decoding reads
+plain slices of the cache.
+"""
+
+import dataclasses
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..parallel.collectives import broadcast_from_first
+from ..text.messages import StopReason
+from .metrics import RequestMetrics
+from .runner import Pipeline
+from .sampling import RowState, SamplingParams, sample_rows, token_logprobs
+from ..text.stream import StopStrings, TextStream
+
+# Most prompt tokens packed into one prefill pass (a longer prompt runs alone).
+# It bounds the attention mask (tokens^2 booleans) and how long the running
+# rows wait for newcomers.
+PREFILL_TOKEN_BUDGET = 2048
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to continue.
+
+    Attributes:
+        prompt_tokens: Token ids, bos included if wanted.
+        params: How to sample; `params.max_tokens` None means until the context is full.
+        prompt_logprobs: Also compute the log-probability of every prompt
+            token after the first (Meta's echo with logprobs).
+    """
+
+    prompt_tokens: Tuple[int, ...]
+    params: SamplingParams = SamplingParams()
+    prompt_logprobs: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "prompt_tokens", tuple(self.prompt_tokens))
+
+
+@dataclass
+class Completion:
+    """What one request produced, on its last event."""
+
+    prompt_tokens: List[int]
+    tokens: List[int]  # generated, without a final stop token
+    text: str  # the streamed text: cut before a stop string, if one ended the answer
+    stop_reason: StopReason
+    logprobs: Optional[List[float]]  # one per token in `tokens`, if asked
+    top_logprobs: Optional[List[List[Tuple[int, float]]]]
+    prompt_logprobs: Optional[List[float]]  # one per prompt token (the first is 0.0), if asked
+    metrics: RequestMetrics
+
+
+@dataclass
+class TokenEvent:
+    """One newly decoded token of one request.
+
+    `row` is the request's id for the engine and the prompt's index in the
+    batch for `Llama.generate_stream`. `token` is None only on a last event
+    that carries no token (a request cancelled, or one with max_tokens 0).
+    On a stop token, `token` is that stop token and `text` only what was held
+    back, if anything. Joining a request's texts gives its `Completion.text`.
+    """
+
+    row: int
+    token: Optional[int]
+    text: str  # text this token adds; "" while a multi-byte character or a possible stop string is incomplete
+    logprob: Optional[float] = None
+    stop_reason: Optional[StopReason] = None  # set on the request's last event only
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
+    completion: Optional[Completion] = None  # on the last event only
+
+
+@dataclass(eq=False)  # compared by identity
+class _Sequence:
+    """A request in the engine: waiting, running in a cache row, or finished."""
+
+    id: int
+    request: Request
+    submitted: float
+    seed: int
+    admitted: Optional[float] = None
+    first_token: Optional[float] = None
+    tokens: List[int] = field(default_factory=list)
+    logprobs: List[float] = field(default_factory=list)
+    top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: Optional[List[float]] = None
+    texts: List[str] = field(default_factory=list)
+    generator: Optional[torch.Generator] = None
+    stream: Optional[TextStream] = None
+    stops: Optional[StopStrings] = None
+    cached: int = 0  # positions written to its KV-cache row
+
+    @property
+    def next_pos(self) -> int:
+        """Position of the last sampled token, which the next decode step feeds."""
+        return len(self.request.prompt_tokens) + len(self.tokens) - 1
+
+
+class Engine:
+    """Continuous batching over a model's KV cache (`max_batch_size` rows).
+
+    Not thread-safe: one caller submits and steps (a server runs it in one
+    thread). Under torchrun every rank must call `step` the same number of
+    times; rank 0's queue and cancellations decide what each step does.
+    """
+
+    def __init__(self, model, tokenizer, prefill_token_budget: int = PREFILL_TOKEN_BUDGET):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.params = model.params
+        self.prefill_token_budget = prefill_token_budget
+        self.device = model.norm.weight.device
+        self.waiting: Deque[_Sequence] = deque()
+        self.running: List[_Sequence] = []  # running[i] owns KV-cache row i
+        self._sequences: Dict[int, _Sequence] = {}  # waiting or running
+        self._next_id = 0
+        self._cancelled: List[int] = []  # rank 0 of several: sent to all ranks at the next step
+        self._ended: List[_Sequence] = []  # cancelled, waiting for their last event
+        self._stopping = False  # rank 0: the next step tells the other ranks to stop following
+        self.stopped = False  # a following rank: rank 0 said stop
+        self.passes = Pipeline(model)  # the model's passes; with pipeline stages, their results on every rank
+        group = _all_ranks_group()
+        self._group = group
+        self._world = dist.get_world_size(group) if group is not None else 1
+        self._leader = self._world == 1 or dist.get_rank(group) == 0
+
+    # -- the public interface ---------------------------------------------
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.params.max_batch_size
+
+    @property
+    def stop_tokens(self):
+        return self.tokenizer.stop_tokens
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch_size - len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._cancelled or self._ended)
+
+    def submit(self, request: Request) -> int:
+        """Queues `request`; returns its id. Raises ValueError for a prompt that cannot run."""
+        if not isinstance(request, Request):
+            raise TypeError(f"submit takes a llama.engine.engine.Request, got {type(request).__name__}")
+        self.check_prompt(request.prompt_tokens)
+        seed = request.params.seed
+        if seed is None:  # from torch's global generator: torch.manual_seed makes runs repeatable
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        seq = _Sequence(self._next_id, request, time.perf_counter(), seed)
+        self._next_id += 1
+        self._sequences[seq.id] = seq
+        self.waiting.append(seq)
+        return seq.id
+
+    def cancel(self, request_id: int) -> None:
+        """Ends a waiting or running request; its slot is free for the next step.
+
+        Its last event (token None, StopReason.CANCELLED) comes from the next
+        `step`. With one process the slot is freed at once; under torchrun
+        rank 0's cancellations are applied on every rank at the next step, and
+        the other ranks' calls are ignored (they follow rank 0).
+        """
+        if request_id not in self._sequences or not self._leader:
+            return
+        if self._world == 1:
+            self._ended += self._remove([request_id])
+        elif request_id not in self._cancelled:
+            self._cancelled.append(request_id)
+
+    def shutdown(self) -> None:
+        """Rank 0: the next `step` tells the ranks in `follow` to return."""
+        self._stopping = True
+
+    def follow(self) -> None:
+        """The loop of a rank other than 0 while rank 0 takes requests from
+        elsewhere (a server): runs each step rank 0 runs, until its `shutdown`.
+        Rank 0 must call `step` at least every LLAMA_DIST_TIMEOUT seconds, idle
+        or not (an idle step costs one small broadcast)."""
+        if self._leader:
+            raise RuntimeError("follow() is for the ranks other than rank 0, which lead")
+        while not self.stopped:
+            self.step()
+
+    def step(self) -> List[TokenEvent]:
+        """Runs one decoding step; returns the events it produced (possibly none)."""
+        if self._stopping:  # rank 0 after shutdown(): release the followers, run nothing
+            self._stopping = False
+            if self._world > 1:
+                self._broadcast_plan([], [], stop=True)
+            return []
+        admitted = self._plan()
+        ended, self._ended = self._ended, []
+        events = [self._finish_event(seq, StopReason.CANCELLED) for seq in ended]
+        events += self._decode()
+        events += self._admit(admitted)
+        return events
+
+    # -- scheduling -------------------------------------------------------
+
+    def _plan(self) -> List[_Sequence]:
+        """Applies this step's cancellations and returns the sequences to admit,
+        the same on every rank: rank 0 decides and sends its plan to the others."""
+        if not self._leader:
+            cancelled, admitted = self._receive_plan()
+            self._ended += self._remove(cancelled)
+            return admitted
+
+        cancelled, self._cancelled = self._cancelled, []
+        self._ended += self._remove(cancelled)
+        admitted = self._choose_admissions()
+        if self._world > 1:
+            self._broadcast_plan(cancelled, admitted)
+        return admitted
+
+    def _choose_admissions(self) -> List[_Sequence]:
+        """First come, first served, into free rows, within the prefill token budget."""
+        admitted, budget, free = [], self.prefill_token_budget, self.free_slots
+        for seq in self.waiting:
+            n = len(seq.request.prompt_tokens)
+            if len(admitted) == free or (admitted and n > budget):
+                break
+            admitted.append(seq)
+            budget -= n
+        return admitted
+
+    def _broadcast_plan(self, cancelled: List[int], admitted: List[_Sequence], stop: bool = False) -> None:
+        header = torch.tensor([len(cancelled), len(admitted), stop], dtype=torch.long, device=self._comm_device())
+        broadcast_from_first(header, self._group)
+        if cancelled or admitted:
+            payload = [(cancelled, [(s.id, s.request, s.seed) for s in admitted])]
+            dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
+            if admitted:
+                self._agree(None)
+
+    def _receive_plan(self) -> Tuple[List[int], List[_Sequence]]:
+        header = torch.zeros(3, dtype=torch.long, device=self._comm_device())
+        n_cancelled, n_admitted, stop = broadcast_from_first(header, self._group).tolist()
+        if stop:
+            self.stopped = True
+            return [], []
+        if not n_cancelled + n_admitted:
+            return [], []
+        payload = [None]
+        dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
+        cancelled, admissions = payload[0]
+        admitted, problem = [], None
+        for rid, request, seed in admissions:
+            local = self._sequences.get(rid)
+            if local is None:  # submitted on rank 0 only (a server): follow it
+                local = _Sequence(rid, request, time.perf_counter(), seed)
+                self._sequences[rid] = local
+                self._next_id = max(self._next_id, rid + 1)
+            else:
+                problem = problem or _request_difference(rid, local.request, request)
+                local.seed = seed
+            admitted.append(local)
+        if admissions:
+            self._agree(problem)
+        return cancelled, admitted
+
+    def _agree(self, problem: Optional[str]) -> None:
+        """Every rank learns whether any rank was given another request than
+        rank 0's (one small exchange per step that admits requests), and then
+        every rank stops with the same message, not only the one that differs."""
+        said: List[Optional[str]] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(said, problem, group=self._group)
+        first = next((p for p in said if p is not None), None)
+        if first is not None:
+            raise ValueError(first)
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend(self._group) == "nccl" else torch.device("cpu")
+
+    def _remove(self, ids: Sequence[int]) -> List[_Sequence]:
+        """Takes the sequences `ids` out of the queue or their cache rows."""
+        out = []
+        for rid in ids:
+            seq = self._sequences.pop(rid, None)
+            if seq is None:
+                continue
+            if seq in self.running:
+                self._release(seq)
+            elif seq in self.waiting:
+                self.waiting.remove(seq)
+            out.append(seq)
+        return out
+
+    def _release(self, seq: _Sequence) -> None:
+        """Frees `seq`'s cache row: the last running row moves into it."""
+        row, last = self.running.index(seq), len(self.running) - 1
+        if row != last:
+            moved = self.running[last]
+            self.model.move_cache_row(last, row, moved.cached)
+            self.running[row] = moved
+        self.running.pop()
+
+    # -- decoding ---------------------------------------------------------
+
+    def _decode(self) -> List[TokenEvent]:
+        """One token for every running row, each at its own position."""
+        if not self.running:
+            return []
+        rows = list(self.running)
+        tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
+        positions = [s.next_pos for s in rows]
+        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        # Greedy rows need only the arg-max, sampled ones (without logprobs) each
+        # rank's best candidates: llama/engine/runner.py exchanges those, not the logits.
+        greedy = all(_plain_greedy(s.request.params) for s in rows)
+        states = None
+        if not greedy and not any(s.request.params.wants_logprobs for s in rows):
+            states = lambda: [RowState(s.request.params, s.generator, *self._history(s)) for s in rows]  # noqa: E731
+        ids, logits = self.passes.decode(tokens, start, greedy=greedy, row_states=states)
+        for seq, pos in zip(rows, positions):
+            seq.cached = pos + 1
+        return self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
+
+    def _admit(self, admitted: List[_Sequence]) -> List[TokenEvent]:
+        """Prefills the admitted prompts in one pass and samples their first tokens."""
+        events, prefill = [], []
+        for seq in admitted:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            seq.admitted = time.perf_counter()
+            seq.stream, seq.stops = TextStream(self.tokenizer), StopStrings(seq.request.params.stop)
+            if not seq.request.params.greedy:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
+            if seq.request.params.max_tokens == 0 and not seq.request.prompt_logprobs:
+                events.append(self._finish_event(seq, StopReason.OUT_OF_TOKENS))
+            else:
+                prefill.append(seq)
+        if not prefill:
+            return events
+        first_row = len(self.running)
+        self.running.extend(prefill)
+        outs = self.passes.prefill([s.request.prompt_tokens for s in prefill],
+                                  rows=list(range(first_row, first_row + len(prefill))),
+                                  all_logits=[s.request.prompt_logprobs for s in prefill])
+        for seq, out in zip(prefill, outs):
+            seq.cached = len(seq.request.prompt_tokens)
+            if seq.request.prompt_logprobs:
+                prompt = torch.tensor(seq.request.prompt_tokens, device=out.device)
+                seq.prompt_logprobs = [0.0] + token_logprobs(out[:-1], prompt[1:])[0].tolist()
+        events += [self._finish_event(s, StopReason.OUT_OF_TOKENS) for s in prefill if s.request.params.max_tokens == 0]
+        sampled = [(s, o[-1:]) for s, o in zip(prefill, outs) if s.request.params.max_tokens != 0]
+        if sampled:
+            events += self._sample_and_emit([s for s, _ in sampled], torch.cat([o for _, o in sampled]))
+        return events
+
+    def _sample(self, rows: List[_Sequence], logits: torch.Tensor) -> torch.Tensor:
+        """The next token (rows,) of each row, by its request's sampling parameters."""
+        if all(s.request.params.greedy and not s.request.params.has_penalties for s in rows):
+            return torch.argmax(logits, dim=-1)  # the common case needs no per-row state
+        return sample_rows(logits, [RowState(s.request.params, s.generator, *self._history(s)) for s in rows])
+
+    def _sample_and_emit(self, rows: List[_Sequence], logits: torch.Tensor) -> List[TokenEvent]:
+        next_tokens = self._sample(rows, logits)
+        return self._emit(rows, next_tokens, self._logprobs(rows, logits, next_tokens))
+
+    def _emit(self, rows: List[_Sequence], next_tokens: torch.Tensor, lps) -> List[TokenEvent]:
+        now = time.perf_counter()
+        events = []
+        for i, (seq, token) in enumerate(zip(rows, next_tokens.tolist())):
+            if seq.first_token is None:
+                seq.first_token = now
+            lp, top = lps[i] if lps else (None, None)
+            events.append(self._advance(seq, token, lp, top))
+        return events
+
+    def _advance(self, seq: _Sequence, token: int, lp, top) -> TokenEvent:
+        """Records `token` for `seq` and decides whether the request ends here."""
+        p, n_prompt = seq.request.params, len(seq.request.prompt_tokens)
+        if token in self.stop_tokens:
+            text, _ = seq.stops.feed(seq.stream.flush())
+            return self._finish_event(seq, StopReason.for_stop_token(token, self.tokenizer), token, text + seq.stops.flush(),
+                                      lp, top)
+        seq.tokens.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
+            if top is not None:
+                seq.top_logprobs.append(top)
+        n = len(seq.tokens)
+        out_of_tokens = (p.max_tokens is not None and n >= p.max_tokens) or n_prompt + n >= self.params.max_seq_len
+        piece = seq.stream.add(token) + (seq.stream.flush() if out_of_tokens else "")
+        text, found = seq.stops.feed(piece)
+        if found:
+            return self._finish_event(seq, StopReason.STOP_STRING, token, text, lp, top)
+        if out_of_tokens:
+            return self._finish_event(seq, StopReason.OUT_OF_TOKENS, token, text + seq.stops.flush(), lp, top)
+        seq.texts.append(text)
+        return TokenEvent(seq.id, token, text, lp, None, top)
+
+    def _finish_event(self, seq: _Sequence, reason: StopReason, token: Optional[int] = None, text: str = "",
+                      lp: Optional[float] = None, top=None) -> TokenEvent:
+        """Ends `seq` (its row is freed at once) and returns its last event."""
+        if seq in self.running:
+            self._release(seq)
+        self._sequences.pop(seq.id, None)
+        seq.texts.append(text)
+        now = time.perf_counter()
+        p = seq.request.params
+        stopped_on_token = token is not None and token in self.stop_tokens
+        n_generated = len(seq.tokens) + stopped_on_token  # the stop token counts as generated
+        completion = Completion(
+            prompt_tokens=list(seq.request.prompt_tokens), tokens=list(seq.tokens), text="".join(seq.texts),
+            stop_reason=reason, logprobs=list(seq.logprobs) if p.wants_logprobs else None,
+            top_logprobs=list(seq.top_logprobs) if p.top_logprobs else None, prompt_logprobs=seq.prompt_logprobs,
+            metrics=RequestMetrics.of(seq.submitted, seq.admitted, seq.first_token, now,
+                                      len(seq.request.prompt_tokens), n_generated),
+        )
+        return TokenEvent(seq.id, token, text, lp, reason, top, completion)
+
+    def _logprobs(self, rows, logits, next_tokens):
+        wanted = [i for i, s in enumerate(rows) if s.request.params.wants_logprobs]
+        if not wanted:
+            return None
+        top_n = max(rows[i].request.params.top_logprobs for i in wanted)
+        idx = torch.tensor(wanted, device=logits.device)
+        chosen, top = token_logprobs(logits[idx], next_tokens[idx], top_n)
+        out = [(None, None)] * len(rows)
+        chosen = chosen.tolist()
+        top = (top[0].tolist(), top[1].tolist()) if top is not None else None
+        for j, i in enumerate(wanted):
+            n = rows[i].request.params.top_logprobs
+            alternatives = list(zip(top[0][j][:n], top[1][j][:n])) if n else None
+            out[i] = (chosen[j], alternatives)
+        return out
+
+    def _history(self, seq: _Sequence) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(prompt + answer ids, answer ids) for the penalties; empty when the request has none."""
+        if not seq.request.params.has_penalties:
+            return _EMPTY, _EMPTY
+        answer = torch.tensor(seq.tokens, dtype=torch.long, device=self.device)
+        prompt = torch.tensor(seq.request.prompt_tokens, dtype=torch.long, device=self.device)
+        return torch.cat([prompt, answer]), answer
+
+    def check_prompt(self, tokens: Sequence[int], name: str = "the prompt") -> None:
+        """Raises ValueError, naming the prompt `name`, if `tokens` cannot run in this model."""
+        max_seq_len, vocab = self.params.max_seq_len, self.params.vocab_size
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise ValueError(f"{name} must be a list of token ids, got {type(tokens).__name__}")
+        if not tokens:
+            raise ValueError(f"{name} is empty: give at least one token")
+        bad = next((t for t in tokens if not isinstance(t, int) or isinstance(t, bool)), None)
+        if bad is not None:
+            raise ValueError(f"{name} has a token id that is not an integer: {bad!r}")
+        if len(tokens) >= max_seq_len:
+            raise ValueError(
+                f"{name} has {len(tokens)} tokens, which leaves no room to generate within "
+                f"max_seq_len={max_seq_len}; shorten it or build with a larger max_seq_len"
+            )
+        if min(tokens) < 0 or max(tokens) >= vocab:
+            raise ValueError(f"{name} has token ids outside 0..{vocab - 1}")
+
+
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """A row whose next token is the arg-max of the raw logits, nothing else asked of them."""
+    return p.greedy and not p.has_penalties and not p.wants_logprobs
+
+
+def _all_ranks_group():
+    """Every rank runs the engine's steps (all tensor-parallel ranks of every pipeline stage)."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+def _request_difference(rid: int, mine: Request, rank0: Request) -> Optional[str]:
+    """Every rank runs rank 0's request; the first field in which this rank was asked something else, described."""
+    import socket
+
+    for f in dataclasses.fields(Request):
+        a, b = getattr(mine, f.name), getattr(rank0, f.name)
+        if a == b:
+            continue
+        name = f.name
+        if f.name == "params":  # name the sampling setting (temperature, max_tokens, seed, ...)
+            fields = [g.name for g in dataclasses.fields(a) if getattr(a, g.name) != getattr(b, g.name)]
+            name, a, b = f"params.{fields[0]}", getattr(a, fields[0]), getattr(b, fields[0])
+        return (f"request {rid} differs between ranks in {name}: rank {dist.get_rank()} on {socket.gethostname()} "
+                f"has {a!r:.120}, rank 0 has {b!r:.120}. Every rank must be given the same prompts and sampling "
+                "settings (max_tokens is max_gen_len)")
+    return None
+

@@ -1,0 +1,160 @@
+"""Pipeline stages: the layers split into P contiguous stages across the ranks.
+
+For nodes joined by a slow link. Tensor parallelism exchanges activations
+twice per layer, so a token crosses the link 2L+ times; with one stage per
+node it crosses each link once: stage s sends its hidden state (bs, seq, dim)
+to stage s + 1 with a point-to-point send, and the last stage sends what the
+engine needs back to every rank (the chosen token ids for greedy rows, 8
+bytes a row; the logits otherwise), so every rank's engine runs the same
+steps. A decoding step costs P one-way trips: receives of decoding's shapes
+are posted ahead (as in llama/parallel/collectives.py), since gloo sends a payload
+only once the receiver has posted its receive.
+
+Ranks: world = P x T, rank = stage x T + t (fairscale's layout), so a
+stage's T tensor-parallel ranks are consecutive ranks, one node under
+torchrun. Rank t of a stage talks to rank t of the next (fairscale's
+pipeline group): each holds the whole hidden state after its layers.
+
+The stages run one after another, not overlapped: this is for fitting a
+model onto nodes behind a slow link, not for throughput.
+"""
+
+import zlib
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..parallel.collectives import vocab_parallel_argmax, vocab_parallel_sample
+
+# Receives posted ahead per kind and shape (see llama/parallel/collectives.py): the
+# hidden states and results of decoding. A posted receive is never withdrawn,
+# so only shapes up to this many elements get them (logits of a few rows).
+AHEAD = 2
+AHEAD_MAX_ELEMENTS = 1 << 20
+
+
+def _pipeline_ranks() -> List[int]:
+    if not dist.is_initialized():
+        return [0]
+    from fairscale.nn.model_parallel.initialize import get_pipeline_parallel_ranks, model_parallel_is_initialized
+
+    return get_pipeline_parallel_ranks() if model_parallel_is_initialized() else [dist.get_rank()]
+
+
+def _model_parallel_size() -> int:
+    from fairscale.nn.model_parallel.initialize import get_model_parallel_world_size, model_parallel_is_initialized
+
+    return get_model_parallel_world_size() if dist.is_initialized() and model_parallel_is_initialized() else 1
+
+
+class Pipeline:
+    """The model passes of the engine's steps (decode, prefill), giving every
+    rank the same result whichever stage computed it. One stage: the model
+    itself (tensor-parallel or not)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.ranks = _pipeline_ranks()  # the global rank of each stage's member with this tensor-parallel index
+        self.stages = len(self.ranks)
+        self.stage = self.ranks.index(dist.get_rank()) if self.stages > 1 else 0
+        self.first, self.last = self.stage == 0, self.stage == self.stages - 1
+        self.group = None
+        self.tensor_parallel = _model_parallel_size() > 1
+        self.post_ahead = False
+        if self.stages > 1:
+            from fairscale.nn.model_parallel.initialize import get_pipeline_parallel_group
+
+            self.group = get_pipeline_parallel_group()
+            # NCCL runs one peer pair's sends and receives in order on one
+            # stream (and ignores tags): a receive posted ahead would hold up
+            # this rank's next send to that peer. It needs no ready notice anyway.
+            self.post_ahead = dist.get_backend(self.group) == "gloo"
+        self._posted: Dict[Tuple, Deque[Tuple[torch.Tensor, object]]] = {}
+        self._sends: List[Tuple[object, torch.Tensor]] = []
+
+    def decode(self, tokens: torch.Tensor, start, greedy: bool, row_states: Optional[Callable[[], list]] = None
+               ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """One token per row: (ids (rows,), None) if `greedy` (the arg-max of
+        each row is all it needs) or if tensor-parallel ranks could sample
+        from their candidates (`row_states` gives the rows' sampling states;
+        None where the full logits are needed, as for logprobs), else (None,
+        float logits (rows, vocab))."""
+        if self.stages == 1:
+            if self.tensor_parallel and (greedy or row_states is not None):
+                # Each rank's (max, index) or its best candidates are exchanged, not its slice of the logits.
+                local = self.model.forward(tokens, start, last_logits_only=True, gather_logits=False)[:, 0]
+                return (vocab_parallel_argmax(local) if greedy else vocab_parallel_sample(local, row_states())), None
+            return None, self.model.forward(tokens, start, last_logits_only=True)[:, 0]
+        rows = tokens.shape[0]
+        x = tokens if self.first else self._receive("decode", (rows, 1, self.model.params.dim), self._dtype, True)
+        out = self.model.forward(x, start, last_logits_only=True, gather_logits=not greedy)
+        if not self.last:
+            self._send(out, "decode")
+            out = None
+        elif greedy:
+            out = vocab_parallel_argmax(out[:, 0])  # (rows,)
+        else:
+            out = out[:, 0]  # (rows, vocab)
+        if greedy:
+            return self._from_last(out, "ids", (rows,), torch.long, True), None
+        return None, self._from_last(out, "logits", (rows, self.model.params.vocab_size), torch.float32, True)
+
+    def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int],
+                all_logits: Sequence[bool] = ()) -> List[torch.Tensor]:
+        """Transformer.prefill over the stages: per prompt, logits (1, vocab) or (len, vocab)."""
+        if self.stages == 1:
+            return self.model.prefill(prompts, rows, all_logits)
+        total = sum(len(p) for p in prompts)
+        hidden = None if self.first else self._receive("prefill", (1, total, self.model.params.dim), self._dtype, False)
+        out = self.model.prefill(prompts, rows, all_logits, hidden=hidden)
+        if not self.last:
+            self._send(out, "prefill")
+        want = list(all_logits) + [False] * (len(prompts) - len(all_logits))
+        sizes = [len(p) if full else 1 for p, full in zip(prompts, want)]
+        logits = torch.cat(out) if self.last else None
+        logits = self._from_last(logits, "prefill logits", (sum(sizes), self.model.params.vocab_size), torch.float32,
+                                 False)
+        return list(logits.split(sizes))
+
+    # -- point to point -----------------------------------------------------
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype  # the activations' dtype (every weight is loaded in it)
+
+    def _from_last(self, t: Optional[torch.Tensor], kind: str, shape, dtype, ahead: bool) -> torch.Tensor:
+        """The last stage's `t`, on every rank: it sends it to every other stage."""
+        if self.last:
+            for peer in self.ranks[:-1]:
+                self._send(t, kind, peer)
+            return t
+        return self._receive(kind, shape, dtype, ahead, peer=self.ranks[-1])
+
+    def _send(self, t: torch.Tensor, kind: str, peer: Optional[int] = None) -> None:
+        t = t.contiguous()
+        peer = self.ranks[self.stage + 1] if peer is None else peer
+        # Waited for later (the receiver has a receive posted, or posts it soon);
+        # the tensor is kept alive until then.
+        self._sends = [(w, x) for w, x in self._sends if not w.is_completed()]
+        self._sends.append((dist.isend(t, peer, self.group, tag=_tag(kind, t.shape, t.dtype)), t))
+
+    def _receive(self, kind: str, shape, dtype, ahead: bool, peer: Optional[int] = None) -> torch.Tensor:
+        peer = self.ranks[self.stage - 1] if peer is None else peer
+        tag = _tag(kind, shape, dtype)
+        queue = self._posted.setdefault((peer, tag), deque())
+        ahead = ahead and self.post_ahead and torch.Size(shape).numel() <= AHEAD_MAX_ELEMENTS
+        device = self.model.norm.weight.device
+        while len(queue) < (AHEAD + 1 if ahead else 1):
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+            queue.append((buffer, dist.irecv(buffer, peer, self.group, tag=tag)))
+        buffer, request = queue.popleft()
+        request.wait()
+        return buffer
+
+
+def _tag(kind: str, shape, dtype) -> int:
+    """The same on sender and receiver, different for each kind and shape of
+    message (a posted receive takes only its own)."""
+    return zlib.crc32(f"{kind} {tuple(shape)} {dtype}".encode()) & 0x3FFFFFFF

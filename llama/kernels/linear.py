@@ -1,0 +1,504 @@
+"""Matrix-multiply kernels for the model-parallel linear layers, chosen by the CPU.
+
+fairscale's ColumnParallelLinear / RowParallelLinear compute `F.linear(x, W)`
+and then all-gather or all-reduce across ranks. Decoding one token reads every
+weight once, so on CPU its speed is the memory bandwidth the matmul kernel
+reaches, and which kernel reaches most depends on the instruction set:
+`choose_matmul` picks by weight dtype, quantization and `cpu_capability()`
+(our own kernels, `NativeMatmul` (llama/kernels/native.py), wherever they build: x86
+with AVX2 or AVX-512; else `F.linear` for fp32, oneDNN's prepacked linear for
+bf16 on AVX-512, per-channel weight-only int8 with bf16 activations; the
+measurements are in its docstring and benchmarks/linear_kernels.py).
+Int8DynamicMatmul (int8 x int8, VNNI, activations quantized per tensor) and
+Int4Matmul (ATen's group-wise 4-bit) are kept for that benchmark: not
+accurate enough to be chosen. NativeMatmul's int8 and int4 quantize
+activations per group of 32 instead, as llama.cpp's Q8_0 does.
+
+`use_kernels(model, ...)` swaps each parallel layer, after its weights are
+loaded, for a `KernelLinear` that does the same collective through
+collectives.py (one paired exchange per reduction on gloo, where fairscale's
+own all_reduce costs two round trips) with the chosen matmul. The embeddings
+are swapped the same way (`KernelEmbedding`), so that no reduction of the
+model goes through fairscale's collectives.
+"""
+
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+
+from . import huge_pages
+from . import native
+from ..parallel.collectives import all_gather_last_dim, all_reduce
+
+# int4: our kernels only (NativeMatmul), 4-bit blocks and an int8 output layer
+# (use_kernels; README, Speed).
+QUANTIZATIONS = (None, "int8", "int4")
+
+
+@dataclass(frozen=True)
+class CpuCapability:
+    """What this CPU computes fast, as the kernels see it.
+
+    isa: ATen's vector kernels, torch.backends.cpu.get_cpu_capability()
+        ("AVX512", "AVX2", "DEFAULT", ...; ATEN_CPU_CAPABILITY=avx2 lowers it).
+    vnni: int8 dot products (AVX512-VNNI, or AVX-VNNI under AVX2).
+    bf16: native bf16 dot products (AVX512-BF16 or AMX-BF16).
+    """
+
+    isa: str
+    vnni: bool = False
+    bf16: bool = False
+
+
+def _cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@lru_cache(maxsize=None)
+def cpu_capability() -> CpuCapability:
+    """This process's CpuCapability: ATen's level, and /proc/cpuinfo's flags
+    that level can use (a forced AVX2 level ignores the AVX-512 ones)."""
+    isa = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    if isa == "AVX512":
+        return CpuCapability(isa, vnni="avx512_vnni" in flags, bf16=bool({"avx512_bf16", "amx_bf16"} & flags))
+    if isa == "AVX2":
+        return CpuCapability(isa, vnni="avx_vnni" in flags)
+    return CpuCapability(isa)
+
+
+def onednn_available(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch has oneDNN's prepacked linear for `dtype` on this CPU."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return dtype == torch.float32
+
+
+class OneDNNMatmul(nn.Module):
+    """oneDNN linear on a weight reordered once into oneDNN's blocked layout."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features = weight.shape[0]
+        # The batch-size hint only picks the layout; any batch works. 1 = decoding.
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight, 1), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+def _per_channel_int8(weight: torch.Tensor, scale_dtype: torch.dtype):
+    """q = round(W / scale) in [-127, 127], scale = max |W[row]| / 127, computed
+    against the scales rounded to `scale_dtype` (the kernel's), so that no row
+    carries the rounding of its scale as error."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(scale_dtype)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127)
+    return q.to(torch.int8), scales
+
+
+class Int8Matmul(nn.Module):
+    """Weight-only int8 (ATen's `_weight_int8pack_mm`): per-output-channel
+    symmetric scales, W ~= q * scale[:, None]; activations computed in `act`
+    (bf16 or fp32), any dtype in, the same dtype out."""
+
+    def __init__(self, weight: torch.Tensor, act: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.act = act
+        q, scales = _per_channel_int8(weight, act)
+        self.qweight = nn.Parameter(q, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return dequantized_linear(x, self.qweight, self.scales)
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k).to(self.act)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)  # ATen's fused CPU kernel
+        return y.reshape(*lead, -1).to(x.dtype)
+
+
+class Int8DynamicMatmul(nn.Module):
+    """int8 x int8 -> int32 (fbgemm's `quantized::linear_dynamic`, VNNI where
+    the CPU has it): weights per-output-channel symmetric as in Int8Matmul,
+    activations quantized per call (per tensor, asymmetric uint8), computed in
+    fp32; any dtype in, the same dtype out."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        q, scales = _per_channel_int8(weight, torch.float64)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's prepack still takes them
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(q, scales, torch.zeros(len(scales), dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        self.register_buffer("scales", scales.float(), persistent=False)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.packed.unpack()[0].dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
+
+
+def int4_groups(weight: torch.Tensor, group: int, scale_dtype: torch.dtype = torch.float32):
+    """Asymmetric 4-bit per group of `group` input columns (llama.cpp's Q4_1):
+    (q (N, K) in [0, 15], scale, min (N, K / group) fp32) with
+    W ~= q * scale + min of q's group, scale and min rounded to
+    `scale_dtype` (the kernel's). First the group's range in 15 steps; then,
+    where it has a smaller squared error, the least-squares scale and min
+    for those q, with q rounded again. That step took SmolLM2-135M's top-1
+    agreement with bf16 from 97.9% to 98.2% (one pass of 512 positions; one
+    token a step 95.7% to 96.1%), its perplexity from +0.23% to +0.08%; more
+    steps changed nothing."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+
+    def rounded(scale, lo):
+        scale, lo = scale.to(scale_dtype).float(), lo.to(scale_dtype).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
+        return q, scale, lo, ((q * scale[..., None] + lo[..., None] - w) ** 2).sum(-1)
+
+    lo = w.amin(-1)
+    q, scale, lo, error = rounded((w.amax(-1) - lo) / 15, lo)
+    sq, sq2, sw, sqw = q.sum(-1), (q * q).sum(-1), w.sum(-1), (q * w).sum(-1)  # least squares of w ~ q s + lo
+    det = group * sq2 - sq * sq
+    fit = det > 0  # q not all equal
+    fit_scale = torch.where(fit, (group * sqw - sq * sw) / torch.where(fit, det, 1), scale)
+    q2, scale2, lo2, error2 = rounded(fit_scale, torch.where(fit, (sw - fit_scale * sq) / group, lo))
+    better = error2 < error
+    q = torch.where(better[..., None], q2, q)
+    return q.reshape(n, k), torch.where(better, scale2, scale), torch.where(better, lo2, lo)
+
+
+def quantize_int4(weight: torch.Tensor, group: int):
+    """int4_groups packed for ATen's `_weight_int4pack_mm_for_cpu`: (uint8
+    [n, k/2], scales and zeros [k/group, n, 2] float32), which it reads as
+    W ~= (q - 8) * scale + zero."""
+    q, scale, lo = int4_groups(weight, group)
+    zero = lo + 8 * scale
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+
+
+class Int4Matmul(nn.Module):
+    """Group-wise 4-bit weights (ATen's `_weight_int4pack_mm_for_cpu`),
+    activations computed in `act`; any dtype in, the same dtype out."""
+
+    def __init__(self, weight: torch.Tensor, group: int, act: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.group, self.act = group, act
+        packed, sz = quantize_int4(weight, group)
+        self.qweight = nn.Parameter(packed, requires_grad=False)
+        self.scales_and_zeros = nn.Parameter(sz.to(act), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, k = x.shape[:-1], x.shape[-1]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(self.act), self.qweight, self.group,
+                                                       self.scales_and_zeros)
+        return y.reshape(*lead, -1).to(x.dtype)
+
+
+def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The GPU path of Int8Matmul: the weight dequantized in x's dtype on every call.
+
+    In x's dtype, not bf16: a GPU without native bf16 (V100, T4) runs fp16.
+    The scales go into the weight before the matmul, so that an fp16 sum of
+    x * q (q up to 127) cannot overflow. This saves memory, not time: a call
+    reads 1 byte a weight and writes and reads a 2-byte copy (5 bytes, where
+    plain bf16 reads 2). Whether ATen's `_weight_int8pack_mm` has a CUDA
+    kernel depends on the torch build (the one in PyTorch's tree that we read
+    widens x to fp32 and gives each output its own thread, with strided weight
+    reads: not evidently faster); utils/check_gpu.py reports it and times both.
+    """
+    return F.linear(x, qweight.to(x.dtype) * scales.to(x.dtype)[:, None])
+
+
+def group_int4(weight: torch.Tensor):
+    """int4_groups per native.GROUP columns as kernels.c reads them (llama.cpp's
+    Q4_1): (packed (N, K / 2) uint8, scales (N, K / GROUP, 2) fp16 = (scale,
+    min)), q computed against the fp16 scale and min; weight j of a group in
+    byte j % 16 of the group's 16, the low nibble for j < 16. 0.625 bytes a
+    weight. ValueError for weights beyond fp16's range."""
+    n, k = weight.shape
+    if not weight.isfinite().all() or weight.abs().max() > torch.finfo(torch.float16).max:
+        raise ValueError(f"int4 keeps fp16 scales: this ({n}, {k}) weight has values beyond fp16's range "
+                         f"(±{torch.finfo(torch.float16).max:g}) or not finite; use --quantize int8")
+    q, scale, lo = int4_groups(weight, native.GROUP, torch.float16)
+    q = q.to(torch.uint8).reshape(n, k // native.GROUP, 2, native.GROUP // 2)
+    packed = q[:, :, 0] | (q[:, :, 1] << 4)
+    return packed.reshape(n, k // 2).contiguous(), torch.stack([scale, lo], -1).half().contiguous()
+
+
+def group_int8(weight: torch.Tensor, group: int = native.GROUP):
+    """Symmetric int8 per group of `group` input columns: (q (N, K) int8 in
+    [-127, 127], scales (N, K / group) fp32) with W ~= q * scale of q's group.
+    Group-wise, as llama.cpp's Q8_0: a per-row scale lets one large weight
+    coarsen its whole row."""
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group, group)
+    scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scales[..., None]).clamp(-127, 127)
+    return q.to(torch.int8).reshape(n, k), scales.contiguous()
+
+
+class NativeMatmul(nn.Module):
+    """Our kernels (llama/kernels/native.py) for up to native.MAX_ROWS rows: fp32 or
+    bf16 weights, int8 with one scale per 32 input columns (quantize="int8"),
+    or int4 with a scale and a min per 32 (quantize="int4", group_int4);
+    quantized weights meet activations quantized per group of 32 where
+    native.int8_dot(); activations fp32 or bf16, sums in fp32. Above MAX_ROWS
+    (prefill), PyTorch's GEMM on the weight widened to `wide`: fp32 where the
+    CPU has no native bf16 (emulated bf16 GEMMs ran at a third of fp32's
+    speed), else the weight's dtype."""
+
+    def __init__(self, weight: torch.Tensor, quantize: Optional[str], cpu: CpuCapability):
+        super().__init__()
+        if quantize in ("int8", "int4"):
+            q, scales = group_int8(weight) if quantize == "int8" else group_int4(weight)
+            self.weight = nn.Parameter(q, requires_grad=False)
+            self.scales = nn.Parameter(scales, requires_grad=False)
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.scales = None
+        native_bf16 = cpu.bf16 and weight.dtype == torch.bfloat16
+        self.wide = weight.dtype if weight.dtype == torch.float32 or native_bf16 else torch.float32
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as the kernels read it, (N, K) in `dtype`."""
+        if self.scales is None:
+            return self.weight.to(dtype)
+        direct = dtype in (torch.float32, torch.bfloat16)  # what native.dequantize writes
+        return native.dequantize(self.weight, self.scales, dtype if direct else torch.float32).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= native.MAX_ROWS * x.shape[-1]:
+            return native.linear(x, self.weight, self.scales)
+        return F.linear(x.to(self.wide), self.dequantized(self.wide)).to(x.dtype)
+
+
+class PlainMatmul(nn.Module):
+    """F.linear, what fairscale's layers compute (where no faster kernel applies)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class KernelEmbedding(nn.Module):
+    """fairscale's VocabParallelEmbedding (rows split by vocabulary: a lookup
+    of the local rows, then a sum over ranks) or ParallelEmbedding (columns
+    split by dim: a lookup, then a gather), with collectives.py's collectives."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.data, requires_grad=False)
+        if isinstance(layer, VocabParallelEmbedding):
+            self.start, self.stop = layer.vocab_start_index, layer.vocab_end_index
+        elif isinstance(layer, ParallelEmbedding):
+            self.start = self.stop = None
+        else:
+            raise TypeError(f"not a fairscale parallel embedding: {type(layer).__name__}")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.start is None:
+            return all_gather_last_dim(F.embedding(tokens, self.weight))
+        outside = (tokens < self.start) | (tokens >= self.stop)
+        local = F.embedding((tokens - self.start).masked_fill(outside, 0), self.weight)
+        return all_reduce(local.masked_fill(outside[..., None], 0))
+
+
+class KernelLinear(nn.Module):
+    """A fairscale parallel linear layer with another matmul, same collective."""
+
+    def __init__(self, layer: nn.Module, matmul: nn.Module):
+        super().__init__()
+        self.matmul = matmul
+        if isinstance(layer, RowParallelLinear):
+            if not layer.input_is_parallel or layer.bias is not None:
+                raise ValueError("only bias-free RowParallelLinear with parallel input is supported")
+            self.collective = "reduce"
+        elif isinstance(layer, ColumnParallelLinear):
+            if layer.bias is not None:
+                raise ValueError("only bias-free ColumnParallelLinear is supported")
+            self.collective = "gather" if layer.gather_output else None
+        else:
+            raise TypeError(f"not a fairscale parallel linear layer: {type(layer).__name__}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.matmul(x)
+        if self.collective == "reduce":
+            return all_reduce(y)
+        if self.collective == "gather":
+            return all_gather_last_dim(y)
+        return y
+
+
+def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
+                  cpu: Optional[CpuCapability] = None, device: Optional[torch.device] = None) -> nn.Module:
+    """The fastest matmul for this weight, by its dtype, the quantization and
+    the CPU's capability (`cpu`, default this process's cpu_capability()),
+    for the device the model will run on (`device`, default the weight's: an
+    int8 model for a GPU is quantized on the CPU, then moved).
+
+    On x86 CPUs with AVX2+FMA or AVX-512, wherever llama/kernels.c builds
+    (native.supports): NativeMatmul for fp32, bf16 and int8 (group-wise, 32
+    columns a scale). One token's matmuls of SmolLM2-135M, 2 threads, idle
+    AVX-512 Xeon (`python benchmarks/linear_kernels.py --models smollm2
+    --threads 2 --batch 1 4 --only "chosen|^F.linear|weight-only, bf16"`),
+    ms at 1 row / 4 rows, ours against PyTorch's: fp32 27 / 34 against
+    F.linear's 21 / 42; bf16 15 / 18 against 22 / 50; int8 10 / 16 against
+    ATen's per-channel int8 13 / 17; under forced AVX2 (ours built for AVX2)
+    the same within 10%. fp32 at one row was our only loss (since then
+    kernels.c's prefetch reads both cache lines of 32 floats: as fast as
+    MKL), and kernels.c's decode_layers (one call per token) needs all
+    matmuls to be ours. Elsewhere, PyTorch's kernels:
+    * fp32: F.linear (MKL). At batch 1 it was 7-28% faster than oneDNN's
+      packed fp32 under forced AVX2, and 45 against 63 ms/token on SmolLM2.
+    * bf16: oneDNN packed on AVX-512 (native bf16 dot products, or emulated
+      with AVX-512BW: then as fast as F.linear); F.linear on AVX2 (oneDNN has
+      no bf16 linear without AVX-512 or AVX-NE-CONVERT).
+    * int8: weight-only, per output channel, with bf16 activations. ATen's
+      kernel with fp32 activations was 4-20x slower; int8 x int8 (fbgemm,
+      VNNI: Int8DynamicMatmul) was the fastest, but activations quantized
+      per tensor cut top-1 agreement with bf16 to 53% on SmolLM2-135M (ours,
+      per group of 32: 97.1% one token a step, README Speed).
+    * int4: none (ValueError). ATen's group-wise int4 kernel (Int4Matmul,
+      benchmark only) has another layout and bf16 activations; int4 is only
+      worth its quality loss where it is faster than int8, so there is no
+      slow fallback to fall into.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
+    on_cpu = (device or weight.device).type == "cpu"
+    cpu = cpu or cpu_capability() if on_cpu else None
+    ours = (on_cpu and cpu.isa in ("AVX2", "AVX512") and weight.dtype in (torch.float32, torch.bfloat16)
+            and native.supports(weight))
+    if quantize == "int4" and not ours:
+        raise _int4_refused(f"on {(device or weight.device).type}" if not on_cpu else
+                            f"for a ({weight.shape[0]}, {weight.shape[1]}) {weight.dtype} weight, which needs a "
+                            f"multiple of {native.GROUP} input columns per rank (our kernels: {native.status()})")
+    if not on_cpu:
+        return Int8Matmul(weight) if quantize == "int8" else PlainMatmul(weight)
+    if ours:
+        return NativeMatmul(weight, quantize, cpu)
+    if quantize == "int8":
+        return Int8Matmul(weight, torch.bfloat16)
+    if weight.dtype == torch.bfloat16 and cpu.isa == "AVX512" and onednn_available(weight.dtype):
+        return OneDNNMatmul(weight)
+    return PlainMatmul(weight)
+
+
+def check_quantization(quantize: Optional[str], device: torch.device) -> None:
+    """Before any weight is read: ValueError if int4 cannot run on `device`
+    (it needs our CPU kernels; whether each weight's shape suits them,
+    choose_matmul says)."""
+    if quantize == "int4" and (device.type != "cpu" or native.library() is None
+                               or cpu_capability().isa not in ("AVX2", "AVX512")):
+        raise _int4_refused(f"on {device.type}" if device.type != "cpu" else
+                            f"on this CPU (our kernels: {native.status()})")
+
+
+def _int4_refused(where: str) -> ValueError:
+    return ValueError(f"--quantize int4 runs on our CPU kernels only (x86 with AVX2 or AVX-512 and a C compiler), "
+                      f"not {where}; use --quantize int8")
+
+
+def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Optional[torch.device] = None) -> nn.Module:
+    """Gives every fairscale parallel linear layer of `model` a faster matmul, in place,
+    for the device it will run on (`device`, default where its weights are).
+
+    Each matmul is choose_matmul's for this CPU (ours, oneDNN's prepacked
+    linear or F.linear); with quantize="int8", int8 weights on any device;
+    with "int4", 4-bit weights on our CPU kernels, except the output layer
+    (`model.output`), which stays int8, as llama.cpp's 4-bit mixes keep it
+    at 6 bits or more: 4 bits there cut SmolLM2-135M's top-1 agreement with
+    bf16 from 97.9% to 79% (one pass of 512 positions). Only
+    leaf layers are swapped, found by type (and the output layer by that
+    one name): the model already fuses wq|wk|wv and w1|w3 into single,
+    larger matmuls. Each rank converts its own shard. The model can no
+    longer load a state dict afterwards: this is the last step of building it.
+    """
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
+    output = getattr(model, "output", None)
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
+                q = "int8" if quantize == "int4" and child is output else quantize
+                setattr(module, child_name, KernelLinear(child, choose_matmul(child.weight.data, q, device=device)))
+            elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
+                setattr(module, child_name, KernelEmbedding(child))
+    _weights_on_huge_pages(model)
+    return model
+
+
+TRIM_BYTES = 256 << 20
+
+
+def _weights_on_huge_pages(model: nn.Module) -> None:
+    """Moves the weights our kernels stream (NativeMatmuls' weights and scales)
+    into one huge_pages.HugePageArena, in the model's order, which is the
+    order decoding reads them. One at a time: each original is freed as its
+    copy replaces it (unless something else holds it, such as the mapped
+    checkpoint file's pages, which the kernel can drop), and freed memory is
+    returned to the system every TRIM_BYTES, so that the weights are not held
+    twice."""
+    held = [(m, name) for m in model.modules() if isinstance(m, NativeMatmul)
+            for name in ("weight", "scales") if getattr(m, name) is not None]
+    arena = huge_pages.gather([getattr(m, name) for m, name in held])
+    if arena is None:
+        return
+    since_trim = 0
+    for m, name in held:
+        original = getattr(m, name).data
+        since_trim += original.numel() * original.element_size()
+        setattr(m, name, nn.Parameter(arena.copy(original), requires_grad=False))
+        del original
+        if since_trim >= TRIM_BYTES:
+            huge_pages.return_freed_memory()
+            since_trim = 0
+    huge_pages.return_freed_memory()
+
+
+def describe_matmuls(model: nn.Module) -> str:
+    """For the Loaded line: whose matmul kernels the model's linear layers run."""
+    ours = [m.matmul for m in model.modules() if isinstance(m, KernelLinear) and isinstance(m.matmul, NativeMatmul)]
+    if not ours:
+        return "PyTorch's kernels"
+    quantized = any(m.weight.dtype in (torch.int8, torch.uint8) for m in ours)
+    return f"our {native.status()} kernels" + (", int8 dot products" if quantized and native.int8_dot() else "")
+
+
+def native_weight(layer: nn.Module) -> Optional[tuple]:
+    """(weight, scales or None) of a KernelLinear that runs our kernels, for
+    native.decode_layers; None for any other layer."""
+    if isinstance(layer, KernelLinear) and isinstance(layer.matmul, NativeMatmul):
+        return layer.matmul.weight, layer.matmul.scales
+    return None

@@ -1,0 +1,136 @@
+"""Checkpoints split into pipeline stages: which layers a stage holds, and
+which folder a stage reads. No torch.
+
+`utils/shard_model_checkpoint.py --pipeline_stages P` writes one folder per
+stage, `stage0/` .. `stage{P-1}/`, each a checkpoint of its own
+(params.json, tokenizer, consolidated.NN.pth of only that stage's layers,
+keys keeping their global layer numbers, checklist.chk, manifest.json) plus
+`pipeline.json`, which says which stage and layers it holds. A node needs
+only its stages' folders. `--ckpt_dir` may name the folder holding the stage
+folders (the same command on every node), one stage's folder, or a whole
+checkpoint (each stage then reads only its layers from it).
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Optional, Tuple
+
+NAME = "pipeline.json"
+_STAGE_DIR = re.compile(r"stage(\d+)")
+
+
+def stage_layers(n_layers: int, stages: int, stage: int) -> range:
+    """The global layer indices stage `stage` of `stages` holds: contiguous, as even as can be."""
+    if n_layers < stages:
+        raise ValueError(f"the model has {n_layers} layers, too few for {stages} pipeline stages (each stage needs "
+                         f"at least one layer): use at most {n_layers} stages")
+    return range(stage * n_layers // stages, (stage + 1) * n_layers // stages)
+
+
+def stage_dir_name(stage: int) -> str:
+    return f"stage{stage}"
+
+
+def stage_record(stage: int, stages: int, n_layers: int, shards: int) -> str:
+    """The text of a stage folder's pipeline.json."""
+    layers = stage_layers(n_layers, stages, stage)
+    return json.dumps({"stage": stage, "stages": stages, "layers": [layers.start, layers.stop],
+                       "n_layers": n_layers, "shards": shards}, indent=1) + "\n"
+
+
+def read_record(folder: Path) -> Optional[dict]:
+    """A stage folder's pipeline.json, checked; None if `folder` has none."""
+    path = Path(folder) / NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        stage, stages, (start, stop), n_layers = data["stage"], data["stages"], data["layers"], data["n_layers"]
+        ok = all(isinstance(v, int) for v in (stage, stages, start, stop, n_layers)) and 0 <= stage < stages
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path} is not a pipeline stage record this version writes; split the checkpoint again "
+                         "with utils/shard_model_checkpoint.py --pipeline_stages N")
+    return data
+
+
+def stage_folders(ckpt_dir) -> dict:
+    """The stage folders (stageN/ with a pipeline.json) inside `ckpt_dir`, by stage number."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in ckpt_dir.iterdir()
+            if (m := _STAGE_DIR.fullmatch(p.name)) and (p / NAME).is_file()}
+
+
+def model_folder(ckpt_dir) -> Path:
+    """Where params.json (and usually the tokenizer) is: `ckpt_dir`, or, for a
+    folder of stage folders, the first stage folder it holds."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "params.json").exists():
+        return ckpt_dir
+    folders = stage_folders(ckpt_dir)
+    return folders[min(folders)] if folders else ckpt_dir
+
+
+def stage_folder(ckpt_dir, stages: int, stage: int, n_layers: int, rank: int = 0) -> Tuple[Path, Optional[range]]:
+    """(the folder stage `stage` of `stages` loads, the layers its files hold:
+    None for a whole checkpoint). Raises ValueError naming both numbers and
+    the fix when the folder was split for another number of stages or holds
+    another stage."""
+    ckpt_dir = Path(ckpt_dir)
+    who = f"rank {rank} (pipeline stage {stage} of {stages})"
+    record, folder = read_record(ckpt_dir), ckpt_dir
+    if record is None:
+        folders = stage_folders(ckpt_dir)
+        if not folders:
+            if stages > 1:
+                stage_layers(n_layers, stages, stage)  # too few layers: said before anything is read
+            return ckpt_dir, None  # a whole checkpoint: each stage reads its layers from it
+        split = read_record(folders[min(folders)])["stages"]
+        if split != stages:
+            raise ValueError(_other_split(ckpt_dir, split, stages))
+        if stage not in folders:
+            raise ValueError(f"{ckpt_dir} lacks {stage_dir_name(stage)}/, which {who} needs (it holds "
+                             f"{', '.join(stage_dir_name(s) for s in sorted(folders))}): copy "
+                             f"{stage_dir_name(stage)}/ of the split checkpoint into it")
+        folder = folders[stage]
+        record = read_record(folder)
+    if record["stages"] != stages:
+        raise ValueError(_other_split(folder, record["stages"], stages))
+    if record["stage"] != stage:
+        raise ValueError(f"{folder} holds pipeline stage {record['stage']}, but {who} needs stage {stage}: give "
+                         f"each node the folder of its own stage (rank = stage x processes per stage + local "
+                         f"rank), or pass the folder that holds the {stage_dir_name(0)}/ .. folders")
+    layers = range(*record["layers"])
+    if record["n_layers"] != n_layers or layers != stage_layers(n_layers, stages, stage):
+        raise ValueError(f"{folder / NAME} says stage {stage} holds layers {layers.start}..{layers.stop - 1} of "
+                         f"{record['n_layers']}, not what params.json (n_layers={n_layers}) gives; split the "
+                         "checkpoint again")
+    return folder, layers
+
+
+def _other_split(folder: Path, split: int, stages: int) -> str:
+    return (f"{folder} holds a checkpoint split into {split} pipeline stages, but this run has {stages} "
+            f"(--pipeline_stages {stages}): run it with --pipeline_stages {split} ({split} x the tensor-parallel "
+            f"size processes), or split the whole checkpoint again with utils/shard_model_checkpoint.py "
+            f"--pipeline_stages {stages}")
+
+
+def find_tokenizer(ckpt_dir, tokenizer_path=None) -> Path:
+    """`tokenizer_path` if given, else tokenizer.model in the checkpoint
+    directory (Llama 3 / 3.1, converted models) or in its parent (Llama 2's
+    download puts one there for all sizes)."""
+    if tokenizer_path is not None:
+        return Path(tokenizer_path)
+    ckpt_dir = model_folder(ckpt_dir)  # a folder of pipeline stage folders: the first one's
+    places = [ckpt_dir / "tokenizer.model", ckpt_dir.resolve().parent / "tokenizer.model"]
+    for place in places:
+        if place.is_file():
+            return place
+    raise FileNotFoundError(
+        f"no tokenizer.model found; looked in {places[0]} and {places[1]}. "
+        "Pass --tokenizer_path with the tokenizer.model that came with these weights"
+    )

@@ -1,0 +1,283 @@
+"""Writing Meta-format checkpoint directories safely.
+
+Every file is written under a temporary name and renamed only when all of
+them are complete, so a crash or a full disk never leaves a directory that
+looks like a finished checkpoint. Temporary files are created exclusively
+(mkstemp: random names, O_EXCL, never through a symbolic link someone planted)
+in the output folder. A `checklist.chk` (md5) lists the files, and
+`manifest.json` (llama/weights/manifest.py), written first as "incomplete" and last as
+complete, lets the loader refuse a folder left mixed by an interrupted
+overwrite.
+"""
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+
+from . import manifest
+from . import stages as stage_files
+from .args import ModelArgs
+from .checkpoint import (CheckpointError, check_world_size, checked_rank_state, find_shards, inspect_checkpoint,
+                         weights_vocab_size)
+from ..common.files import shard_name, sidecar_path
+from .progress import Progress
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled up while a checkpoint was written; nothing was published."""
+
+
+class _HashingWriter:
+    """A write-only file wrapper that computes the md5 of what passes through
+    and reports the bytes written to a Progress."""
+
+    def __init__(self, f, progress: Progress):
+        self.f, self.md5, self.progress = f, hashlib.md5(), progress
+
+    def write(self, data) -> int:
+        self.md5.update(data)
+        self.progress.update(nbytes=len(memoryview(data).cast("B")))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _md5_of(path: Path) -> str:
+    md5 = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+    return md5.hexdigest()
+
+
+def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    # torch.save writes a view's whole underlying storage: copy views of bigger tensors.
+    return {k: v if v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes else v.clone(memory_format=torch.contiguous_format)
+            for k, v in state.items()}
+
+
+_OUR_TEMP = re.compile(r"\.(consolidated\.\d+\.pth|params\.json|tokenizer\.model(\.json)?|checklist\.chk|"
+                       r"manifest\.json|pipeline\.json|\.incomplete)\.\w{8}\.tmp")
+
+
+class _TempFiles:
+    """Temporary files in one folder, created exclusively, renamed or removed together."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.paths = folder, {}
+
+    def open(self, name: str):
+        """A new binary file object for the future `name`; mkstemp uses O_CREAT|O_EXCL and a random name."""
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{name}.", suffix=".tmp")
+        self.paths[name] = Path(tmp)
+        return os.fdopen(fd, "wb")
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.open(name) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def copy(self, name: str, src: Path) -> None:
+        with open(src, "rb") as fsrc, self.open(name) as f:
+            shutil.copyfileobj(fsrc, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_tensors(self, name: str, state: Dict[str, torch.Tensor], progress: Progress) -> str:
+        """torch.save, fsync'ed; returns the file's md5, computed while writing."""
+        with self.open(name) as f:
+            hashed = _HashingWriter(f, progress)
+            torch.save(_contiguous(state), hashed)
+            f.flush()
+            os.fsync(f.fileno())
+        return hashed.md5.hexdigest()
+
+    def publish(self, name: str) -> None:
+        os.replace(self.paths.pop(name), self.folder / name)  # replaces a planted link, never writes through it
+
+    def remove_all(self) -> None:
+        for tmp in self.paths.values():
+            tmp.unlink(missing_ok=True)
+        self.paths.clear()
+
+
+def _disk_full(e: BaseException) -> bool:
+    """An OSError ENOSPC/EDQUOT, also when torch.save wrapped it in a RuntimeError."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, RuntimeError) and "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def check_output_dir(out_dir, force: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuses `out_dir` if it holds files (unless `force`) or is an input,
+    without touching anything: tools call it before any slow work."""
+    out_dir = Path(out_dir)
+    out = out_dir.resolve()
+    for p in protect:
+        if out == Path(p).resolve():
+            raise ValueError(f"output directory {out_dir} is the input directory; choose another output")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ValueError(f"output directory {out_dir} is not empty; choose an empty one or pass --force to overwrite")
+
+
+def prepare_output_dir(out_dir: Path, force: bool, protect: Iterable[Path] = ()) -> None:
+    """check_output_dir, then creates `out_dir`."""
+    check_output_dir(out_dir, force, protect)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def write_checkpoint(
+    out_dir,
+    params: dict,
+    shards: Iterable[Dict[str, torch.Tensor]],
+    tokenizer_path: Optional[Path] = None,
+    force: bool = False,
+    protect: Iterable[Path] = (),
+    progress: Callable[[str], None] = lambda msg: None,
+    n_shards: int = 1,
+    show_progress: bool = False,
+    extra_files: Optional[Dict[str, str]] = None,
+) -> Path:
+    """Writes params.json, consolidated.NN.pth (one per item of `shards`,
+    consumed one at a time so only one is in memory), tokenizer.model (with
+    its tokenizer.model.json sidecar, if it has one), checklist.chk and
+    manifest.json into `out_dir`.
+
+    `show_progress` draws shards written, MB and MB/s on stderr (`n_shards`
+    is the total it shows). `extra_files`: name -> text of small files
+    written with the others (a stage folder's pipeline.json).
+
+    Raises DiskFullError (a ValueError) if the disk fills up; then, as on any
+    other failure, nothing new is published and the folder is as before.
+    """
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir, force, protect)
+    md5s: Dict[str, str] = {}
+    tmp = _TempFiles(out_dir)
+    bar = Progress(f"writing {out_dir}", n_shards, "shards", sys.stderr if show_progress else None)
+    try:
+        for i, state in enumerate(shards):
+            name = shard_name(i)
+            md5s[name] = tmp.save_tensors(name, state, bar)
+            bar.update(items=1)
+            progress(f"wrote {out_dir / name} ({len(state)} tensors)")
+            del state
+        bar.close()
+        for name, text in (extra_files or {}).items():
+            tmp.write_bytes(name, text.encode())
+            md5s[name] = hashlib.md5(text.encode()).hexdigest()
+        params_bytes = (json.dumps(params, indent=2) + "\n").encode()
+        tmp.write_bytes("params.json", params_bytes)
+        md5s["params.json"] = hashlib.md5(params_bytes).hexdigest()
+        if tokenizer_path is not None:
+            # A BPE tokenizer.model is read together with its sidecar: copy both.
+            sources = {"tokenizer.model": Path(tokenizer_path), "tokenizer.model.json": sidecar_path(tokenizer_path)}
+            for name, src in sources.items():
+                if name == "tokenizer.model" or src.is_file():
+                    tmp.copy(name, src)
+                    md5s[name] = _md5_of(tmp.paths[name])
+        checklist = "".join(f"{md5s[name]}  {name}\n" for name in sorted(md5s))
+        tmp.write_bytes("checklist.chk", checklist.encode())
+        # The shards only: params.json and the tokenizer are checked against the
+        # weights' shapes at load, and stay editable by hand.
+        files = {name: {"size": p.stat().st_size, "fingerprint": manifest.fingerprint(p)}
+                 for name, p in tmp.paths.items() if name.endswith(".pth")}
+        tmp.write_bytes(manifest.NAME, manifest.manifest_text(files, complete=True).encode())
+        # From here on the folder changes: first say so, so that a kill between
+        # the renames below leaves a folder the loader refuses, not a mix.
+        tmp.write_bytes(".incomplete", manifest.manifest_text(files, complete=False).encode())
+        os.replace(tmp.paths.pop(".incomplete"), out_dir / manifest.NAME)
+    except BaseException as e:
+        tmp.remove_all()
+        if _disk_full(e):
+            free = shutil.disk_usage(out_dir).free
+            raise DiskFullError(
+                f"the disk holding {out_dir} is full ({free:,} bytes free) while writing the checkpoint; "
+                "nothing was published and no partial file was left: free some space or choose another output"
+            ) from e
+        raise
+    # All files are complete: drop shards a previous (forced-over) run left,
+    # and its tokenizer sidecar if the new tokenizer has none, then publish.
+    stale = [p for p in out_dir.glob("consolidated.*.pth") if p.name not in md5s]
+    if "tokenizer.model" in md5s and "tokenizer.model.json" not in md5s:
+        stale.append(out_dir / "tokenizer.model.json")
+    for path in stale:
+        path.unlink(missing_ok=True)
+    for name in [n for n in tmp.paths if n != manifest.NAME]:
+        tmp.publish(name)
+    tmp.publish(manifest.NAME)  # last: the folder is complete
+    for left in out_dir.iterdir():  # temporary files of an earlier, killed run
+        if _OUR_TEMP.fullmatch(left.name):
+            left.unlink(missing_ok=True)
+    return out_dir
+
+
+
+def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[Path] = None, force: bool = False,
+                       progress: Callable[[str], None] = print, show_progress: bool = False,
+                       pipeline_stages: int = 1) -> Path:
+    """Splits or merges a Meta checkpoint into `n_shards` files.
+
+    Works one output shard at a time from memory-mapped inputs, so peak
+    memory is about one output shard, not the whole model. params.json is
+    copied as is; tokenizer.model is copied from `tokenizer_path`, or from the
+    input directory if it has one (Llama 3). With `pipeline_stages` P > 1, it
+    writes P stage folders stage0/ .. (llama/weights/stages.py), each with
+    `n_shards` files of only that stage's layers; each folder is written
+    atomically, one after the other.
+    """
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.is_dir():
+        raise FileNotFoundError(f"input checkpoint directory {in_dir} not found")
+    for name, value in (("the number of shards", n_shards), ("the number of pipeline stages", pipeline_stages)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if (in_dir / stage_files.NAME).is_file() or stage_files.stage_folders(in_dir):
+        raise ValueError(f"{in_dir} is split into pipeline stages already; pass a whole checkpoint as the input")
+    check_output_dir(out_dir, force, protect=[in_dir])
+    file_args = ModelArgs.from_json(in_dir / "params.json")  # validates; errors name the file
+    # Llama 2 files say vocab_size -1; the weights know the real size.
+    args = dataclasses.replace(file_args, vocab_size=weights_vocab_size(find_shards(in_dir)))
+    paths, layout = inspect_checkpoint(in_dir, args, file_args.vocab_size)
+    check_world_size(args, n_shards, f"splitting into {n_shards} shards")
+    if tokenizer_path is None and (in_dir / "tokenizer.model").is_file():
+        tokenizer_path = in_dir / "tokenizer.model"
+    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"tokenizer {tokenizer_path} not found")
+    params = json.loads((in_dir / "params.json").read_text())
+    if pipeline_stages > 1:
+        stage_files.stage_layers(args.n_layers, pipeline_stages, 0)  # too few layers: said before writing
+        for stage in range(pipeline_stages):
+            layers = stage_files.stage_layers(args.n_layers, pipeline_stages, stage)
+            folder = out_dir / stage_files.stage_dir_name(stage)
+            progress(f"{in_dir}: {len(paths)} shard(s) -> {folder}: layers {layers.start}..{layers.stop - 1}, "
+                     f"{n_shards} shard(s)")
+            shards = (checked_rank_state(paths, args, rank, n_shards, layout, layers) for rank in range(n_shards))
+            write_checkpoint(folder, params, shards, tokenizer_path=tokenizer_path, force=force, protect=[in_dir],
+                             progress=progress, n_shards=n_shards, show_progress=show_progress,
+                             extra_files={stage_files.NAME: stage_files.stage_record(
+                                 stage, pipeline_stages, args.n_layers, n_shards)})
+        return out_dir
+    progress(f"{in_dir}: {len(paths)} shard(s) -> {out_dir}: {n_shards} shard(s)")
+    # A fresh memory map per output shard: pages read for one shard are released before the next.
+    shards = (checked_rank_state(paths, args, rank, n_shards, layout) for rank in range(n_shards))
+    return write_checkpoint(out_dir, params, shards, tokenizer_path=tokenizer_path, force=force,
+                            protect=[in_dir], progress=progress, n_shards=n_shards, show_progress=show_progress)

@@ -1,0 +1,37 @@
+"""Launching tests/dist_worker.py under plain python or torchrun, shared by the
+multi-process tests."""
+
+import socket
+import subprocess
+import sys
+
+from conftest import REPO
+
+WORKER = str(REPO / "tests" / "dist_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_cmd(ckpt, out, nproc=None, node=None, port=None, **kw):
+    """plain python (nproc None), torchrun on one node, or node `node` of two."""
+    args = [WORKER, "--ckpt_dir", str(ckpt), "--tokenizer_path", str(ckpt / "tokenizer.model"), "--out", str(out)]
+    args += [f"--{k}={v}" for k, v in kw.items()]
+    if nproc is None:
+        return [sys.executable] + args
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    if node is not None:
+        cmd += ["--nnodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    else:
+        cmd += ["--master_port", str(free_port())]
+    return cmd + args
+
+
+def _worker_pid(launcher_pid: int) -> int:
+    """The python worker torchrun started (its only child)."""
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 1, children
+    return int(children[0])
