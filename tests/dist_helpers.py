@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 
+import torch
+
 from conftest import REPO
 
 WORKER = str(REPO / "tests" / "dist_worker.py")
@@ -35,3 +37,11 @@ def _worker_pid(launcher_pid: int) -> int:
     children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
     assert len(children) == 1, children
     return int(children[0])
+
+
+def run_worker(ckpt, tmp_path, nproc=None, env=None, **kw):
+    out = tmp_path / f"out_{nproc}_{len(list(tmp_path.iterdir()))}.pt"
+    r = subprocess.run(worker_cmd(ckpt, out, nproc, **kw), cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return torch.load(out, weights_only=True)
