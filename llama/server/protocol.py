@@ -94,7 +94,8 @@ class ResponseFormat(_Model):
 
 
 class _Sampling(_Model):
-    """Fields both endpoints share. Values are range-checked by SamplingParams."""
+    """Fields both endpoints share. Values are range-checked by SamplingParams;
+    None means "not given": `translate.sampling_params` applies OpenAI's defaults."""
 
     model: str
     stream: bool = False
@@ -102,7 +103,7 @@ class _Sampling(_Model):
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    n: int = Field(1, ge=1, le=16)
+    n: Optional[int] = Field(None, ge=1, le=16)
     seed: Optional[int] = None
     stop: Union[str, List[str], None] = None
     frequency_penalty: Optional[float] = None
@@ -126,7 +127,6 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, List[str], List[int], List[List[int]]]
-    max_tokens: Optional[int] = 16  # OpenAI's default for completions
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: Optional[str] = None

@@ -52,7 +52,7 @@ def run_server(generator, name: str, *, host: str, port: int, api_key: Optional[
     try:
         server.run()
     finally:
-        worker = app.state.worker
+        worker = app.state.server.worker
         if not worker.started:  # the server never started (port taken?): release the other ranks
             generator.engine.shutdown()
             generator.engine.step()

@@ -1,5 +1,11 @@
 """OpenAI's chat messages, tools and sampling fields to ours, and answers back.
 
+`sampling_params` is the one place OpenAI's sampling fields and their
+defaults (`OPENAI_DEFAULTS`: temperature 1, top_p 1, n 1, 16 tokens for a
+text completion, ...) become our `SamplingParams`, one per choice. They are
+OpenAI's, not the command line's (Meta's 0.6 / 0.9): a client written for
+OpenAI gets what it expects.
+
 OpenAI role "tool" is Llama 3.1's "ipython" (a tool result); "developer" is a
 system message. Tools are offered as Llama 3.1 custom tools: their
 definitions go into the system prompt (`llama.text.tool_calls.system_prompt`),
@@ -8,15 +14,18 @@ back as OpenAI `tool_calls` with `finish_reason` "tool_calls".
 """
 
 import json
-from typing import List, Optional, Tuple
+from typing import List, Tuple, Union
 
 from ..text.messages import StopReason
 from ..engine.sampling import SamplingParams
 from ..text.tool_calls import CallSyntax, ToolCall, ToolDefinition, ToolParam, system_prompt
-from .protocol import APIError, ChatCompletionRequest, ChatMessage, Content, _Sampling
+from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Content
 
-# OpenAI's defaults (temperature 1, top_p 1), not the command line's.
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 1.0, 1.0
+# What OpenAI's API reference gives a field the client leaves out (or sends as
+# null). max_tokens: a chat answer runs until the context is full; a text
+# completion stops at 16 tokens unless the client sends a number or null.
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                   "stop": (), "chat_max_tokens": None, "completion_max_tokens": 16}
 
 
 def text_of(content: Content) -> str:
@@ -93,26 +102,42 @@ def dialog_of(req: ChatCompletionRequest, formatter) -> list:
     return dialog
 
 
-def sampling_params(req: _Sampling, max_tokens: Optional[int], logprobs: bool, top_logprobs: int,
-                    seed: Optional[int]) -> SamplingParams:
-    """SamplingParams of the request; a bad value is a 400 naming the field."""
+def sampling_params(req: Union[ChatCompletionRequest, CompletionRequest]) -> List[SamplingParams]:
+    """The SamplingParams of each of the request's n choices; a bad value is a
+    400 naming the field.
+
+    Choice i has seed `seed + i` (without a seed each draws its own), so n=2
+    with seed s answers what two requests with seeds s and s+1 would. A chat
+    request's max_completion_tokens wins over its (deprecated) max_tokens."""
+    d = OPENAI_DEFAULTS
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", "logit_bias")
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        logprobs, top_logprobs = req.logprobs, req.top_logprobs or 0
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = d["chat_max_tokens"]
+    else:
+        logprobs, top_logprobs = req.logprobs is not None, req.logprobs or 0
+        # An explicit null keeps its meaning (until the context is full); only a missing field is 16.
+        max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else d["completion_max_tokens"]
+    n = d["n"] if req.n is None else req.n
+    seeds = [None] * n if req.seed is None else [req.seed + i for i in range(n)]
+
+    def given(name):
+        value = getattr(req, name)
+        return d[name] if value is None else value
     try:
-        return SamplingParams(
-            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-            top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
-            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-            seed=seed, stop=req.stop, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top_logprobs,
-        )
+        return [SamplingParams(temperature=given("temperature"), top_p=given("top_p"),
+                               presence_penalty=given("presence_penalty"),
+                               frequency_penalty=given("frequency_penalty"), stop=given("stop"),
+                               seed=seed, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top_logprobs)
+                for seed in seeds]
     except ValueError as e:
         field = str(e).split()[1] if str(e).startswith("sampling ") else None
         raise APIError(400, str(e), field) from None
-
-
-def seeds(seed: Optional[int], n: int) -> List[Optional[int]]:
-    """n requests: seeds seed, seed+1, ...; without a seed each draws its own."""
-    return [None] * n if seed is None else [seed + i for i in range(n)]
 
 
 def finish_reason(reason: StopReason, has_tool_calls: bool) -> str:

@@ -255,7 +255,7 @@ def test_tools_stream_plain_answers_as_they_come(client, llama3, script):
 
 
 def test_call_gate_holds_back_what_may_be_a_call():
-    from llama.server.app import _CallGate
+    from llama.server.serving_chat import CallGate as _CallGate
 
     g = _CallGate(tag=7)
     assert [g.feed(1, t) for t in (" ", "{", '"name"')] == ["", "", ""]

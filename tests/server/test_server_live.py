@@ -100,14 +100,14 @@ def test_concurrent_streams_equal_alone(server, alone):
     # 16 clients on 4 slots: most waited in the queue; none was lost or disturbed by the 3 that left
     assert out == alone
     deadline = time.monotonic() + 5
-    while app.state.worker.inflight and time.monotonic() < deadline:
+    while app.state.server.worker.inflight and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert app.state.worker.inflight == 0
+    assert app.state.server.worker.inflight == 0
 
 
 def test_disconnect_frees_the_slot(server, monkeypatch):
     url, app = server
-    worker = app.state.worker
+    worker = app.state.server.worker
     steps_before = worker.steps
     step = Engine.step
 
