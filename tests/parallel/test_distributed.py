@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_helpers import WORKER, _worker_pid, free_port, worker_cmd  # noqa: F401
+from dist_helpers import WORKER, _worker_pid, free_port, run_worker, worker_cmd  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,6 @@ def no_shared_memory_file_left():
     yield
     after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     assert not {f for f in after - before if f.startswith("llama-")}
-
-
-def run_worker(ckpt, tmp_path, nproc=None, env=None, **kw):
-    out = tmp_path / f"out_{nproc}_{len(list(tmp_path.iterdir()))}.pt"
-    r = subprocess.run(worker_cmd(ckpt, out, nproc, **kw), cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module")
