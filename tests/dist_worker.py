@@ -112,7 +112,7 @@ def sampled_requests(gen, prompts, max_gen_len):
     requests when every step gathers the full logits, and the bytes of each
     gather the engine makes (under torchrun: candidates, not the slices)."""
     from llama.parallel import collectives
-    from llama.engine import sampling
+    from llama.engine import vocab_parallel
 
     params = [SamplingParams(temperature=1.0, top_k=20, seed=4, max_tokens=max_gen_len),
               SamplingParams(temperature=0.3, top_p=0.9, seed=3, max_tokens=max_gen_len),
@@ -138,12 +138,12 @@ def sampled_requests(gen, prompts, max_gen_len):
         tokens = run()
     finally:
         collectives.all_gather_last_dim = gather
-    plan = sampling.plan_from_candidates
-    sampling.plan_from_candidates = lambda *args: None  # every step falls back to the full logits
+    plan = vocab_parallel.plan_from_candidates
+    vocab_parallel.plan_from_candidates = lambda *args: None  # every step falls back to the full logits
     try:
         full = run()
     finally:
-        sampling.plan_from_candidates = plan
+        vocab_parallel.plan_from_candidates = plan
     return {"tokens": tokens, "full": full, "bytes": sizes}
 
 

@@ -29,8 +29,8 @@ import torch.distributed as dist
 from ..parallel.collectives import broadcast_from_first
 from ..text.messages import StopReason
 from .metrics import RequestMetrics
-from .runner import Pipeline
-from .sampling import RowState, SamplingParams, sample_rows, token_logprobs
+from .runner import ModelRunner
+from .sampling import RowState, SamplingParams, row_generator, sample_rows, token_logprobs
 from ..text.stream import StopStrings, TextStream
 
 # Most prompt tokens packed into one prefill pass (a longer prompt runs alone).
@@ -140,7 +140,7 @@ class Engine:
         self._ended: List[_Sequence] = []  # cancelled, waiting for their last event
         self._stopping = False  # rank 0: the next step tells the other ranks to stop following
         self.stopped = False  # a following rank: rank 0 said stop
-        self.passes = Pipeline(model)  # the model's passes; with pipeline stages, their results on every rank
+        self.passes = ModelRunner(model)  # the model's passes; with pipeline stages, their results on every rank
         group = _all_ranks_group()
         self._group = group
         self._world = dist.get_world_size(group) if group is not None else 1
@@ -329,13 +329,16 @@ class Engine:
         tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
         positions = [s.next_pos for s in rows]
         start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
-        # Greedy rows need only the arg-max, sampled ones (without logprobs) each
-        # rank's best candidates: llama/engine/runner.py exchanges those, not the logits.
-        greedy = all(_plain_greedy(s.request.params) for s in rows)
+        # Logprobs need the full logits. Without them, rows whose token is the
+        # raw arg-max need only that, sampled ones each rank's best candidates:
+        # the runner exchanges those across tensor-parallel ranks, not the logits.
+        params = [s.request.params for s in rows]
+        needs_logits = any(p.wants_logprobs for p in params)
+        argmax_only = not needs_logits and all(p.argmax_only for p in params)
         states = None
-        if not greedy and not any(s.request.params.wants_logprobs for s in rows):
-            states = lambda: [RowState(s.request.params, s.generator, *self._history(s)) for s in rows]  # noqa: E731
-        ids, logits = self.passes.decode(tokens, start, greedy=greedy, row_states=states)
+        if not argmax_only and not needs_logits:
+            states = lambda: self._row_states(rows)  # noqa: E731
+        ids, logits = self.passes.decode(tokens, start, argmax_only=argmax_only, row_states=states)
         for seq, pos in zip(rows, positions):
             seq.cached = pos + 1
         return self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
@@ -348,8 +351,7 @@ class Engine:
                 self.waiting.remove(seq)
             seq.admitted = time.perf_counter()
             seq.stream, seq.stops = TextStream(self.tokenizer), StopStrings(seq.request.params.stop)
-            if not seq.request.params.greedy:
-                seq.generator = torch.Generator(device=self.device).manual_seed(seq.seed)
+            seq.generator = row_generator(seq.request.params, seq.seed, self.device)
             if seq.request.params.max_tokens == 0 and not seq.request.prompt_logprobs:
                 events.append(self._finish_event(seq, StopReason.OUT_OF_TOKENS))
             else:
@@ -374,9 +376,12 @@ class Engine:
 
     def _sample(self, rows: List[_Sequence], logits: torch.Tensor) -> torch.Tensor:
         """The next token (rows,) of each row, by its request's sampling parameters."""
-        if all(s.request.params.greedy and not s.request.params.has_penalties for s in rows):
+        if all(s.request.params.argmax_only for s in rows):
             return torch.argmax(logits, dim=-1)  # the common case needs no per-row state
-        return sample_rows(logits, [RowState(s.request.params, s.generator, *self._history(s)) for s in rows])
+        return sample_rows(logits, self._row_states(rows))
+
+    def _row_states(self, rows: List[_Sequence]) -> List[RowState]:
+        return [RowState(s.request.params, s.generator, *self._history(s)) for s in rows]
 
     def _sample_and_emit(self, rows: List[_Sequence], logits: torch.Tensor) -> List[TokenEvent]:
         next_tokens = self._sample(rows, logits)
@@ -479,11 +484,6 @@ class Engine:
 
 
 _EMPTY = torch.zeros(0, dtype=torch.long)
-
-
-def _plain_greedy(p: SamplingParams) -> bool:
-    """A row whose next token is the arg-max of the raw logits, nothing else asked of them."""
-    return p.greedy and not p.has_penalties and not p.wants_logprobs
 
 
 def _all_ranks_group():

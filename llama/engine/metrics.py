@@ -5,12 +5,14 @@ whose rows stop at different steps):
 
 * T, latency: seconds from the start of generation (prompts already
   tokenized) until the last step's token is known.
-* L, decoded length: the number of decoding steps the batch ran. Each step
-  runs the model once and gives every still-active row one new token; the
-  first step also processes the prompts (prefill). With prompts of equal
-  length, L is the longest generation in the batch (stop token included);
-  a longer prompt's tail is fed one token per step while shorter rows
-  already generate, so then L adds the difference in prompt lengths.
+* L, decoded length: the number of engine steps the call ran. Each step
+  gives every running row one new token and prefills, in one packed pass,
+  the whole prompts admitted at that step, sampling their first token. When
+  every prompt is admitted at the first step (no more prompts than KV-cache
+  rows, and together within the engine's prefill token budget), L is the
+  longest generation in the batch (stop token included), whatever the
+  prompt lengths; a prompt that waits for a free row or for a later step's
+  budget adds the steps it waited.
 * Per-token latency: T / L, the average time of one step.
 * Throughput: generated tokens / T, where generated tokens count, for each
   row, the tokens it produced up to and including its stop token. This equals

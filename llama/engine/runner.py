@@ -1,14 +1,23 @@
-"""Pipeline stages: the layers split into P contiguous stages across the ranks.
+"""The model runner: the engine's model passes (decode, prefill), with the
+same result on every rank, for one stage or for pipeline stages.
 
-For nodes joined by a slow link. Tensor parallelism exchanges activations
-twice per layer, so a token crosses the link 2L+ times; with one stage per
-node it crosses each link once: stage s sends its hidden state (bs, seq, dim)
-to stage s + 1 with a point-to-point send, and the last stage sends what the
-engine needs back to every rank (the chosen token ids for greedy rows, 8
-bytes a row; the logits otherwise), so every rank's engine runs the same
-steps. A decoding step costs P one-way trips: receives of decoding's shapes
-are posted ahead (as in llama/parallel/collectives.py), since gloo sends a payload
-only once the receiver has posted its receive.
+One stage: the model itself, tensor-parallel or not. Tensor-parallel
+decoding exchanges only what the step needs: each rank's (max, index) when
+every row's token is the arg-max of the raw logits
+(SamplingParams.argmax_only), each rank's best candidates when the rows
+sample (vocab_parallel.py), the full logits only where logprobs are asked.
+
+Pipeline stages: the layers split into P contiguous stages across the
+ranks, for nodes joined by a slow link. Tensor parallelism exchanges
+activations twice per layer, so a token crosses the link 2L+ times; with one
+stage per node it crosses each link once: stage s sends its hidden state
+(bs, seq, dim) to stage s + 1 with a point-to-point send, and the last stage
+sends what the engine needs back to every rank (the chosen token ids when
+every row takes the arg-max, 8 bytes a row; the logits otherwise), so every
+rank's engine runs the same steps. A decoding step costs P one-way trips:
+receives of decoding's shapes are posted ahead (as in
+llama/parallel/collectives.py), since gloo sends a payload only once the
+receiver has posted its receive.
 
 Ranks: world = P x T, rank = stage x T + t (fairscale's layout), so a
 stage's T tensor-parallel ranks are consecutive ranks, one node under
@@ -26,7 +35,8 @@ from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..parallel.collectives import vocab_parallel_argmax, vocab_parallel_sample
+from ..parallel.collectives import vocab_parallel_argmax
+from .vocab_parallel import vocab_parallel_sample
 
 # Receives posted ahead per kind and shape (see llama/parallel/collectives.py): the
 # hidden states and results of decoding. A posted receive is never withdrawn,
@@ -49,7 +59,7 @@ def _model_parallel_size() -> int:
     return get_model_parallel_world_size() if dist.is_initialized() and model_parallel_is_initialized() else 1
 
 
-class Pipeline:
+class ModelRunner:
     """The model passes of the engine's steps (decode, prefill), giving every
     rank the same result whichever stage computed it. One stage: the model
     itself (tensor-parallel or not)."""
@@ -74,30 +84,33 @@ class Pipeline:
         self._posted: Dict[Tuple, Deque[Tuple[torch.Tensor, object]]] = {}
         self._sends: List[Tuple[object, torch.Tensor]] = []
 
-    def decode(self, tokens: torch.Tensor, start, greedy: bool, row_states: Optional[Callable[[], list]] = None
+    def decode(self, tokens: torch.Tensor, start, argmax_only: bool,
+               row_states: Optional[Callable[[], list]] = None
                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """One token per row: (ids (rows,), None) if `greedy` (the arg-max of
-        each row is all it needs) or if tensor-parallel ranks could sample
-        from their candidates (`row_states` gives the rows' sampling states;
+        """One token per row: (ids (rows,), None) if `argmax_only` (the
+        engine found every row's token to be the arg-max of its raw logits,
+        and no logprobs asked) or if tensor-parallel ranks could sample from
+        their candidates (`row_states` gives the rows' sampling.RowState;
         None where the full logits are needed, as for logprobs), else (None,
         float logits (rows, vocab))."""
         if self.stages == 1:
-            if self.tensor_parallel and (greedy or row_states is not None):
+            if self.tensor_parallel and (argmax_only or row_states is not None):
                 # Each rank's (max, index) or its best candidates are exchanged, not its slice of the logits.
                 local = self.model.forward(tokens, start, last_logits_only=True, gather_logits=False)[:, 0]
-                return (vocab_parallel_argmax(local) if greedy else vocab_parallel_sample(local, row_states())), None
+                ids = vocab_parallel_argmax(local) if argmax_only else vocab_parallel_sample(local, row_states())
+                return ids, None
             return None, self.model.forward(tokens, start, last_logits_only=True)[:, 0]
         rows = tokens.shape[0]
         x = tokens if self.first else self._receive("decode", (rows, 1, self.model.params.dim), self._dtype, True)
-        out = self.model.forward(x, start, last_logits_only=True, gather_logits=not greedy)
+        out = self.model.forward(x, start, last_logits_only=True, gather_logits=not argmax_only)
         if not self.last:
             self._send(out, "decode")
             out = None
-        elif greedy:
+        elif argmax_only:
             out = vocab_parallel_argmax(out[:, 0])  # (rows,)
         else:
             out = out[:, 0]  # (rows, vocab)
-        if greedy:
+        if argmax_only:
             return self._from_last(out, "ids", (rows,), torch.long, True), None
         return None, self._from_last(out, "logits", (rows, self.model.params.vocab_size), torch.float32, True)
 

@@ -2,9 +2,23 @@
 functions that apply them to one decoding step's logits.
 
 Order of operations (as in Hugging Face's and llama.cpp's samplers):
-penalties, then temperature (0 = greedy: arg-max, exact), then top-k, top-p
-and min-p, then one draw from the request's own random generator, so a
-seeded request gives the same tokens whatever else shares its batch.
+penalties, then temperature, then top-k, top-p and min-p, then one draw from
+the request's own random generator, so a seeded request gives the same tokens
+whatever else shares its batch.
+
+Each rule lives in one place:
+
+* greedy or not: `SamplingParams.greedy` (a temperature below GREEDY_BELOW,
+  0 included); `SamplingParams.argmax_only` (greedy and no penalties: the
+  next token is the arg-max of the raw logits, which lets the engine and the
+  tensor-parallel runner skip everything else). Everything that branches on
+  greedy reads one of these two.
+* temperature: `scaled_logits`, used by the full-vocabulary draw here and by
+  the split-vocabulary candidates (vocab_parallel.py).
+
+Invariants: a greedy row never touches a random generator (it has none); a
+sampled row advances its generator the same way whichever path draws it;
+every accepted temperature gives finite probabilities (see GREEDY_BELOW).
 """
 
 import math
@@ -15,6 +29,15 @@ import torch
 
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+
+# Temperatures below this are greedy. Dividing by a tiny temperature
+# overflows float32 (1e-45 makes every logit +-inf, and softmax of inf - inf
+# is NaN, which torch.multinomial refuses); at 1e-5 a logit gap of 1e-3
+# already becomes a factor exp(-100) (below float32's smallest normal
+# number), so the draw is the arg-max in all but near-exact ties, while
+# logits up to about 3e33 still scale to finite values. vLLM uses the same
+# floor (_SAMPLING_EPS). No useful sampling temperature is anywhere near it.
+GREEDY_BELOW = 1e-5
 
 
 def _is_number(value) -> bool:
@@ -30,7 +53,8 @@ class SamplingParams:
     """How one request is decoded. Invalid values raise `ValueError` naming the field.
 
     Attributes:
-        temperature: 0 means greedy (arg-max); higher flattens the distribution.
+        temperature: 0 (or anything below GREEDY_BELOW) means greedy (arg-max);
+            higher flattens the distribution.
         top_p: Keep the smallest set of tokens whose probability reaches top_p, in (0, 1].
         top_k: Keep the k most likely tokens; 0 keeps all.
         min_p: Drop tokens less likely than min_p times the most likely one; 0 keeps all.
@@ -72,7 +96,13 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """The next token is the arg-max of the (penalized) logits: the one greedy rule."""
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def argmax_only(self) -> bool:
+        """The next token is the arg-max of the raw logits: greedy, no penalties."""
+        return self.greedy and not self.has_penalties
 
     @property
     def has_penalties(self) -> bool:
@@ -136,18 +166,30 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, context: torch
     return logits
 
 
-def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Draws the next token from one row's (penalized) logits (vocab,), temperature > 0."""
-    scaled = logits.float() / params.temperature
+def scaled_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`logits` in float32 divided by the temperature (unscaled for greedy
+    rows, whose arg-max it does not change): the one place temperature is
+    applied. The probabilities are then taken relative to the largest value
+    (torch.softmax and torch.logsumexp subtract the maximum), so they stay
+    finite for every temperature GREEDY_BELOW lets through."""
+    return logits.float() if params.greedy else logits.float() / params.temperature
+
+
+def sample_one(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
+    """The next token from one row's (penalized) logits (vocab,): the arg-max
+    for a greedy row (`generator` unused, may be None), else one draw."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    scaled = scaled_logits(logits, params)
     if params.top_k and params.top_k < scaled.shape[-1]:
         values, ids = torch.topk(scaled, params.top_k)  # sorted, descending
     else:
         values, ids = torch.sort(scaled, descending=True)
-    return int(ids[_draw(torch.softmax(values, dim=-1), params, generator)])
+    return int(ids[draw(torch.softmax(values, dim=-1), params, generator)])
 
 
-def _draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator,
-          n_draws: Optional[int] = None) -> int:
+def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator,
+         n_draws: Optional[int] = None) -> int:
     """Position drawn from `probs` (sorted, descending) after top-p and min-p.
 
     `probs` may be the head of a longer sorted vector of `n_draws` whose
@@ -167,6 +209,12 @@ def _draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generato
     return int(torch.argmax(probs / q[:probs.shape[-1]]))
 
 
+def row_generator(params: SamplingParams, seed: int, device) -> Optional[torch.Generator]:
+    """A row's own random generator, seeded once when it is admitted; None for
+    a greedy row, which draws nothing."""
+    return None if params.greedy else torch.Generator(device=device).manual_seed(seed)
+
+
 @dataclass
 class RowState:
     """What sampling needs to know about one row besides its logits."""
@@ -182,13 +230,10 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
     next_tokens = torch.argmax(logits, dim=-1)
     for i, row in enumerate(rows):
         p = row.params
-        if p.greedy and not p.has_penalties:
+        if p.argmax_only:
             continue  # the arg-max above, exact
         row_logits = apply_penalties(logits[i], p, row.context, row.generated) if p.has_penalties else logits[i]
-        if p.greedy:
-            next_tokens[i] = torch.argmax(row_logits)
-        else:
-            next_tokens[i] = sample_one(row_logits, p, row.generator)
+        next_tokens[i] = sample_one(row_logits, p, row.generator)
     return next_tokens
 
 
@@ -201,94 +246,3 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
         return chosen, None
     values, ids = torch.topk(lp, top_n, dim=-1)
     return chosen, (ids, values)
-
-
-# -- vocabulary split across ranks: sampling from each rank's best candidates --
-
-# Candidates each rank sends per row (more when a row's top_k asks for more,
-# up to MAX_CANDIDATES): with top_p 0.9 on a trained model's next-token
-# distribution, a few dozen tokens usually hold the mass.
-CANDIDATES = 64
-MAX_CANDIDATES = 1024
-# How far the candidates' mass must pass top_p (or their tail stay under
-# min_p) for float rounding not to matter.
-_MARGIN = 1e-4
-
-
-def candidate_count(rows: Sequence[RowState]) -> int:
-    """Candidates per row this step: CANDIDATES, or a row's larger top_k (at most MAX_CANDIDATES)."""
-    ks = [r.params.top_k for r in rows if not r.params.greedy and r.params.top_k <= MAX_CANDIDATES]
-    return max([CANDIDATES] + ks)
-
-
-def local_candidates(logits: torch.Tensor, row: RowState, start: int, k: int) -> torch.Tensor:
-    """What one rank sends for one row: float64 (2 + 2k,) = [log-sum-exp of
-    its slice, unused, its k best values, their global ids], after penalties
-    and temperature, values descending and ties by ascending id.
-
-    `logits` is this rank's slice (ids start .. start + n) of the row's
-    logits. Penalties apply token by token, so each rank applies them to its
-    own slice; the values are the bits the full vector would hold.
-    """
-    n, p = logits.shape[-1], row.params
-    if p.has_penalties:
-        mine = lambda ids: ids[(ids >= start) & (ids < start + n)] - start  # noqa: E731
-        logits = apply_penalties(logits, p, mine(row.context), mine(row.generated))
-    scaled = logits.float() if p.greedy else logits.float() / p.temperature
-    values, ids = torch.topk(scaled, min(k, n))
-    by_id = torch.argsort(ids, stable=True)  # ties: the lowest id first, as torch.argmax
-    order = torch.sort(values[by_id], descending=True, stable=True).indices
-    values, ids = values[by_id][order], ids[by_id][order] + start
-    out = torch.full((2 + 2 * k,), -math.inf, dtype=torch.float64, device=logits.device)
-    out[0] = torch.logsumexp(scaled, dim=-1)
-    out[1] = 0.0
-    out[2:2 + values.shape[0]] = values.double()
-    out[2 + k:] = -1.0
-    out[2 + k:2 + k + ids.shape[0]] = ids.double()  # ids < 2**53 are exact
-    return out
-
-
-def plan_from_candidates(every: torch.Tensor, params: SamplingParams, vocab: int):
-    """From every rank's `local_candidates` of one row (world, 2 + 2k), in
-    rank order: (ids, probs, n_draws) to draw from, or None when the
-    candidates cannot decide this row exactly (the caller then gathers the
-    full logits).
-
-    The candidates above the largest of the ranks' k-th values are exactly
-    the head of the globally sorted vector. Sampling from that head is
-    sampling from the full vector when the tokens after it are dropped
-    anyway: their mass starts beyond top_p, or they are less likely than
-    min_p times the best. With top_k <= k the top_k best are all among the
-    candidates, and the draw is the full path's, bit for bit.
-    """
-    k = (every.shape[-1] - 2) // 2
-    values, ids = every[:, 2:2 + k].reshape(-1), every[:, 2 + k:].reshape(-1)
-    order = torch.sort(values, descending=True, stable=True).indices  # ties: rank order, then id
-    values, ids = values[order], ids[order].long()
-    if params.greedy:
-        return ids[:1], None, None
-    top_k = params.top_k if params.top_k < vocab else 0
-    if top_k:
-        if top_k > k:
-            return None
-        return ids[:top_k], torch.softmax(values[:top_k].float(), dim=-1), top_k
-    threshold = every[:, 1 + k].max()  # the largest k-th value: everything above it is here
-    head = int((values > threshold).sum())
-    if head == 0:
-        return None
-    log_total = torch.logsumexp(every[:, 0], dim=0)
-    probs = torch.exp(values[:head] - log_total)
-    covered = probs.sum() > params.top_p + _MARGIN
-    if params.min_p > 0.0:
-        covered = covered or math.exp(float(threshold - values[0])) < params.min_p * (1 - _MARGIN)
-    if not covered:
-        return None
-    return ids[:head], probs.float(), vocab
-
-
-def draw_planned(plan, params: SamplingParams, generator: Optional[torch.Generator]) -> int:
-    """The token of a plan from `plan_from_candidates`."""
-    ids, probs, n_draws = plan
-    if probs is None:  # greedy
-        return int(ids[0])
-    return int(ids[_draw(probs, params, generator, n_draws)])

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
-from ..engine import sampling
 from . import shared_memory
 from .distributed import dist_timeout_s
 
@@ -178,27 +177,3 @@ def vocab_parallel_argmax(local: torch.Tensor) -> torch.Tensor:
     winner = torch.argmax(every[..., 0], dim=-1)  # the lowest rank holding the maximum
     return every[..., 1].gather(-1, winner[..., None])[..., 0].long()
 
-
-def vocab_parallel_sample(local: torch.Tensor, rows) -> torch.Tensor:
-    """The next token (rows,) of each row (sampling.RowState) from logits
-    split by vocabulary across the ranks (rank r holds ids r*V/N ..), as
-    sampling.sample_rows draws it from the full logits, exchanging per row
-    each rank's best candidates and its log-sum-exp (1 KB a row with the
-    default 64 candidates) instead of its slice (4V/N bytes).
-
-    Where the candidates cannot decide some row (a flat distribution with
-    top_p near 1, a top_k above sampling.MAX_CANDIDATES), this step gathers
-    the full logits instead. Every rank draws the same tokens: each gets the
-    same candidates and runs the same draws.
-    """
-    group = get_model_parallel_group()
-    world, n = dist.get_world_size(group), local.shape[-1]
-    k = sampling.candidate_count(rows)
-    start = dist.get_rank(group) * n
-    mine = torch.stack([sampling.local_candidates(local[i], row, start, k) for i, row in enumerate(rows)])
-    every = all_gather_last_dim(mine).view(len(rows), world, -1)  # (rows, world, 2 + 2k), rank order
-    plans = [sampling.plan_from_candidates(every[i], row.params, n * world) for i, row in enumerate(rows)]
-    if any(plan is None for plan in plans):  # decided before any generator moves
-        return sampling.sample_rows(all_gather_last_dim(local), rows)
-    return torch.tensor([sampling.draw_planned(plan, row.params, row.generator) for plan, row in zip(plans, rows)],
-                        dtype=torch.long, device=local.device)

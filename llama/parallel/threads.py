@@ -1,12 +1,24 @@
 """How many CPU threads each process computes with (`--threads`, `Llama.build(threads=...)`).
 
-torch's own default is one thread per logical CPU of the machine, whatever
-this process may run on and however many ranks share the node. That
-oversubscribes the cores: on a busy 2-core machine decoding fell to 0.3-1.1
-tokens/s at torch's default against 7-10 with one thread (issue 11). The
-default here is the physical cores this process may run on (its CPU affinity,
-as taskset, cgroups or Slurm set it; hyper-threads add little to a
-bandwidth-bound matmul), divided among the ranks on this node.
+Default: the physical cores this process may run on (its CPU affinity, as
+taskset, cgroups or Slurm set it), divided among the ranks of this job on
+this node, at least 1. Why not torch's own default (one thread per logical
+CPU of the machine): it ignores the affinity and the other ranks on the
+node, so the threads outnumber the cores and take turns on them, and a
+decoding step waits for the slowest of them; on a busy machine that makes
+decoding several times slower than one thread. Hyper-threads are not
+counted: decoding is a memory-bandwidth-bound matmul, which a second
+hardware thread on the same core barely speeds up.
+
+Precedence: an explicit count (`--threads`), then OMP_NUM_THREADS when the
+user set it (not the 1 torchrun sets for several processes per node), then
+the default.
+
+Failure modes: a count that is not a positive integer, or more than the
+logical CPUs this process may use, is refused with a ValueError naming the
+flag or variable; several ranks whose threads together outnumber the CPUs
+get a warning (they run, slower). Where the CPU topology cannot be read
+(not Linux, no sysfs), each logical CPU counts as a core.
 """
 
 import logging

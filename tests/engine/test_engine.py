@@ -142,6 +142,24 @@ def test_seeded_requests_reproduce_whatever_shares_the_batch(llama3):
     assert again != alone
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 1e-6])
+def test_a_temperature_below_the_floor_gives_the_greedy_tokens(llama3, temperature):
+    """Dividing by 1e-45 overflows float32 (softmax NaN, torch.multinomial
+    refuses): below sampling.GREEDY_BELOW a row is greedy instead, with or
+    without penalties and logprobs, alone or beside sampled rows."""
+    prompts = encode(llama3, PROMPTS)
+    greedy, _ = llama3.generate(prompts, 8, temperature=0)
+    tiny, _ = llama3.generate(prompts, 8, temperature=temperature)
+    assert tiny == greedy
+    tiny = SamplingParams(temperature=temperature, top_p=0.5, logprobs=True)
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    mixed, _ = llama3.generate(prompts, 8, sampling=[tiny, sampled, tiny, sampled])
+    assert mixed[0] == greedy[0] and mixed[2] == greedy[2]
+    penalized = [llama3.generate(prompts[:1], 8, sampling=SamplingParams(temperature=t, repetition_penalty=1.5))[0]
+                 for t in (0, temperature)]
+    assert penalized[0] == penalized[1]
+
+
 def test_stop_strings_cut_exactly_across_tokens_streaming_or_not(llama3):
     gen = llama3
     prompt = encode(gen, ["A llama"])

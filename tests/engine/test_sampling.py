@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from llama.engine.sampling import SamplingParams, apply_penalties, sample_one
+from llama.engine.sampling import (GREEDY_BELOW, SamplingParams, apply_penalties, row_generator, sample_one,
+                                   scaled_logits)
 from llama.text.stream import StopStrings
 
 
@@ -31,6 +32,28 @@ def test_defaults_and_normalization():
     assert p.stop == ("END",) and not p.greedy and not p.has_penalties
     assert SamplingParams(temperature=0).greedy
     assert SamplingParams(top_logprobs=2).wants_logprobs
+
+
+def test_greedy_is_decided_by_the_temperature_floor():
+    for t in (0, 1e-300, 1e-45, GREEDY_BELOW / 2):
+        p = SamplingParams(temperature=t)
+        assert p.greedy and p.argmax_only and row_generator(p, 1, "cpu") is None
+    assert not SamplingParams(temperature=GREEDY_BELOW).greedy
+    assert isinstance(row_generator(SamplingParams(temperature=GREEDY_BELOW), 1, "cpu"), torch.Generator)
+    penalized = SamplingParams(temperature=0, repetition_penalty=1.2)
+    assert penalized.greedy and not penalized.argmax_only
+
+
+def test_tiny_temperatures_draw_the_arg_max_and_stay_finite():
+    logits = torch.tensor([1.0, 3.0, 2.9, -1.0])
+    for t in (1e-45, 1e-300, 0):
+        assert sample_one(logits, SamplingParams(temperature=t), None) == 1
+    scaled = scaled_logits(logits, SamplingParams(temperature=GREEDY_BELOW))
+    assert torch.isfinite(scaled).all() and torch.isfinite(torch.softmax(scaled, dim=-1)).all()
+    g = torch.Generator().manual_seed(0)
+    assert sample_one(logits, SamplingParams(temperature=GREEDY_BELOW, top_p=1.0), g) == 1
+    assert torch.equal(scaled_logits(logits, SamplingParams(temperature=0)), logits)
+    assert torch.equal(scaled_logits(logits, SamplingParams(temperature=0.5)), logits / 0.5)
 
 
 def test_top_k_and_min_p_cut_the_tail():

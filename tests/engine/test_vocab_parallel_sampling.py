@@ -1,5 +1,5 @@
 """Sampling from logits split by vocabulary across ranks, from each rank's
-best candidates (sampling.local_candidates / plan_from_candidates), checked
+best candidates (vocab_parallel.local_candidates / plan_from_candidates), checked
 here on one process by splitting fake logits in two: the same token and the
 same generator state as sampling from the full logits, and None (gather the
 full logits) where the candidates cannot decide."""
@@ -7,8 +7,8 @@ full logits) where the candidates cannot decide."""
 import pytest
 import torch
 
-from llama.engine.sampling import (CANDIDATES, RowState, SamplingParams, draw_planned, local_candidates,
-                            plan_from_candidates, sample_rows)
+from llama.engine.sampling import RowState, SamplingParams, sample_rows
+from llama.engine.vocab_parallel import CANDIDATES, draw_planned, local_candidates, plan_from_candidates
 
 VOCAB = 4000
 
@@ -33,6 +33,8 @@ SETTINGS = [
     dict(temperature=1.3, top_p=1.0, min_p=0.05),
     dict(temperature=0.8, top_p=0.95, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2),
     dict(temperature=0, repetition_penalty=2.0),  # greedy with penalties
+    dict(temperature=1e-45, top_p=0.9),  # below sampling.GREEDY_BELOW: greedy, no generator
+    dict(temperature=1e-300, repetition_penalty=1.3),
 ]
 
 
