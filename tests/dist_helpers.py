@@ -34,8 +34,6 @@ def worker_cmd(ckpt, out, nproc=None, node=None, port=None, **kw):
 
 def run_worker(ckpt, tmp_path, nproc=None, env=None, **kw):
     """Runs the worker to the end (see worker_cmd) and returns what rank 0 saved."""
-    import torch
-
     out = tmp_path / f"out_{nproc}_{len(list(tmp_path.iterdir()))}.pt"
     r = subprocess.run(worker_cmd(ckpt, out, nproc, **kw), cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=env)
@@ -48,11 +46,3 @@ def _worker_pid(launcher_pid: int) -> int:
     children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
     assert len(children) == 1, children
     return int(children[0])
-
-
-def run_worker(ckpt, tmp_path, nproc=None, env=None, **kw):
-    out = tmp_path / f"out_{nproc}_{len(list(tmp_path.iterdir()))}.pt"
-    r = subprocess.run(worker_cmd(ckpt, out, nproc, **kw), cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return torch.load(out, weights_only=True)
