@@ -26,18 +26,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from llama.weights.writer import reshard_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's llama package, installed or not
+
+from llama.cli.checkpoints import add_shard_args  # noqa: E402
+from llama.weights.writer import reshard_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-n", "--num_shards", type=int, required=True, help="number of output shards (workers)")
-    parser.add_argument("-i", "--input", type=Path, required=True, help="input checkpoint directory")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="output checkpoint directory")
-    parser.add_argument("--pipeline_stages", type=int, default=1,
-                        help="write one folder per pipeline stage, each with -n shards of its layers (default 1)")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer.model to copy (default: the input's, if any)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty output directory")
+    add_shard_args(parser)
     a = parser.parse_args(argv)
     try:
         reshard_checkpoint(a.input, a.output, a.num_shards, tokenizer_path=a.tokenizer, force=a.force,

@@ -1,10 +1,21 @@
-"""`llama info`, `llama shard` and `llama convert`: work on checkpoint directories."""
+"""`llama info`, `llama shard` and `llama convert`: work on checkpoint directories.
+
+The scripts utils/shard_model_checkpoint.py and utils/convert_gguf_checkpoint.py
+are thin wrappers over the same functions and flags (add_shard_args,
+add_convert_args), so the command and the scripts cannot drift apart."""
 
 import argparse
-import importlib.util
-import sys
+import json
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
+from ..common.files import sidecar_path
+from ..text import gguf_vocab
+from ..weights import gguf
+from ..weights.args import ModelArgs
+from ..weights.writer import check_output_dir, write_checkpoint
 from .info import checkpoint_info
 
 
@@ -38,33 +49,72 @@ def shard(a: argparse.Namespace) -> None:
     print(f"done: {a.output}")
 
 
-CONVERTER = "utils/convert_gguf_checkpoint.py"
+def convert_gguf(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
+                 progress: Callable[[str], None] = lambda msg: None, show_progress: bool = False) -> Path:
+    """Converts the GGUF file `gguf_path` into a Meta checkpoint directory `out_dir`; returns `out_dir`.
+
+    Writes consolidated.00.pth (the dequantized weights in `dtype`),
+    params.json, tokenizer.model, its sidecar tokenizer.model.json unless the
+    vocabulary is Meta's Llama 3 one, and checklist.chk. The output directory
+    is checked before the (slow) reading; `show_progress` draws tensors done,
+    MB and MB/s on stderr. The whole dequantized model is held in memory while
+    it is written. It joins the two halves of a GGUF, which live in wings that
+    do not import each other: weights/gguf.py (params and tensors) and
+    text/gguf_vocab.py (the tokenizer).
+    """
+    gguf.import_gguf()
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    if dtype not in gguf.DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(gguf.DTYPES)}, got {dtype!r}")
+    check_output_dir(out_dir, force)
+    fields = gguf.open_gguf(path)
+    params = gguf.read_params(fields)
+    try:
+        ranks, sidecar = gguf_vocab.tokenizer_files(fields)
+    except gguf_vocab.VocabularyError as e:
+        raise gguf.ConversionError(str(e)) from e
+    progress(f"{path.name}: {fields.get('general.name', '?')} (license: {fields.get('general.license', 'not stated')}), "
+             f"params {json.dumps(params)}, trained context {fields.get('llama.context_length', '?')} tokens")
+    state = gguf.read_tensors(fields.reader, path, ModelArgs.from_params(params), gguf.DTYPES[dtype], show_progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Path(tmp) / "tokenizer.model"
+        tokenizer.write_text(ranks)
+        if sidecar is not None:
+            sidecar_path(tokenizer).write_text(json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+        try:
+            gguf_vocab.check_tokenizer(tokenizer, path)
+        except gguf_vocab.VocabularyError as e:
+            raise gguf.ConversionError(str(e)) from e
+        return write_checkpoint(out_dir, params, [state], tokenizer_path=tokenizer, force=force, progress=progress,
+                                show_progress=show_progress)
 
 
-def _converter():
-    """The GGUF converter's module. It lives in the repository's utils/, which
-    pip does not install: it is loaded from the clone this package runs from
-    (a clone, or an editable install of one), else from the working directory."""
-    for clone in (Path(__file__).resolve().parents[2], Path.cwd()):
-        path = clone / CONVERTER
-        if path.is_file():
-            if str(clone) not in sys.path:
-                sys.path.append(str(clone))  # for its own `utils.` imports, if it has any
-            spec = importlib.util.spec_from_file_location("llama_gguf_converter", path)
-            module = importlib.util.module_from_spec(spec)
-            try:
-                spec.loader.exec_module(module)
-            except ImportError as e:
-                raise FileNotFoundError(f"llama convert needs the {e.name} package: pip install gguf "
-                                        "(or pip install -e \".[gguf]\" in the clone)") from e
-            return module
-    raise FileNotFoundError(
-        f"llama convert needs {CONVERTER} from a clone of the repository (pip installs only the llama "
-        "package): run `pip install -e .` in a clone, or run the command from the clone's directory"
-    )
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    # The flags of utils/convert_gguf_checkpoint.py.
+    p.add_argument("--gguf", required=True, type=Path, help="the .gguf file to convert")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
+    p.add_argument("--dtype", default="float32", choices=sorted(gguf.DTYPES),
+                   help="weights' dtype in the checkpoint (default float32: the exact dequantized values)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+
+
+def run_convert(a: argparse.Namespace) -> Path:
+    """The conversion `a` (add_convert_args' flags) asks for, with progress; prints where and how long."""
+    start = time.perf_counter()
+    out = convert_gguf(a.gguf, a.out, a.dtype, a.force, progress=print, show_progress=True)
+    print(f"converted {a.gguf} to {out} in {time.perf_counter() - start:.1f} s")
+    return out
 
 
 def convert(a: argparse.Namespace) -> None:
-    converter = _converter()
-    sys.argv[0] = "llama convert"  # the name its usage lines show
-    converter.main(a.converter_args)
+    """`llama convert`: every flag after the subcommand is the converter's (a.converter_args)."""
+    parser = argparse.ArgumentParser(prog="llama convert", description="convert a GGUF file (llama.cpp's format) "
+                                     "into a Meta checkpoint directory")
+    add_convert_args(parser)
+    try:
+        run_convert(parser.parse_args(a.converter_args))
+    except ImportError as e:  # the gguf extra is missing: a bad setup, reported like a bad input
+        raise FileNotFoundError(str(e)) from e

@@ -37,6 +37,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from ..common.cpu import cpu_flags
 from . import huge_pages
 from . import native
 from ..parallel.collectives import all_gather_last_dim, all_reduce
@@ -62,14 +63,7 @@ class CpuCapability:
 
 
 def _cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return cpu_flags() or frozenset()
 
 
 @lru_cache(maxsize=None)

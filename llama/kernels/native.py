@@ -36,6 +36,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..common.cpu import cpu_id
+
 logger = logging.getLogger("llama")
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -58,12 +60,8 @@ def status() -> str:
 
 def _cpu_id() -> str:
     """The CPU's model and flags: a library built with -march=native runs only where they match."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    keep = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")]
-    return "\n".join(dict.fromkeys(keep))  # one of each: every core lists them
+    ident = cpu_id()
+    return platform.processor() if ident is None else ident
 
 
 def _flags() -> list:

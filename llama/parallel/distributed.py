@@ -25,6 +25,8 @@ from fairscale.nn.model_parallel.initialize import (
     model_parallel_is_initialized,
 )
 
+from ..common.cpu import cpu_flags
+
 logger = logging.getLogger("llama")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -111,18 +113,10 @@ def cpu_bf16_feature(cpuinfo: Optional[str] = None) -> Optional[str]:
     in its Features. Without /proc/cpuinfo (not Linux), torch's own probes of
     AMX and AVX512-BF16. `cpuinfo` replaces the file's text (tests).
     """
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return _torch_cpu_bf16_feature()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):  # the first CPU's line speaks for all
-            flags = set(value.split())
-            return next((f for f in ("amx_bf16", "avx512_bf16", "bf16") if f in flags), None)
-    return _torch_cpu_bf16_feature()
+    flags = cpu_flags(cpuinfo)  # the first CPU's line speaks for all
+    if flags is None:
+        return _torch_cpu_bf16_feature()
+    return next((f for f in ("amx_bf16", "avx512_bf16", "bf16") if f in flags), None)
 
 
 def _torch_cpu_bf16_feature() -> Optional[str]:

@@ -28,6 +28,8 @@ from typing import Iterable, Mapping, Optional, Set
 
 import torch
 
+from ..common import cpu as cpu_probe
+
 logger = logging.getLogger("llama")
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
@@ -44,16 +46,7 @@ def allowed_cpus() -> Set[int]:
 def physical_cores(cpus: Iterable[int], sysfs: Optional[Path] = None) -> int:
     """How many distinct physical cores (package, core id) the logical `cpus`
     are; the number of logical CPUs when the topology cannot be read."""
-    cpus, sysfs = list(cpus), SYSFS_CPU if sysfs is None else sysfs
-    cores = set()
-    try:
-        for cpu in cpus:
-            topology = Path(sysfs) / f"cpu{cpu}" / "topology"
-            cores.add(((topology / "physical_package_id").read_text().strip(),
-                       (topology / "core_id").read_text().strip()))
-    except OSError:
-        return max(1, len(cpus))
-    return max(1, len(cores))
+    return cpu_probe.physical_cores(cpus, SYSFS_CPU if sysfs is None else sysfs)
 
 
 def local_ranks(env: Mapping[str, str] = os.environ) -> int:

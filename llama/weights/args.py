@@ -136,3 +136,32 @@ class ModelArgs:
     def to_params(self) -> dict:
         """The params.json dict for these args (runtime limits left out)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RUNTIME_FIELDS}
+
+
+def rope_frequencies(head_dim: int, theta: float, use_scaled: bool):
+    """Inverse frequencies of rotary embeddings, a float32 torch tensor of shape (head_dim/2,).
+
+    `use_scaled` applies Llama 3.1's scaling (params.json's use_scaled_rope).
+    The weights wing needs them too: llama.cpp's GGUF files store Llama 3.1's
+    scaling as a tensor of per-frequency divisors (plain / scaled). torch is
+    imported here, not at the top, so that ModelArgs stays importable without it.
+    """
+    import torch
+
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    return _llama31_scaling(freqs) if use_scaled else freqs
+
+
+def _llama31_scaling(freqs, scale_factor: float = 8.0, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     old_context_len: float = 8192.0):
+    import torch
+
+    # Llama 3.1 stretches long wavelengths by `scale_factor`, keeps short ones,
+    # and blends linearly in between.
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    out = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, out)

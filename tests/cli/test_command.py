@@ -4,6 +4,7 @@ file, this repository installed into it without dependencies), outside the
 clone, on tiny random checkpoints."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
+# As a user runs it: no PYTHONPATH pointing at the clone (the test setup sets one).
+USER_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 MODEL = ["--temperature", "0", "--threads", "1", "--dtype", "float32", "--device", "cpu"]
 
 
@@ -36,7 +39,7 @@ def llama_bin(tmp_path_factory) -> Path:
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "llama", src / "llama", ignore=shutil.ignore_patterns("__pycache__"))
     r = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                        "--quiet", str(src)], capture_output=True, text=True)
+                        "--quiet", str(src)], capture_output=True, text=True, env=USER_ENV)
     assert r.returncode == 0, r.stdout + r.stderr
     return venv / "bin" / "llama"
 
@@ -44,7 +47,7 @@ def llama_bin(tmp_path_factory) -> Path:
 def llama(llama_bin, *args, cwd, input=None, timeout=300):
     """Runs the installed command from `cwd` (not the clone)."""
     return subprocess.run([str(llama_bin), *map(str, args)], cwd=cwd, input=input, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=USER_ENV)
 
 
 def test_console_script_is_installed_with_readable_help(llama_bin, tmp_path):
@@ -61,7 +64,7 @@ def test_console_script_is_installed_with_readable_help(llama_bin, tmp_path):
     # It runs the installed package, not the clone's.
     python = llama_bin.parent / "python"
     where = subprocess.run([str(python), "-c", "import llama; print(llama.__file__)"], cwd=tmp_path,
-                           capture_output=True, text=True).stdout
+                           capture_output=True, text=True, env=USER_ENV).stdout
     assert where.startswith(str(llama_bin.parent.parent)), where
 
 
@@ -193,10 +196,27 @@ def test_shard_then_info(llama_bin, make_ckpt, tmp_path):
     assert again.returncode == 2 and "is not empty" in again.stderr and "Traceback" not in again.stderr
 
 
-def test_convert_outside_a_clone_says_what_it_needs(llama_bin, tmp_path):
-    r = llama(llama_bin, "convert", "--gguf", "x.gguf", "--out", "out", cwd=tmp_path)
+def test_convert_outside_a_clone(llama_bin, tiny_gguf, tmp_path):
+    """The installed package converts on its own: no utils/ script, no clone, the cwd elsewhere."""
+    r = llama(llama_bin, "convert", "--gguf", tiny_gguf[0], "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "converted" in r.stdout and "dequantizing: 20/20 tensors" in r.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in tiny_gguf[1].iterdir())
+    assert (out / "params.json").read_text() == (tiny_gguf[1] / "params.json").read_text()
+    assert (out / "tokenizer.model.json").read_bytes() == (tiny_gguf[1] / "tokenizer.model.json").read_bytes()
+    assert _info(llama_bin, out, tmp_path)["family"] == "converted from GGUF"
+    # Bad input is one line naming it.
+    r = llama(llama_bin, "convert", "--gguf", "x.gguf", "--out", "out2", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "llama convert needs utils/convert_gguf_checkpoint.py from a clone of the repository" in r.stderr
+    assert r.stderr.strip() == "error: GGUF file x.gguf not found"
+    # The installed copy holds no utils/: the command cannot be leaning on a script.
+    python = llama_bin.parent / "python"
+    where = subprocess.run([str(python), "-c", "import llama.cli.checkpoints as c, llama.weights.gguf as g; "
+                            "print(c.__file__); print(g.__file__)"], cwd=tmp_path, capture_output=True, text=True,
+                           env=USER_ENV)
+    files = where.stdout.split()
+    assert len(files) == 2 and all(f.startswith(str(llama_bin.parent.parent)) for f in files), where
 
 
 def test_convert_from_the_clone(tiny_gguf, tmp_path):

@@ -1,4 +1,5 @@
-"""utils/convert_gguf_checkpoint.py on tiny synthetic GGUF files: weights land
+"""The GGUF converter (llama/weights/gguf.py, llama/text/gguf_vocab.py, joined by
+llama/cli/checkpoints.py's convert_gguf; utils/convert_gguf_checkpoint.py wraps it) on tiny synthetic GGUF files: weights land
 under the right names with the right values, the result runs, and every GGUF
 it cannot convert is refused with a message that says why."""
 
@@ -17,7 +18,8 @@ from conftest import REPO
 from gguf_reference import tiny_vocab, write_tiny_gguf
 from llama import Llama
 from llama.weights.writer import write_checkpoint
-from utils.convert_gguf_checkpoint import ConversionError, convert, ffn_params
+from llama.cli.checkpoints import convert_gguf as convert
+from llama.weights.gguf import ConversionError, ffn_params
 
 # Scripts in utils/ import the llama package of this checkout, not an installed one.
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -275,3 +277,39 @@ def test_never_writes_a_tokenizer_the_loader_rejects(tmp_path):
     with pytest.raises(ConversionError, match=r"its tokenizer would not load: .*bos_id 99999 outside 0..274"):
         convert(tmp_path / "bad.gguf", tmp_path / "out")
     assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
+def test_the_package_imports_without_the_gguf_extra(tiny_gguf, tmp_path):
+    """gguf is an optional extra: the package imports without it, and converting says how to install it."""
+    code = ("import sys; sys.modules['gguf'] = None\n"
+            "import llama.weights, llama.weights.gguf, llama.weights.gguf_export, llama.cli.checkpoints\n"
+            "from llama.cli.checkpoints import convert_gguf\n"
+            "try:\n    convert_gguf(sys.argv[1], sys.argv[2])\n"
+            "except ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_gguf[0]), str(tmp_path / "out")],
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ('reading GGUF files needs the gguf package: pip install gguf '
+                                '(or this package with its extra: pip install "llama[gguf]")')
+    assert not (tmp_path / "out").exists()
+
+
+def test_llama_convert_without_the_gguf_package(tiny_gguf, tmp_path):
+    code = ("import sys; sys.modules['gguf'] = None\n"
+            "from llama.cli.main import main\n"
+            "main(['convert', '--gguf', sys.argv[1], '--out', sys.argv[2]])")
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_gguf[0]), str(tmp_path / "out")],
+                       cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert 'needs the gguf package: pip install gguf (or this package with its extra: pip install "llama[gguf]")' \
+        in r.stderr
+
+
+def test_rope_frequencies_of_the_weights_wing_are_the_models():
+    """weights/args.py's rope_frequencies (the GGUF reader and exporter use it) equals the model's, bit for bit."""
+    from llama.model import rope_frequencies as model_frequencies
+    from llama.weights.args import rope_frequencies
+
+    for head_dim, theta in [(64, 500000.0), (128, 10000.0), (16, 500000.0)]:
+        for scaled in (False, True):
+            assert torch.equal(rope_frequencies(head_dim, theta, scaled), model_frequencies(head_dim, theta, scaled))

@@ -8,8 +8,8 @@ import torch
 
 from gguf_reference import write_tiny_gguf
 from llama.weights.args import ModelArgs
-from utils.convert_gguf_checkpoint import convert
-from utils.export_gguf import ExportError, export_gguf
+from llama.cli.checkpoints import convert_gguf as convert
+from llama.weights.gguf_export import ExportError, export_gguf
 from utils.make_random_checkpoint import make_random_checkpoint, random_params
 
 

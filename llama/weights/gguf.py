@@ -1,0 +1,277 @@
+"""Reads a Llama-architecture GGUF file (llama.cpp's format): its metadata as
+params.json, its tensors dequantized under Meta's names.
+
+Design: a GGUF file is a key-value header plus tensors. `Metadata` gives
+typed access to the header (a GGUF can put any type under any key, so every
+key this module reads has the type it must have, see _KEY_TYPES);
+`model_params` turns it into a params.json dict, `read_tensors` dequantizes
+every tensor with the gguf package and checks the result against the shapes
+those params imply (llama/weights/schema.py). The tokenizer half of a GGUF
+is turned into tokenizer files by llama/text/gguf_vocab.py, and the two are
+joined into a checkpoint by llama/cli/checkpoints.py's `convert_gguf`.
+
+Invariants: no tensor is reordered (llama.cpp stores attn_q/attn_k in
+Meta's interleaved RoPE layout; its converter undoes Hugging Face's
+permutation); tied embeddings become one tensor under both names; Llama
+3.1's RoPE scaling, stored by llama.cpp as a rope_freqs tensor, becomes
+use_scaled_rope, and any other scaling is refused.
+
+Failure modes: everything this module cannot convert (another
+architecture, mixture of experts, other RoPE scaling, a damaged or
+truncated file, a tensor type the gguf package cannot dequantize, shapes
+that disagree with the metadata) raises ConversionError naming the file and
+what is wrong. The `gguf` package is an optional extra: it is imported on
+first use, and its absence is an ImportError that says how to install it.
+"""
+
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import torch
+
+from .args import ModelArgs, rope_frequencies
+from .checkpoint import CheckpointError, check_shapes, expected_shapes
+from .progress import Progress
+
+# GGUF tensor names -> Meta parameter names. llama.cpp stores attn_q/attn_k in
+# Meta's interleaved RoPE layout (its converter undoes Hugging Face's
+# permutation), so no tensor is reordered here.
+GLOBAL_TENSORS = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+LAYER_TENSORS = {
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ConversionError(ValueError):
+    """The GGUF file holds something this converter cannot turn into a Meta checkpoint."""
+
+
+GGUF_INSTALL = 'pip install gguf (or this package with its extra: pip install "llama[gguf]")'
+
+
+def import_gguf():
+    """The gguf package (an optional extra), or an ImportError that says how to install it."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(f"reading GGUF files needs the gguf package: {GGUF_INSTALL}") from e
+    return gguf
+
+
+# The type each metadata key this converter reads must have: a GGUF file can
+# put any type under any key ("llama.embedding_length" = "abc").
+_INT, _FLOAT, _STR, _BOOL = "an integer", "a finite number", "a string", "true or false"
+_KEY_TYPES = {
+    **dict.fromkeys(["llama.embedding_length", "llama.block_count", "llama.attention.head_count",
+                     "llama.attention.head_count_kv", "llama.feed_forward_length", "llama.vocab_size",
+                     "llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length",
+                     "llama.expert_count", "llama.context_length", "tokenizer.ggml.bos_token_id",
+                     "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
+                     "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"], _INT),
+    **dict.fromkeys(["llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base"], _FLOAT),
+    **dict.fromkeys(["general.architecture", "llama.rope.scaling.type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+                     "tokenizer.chat_template", "general.name", "general.license"], _STR),
+    "tokenizer.ggml.add_bos_token": _BOOL,
+    "tokenizer.ggml.tokens": "a list of strings",
+    "tokenizer.ggml.merges": "a list of strings",
+    "tokenizer.ggml.token_type": "a list of integers",
+}
+
+
+def _has_type(value, kind: str) -> bool:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == _INT:
+        return is_int
+    if kind == _FLOAT:
+        return (is_int or isinstance(value, float)) and math.isfinite(value)
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    item = str if kind == "a list of strings" else int
+    return isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
+
+
+class Metadata:
+    """Typed access to a GGUF file's key-value metadata; errors name the file and key."""
+
+    def __init__(self, reader, path: Path):
+        self.reader, self.path = reader, path
+
+    def get(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        if field is None:
+            return default
+        try:
+            value = field.contents()
+        except Exception as e:  # a damaged field: the gguf package raises whatever numpy does
+            raise ConversionError(f"{self.path}: metadata key {key!r} cannot be read ({e}); the file is damaged") from e
+        kind = _KEY_TYPES.get(key)
+        if kind is not None and not _has_type(value, kind):
+            raise ConversionError(f"{self.path}: metadata key {key!r} must be {kind}, got {str(value)[:60]!r} "
+                                  f"({type(value).__name__}); the file is damaged or not a llama.cpp GGUF")
+        return value
+
+    def require(self, key: str):
+        value = self.get(key)
+        if value is None:
+            raise ConversionError(f"{self.path} lacks the metadata key {key!r}, which a Llama model needs")
+        return value
+
+
+def ffn_params(dim: int, hidden: int) -> dict:
+    """multiple_of and ffn_dim_multiplier for which Meta's FFN size rule gives `hidden`.
+
+    Prefers no multiplier and the largest power-of-two multiple_of, as Meta's
+    own params.json files read.
+    """
+    base = int(2 * 4 * dim / 3)
+    multipliers = [None, *dict.fromkeys([*(round(hidden / base, d) for d in range(1, 5)), hidden / base])]
+    for multiplier in multipliers:
+        for multiple_of in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+            if hidden % multiple_of:
+                continue
+            params = {"multiple_of": multiple_of} if multiplier is None else {
+                "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
+            if ModelArgs(dim=dim, n_heads=1, **params).ffn_hidden_dim == hidden:
+                return params
+    raise ConversionError(f"no multiple_of / ffn_dim_multiplier gives a feed-forward size of {hidden} for dim {dim}")
+
+
+def model_params(fields: Metadata, n_vocab: int) -> dict:
+    """params.json for the model the GGUF metadata describes."""
+    arch = fields.require("general.architecture")
+    if arch != "llama":
+        raise ConversionError(
+            f"{fields.path} holds a {arch!r} model; this converter reads only the 'llama' architecture"
+        )
+    if fields.get("llama.expert_count", 0):
+        raise ConversionError(f"{fields.path} is a mixture-of-experts model (llama.expert_count > 0), which is not supported")
+    scaling = fields.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ConversionError(f"{fields.path} uses RoPE scaling {scaling!r}, which is not supported")
+    dim, n_heads = fields.require("llama.embedding_length"), fields.require("llama.attention.head_count")
+    if not (isinstance(n_heads, int) and n_heads > 0 and dim % n_heads == 0):
+        raise ConversionError(f"{fields.path}: llama.attention.head_count={n_heads!r} does not divide embedding_length={dim}")
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        if fields.get(key, dim // n_heads) != dim // n_heads:
+            raise ConversionError(
+                f"{fields.path}: {key}={fields.get(key)} differs from embedding_length / head_count = "
+                f"{dim // n_heads}; such models are not supported"
+            )
+    # GGUF stores eps as float32: write the shortest decimal that rounds to it (1e-05, not 9.99999974e-06).
+    eps = float(str(np.float32(fields.require("llama.attention.layer_norm_rms_epsilon"))))
+    vocab_size = fields.get("llama.vocab_size", n_vocab)
+    if vocab_size != n_vocab:
+        raise ConversionError(f"{fields.path}: llama.vocab_size={vocab_size} but the tokenizer has {n_vocab} tokens")
+    params = {
+        "dim": dim,
+        "n_layers": fields.require("llama.block_count"),
+        "n_heads": n_heads,
+        "n_kv_heads": fields.get("llama.attention.head_count_kv", n_heads),
+        "vocab_size": vocab_size,
+        **ffn_params(dim, fields.require("llama.feed_forward_length")),
+        "norm_eps": eps,
+        "rope_theta": float(fields.get("llama.rope.freq_base", 10000.0)),
+    }
+    try:
+        ModelArgs.from_params(params)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{fields.path}: the metadata describes no valid Llama model: {e}") from e
+    return params
+
+
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def llama31_rope_scaling(reader, path: Path, params: dict) -> dict:
+    """params with use_scaled_rope if the GGUF holds Llama 3.1's RoPE scaling.
+
+    llama.cpp stores it as a tensor of per-frequency divisors (rope_freqs)
+    rather than as metadata; only Llama 3.1's own divisors (factor 8, as
+    use_scaled_rope computes them) are accepted.
+    """
+    found = [t for t in reader.tensors if t.name == ROPE_FREQS]
+    if not found:
+        return params
+    head_dim = params["dim"] // params["n_heads"]
+    plain = rope_frequencies(head_dim, params["rope_theta"], use_scaled=False)
+    expected = (plain / rope_frequencies(head_dim, params["rope_theta"], use_scaled=True)).numpy()
+    got = import_gguf().dequantize(found[0].data, found[0].tensor_type).reshape(-1)
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-4):
+        raise ConversionError(
+            f"{path}: {ROPE_FREQS} holds RoPE scaling factors other than Llama 3.1's (Llama 3.2 and other "
+            "models scale by other factors); only Llama 3.1's scaling is supported"
+        )
+    return {**params, "use_scaled_rope": True}
+
+
+def meta_name(gguf_name: str, path: Path) -> str:
+    m = re.fullmatch(r"(?:blk\.(\d+)\.)?(\w+)\.weight", gguf_name)
+    table = LAYER_TENSORS if m and m[1] is not None else GLOBAL_TENSORS
+    if not m or m[2] not in table:
+        raise ConversionError(f"{path} holds a tensor {gguf_name!r} that has no place in a Llama model; not supported")
+    return f"layers.{m[1]}.{table[m[2]]}.weight" if m[1] is not None else f"{table[m[2]]}.weight"
+
+
+def read_tensors(reader, path: Path, args: ModelArgs, dtype: torch.dtype,
+                 show_progress: bool = False) -> Dict[str, torch.Tensor]:
+    """Dequantized weights under Meta's names, checked against the shapes `args` implies."""
+    gguf = import_gguf()
+    state: Dict[str, torch.Tensor] = {}
+    bar = Progress("dequantizing", len(reader.tensors), "tensors", sys.stderr if show_progress else None)
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS:  # turned into use_scaled_rope by llama31_rope_scaling
+            bar.update(items=1)
+            continue
+        name = meta_name(t.name, path)
+        try:
+            w = gguf.dequantize(t.data, t.tensor_type)  # float32, shape (out, in): GGUF lists dims reversed
+        except NotImplementedError as e:
+            raise ConversionError(
+                f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
+                "dequantize; this converter needs float or llama.cpp-quantized weights"
+            ) from e
+        if w.dtype != np.float32:
+            raise ConversionError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, not as floating-point weights")
+        state[name] = torch.from_numpy(np.array(w, copy=True)).to(dtype)
+        bar.update(items=1, nbytes=int(t.n_bytes))
+    bar.close()
+    if "output.weight" not in state and "tok_embeddings.weight" in state:
+        # Tied embeddings. One tensor under both names: torch.save stores it once.
+        state["output.weight"] = state["tok_embeddings.weight"]
+    try:
+        check_shapes(state, expected_shapes(args, 1, "vocab"), str(path), "The GGUF's tensors do not match its metadata.")
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from e
+    return state
+
+
+
+
+def open_gguf(path) -> Metadata:
+    """The metadata of the GGUF file at `path`, its reader (with the tensors) as `.reader`."""
+    gguf = import_gguf()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} not found")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # truncated or damaged: numpy raises ValueError, IndexError, ...
+        raise ConversionError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:160]}); "
+                              "it is truncated or damaged: download it again") from e
+    return Metadata(reader, path)
+
+
+def read_params(fields: Metadata) -> dict:
+    """params.json of the GGUF's model, Llama 3.1's RoPE scaling included."""
+    params = model_params(fields, n_vocab=len(fields.require("tokenizer.ggml.tokens")))
+    return llama31_rope_scaling(fields.reader, fields.path, params)
