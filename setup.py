@@ -2,7 +2,7 @@
 
 Runtime dependencies are read from requirements.txt; `pip install` also
 installs the `llama` command (llama/cli/). The `gguf` extra is what
-utils/convert_gguf_checkpoint.py (and utils/export_gguf.py) need; the `server`
+`llama convert` (llama/weights/gguf.py) and the GGUF exporter need; the `server`
 extra what `llama serve` needs; the `bench` extra llama.cpp, the peer of
 benchmarks/peer_benchmark.py (llama-cpp-python builds llama.cpp from source:
 CMAKE_ARGS="-DGGML_NATIVE=ON" for this CPU's instructions, several minutes;
@@ -40,7 +40,7 @@ setup(
     install_requires=read_requirements(here / "requirements.txt"),
     entry_points={"console_scripts": ["llama = llama.cli.main:main"]},  # the `llama` command
     extras_require={
-        "gguf": ["gguf>=0.19"],  # utils/convert_gguf_checkpoint.py (0.19 is the version tested)
+        "gguf": ["gguf>=0.19"],  # llama convert, llama/weights/gguf.py (0.19 is the version tested)
         "server": SERVER,  # `llama serve`: the OpenAI-compatible HTTP server (llama/server/)
         # benchmarks/peer_benchmark.py: llama.cpp on the same weights (0.3.36 is the version measured)
         "bench": ["llama-cpp-python>=0.3.36", "gguf>=0.19", "transformers>=4.45"],  # transformers: the second peer

@@ -110,11 +110,8 @@ def run_convert(a: argparse.Namespace) -> Path:
 
 
 def convert(a: argparse.Namespace) -> None:
-    """`llama convert`: every flag after the subcommand is the converter's (a.converter_args)."""
-    parser = argparse.ArgumentParser(prog="llama convert", description="convert a GGUF file (llama.cpp's format) "
-                                     "into a Meta checkpoint directory")
-    add_convert_args(parser)
+    """`llama convert` (add_convert_args' flags)."""
     try:
-        run_convert(parser.parse_args(a.converter_args))
+        run_convert(a)
     except ImportError as e:  # the gguf extra is missing: a bad setup, reported like a bad input
         raise FileNotFoundError(str(e)) from e

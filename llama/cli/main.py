@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from .run import BAD_INPUT, rank_and_world, report_error, run_clean, setup_logging
-from .checkpoints import add_info_args, add_shard_args, convert, info, shard
+from .checkpoints import add_convert_args, add_info_args, add_shard_args, convert, info, shard
 from .generate import add_chat_args, add_complete_args, chat, complete
 from .options import add_model_args, add_sampling_args
 from .serve import add_serve_args, serve
@@ -71,18 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p, max_batch_size=8)
     add_info_args(command("info", info, "what a checkpoint directory holds, without loading it"))
     add_shard_args(command("shard", shard, "split or merge a checkpoint into N shards (one per worker)"))
-    p = command("convert", convert, "convert a GGUF file into a checkpoint directory "
-                "(utils/convert_gguf_checkpoint.py)", add_help=False)
-    p.add_argument("converter_args", nargs=argparse.REMAINDER, help="--gguf FILE --out DIR [--dtype] [--force]")
+    add_convert_args(command("convert", convert, "convert a GGUF file (llama.cpp's format) into a checkpoint directory"))
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     setup_logging()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["convert"]:  # every flag goes to the converter (argparse's REMAINDER stops at a leading --flag)
-        run_clean(convert, argparse.Namespace(converter_args=argv[1:]))
-        return
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
