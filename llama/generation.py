@@ -21,6 +21,7 @@ from .text.chat_format import ChatFormat
 from .weights.checkpoint import (available_memory, cache_bytes, check_cache_memory, first_needed_shard, inspect_rank_files,
                          load_prepared_rank_state)
 from .kernels.compiled import compile_decode
+from .kernels.fused import use_fused_decoding
 from .parallel.distributed import choose_dtype, init_distributed, is_rank0
 from .engine.engine import Completion, Engine, Request, TokenEvent
 from .parallel.fingerprint import check_same_checkpoint, replicated_hash
@@ -191,6 +192,7 @@ class Llama:
             model.to(dist_info.device)
         model.setup_caches(dist_info.device, torch_dtype)
         model.eval()
+        use_fused_decoding(model)
         if compile:
             compile_decode(model)
         logger.info("Loaded %s on %s in %.2f s: %s (%s)%s, %s%s, %d thread%s, rank %d of %d%s", folder,

@@ -86,9 +86,22 @@ def _block(layer: nn.Module, x: torch.Tensor, inputs) -> torch.Tensor:
     return layer(x, inputs)
 
 
+class CompiledDecoding:
+    """Transformer.decode_hook: every block of a decoding step through one
+    compiled graph (`block`, torch.compile'd `_block`)."""
+
+    def __init__(self):
+        self.block = torch.compile(_block, dynamic=True)
+
+    def __call__(self, model: nn.Module, h: torch.Tensor, inputs) -> torch.Tensor:
+        for layer in model.layers:
+            h = self.block(layer, h, inputs)
+        return h
+
+
 def compile_decode(model: nn.Module) -> None:
     """Makes `model` (a Transformer after `use_kernels` and `setup_caches`)
-    decode through a compiled block, in place.
+    decode through a compiled block, in place: its `decode_hook`.
 
     Runs one eager decoding step and then one compiled step for each kind of
     step the engine makes (all rows at one position; rows at different
@@ -111,8 +124,9 @@ def compile_decode(model: nn.Module) -> None:
         token = torch.zeros(1, 1, dtype=torch.long, device=device)
     else:  # a later pipeline stage takes the previous stage's hidden state
         token = torch.zeros(1, 1, model.params.dim, dtype=model.norm.weight.dtype, device=device)
+    model.decode_hook = None
     model(token, 1)  # eager: every OpaqueLinear learns its output width
-    model.compiled_block = torch.compile(_block, dynamic=True)
+    model.decode_hook = CompiledDecoding()  # in place of any other (fused.NativeDecoding)
     # Sizes 0 and 1 are always specialized: one row and several rows are two
     # graphs, rows at different positions (a bias mask) a third. Position 1
     # (2 cached keys) keeps the cache length symbolic.

@@ -495,10 +495,3 @@ def describe_matmuls(model: nn.Module) -> str:
     quantized = any(m.weight.dtype in (torch.int8, torch.uint8) for m in ours)
     return f"our {native.status()} kernels" + (", int8 dot products" if quantized and native.int8_dot() else "")
 
-
-def native_weight(layer: nn.Module) -> Optional[tuple]:
-    """(weight, scales or None) of a KernelLinear that runs our kernels, for
-    native.decode_layers; None for any other layer."""
-    if isinstance(layer, KernelLinear) and isinstance(layer.matmul, NativeMatmul):
-        return layer.matmul.weight, layer.matmul.scales
-    return None
