@@ -45,14 +45,14 @@ import torch
 from .kernels.compiled import compile_decode
 from .kernels.fused import use_fused_decoding
 from .kernels.linear import QUANTIZATIONS, check_quantization, describe_matmuls, use_kernels
-from .model import Transformer
+from .model import Transformer, cache_bytes
 from .parallel.distributed import DistInfo, choose_dtype, init_distributed
 from .parallel.fingerprint import check_same_checkpoint, replicated_hash
+from .parallel.memory import available_memory
 from .parallel.threads import local_ranks, set_threads
 from .text.tokenizer import Tokenizer
 from .weights.args import ModelArgs
-from .weights.checkpoint import (available_memory, cache_bytes, check_cache_memory, first_needed_shard,
-                                 inspect_rank_files, load_prepared_rank_state)
+from .weights.checkpoint import CheckpointError, first_needed_shard, inspect_rank_files, load_prepared_rank_state
 from .weights.schema import shard_shapes, stage_holds
 from .weights.stages import model_folder, stage_folder, stage_layers
 
@@ -170,6 +170,23 @@ def fp32_need(args: ModelArgs, dist_info: DistInfo) -> Tuple[Optional[int], Opti
                                                                                      torch.float32)
     per_rank //= dist_info.stages  # a pipeline stage holds about 1/stages of the layers
     return per_rank * local_ranks(), available_memory(dist_info.device)
+
+
+def check_cache_memory(args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuses, with the numbers, a --max_seq_len / --max_batch_size whose KV
+    cache (model.cache_bytes) cannot fit in the memory left on `device`,
+    before anything is allocated."""
+    need = cache_bytes(args, world_size, dtype)
+    free = available_memory(device)
+    if free is not None and need > free:
+        gib = 1024**3
+        raise CheckpointError(
+            f"max_seq_len={args.max_seq_len} and max_batch_size={args.max_batch_size} need a KV cache of "
+            f"{need / gib:,.1f} GiB per process ({args.n_layers} layers x 2 x {args.max_batch_size} x "
+            f"{args.max_seq_len} positions x {args.head_dim * args.n_kv_heads} KV values / {world_size} "
+            f"process(es) x {dtype.itemsize} bytes), but only {free / gib:,.1f} GiB is free on {device}; "
+            "lower --max_seq_len or --max_batch_size"
+        )
 
 
 def inspect_files(ckpt_dir: str, tokenizer_path: str, args: ModelArgs, raw_vocab_size: int, dist_info: DistInfo,

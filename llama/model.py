@@ -153,6 +153,32 @@ class AttentionInputs:
     mask: Optional[torch.Tensor]
 
 
+def local_kv_heads(n_kv_heads: int, mp_size: int) -> int:
+    """KV heads each of `mp_size` ranks holds (replicated where there are
+    fewer KV heads than ranks); ValueError where they cannot be split."""
+    return n_kv_heads * kv_replication(n_kv_heads, mp_size) // mp_size
+
+
+def cache_shape(args: ModelArgs, mp_size: int) -> Tuple[int, int, int, int]:
+    """One layer's K (and V) cache on each of `mp_size` ranks, as
+    Transformer.setup_caches allocates it: (max_batch_size, local KV heads,
+    max_seq_len, head_dim)."""
+    return args.max_batch_size, local_kv_heads(args.n_kv_heads, mp_size), args.max_seq_len, args.head_dim
+
+
+def cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
+    """Bytes one rank allocates in Transformer.setup_caches (every layer's K
+    and V cache in `dtype`, and the RoPE table), from the args alone: what
+    memory planning checks before anything is built."""
+    try:
+        shape = cache_shape(args, mp_size)
+    except ValueError:  # the split is refused later, with the fix; plan for one head a rank
+        shape = (args.max_batch_size, max(1, args.n_kv_heads // mp_size), args.max_seq_len, args.head_dim)
+    kv = 2 * args.n_layers * math.prod(shape) * dtype.itemsize
+    rope = 3 * args.max_seq_len * (args.head_dim // 2) * 4  # angles, cos and sin in fp32, while rope_table runs
+    return kv + rope
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -161,7 +187,7 @@ class Attention(nn.Module):
             raise ValueError(f"{mp_size} model-parallel ranks cannot split {args.n_heads} attention heads evenly")
         replicas = kv_replication(args.n_kv_heads, mp_size)
         self.n_local_heads = args.n_heads // mp_size
-        self.n_local_kv_heads = args.n_kv_heads * replicas // mp_size
+        self.n_local_kv_heads = local_kv_heads(args.n_kv_heads, mp_size)
         self.head_dim = args.head_dim
 
         # wq, wk and wv as one matmul (one call instead of three per decoded
@@ -173,8 +199,11 @@ class Attention(nn.Module):
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
-    def allocate_cache(self, max_batch_size: int, max_seq_len: int, device, dtype) -> None:
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+    def allocate_cache(self, shape: Tuple[int, int, int, int], device, dtype) -> None:
+        """Zeroed K and V caches of `shape` (cache_shape's, for this layer's heads)."""
+        if shape[1] != self.n_local_kv_heads or shape[3] != self.head_dim:
+            raise ValueError(f"a KV cache of shape {shape} does not fit {self.n_local_kv_heads} local KV heads "
+                             f"of {self.head_dim} values")
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -325,8 +354,9 @@ class Transformer(nn.Module):
     def setup_caches(self, device, dtype) -> None:
         """Allocates the KV cache and the RoPE table on `device` (after weights are loaded)."""
         self.rope_cos, self.rope_sin = rope_table(self.params, device)
+        shape = cache_shape(self.params, fs_init.get_model_parallel_world_size())
         for layer in self.layers:
-            layer.attention.allocate_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
+            layer.attention.allocate_cache(shape, device, dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos, *, last_logits_only: bool = False,
