@@ -23,11 +23,11 @@ compiler on CPU. Off by default (`Llama.build(..., compile=True)`, `--compile`).
 
 Where our own kernels run (llama/kernels/native.py: x86 with AVX2 or AVX-512 and a C
 compiler), eager decoding is faster than this: a token's blocks are one call of
-hand-written code there, while the compiled graph calls them as opaque
-operators between its own kernels (SmolLM2-135M, 2 threads, idle AVX-512
-Xeon, benchmarks/peer_benchmark.py --compile: 27 against 46 ms/token in
-fp32, 17 against 35 in bf16). compile_decode then says so in a warning and
-compiles anyway, as asked.
+hand-written code there (kernels/fused.py), while the compiled graph calls
+the matmuls as opaque operators between its own kernels
+(benchmarks/peer_benchmark.py --compile measures both). compile_decode then
+says so in a warning and compiles anyway, as asked; its hook replaces the
+fused one.
 """
 
 import itertools

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.matmuls import Int4Matmul, Int8DynamicMatmul
 from llama import Llama
 from llama.kernels import native
-from llama.kernels.linear import (CpuCapability, Int4Matmul, Int8DynamicMatmul, Int8Matmul, KernelLinear, NativeMatmul,
+from llama.kernels.linear import (CpuCapability, Int8Matmul, KernelLinear, NativeMatmul,
                           OneDNNMatmul, PlainMatmul, check_quantization, choose_matmul, cpu_capability, int4_groups,
                           onednn_available)
 
