@@ -110,7 +110,7 @@ def _fbgemm_factory(w32):
 
 def _int4_factory(group: int, act: torch.dtype):
     def factory(w32):
-        from llama.kernels.linear import quantize_int4
+        from benchmarks.matmuls import quantize_int4
         packed, sz = quantize_int4(w32, group)
         return lambda: (packed.clone(), sz.to(act))
     return factory
@@ -244,7 +244,8 @@ def report(isa: str, models, batches, threads, budget, min_time, only) -> None:
 
 def quality_candidates():
     """name -> (model dtype, matmul factory from a float weight)."""
-    from llama.kernels.linear import Int4Matmul, Int8DynamicMatmul, Int8Matmul, PlainMatmul
+    from benchmarks.matmuls import Int4Matmul, Int8DynamicMatmul
+    from llama.kernels.linear import Int8Matmul, PlainMatmul
 
     f32, b16 = torch.float32, torch.bfloat16
     c = {"plain fp32 (reference)": (f32, PlainMatmul),

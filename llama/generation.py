@@ -9,29 +9,18 @@ prompts are prefilled together and each row decodes at its own position.
 
 import dataclasses
 import logging
-import math
-import time
-from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
-from .weights.args import ModelArgs
-from .text.chat_format import ChatFormat
-from .weights.checkpoint import (available_memory, cache_bytes, check_cache_memory, first_needed_shard, inspect_rank_files,
-                         load_prepared_rank_state)
-from .kernels.compiled import compile_decode
-from .parallel.distributed import choose_dtype, init_distributed, is_rank0
+from . import builder
 from .engine.engine import Completion, Engine, Request, TokenEvent
-from .parallel.fingerprint import check_same_checkpoint, replicated_hash
-from .kernels.linear import QUANTIZATIONS, check_quantization, describe_matmuls, use_kernels
-from .text.messages import Dialog, Message, StopReason
 from .engine.metrics import GenerationMetrics, MetricsRecorder, device_probes
-from .model import Transformer
 from .engine.sampling import SamplingParams
-from .weights.schema import shard_shapes, stage_holds
-from .weights.stages import model_folder, stage_folder, stage_layers
-from .parallel.threads import local_ranks, set_threads
+from .model import Transformer
+from .parallel.distributed import is_rank0
+from .text.chat_format import ChatFormat
+from .text.messages import Dialog, Message, StopReason
 from .text.tokenizer import Tokenizer
 
 __all__ = ["ChatPrediction", "CompletionPrediction", "GenerationResult", "Llama", "SamplingParams", "TokenEvent"]
@@ -133,93 +122,23 @@ class Llama:
         Raises:
             FileNotFoundError, ValueError: with a message naming the bad input.
         """
-        start = time.perf_counter()
-        if quantize not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantize!r}; use one of {QUANTIZATIONS[1:]} or leave it unset")
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be true or false, got {compile!r}")
-        for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        n_threads = set_threads(threads)
-        if not Path(ckpt_dir).is_dir():
-            raise FileNotFoundError(f"checkpoint directory {ckpt_dir} not found (--ckpt_dir)")
-        tokenizer = Tokenizer.from_file(tokenizer_path)
-        args = ModelArgs.from_json(model_folder(ckpt_dir) / "params.json", max_seq_len=max_seq_len,
-                                   max_batch_size=max_batch_size)
-        raw_vocab_size = args.vocab_size
-        args = _with_tokenizer_vocab(args, tokenizer, ckpt_dir)
+        built = builder.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
+                              device, dtype, quantize, threads, compile, pipeline_stages)
+        return Llama(built.model, built.tokenizer, built.weight_bytes_per_step)
 
-        dist_info = init_distributed(device, model_parallel_size, pipeline_stages=pipeline_stages)
-        check_quantization(quantize, dist_info.device)
-        need = _fp32_need(args, dist_info) if dtype is None and dist_info.device.type == "cpu" else (None, None)
-        torch_dtype, dtype_reason = choose_dtype(dtype, dist_info.device, *need)
-        torch.manual_seed(seed)
-        rank, size = dist_info.mp_rank, dist_info.mp_size  # within this rank's pipeline stage
-
-        # Cheap facts first: this rank's files are there and fit params.json,
-        # every node loads the same checkpoint with the same settings, and the
-        # KV cache fits in memory, before any weight is read. Errors are
-        # exchanged too, so that no rank waits for one that has given up.
-        error, prepared, weights, folder, layers = None, None, {}, Path(ckpt_dir), None
-        try:
-            folder, held = stage_folder(ckpt_dir, dist_info.stages, dist_info.stage, args.n_layers, dist_info.rank)
-            if dist_info.stages > 1:
-                layers = stage_layers(args.n_layers, dist_info.stages, dist_info.stage)
-            check_cache_memory(args if layers is None else dataclasses.replace(args, n_layers=len(layers)), size,
-                               dist_info.device, torch_dtype)
-            prepared = inspect_rank_files(folder, args, raw_vocab_size, rank, size, held=held)
-            weights["weights (replicated norms)"] = replicated_hash(
-                prepared[0][first_needed_shard(len(prepared[0]), rank, size)],
-                keep=lambda key: layers is None or stage_holds(key, layers, args.n_layers))
-        except (FileNotFoundError, ValueError) as e:
-            error = e
-        check_same_checkpoint(folder, tokenizer_path, error=error, extra=weights, stage=dist_info.stage,
-                              dtype=torch_dtype, quantize=quantize, max_seq_len=max_seq_len,
-                              max_batch_size=max_batch_size, seed=seed, pipeline_stages=dist_info.stages)
-        state, layout = load_prepared_rank_state(prepared, folder, args, rank, size, layers)
-        # int8 is quantized on the CPU and then moved: the full-precision
-        # weights never occupy the GPU.
-        load_device = torch.device("cpu") if quantize else dist_info.device
-        state = {k: v.to(device=load_device, dtype=torch_dtype).contiguous() for k, v in state.items()}
-        with torch.device("meta"):
-            model = Transformer(args, embedding_layout=layout, layers=layers)
-        model.load_state_dict(state, strict=True, assign=True)
-        del state
-        use_kernels(model, quantize, device=dist_info.device)
-        if load_device != dist_info.device:
-            model.to(dist_info.device)
-        model.setup_caches(dist_info.device, torch_dtype)
-        model.eval()
-        if compile:
-            compile_decode(model)
-        logger.info("Loaded %s on %s in %.2f s: %s (%s)%s, %s%s, %d thread%s, rank %d of %d%s", folder,
-                    dist_info.device, time.perf_counter() - start, str(torch_dtype).replace("torch.", ""), dtype_reason,
-                    f", {quantize} weights" if quantize else "", describe_matmuls(model),
-                    ", compiled decoding" if compile else "",
-                    n_threads, "s" if n_threads > 1 else "", dist_info.rank, dist_info.world_size,
-                    f", pipeline stage {dist_info.stage} of {dist_info.stages}: layers {layers.start}..{layers.stop - 1}"
-                    if layers is not None else "")
-        return Llama(model, tokenizer)
-
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, weight_bytes_per_step: Optional[int] = None):
+        """A facade over a built `model` (see `build`). `weight_bytes_per_step`:
+        the weight bytes one decoding step reads over all ranks, for the
+        metrics; by default this rank's times the world size (right unless
+        pipeline stages hold different layers: `build` passes the sum)."""
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat.for_tokenizer(tokenizer)
         self.engine = Engine(model, tokenizer)
         self.last_metrics: Optional[GenerationMetrics] = None  # of the last call, even one broken off
-        # Weights one decoding step reads, over all ranks (a step reads only B
-        # rows of the embedding table).
-        self.weight_bytes_per_step = sum(
-            p.nbytes for name, p in model.named_parameters() if not name.startswith("tok_embeddings.")
-        )
-        if self.engine.passes.stages > 1:  # the stages hold different layers: sum them
-            on = self.device if torch.distributed.get_backend() == "nccl" else "cpu"
-            total = torch.tensor([self.weight_bytes_per_step], dtype=torch.float64, device=on)
-            torch.distributed.all_reduce(total)
-            self.weight_bytes_per_step = int(total.item())
-        else:
-            self.weight_bytes_per_step *= _world_size()
+        if weight_bytes_per_step is None:
+            weight_bytes_per_step = builder.local_weight_bytes(model) * _world_size()
+        self.weight_bytes_per_step = weight_bytes_per_step
 
     @property
     def device(self) -> torch.device:
@@ -459,32 +378,6 @@ class Llama:
         return result
 
 
-def _fp32_need(args: ModelArgs, dist_info) -> Tuple[Optional[int], Optional[int]]:
-    """(bytes the weights and KV caches of this node's ranks take in float32, bytes free on it),
-    for the default dtype; (None, None) where the split is impossible (reported later, with the fix)."""
-    try:
-        shapes = shard_shapes(args, dist_info.mp_size, "vocab")  # both layouts hold as many values
-    except ValueError:
-        return None, None
-    per_rank = 4 * sum(math.prod(shape) for shape in shapes.values()) + cache_bytes(args, dist_info.mp_size,
-                                                                                     torch.float32)
-    per_rank //= dist_info.stages  # a pipeline stage holds about 1/stages of the layers
-    return per_rank * local_ranks(), available_memory(dist_info.device)
-
-
 def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
-
-def _with_tokenizer_vocab(args: ModelArgs, tokenizer: Tokenizer, ckpt_dir) -> ModelArgs:
-    """Resolves vocab_size -1 (Llama 2) and checks the tokenizer fits the model."""
-    if args.vocab_size == -1:
-        return dataclasses.replace(args, vocab_size=tokenizer.n_words)
-    if args.vocab_size != tokenizer.n_words:
-        raise ValueError(
-            f"{tokenizer.path} has {tokenizer.n_words} tokens but {Path(ckpt_dir) / 'params.json'} says "
-            f"vocab_size={args.vocab_size}: this tokenizer belongs to another model (Llama 2 uses a "
-            "32000-token SentencePiece tokenizer.model, Llama 3 and 3.1 a 128256-token tiktoken one); "
-            "pass the tokenizer.model that came with these weights"
-        )
-    return args

@@ -4,12 +4,20 @@ One definition serves Llama 2, Llama 3 and Llama 3.1 and every
 model-parallel size: each rank holds `1/mp` of the attention heads and of the
 feed-forward hidden units, and the layers all-reduce or all-gather where the
 math needs the whole vector.
+
+This module knows no kernels: everything here is PyTorch's operators.
+Faster kernels change a built model from outside (llama/kernels): they swap
+leaf layers (the parallel linears, RMSNorm, SwiGLU) for modules that compute
+the same, and may take over a whole decoding step through one hook,
+`Transformer.decode_hook` (a compiled block, or our CPU kernels' step of
+every block in one call). A hook that declines (returns None) leaves the
+step to the modules, so the model always runs without one.
 """
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -23,10 +31,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from .kernels import native
 from .weights.args import ModelArgs
-from .parallel.collectives import all_reduce
-from .kernels.linear import native_weight
 from .weights.schema import EmbeddingLayout, kv_replication
 
 
@@ -71,8 +76,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native.fused(x) and self.weight.dtype == x.dtype:  # the same, in one call (llama/kernels.c)
-            return native.rms_norm(x, self.weight, self.eps)
         # Normalize in fp32 (as Meta does), then scale in the model dtype.
         xf = x.float()
         mean_square = torch.sum(xf * xf, dim=-1, keepdim=True).div_(xf.shape[-1])  # fewer calls than .mean()
@@ -150,6 +153,32 @@ class AttentionInputs:
     mask: Optional[torch.Tensor]
 
 
+def local_kv_heads(n_kv_heads: int, mp_size: int) -> int:
+    """KV heads each of `mp_size` ranks holds (replicated where there are
+    fewer KV heads than ranks); ValueError where they cannot be split."""
+    return n_kv_heads * kv_replication(n_kv_heads, mp_size) // mp_size
+
+
+def cache_shape(args: ModelArgs, mp_size: int) -> Tuple[int, int, int, int]:
+    """One layer's K (and V) cache on each of `mp_size` ranks, as
+    Transformer.setup_caches allocates it: (max_batch_size, local KV heads,
+    max_seq_len, head_dim)."""
+    return args.max_batch_size, local_kv_heads(args.n_kv_heads, mp_size), args.max_seq_len, args.head_dim
+
+
+def cache_bytes(args: ModelArgs, mp_size: int, dtype: torch.dtype) -> int:
+    """Bytes one rank allocates in Transformer.setup_caches (every layer's K
+    and V cache in `dtype`, and the RoPE table), from the args alone: what
+    memory planning checks before anything is built."""
+    try:
+        shape = cache_shape(args, mp_size)
+    except ValueError:  # the split is refused later, with the fix; plan for one head a rank
+        shape = (args.max_batch_size, max(1, args.n_kv_heads // mp_size), args.max_seq_len, args.head_dim)
+    kv = 2 * args.n_layers * math.prod(shape) * dtype.itemsize
+    rope = 3 * args.max_seq_len * (args.head_dim // 2) * 4  # angles, cos and sin in fp32, while rope_table runs
+    return kv + rope
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -158,7 +187,7 @@ class Attention(nn.Module):
             raise ValueError(f"{mp_size} model-parallel ranks cannot split {args.n_heads} attention heads evenly")
         replicas = kv_replication(args.n_kv_heads, mp_size)
         self.n_local_heads = args.n_heads // mp_size
-        self.n_local_kv_heads = args.n_kv_heads * replicas // mp_size
+        self.n_local_kv_heads = local_kv_heads(args.n_kv_heads, mp_size)
         self.head_dim = args.head_dim
 
         # wq, wk and wv as one matmul (one call instead of three per decoded
@@ -170,8 +199,11 @@ class Attention(nn.Module):
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
-    def allocate_cache(self, max_batch_size: int, max_seq_len: int, device, dtype) -> None:
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+    def allocate_cache(self, shape: Tuple[int, int, int, int], device, dtype) -> None:
+        """Zeroed K and V caches of `shape` (cache_shape's, for this layer's heads)."""
+        if shape[1] != self.n_local_kv_heads or shape[3] != self.head_dim:
+            raise ValueError(f"a KV cache of shape {shape} does not fit {self.n_local_kv_heads} local KV heads "
+                             f"of {self.head_dim} values")
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -179,11 +211,6 @@ class Attention(nn.Module):
         bsz, seqlen, _ = x.shape
         n_q, n_kv = self.n_local_heads, self.n_local_kv_heads
         qkv = self.wqkv(x).view(bsz, seqlen, n_q + 2 * n_kv, self.head_dim)  # heads: q, then k, then v
-        if seqlen == 1 and not inputs.self_attention and native.fused(qkv) and self.native_decoding(qkv.dtype):
-            # Decoding in one call (llama/kernels.c): what the lines below do for one token a row.
-            out = native.decode_attention(qkv, self.cache_k, self.cache_v, inputs.cos, inputs.sin, inputs.cache_pos,
-                                          n_q, n_kv)
-            return self.wo(out.reshape(bsz, seqlen, -1))
         # q and k rotated in one pass: (bs, seq, local_heads, head_dim) and (bs, seq, local_kv_heads, head_dim)
         xq, xk = apply_rotary_emb(qkv[:, :, : n_q + n_kv], inputs.cos, inputs.sin).split([n_q, n_kv], dim=2)
         xv = qkv[:, :, n_q + n_kv :]
@@ -200,10 +227,6 @@ class Attention(nn.Module):
             values = self.cache_v[:bsz, :, : inputs.kv_len]
             out = self._attend(xq, keys, values, inputs.mask)
         return self.wo(out.reshape(bsz, seqlen, -1))
-
-    def native_decoding(self, dtype: torch.dtype) -> bool:
-        """Whether kernels.c's decode_attention takes this layer's decoding step in `dtype`."""
-        return dtype == self.cache_k.dtype and self.head_dim % 16 == 0 and self.head_dim <= native.MAX_HEAD_DIM
 
     @staticmethod
     def _attend(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -238,19 +261,25 @@ class Attention(nn.Module):
         self.cache_v[dst, :, :length] = self.cache_v[src, :, :length]
 
 
+class SwiGLU(nn.Module):
+    """silu(gate) * up of gate_up (..., 2 * hidden) = gate | up, the fused w13's
+    output. A leaf of its own, so that kernels can swap it for a fused one."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         # w1 (gate) and w3 (up) as one matmul, as Attention.wqkv.
         self.w13 = _meta_weights(ColumnParallelLinear(dim, 2 * hidden_dim, bias=False, gather_output=False, init_method=_keep))
         self.w2 = _meta_weights(RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep))
+        self.swiglu = SwiGLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.w13(x)
-        if native.fused(gate_up):
-            return self.w2(native.silu_mul(gate_up))  # the same, in one call (llama/kernels.c)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(self.swiglu(self.w13(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -261,43 +290,15 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.alone = fs_init.get_model_parallel_world_size() == 1  # no collective inside the block
-        self._native = None  # (what it was decided for, native.BlockWeights or None): native_weights
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), inputs)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def native_weights(self, dtype: torch.dtype) -> Optional[native.BlockWeights]:
-        """This block for native.decode_layers (its decoding step in
-        llama/kernels.c; decode_layers_parallel under tensor parallelism), or
-        None where that does not apply: another kernel or collective, or a
-        dtype or head size it lacks. Decided once per dtype, KV cache, set
-        of matmuls and norm weights (each decoding step would otherwise walk
-        the modules again), and again when any of them changes."""
-        # By identity, through the modules' own dicts: nn.Module.__getattr__
-        # made this check 0.7 ms of a 17 ms SmolLM2 step (30 blocks).
-        m = self._modules
-        a, f = m["attention"], m["feed_forward"]
-        linears = (a._modules["wqkv"], a._modules["wo"], f._modules["w13"], f._modules["w2"])
-        key = (dtype, a.__dict__["cache_k"], a.__dict__["cache_v"], m["attention_norm"]._parameters["weight"],
-               m["ffn_norm"]._parameters["weight"], *(layer._modules.get("matmul") for layer in linears))
-        if self._native is None or any(new is not old for new, old in zip(key, self._native[0])):
-            self._native = (key, self._prepare_native(dtype))
-        return self._native[1]
 
-    def _prepare_native(self, dtype: torch.dtype) -> Optional[native.BlockWeights]:
-        a, f = self.attention, self.feed_forward
-        if not (self.attention_norm.weight.dtype == dtype == self.ffn_norm.weight.dtype
-                and self.ffn_norm.eps == self.attention_norm.eps and a.native_decoding(dtype)):
-            return None
-        layers = (a.wqkv, a.wo, f.w13, f.w2)
-        linears = [native_weight(layer) for layer in layers]
-        # the row-parallel wo and w2 sum over the ranks (decode_layers_parallel does), nothing else gathers
-        if any(w is None for w in linears) or [layer.collective for layer in layers] != [None, "reduce", None, "reduce"]:
-            return None
-        return native.BlockWeights(linears, self.attention_norm.weight, self.ffn_norm.weight, self.ffn_norm.eps,
-                                   a.cache_k, a.cache_v, a.n_local_heads, a.n_local_kv_heads)
-
+# A decoding hook: (model, h (bs, 1, dim) after the embedding, inputs) -> the
+# last block's output, or None (Transformer.decode_hook).
+DecodeHook = Callable[["Transformer", torch.Tensor, AttentionInputs], Optional[torch.Tensor]]
 
 # Weights the model holds as one, and the checkpoint weights (Meta's names)
 # each is concatenated from, in order.
@@ -330,8 +331,10 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
-        self.compiled_block = None  # set by compiled.compile_decode
-        self._native: Optional[native.Layers] = None  # the blocks for native.decode_layers: _native_layers
+        # Set from outside (llama/kernels: compiled.compile_decode, fused.use_fused_decoding):
+        # runs every block of a one-token-a-row pass in its own way, and returns
+        # the last block's output (bs, 1, dim), or None to leave it to the modules.
+        self.decode_hook: Optional[DecodeHook] = None
         self._register_load_state_dict_pre_hook(self._fuse_projections)
 
     def _fuse_projections(self, state_dict, prefix, *args) -> None:
@@ -351,8 +354,9 @@ class Transformer(nn.Module):
     def setup_caches(self, device, dtype) -> None:
         """Allocates the KV cache and the RoPE table on `device` (after weights are loaded)."""
         self.rope_cos, self.rope_sin = rope_table(self.params, device)
+        shape = cache_shape(self.params, fs_init.get_model_parallel_world_size())
         for layer in self.layers:
-            layer.attention.allocate_cache(self.params.max_batch_size, self.params.max_seq_len, device, dtype)
+            layer.attention.allocate_cache(shape, device, dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos, *, last_logits_only: bool = False,
@@ -429,29 +433,13 @@ class Transformer(nn.Module):
 
     def _layers(self, tokens: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (bs, seq, dim)
-        if tokens.shape[1] == 1 and self.compiled_block is not None:  # decoding, compiled (llama/kernels/compiled.py)
-            for layer in self.layers:
-                h = self.compiled_block(layer, h, inputs)
-            return h
-        if tokens.shape[1] == 1 and not inputs.self_attention and native.fused(h):  # decoding, one call
-            layers = self._native_layers(h.dtype)
-            if layers is not None and self.layers[0].alone:
-                return native.decode_layers(h, layers, inputs.cos, inputs.sin, inputs.cache_pos)
-            if layers is not None:  # tensor-parallel: the sums over the ranks between the calls
-                return native.decode_layers_parallel(h, layers, inputs.cos, inputs.sin, inputs.cache_pos, all_reduce)
+        if tokens.shape[1] == 1 and self.decode_hook is not None:  # decoding, compiled or fused
+            out = self.decode_hook(self, h, inputs)
+            if out is not None:
+                return out
         for layer in self.layers:
             h = layer(h, inputs)
         return h
-
-    def _native_layers(self, dtype: torch.dtype) -> Optional[native.Layers]:
-        """Every block for native.decode_layers (llama/kernels.c), or None
-        unless each block can (TransformerBlock.native_weights)."""
-        blocks = [layer.native_weights(dtype) for layer in self.layers]
-        if not blocks or any(b is None for b in blocks):
-            return None
-        if self._native is None or any(new is not old for new, old in zip(blocks, self._native.blocks)):
-            self._native = native.Layers(blocks)
-        return self._native
 
     def _inputs_at(self, bsz: int, seqlen: int, start_pos, device) -> AttentionInputs:
         """AttentionInputs for rows 0..bs-1 starting at `start_pos` (int or (bs,) tensor)."""

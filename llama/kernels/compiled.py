@@ -23,11 +23,11 @@ compiler on CPU. Off by default (`Llama.build(..., compile=True)`, `--compile`).
 
 Where our own kernels run (llama/kernels/native.py: x86 with AVX2 or AVX-512 and a C
 compiler), eager decoding is faster than this: a token's blocks are one call of
-hand-written code there, while the compiled graph calls them as opaque
-operators between its own kernels (SmolLM2-135M, 2 threads, idle AVX-512
-Xeon, benchmarks/peer_benchmark.py --compile: 27 against 46 ms/token in
-fp32, 17 against 35 in bf16). compile_decode then says so in a warning and
-compiles anyway, as asked.
+hand-written code there (kernels/fused.py), while the compiled graph calls
+the matmuls as opaque operators between its own kernels
+(benchmarks/peer_benchmark.py --compile measures both). compile_decode then
+says so in a warning and compiles anyway, as asked; its hook replaces the
+fused one.
 """
 
 import itertools
@@ -86,9 +86,22 @@ def _block(layer: nn.Module, x: torch.Tensor, inputs) -> torch.Tensor:
     return layer(x, inputs)
 
 
+class CompiledDecoding:
+    """Transformer.decode_hook: every block of a decoding step through one
+    compiled graph (`block`, torch.compile'd `_block`)."""
+
+    def __init__(self):
+        self.block = torch.compile(_block, dynamic=True)
+
+    def __call__(self, model: nn.Module, h: torch.Tensor, inputs) -> torch.Tensor:
+        for layer in model.layers:
+            h = self.block(layer, h, inputs)
+        return h
+
+
 def compile_decode(model: nn.Module) -> None:
     """Makes `model` (a Transformer after `use_kernels` and `setup_caches`)
-    decode through a compiled block, in place.
+    decode through a compiled block, in place: its `decode_hook`.
 
     Runs one eager decoding step and then one compiled step for each kind of
     step the engine makes (all rows at one position; rows at different
@@ -111,8 +124,9 @@ def compile_decode(model: nn.Module) -> None:
         token = torch.zeros(1, 1, dtype=torch.long, device=device)
     else:  # a later pipeline stage takes the previous stage's hidden state
         token = torch.zeros(1, 1, model.params.dim, dtype=model.norm.weight.dtype, device=device)
+    model.decode_hook = None
     model(token, 1)  # eager: every OpaqueLinear learns its output width
-    model.compiled_block = torch.compile(_block, dynamic=True)
+    model.decode_hook = CompiledDecoding()  # in place of any other (fused.NativeDecoding)
     # Sizes 0 and 1 are always specialized: one row and several rows are two
     # graphs, rows at different positions (a bias mask) a third. Position 1
     # (2 cached keys) keeps the cache length symbolic.

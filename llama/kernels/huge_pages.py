@@ -7,11 +7,10 @@ stop at its boundary. Linux backs memory marked with madvise(MADV_HUGEPAGE)
 by 2 MB pages (transparent huge pages, when
 /sys/kernel/mm/transparent_hugepage/enabled is `madvise` or `always`) at
 the moment it is first written. The arena below is that memory, written by
-copying the weights in. SmolLM2-135M's matmuls with all weights in it
-against the same weights in torch's own allocations (2 threads, AVX-512
-Xeon, three and two alternating pairs of runs): fp32 17.9, 20.5, 17.8
-against 20.3, 20.7, 20.6 ms a token; bf16 11.8, 10.4 against 12.6, 14.6;
-int8 7.3, 6.7 against 8.6, 10.1.
+copying the weights in, in the order decoding reads them: fewer TLB misses
+and longer prefetch runs make the matmuls faster, by more the fewer bytes a
+weight has (int8 gains most, fp32 least; the README's Speed section has the
+figures).
 
 Where huge pages are off or the memory for the copy is short (`why_not`),
 the weights stay where they are. Where Linux has no free huge page, the

@@ -8,11 +8,10 @@ reaches, and which kernel reaches most depends on the instruction set:
 (our own kernels, `NativeMatmul` (llama/kernels/native.py), wherever they build: x86
 with AVX2 or AVX-512; else `F.linear` for fp32, oneDNN's prepacked linear for
 bf16 on AVX-512, per-channel weight-only int8 with bf16 activations; the
-measurements are in its docstring and benchmarks/linear_kernels.py).
-Int8DynamicMatmul (int8 x int8, VNNI, activations quantized per tensor) and
-Int4Matmul (ATen's group-wise 4-bit) are kept for that benchmark: not
-accurate enough to be chosen. NativeMatmul's int8 and int4 quantize
-activations per group of 32 instead, as llama.cpp's Q8_0 does.
+measurements are benchmarks/linear_kernels.py's).
+NativeMatmul's int8 and int4 quantize activations per group of 32, as
+llama.cpp's Q8_0 does (benchmarks/matmuls.py keeps the PyTorch kernels that
+quantize them coarser, measured there and not chosen).
 
 `use_kernels(model, ...)` swaps each parallel layer, after its weights are
 loaded, for a `KernelLinear` that does the same collective through
@@ -22,7 +21,6 @@ are swapped the same way (`KernelEmbedding`), so that no reduction of the
 model goes through fairscale's collectives.
 """
 
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
@@ -101,7 +99,7 @@ class OneDNNMatmul(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
 
-def _per_channel_int8(weight: torch.Tensor, scale_dtype: torch.dtype):
+def per_channel_int8(weight: torch.Tensor, scale_dtype: torch.dtype):
     """q = round(W / scale) in [-127, 127], scale = max |W[row]| / 127, computed
     against the scales rounded to `scale_dtype` (the kernel's), so that no row
     carries the rounding of its scale as error."""
@@ -119,7 +117,7 @@ class Int8Matmul(nn.Module):
     def __init__(self, weight: torch.Tensor, act: torch.dtype = torch.bfloat16):
         super().__init__()
         self.act = act
-        q, scales = _per_channel_int8(weight, act)
+        q, scales = per_channel_int8(weight, act)
         self.qweight = nn.Parameter(q, requires_grad=False)
         self.scales = nn.Parameter(scales, requires_grad=False)
 
@@ -135,38 +133,15 @@ class Int8Matmul(nn.Module):
         return y.reshape(*lead, -1).to(x.dtype)
 
 
-class Int8DynamicMatmul(nn.Module):
-    """int8 x int8 -> int32 (fbgemm's `quantized::linear_dynamic`, VNNI where
-    the CPU has it): weights per-output-channel symmetric as in Int8Matmul,
-    activations quantized per call (per tensor, asymmetric uint8), computed in
-    fp32; any dtype in, the same dtype out."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        q, scales = _per_channel_int8(weight, torch.float64)
-        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm's prepack still takes them
-            warnings.simplefilter("ignore")
-            qw = torch._make_per_channel_quantized_tensor(q, scales, torch.zeros(len(scales), dtype=torch.long), 0)
-        self.packed = torch.ops.quantized.linear_prepack(qw, None)
-        self.register_buffer("scales", scales.float(), persistent=False)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.packed.unpack()[0].dequantize()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, False).to(x.dtype)
-
-
 def int4_groups(weight: torch.Tensor, group: int, scale_dtype: torch.dtype = torch.float32):
     """Asymmetric 4-bit per group of `group` input columns (llama.cpp's Q4_1):
     (q (N, K) in [0, 15], scale, min (N, K / group) fp32) with
     W ~= q * scale + min of q's group, scale and min rounded to
     `scale_dtype` (the kernel's). First the group's range in 15 steps; then,
     where it has a smaller squared error, the least-squares scale and min
-    for those q, with q rounded again. That step took SmolLM2-135M's top-1
-    agreement with bf16 from 97.9% to 98.2% (one pass of 512 positions; one
-    token a step 95.7% to 96.1%), its perplexity from +0.23% to +0.08%; more
-    steps changed nothing."""
+    for those q, with q rounded again: one such step lowers the error the
+    range alone leaves measurably (benchmarks/quant_quality.py), further
+    steps do not."""
     n, k = weight.shape
     w = weight.float().reshape(n, k // group, group)
 
@@ -186,34 +161,6 @@ def int4_groups(weight: torch.Tensor, group: int, scale_dtype: torch.dtype = tor
     better = error2 < error
     q = torch.where(better[..., None], q2, q)
     return q.reshape(n, k), torch.where(better, scale2, scale), torch.where(better, lo2, lo)
-
-
-def quantize_int4(weight: torch.Tensor, group: int):
-    """int4_groups packed for ATen's `_weight_int4pack_mm_for_cpu`: (uint8
-    [n, k/2], scales and zeros [k/group, n, 2] float32), which it reads as
-    W ~= (q - 8) * scale + zero."""
-    q, scale, lo = int4_groups(weight, group)
-    zero = lo + 8 * scale
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-    return packed, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
-
-
-class Int4Matmul(nn.Module):
-    """Group-wise 4-bit weights (ATen's `_weight_int4pack_mm_for_cpu`),
-    activations computed in `act`; any dtype in, the same dtype out."""
-
-    def __init__(self, weight: torch.Tensor, group: int, act: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.group, self.act = group, act
-        packed, sz = quantize_int4(weight, group)
-        self.qweight = nn.Parameter(packed, requires_grad=False)
-        self.scales_and_zeros = nn.Parameter(sz.to(act), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, k = x.shape[:-1], x.shape[-1]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, k).to(self.act), self.qweight, self.group,
-                                                       self.scales_and_zeros)
-        return y.reshape(*lead, -1).to(x.dtype)
 
 
 def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -361,32 +308,23 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
     for the device the model will run on (`device`, default the weight's: an
     int8 model for a GPU is quantized on the CPU, then moved).
 
-    On x86 CPUs with AVX2+FMA or AVX-512, wherever llama/kernels.c builds
-    (native.supports): NativeMatmul for fp32, bf16 and int8 (group-wise, 32
-    columns a scale). One token's matmuls of SmolLM2-135M, 2 threads, idle
-    AVX-512 Xeon (`python benchmarks/linear_kernels.py --models smollm2
-    --threads 2 --batch 1 4 --only "chosen|^F.linear|weight-only, bf16"`),
-    ms at 1 row / 4 rows, ours against PyTorch's: fp32 27 / 34 against
-    F.linear's 21 / 42; bf16 15 / 18 against 22 / 50; int8 10 / 16 against
-    ATen's per-channel int8 13 / 17; under forced AVX2 (ours built for AVX2)
-    the same within 10%. fp32 at one row was our only loss (since then
-    kernels.c's prefetch reads both cache lines of 32 floats: as fast as
-    MKL), and kernels.c's decode_layers (one call per token) needs all
-    matmuls to be ours. Elsewhere, PyTorch's kernels:
-    * fp32: F.linear (MKL). At batch 1 it was 7-28% faster than oneDNN's
-      packed fp32 under forced AVX2, and 45 against 63 ms/token on SmolLM2.
-    * bf16: oneDNN packed on AVX-512 (native bf16 dot products, or emulated
-      with AVX-512BW: then as fast as F.linear); F.linear on AVX2 (oneDNN has
-      no bf16 linear without AVX-512 or AVX-NE-CONVERT).
-    * int8: weight-only, per output channel, with bf16 activations. ATen's
-      kernel with fp32 activations was 4-20x slower; int8 x int8 (fbgemm,
-      VNNI: Int8DynamicMatmul) was the fastest, but activations quantized
-      per tensor cut top-1 agreement with bf16 to 53% on SmolLM2-135M (ours,
-      per group of 32: 97.1% one token a step, README Speed).
-    * int4: none (ValueError). ATen's group-wise int4 kernel (Int4Matmul,
-      benchmark only) has another layout and bf16 activations; int4 is only
-      worth its quality loss where it is faster than int8, so there is no
-      slow fallback to fall into.
+    Decoding reads every weight once per token, so the kernel that reads
+    weights fastest at a few rows wins; benchmarks/linear_kernels.py
+    measures each candidate (the README's Speed section has the figures):
+    * Our kernels (NativeMatmul) wherever llama/kernels.c builds for this
+      weight (native.supports: x86 with AVX2+FMA or AVX-512, a multiple of
+      native.GROUP input columns), for fp32, bf16, int8 and int4: they widen
+      weights in registers and quantize activations per group, and the fused
+      decoding step (kernels/fused.py) runs in one call only where every
+      matmul is ours.
+    * Elsewhere on a CPU: fp32 F.linear (MKL); bf16 oneDNN's prepacked linear
+      on AVX-512 (real or emulated bf16 dot products), F.linear on AVX2
+      (oneDNN has no bf16 linear there); int8 ATen's weight-only
+      per-channel kernel with bf16 activations (its fp32-activation kernel
+      is much slower).
+    * int4 without our kernels: ValueError. int4 is only worth its quality
+      loss where it is faster than int8; there is no slow fallback.
+    * Not on a CPU: F.linear, or Int8Matmul (dequantized per call) for int8.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
@@ -432,8 +370,8 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Option
     linear or F.linear); with quantize="int8", int8 weights on any device;
     with "int4", 4-bit weights on our CPU kernels, except the output layer
     (`model.output`), which stays int8, as llama.cpp's 4-bit mixes keep it
-    at 6 bits or more: 4 bits there cut SmolLM2-135M's top-1 agreement with
-    bf16 from 97.9% to 79% (one pass of 512 positions). Only
+    at 6 bits or more: the logits come straight out of it, and 4 bits there
+    cost far more agreement with bf16 than 4 bits anywhere else. Only
     leaf layers are swapped, found by type (and the output layer by that
     one name): the model already fuses wq|wk|wv and w1|w3 into single,
     larger matmuls. Each rank converts its own shard. The model can no
@@ -489,10 +427,3 @@ def describe_matmuls(model: nn.Module) -> str:
     quantized = any(m.weight.dtype in (torch.int8, torch.uint8) for m in ours)
     return f"our {native.status()} kernels" + (", int8 dot products" if quantized and native.int8_dot() else "")
 
-
-def native_weight(layer: nn.Module) -> Optional[tuple]:
-    """(weight, scales or None) of a KernelLinear that runs our kernels, for
-    native.decode_layers; None for any other layer."""
-    if isinstance(layer, KernelLinear) and isinstance(layer.matmul, NativeMatmul):
-        return layer.matmul.weight, layer.matmul.scales
-    return None

@@ -8,7 +8,6 @@ memory-mapped files, so a rank holds about 1/M of the model, never all of it.
 """
 
 import logging
-import os
 import pickle
 import re
 import zipfile
@@ -498,50 +497,3 @@ def load_prepared_rank_state(prepared, ckpt_dir, args: ModelArgs, rank: int, siz
         logger.info("Resharding %s from %d to %d model-parallel ranks on the fly (utils/shard_model_checkpoint.py "
                     "does it once, ahead of time)", ckpt_dir, len(shards), size)
     return checked_rank_state(shards, args, rank, size, layout, layers), layout
-
-
-def available_memory(device: torch.device) -> Optional[int]:
-    """Bytes that can still be allocated on `device` (None if this system does not say)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def cache_bytes(args: ModelArgs, world_size: int, dtype: torch.dtype) -> int:
-    """Bytes one rank allocates for its KV cache and RoPE table (model.py's
-    allocate_cache and rope_table), from the args alone."""
-    try:
-        n_local_kv = args.n_kv_heads * kv_replication(args.n_kv_heads, world_size) // world_size
-    except ValueError:
-        n_local_kv = max(1, args.n_kv_heads // world_size)  # check_world_size reports the split later
-    kv = 2 * args.n_layers * args.max_batch_size * n_local_kv * args.max_seq_len * args.head_dim * dtype.itemsize
-    rope = 3 * args.max_seq_len * (args.head_dim // 2) * 4  # angles, cos, sin in float32
-    return kv + rope
-
-
-def check_cache_memory(args: ModelArgs, world_size: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuses, with the numbers, a --max_seq_len / --max_batch_size whose KV
-    cache cannot fit in the memory left on `device`, before anything is allocated."""
-    need = cache_bytes(args, world_size, dtype)
-    free = available_memory(device)
-    if free is not None and need > free:
-        gib = 1024**3
-        raise CheckpointError(
-            f"max_seq_len={args.max_seq_len} and max_batch_size={args.max_batch_size} need a KV cache of "
-            f"{need / gib:,.1f} GiB per process ({args.n_layers} layers x 2 x {args.max_batch_size} x "
-            f"{args.max_seq_len} positions x {args.head_dim * args.n_kv_heads} KV values / {world_size} "
-            f"process(es) x {dtype.itemsize} bytes), but only {free / gib:,.1f} GiB is free on {device}; "
-            "lower --max_seq_len or --max_batch_size"
-        )

@@ -24,14 +24,14 @@ def _stage_model(ckpt, layers):
     from llama.parallel.distributed import init_distributed
     from llama.model import Transformer
     from llama.text.tokenizer import Tokenizer
-    from llama.generation import _with_tokenizer_vocab
+    from llama.builder import with_tokenizer_vocab
     from llama.weights.stages import model_folder, read_record
 
     init_distributed("cpu")
     folder = model_folder(ckpt)
     args = ModelArgs.from_json(folder / "params.json", max_seq_len=32, max_batch_size=2)
     raw = args.vocab_size
-    args = _with_tokenizer_vocab(args, Tokenizer.from_file(folder / "tokenizer.model"), folder)
+    args = with_tokenizer_vocab(args, Tokenizer.from_file(folder / "tokenizer.model"), folder)
     record = read_record(folder)
     held = range(*record["layers"]) if record else None
     state, layout = load_rank_state(folder, args, 0, 1, raw, layers=layers, held=held)

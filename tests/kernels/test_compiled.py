@@ -5,7 +5,7 @@ import torch
 
 from conftest import build_tiny
 from llama import Llama
-from llama.kernels.compiled import OpaqueLinear
+from llama.kernels.compiled import CompiledDecoding, OpaqueLinear
 from llama.kernels import native
 from llama.kernels.linear import KernelLinear, NativeMatmul, PlainMatmul
 from llama.engine.engine import Request
@@ -28,7 +28,7 @@ def test_linear_layers_are_plain_in_one_process_and_opaque_otherwise(pair):
     through the opaque operator (see the int8 test below)."""
     _, compiled = pair
     blocks = compiled.model.layers
-    assert compiled.model.compiled_block is not None
+    assert isinstance(compiled.model.decode_hook, CompiledDecoding)
     layers = 4 * compiled.model.params.n_layers
     if native.library() is None:
         assert not any(isinstance(m, (OpaqueLinear, KernelLinear)) for m in blocks.modules())

@@ -110,10 +110,10 @@ def test_build_uses_and_says_the_default(make_ckpt, monkeypatch, caplog, feature
 
 
 def test_build_falls_back_to_bf16_when_fp32_would_not_fit(make_ckpt, monkeypatch, caplog):
-    from llama import generation
+    from llama import builder
 
     monkeypatch.setattr(d, "cpu_bf16_feature", lambda: None)
-    monkeypatch.setattr(generation, "available_memory", lambda device: 1024**3 // 1000)  # about 1 MB free
+    monkeypatch.setattr(builder, "available_memory", lambda device: 1024**3 // 1000)  # about 1 MB free
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     gen = build_default(make_ckpt("llama3"), caplog)
     assert {p.dtype for p in gen.model.parameters()} == {torch.bfloat16}

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.matmuls import Int4Matmul, Int8DynamicMatmul
 from llama import Llama
 from llama.kernels import native
-from llama.kernels.linear import (CpuCapability, Int4Matmul, Int8DynamicMatmul, Int8Matmul, KernelLinear, NativeMatmul,
+from llama.kernels.linear import (CpuCapability, Int8Matmul, KernelLinear, NativeMatmul,
                           OneDNNMatmul, PlainMatmul, check_quantization, choose_matmul, cpu_capability, int4_groups,
                           onednn_available)
 
@@ -245,7 +246,7 @@ def test_every_collective_goes_through_ours_in_any_dtype(family, make_ckpt, monk
     kw = dict(max_seq_len=32, max_batch_size=1, device="cpu", dtype="bfloat16")
     tokens = torch.randint(0, 500, (1, 9), generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(linear, "use_kernels", lambda model, quantize=None, device=None: model)
-    monkeypatch.setattr("llama.generation.use_kernels", linear.use_kernels)
+    monkeypatch.setattr("llama.builder.use_kernels", linear.use_kernels)
     plain = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw).model.forward(tokens, 0)
     monkeypatch.undo()
     monkeypatch.setattr(linear, "cpu_capability", lambda: CpuCapability("DEFAULT"))

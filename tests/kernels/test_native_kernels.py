@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from llama import Llama
 from llama.kernels import native
+from llama.kernels.fused import NativeDecoding, NativeRMSNorm, NativeSwiGLU, use_fused_decoding
 from llama.kernels.linear import CpuCapability, NativeMatmul, PlainMatmul, choose_matmul, group_int4, group_int8
 
 CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
@@ -331,12 +332,16 @@ def test_fused_decoding_steps_equal_pytorchs(make_ckpt, monkeypatch, family, sha
     parallel_calls = []
     real = native.decode_layers_parallel
     monkeypatch.setattr(native, "decode_layers_parallel", lambda *a: parallel_calls.append(1) or real(*a))
-    monkeypatch.setattr(ops.model, "_native_layers", lambda dtype: None)  # the fused pieces, block by block
+    monkeypatch.setattr(ops.model.decode_hook, "layers", lambda model, dtype: None)  # the fused pieces, block by block
     assert native.fused(torch.zeros(1, dtype=getattr(torch, dtype)))
-    assert all(block.native_weights(getattr(torch, dtype)) for block in whole.model.layers)
-    block = build().model.layers[0]  # the decision follows a swapped matmul
+    hook = whole.model.decode_hook
+    assert isinstance(hook, NativeDecoding)
+    assert all(hook.block_weights(block, getattr(torch, dtype)) for block in whole.model.layers)
+    other = build().model  # the decision follows a swapped matmul
+    block = other.layers[0]
+    assert other.decode_hook.block_weights(block, getattr(torch, dtype)) is not None
     block.feed_forward.w2.matmul = PlainMatmul(block.feed_forward.w2.matmul.weight)
-    assert block.native_weights(getattr(torch, dtype)) is None
+    assert other.decode_hook.block_weights(block, getattr(torch, dtype)) is None
     lens = [5, 9, 2]
     seqs = [torch.randint(3, 500, (n + 3,), generator=torch.Generator().manual_seed(n)) for n in lens]
     gens = (whole, halves, ops, theirs)
@@ -374,7 +379,7 @@ def test_a_decoding_step_is_one_native_call_for_all_blocks(make_ckpt, monkeypatc
     gen.tokenizer.stop_tokens = frozenset()  # every run decodes its full length
     gen.generate([[128000, 1000, 2000]], max_gen_len=6, temperature=0)
     assert calls == [len(gen.model.layers)] * 5  # the first token comes from the prefill
-    blocks = [layer.native_weights(torch.float32) for layer in gen.model.layers]
+    blocks = [gen.model.decode_hook.block_weights(layer, torch.float32) for layer in gen.model.layers]
     assert native.Layers(blocks).blocks == blocks
     with pytest.raises(ValueError, match="differ"):
         native.Layers([blocks[0], _bf16_block(blocks[1])])
@@ -390,3 +395,23 @@ def _bf16_block(block: native.BlockWeights) -> native.BlockWeights:
     linears, attention_norm, ffn_norm, cache_k, cache_v = block.tensors
     _, eps, _, n_q, n_kv, _, _ = block.shape
     return native.BlockWeights(linears, attention_norm.bfloat16(), ffn_norm.bfloat16(), eps, cache_k, cache_v, n_q, n_kv)
+
+
+def test_fused_decoding_is_installed_from_outside(make_ckpt):
+    """A built model runs our fused norms and SwiGLU (same parameters, by
+    identity) and decodes through the NativeDecoding hook; installing it
+    again changes nothing, and a hook that declines leaves the step to the
+    modules (the same logits)."""
+    ckpt = make_ckpt("llama3")
+    gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=64, max_batch_size=1, device="cpu",
+                      dtype="float32")
+    model = gen.model
+    assert isinstance(model.norm, NativeRMSNorm) and isinstance(model.decode_hook, NativeDecoding)
+    assert all(isinstance(b.feed_forward.swiglu, NativeSwiGLU) for b in model.layers)
+    weight = model.layers[0].attention_norm.weight
+    use_fused_decoding(model)
+    assert model.layers[0].attention_norm.weight is weight
+    model.prefill([[1, 5, 9]], rows=[0])
+    fused = model.forward(torch.tensor([[11]]), 3)
+    model.decode_hook = lambda *a: None  # declines
+    torch.testing.assert_close(model.forward(torch.tensor([[11]]), 3), fused, atol=1e-4, rtol=1e-4)

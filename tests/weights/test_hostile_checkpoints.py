@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from llama import CheckpointError, Llama
-from llama.weights.checkpoint import cache_bytes, check_cache_memory, find_shards, load_shard
+from llama.builder import check_cache_memory
+from llama.model import cache_bytes
+from llama.weights.checkpoint import find_shards, load_shard
 from llama.weights.args import ModelArgs
 
 
