@@ -31,7 +31,7 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from .weights.args import ModelArgs
+from .weights.args import ModelArgs, rope_frequencies
 from .weights.schema import EmbeddingLayout, kv_replication
 
 
@@ -80,30 +80,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         mean_square = torch.sum(xf * xf, dim=-1, keepdim=True).div_(xf.shape[-1])  # fewer calls than .mean()
         return (xf * torch.rsqrt(mean_square.add_(self.eps))).to(x.dtype) * self.weight
-
-
-def rope_frequencies(head_dim: int, theta: float, use_scaled: bool) -> torch.Tensor:
-    """Inverse frequencies of rotary embeddings, fp32, shape (head_dim/2,)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    return _llama31_scaling(freqs) if use_scaled else freqs
-
-
-def _llama31_scaling(
-    freqs: torch.Tensor,
-    scale_factor: float = 8.0,
-    low_freq_factor: float = 1.0,
-    high_freq_factor: float = 4.0,
-    old_context_len: float = 8192.0,
-) -> torch.Tensor:
-    # Llama 3.1 stretches long wavelengths by `scale_factor`, keeps short ones,
-    # and blends linearly in between.
-    low_freq_wavelen = old_context_len / low_freq_factor
-    high_freq_wavelen = old_context_len / high_freq_factor
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
-    out = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
-    return torch.where(wavelen < high_freq_wavelen, freqs, out)
 
 
 def rope_table(args: ModelArgs, device) -> Tuple[torch.Tensor, torch.Tensor]:

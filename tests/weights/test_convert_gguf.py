@@ -306,10 +306,12 @@ def test_llama_convert_without_the_gguf_package(tiny_gguf, tmp_path):
 
 
 def test_rope_frequencies_of_the_weights_wing_are_the_models():
-    """weights/args.py's rope_frequencies (the GGUF reader and exporter use it) equals the model's, bit for bit."""
+    """The model, the GGUF reader and the exporter use one rope_frequencies (weights/args.py), so the
+    rope_freqs tensor a GGUF file carries is checked against exactly what the model computes."""
     from llama.model import rope_frequencies as model_frequencies
     from llama.weights.args import rope_frequencies
 
+    assert model_frequencies is rope_frequencies
     for head_dim, theta in [(64, 500000.0), (128, 10000.0), (16, 500000.0)]:
         for scaled in (False, True):
             assert torch.equal(rope_frequencies(head_dim, theta, scaled), model_frequencies(head_dim, theta, scaled))
