@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterable, Optional
 import torch
 
 from . import manifest
-from . import stages as stage_files
+from . import stages
 from .args import ModelArgs
 from .checkpoint import (CheckpointError, check_world_size, checked_rank_state, find_shards, inspect_checkpoint,
                          weights_vocab_size)
@@ -181,19 +181,7 @@ def write_checkpoint(
             progress(f"wrote {out_dir / name} ({len(state)} tensors)")
             del state
         bar.close()
-        for name, text in (extra_files or {}).items():
-            tmp.write_bytes(name, text.encode())
-            md5s[name] = hashlib.md5(text.encode()).hexdigest()
-        params_bytes = (json.dumps(params, indent=2) + "\n").encode()
-        tmp.write_bytes("params.json", params_bytes)
-        md5s["params.json"] = hashlib.md5(params_bytes).hexdigest()
-        if tokenizer_path is not None:
-            # A BPE tokenizer.model is read together with its sidecar: copy both.
-            sources = {"tokenizer.model": Path(tokenizer_path), "tokenizer.model.json": sidecar_path(tokenizer_path)}
-            for name, src in sources.items():
-                if name == "tokenizer.model" or src.is_file():
-                    tmp.copy(name, src)
-                    md5s[name] = _md5_of(tmp.paths[name])
+        _write_small_files(tmp, md5s, params, tokenizer_path, extra_files or {})
         checklist = "".join(f"{md5s[name]}  {name}\n" for name in sorted(md5s))
         tmp.write_bytes("checklist.chk", checklist.encode())
         # The shards only: params.json and the tokenizer are checked against the
@@ -214,8 +202,32 @@ def write_checkpoint(
                 "nothing was published and no partial file was left: free some space or choose another output"
             ) from e
         raise
-    # All files are complete: drop shards a previous (forced-over) run left,
-    # and its tokenizer sidecar if the new tokenizer has none, then publish.
+    _publish(out_dir, tmp, md5s)
+    return out_dir
+
+
+def _write_small_files(tmp: "_TempFiles", md5s: Dict[str, str], params: dict, tokenizer_path: Optional[Path],
+                       extra_files: Dict[str, str]) -> None:
+    """params.json, the tokenizer (with its sidecar) and `extra_files`, under temporary names, md5s recorded."""
+    for name, text in extra_files.items():
+        tmp.write_bytes(name, text.encode())
+        md5s[name] = hashlib.md5(text.encode()).hexdigest()
+    params_bytes = (json.dumps(params, indent=2) + "\n").encode()
+    tmp.write_bytes("params.json", params_bytes)
+    md5s["params.json"] = hashlib.md5(params_bytes).hexdigest()
+    if tokenizer_path is not None:
+        # A BPE tokenizer.model is read together with its sidecar: copy both.
+        sources = {"tokenizer.model": Path(tokenizer_path), "tokenizer.model.json": sidecar_path(tokenizer_path)}
+        for name, src in sources.items():
+            if name == "tokenizer.model" or src.is_file():
+                tmp.copy(name, src)
+                md5s[name] = _md5_of(tmp.paths[name])
+
+
+def _publish(out_dir: Path, tmp: "_TempFiles", md5s: Dict[str, str]) -> None:
+    """Every file is complete under its temporary name: drop the shards a previous
+    (forced-over) run left, and its tokenizer sidecar if the new tokenizer has
+    none, then rename each file into place, the manifest last."""
     stale = [p for p in out_dir.glob("consolidated.*.pth") if p.name not in md5s]
     if "tokenizer.model" in md5s and "tokenizer.model.json" not in md5s:
         stale.append(out_dir / "tokenizer.model.json")
@@ -227,8 +239,6 @@ def write_checkpoint(
     for left in out_dir.iterdir():  # temporary files of an earlier, killed run
         if _OUR_TEMP.fullmatch(left.name):
             left.unlink(missing_ok=True)
-    return out_dir
-
 
 
 def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[Path] = None, force: bool = False,
@@ -250,7 +260,7 @@ def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[
     for name, value in (("the number of shards", n_shards), ("the number of pipeline stages", pipeline_stages)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if (in_dir / stage_files.NAME).is_file() or stage_files.stage_folders(in_dir):
+    if (in_dir / stages.NAME).is_file() or stages.stage_folders(in_dir):
         raise ValueError(f"{in_dir} is split into pipeline stages already; pass a whole checkpoint as the input")
     check_output_dir(out_dir, force, protect=[in_dir])
     file_args = ModelArgs.from_json(in_dir / "params.json")  # validates; errors name the file
@@ -264,16 +274,16 @@ def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found")
     params = json.loads((in_dir / "params.json").read_text())
     if pipeline_stages > 1:
-        stage_files.stage_layers(args.n_layers, pipeline_stages, 0)  # too few layers: said before writing
+        stages.stage_layers(args.n_layers, pipeline_stages, 0)  # too few layers: said before writing
         for stage in range(pipeline_stages):
-            layers = stage_files.stage_layers(args.n_layers, pipeline_stages, stage)
-            folder = out_dir / stage_files.stage_dir_name(stage)
+            layers = stages.stage_layers(args.n_layers, pipeline_stages, stage)
+            folder = out_dir / stages.stage_dir_name(stage)
             progress(f"{in_dir}: {len(paths)} shard(s) -> {folder}: layers {layers.start}..{layers.stop - 1}, "
                      f"{n_shards} shard(s)")
             shards = (checked_rank_state(paths, args, rank, n_shards, layout, layers) for rank in range(n_shards))
             write_checkpoint(folder, params, shards, tokenizer_path=tokenizer_path, force=force, protect=[in_dir],
                              progress=progress, n_shards=n_shards, show_progress=show_progress,
-                             extra_files={stage_files.NAME: stage_files.stage_record(
+                             extra_files={stages.NAME: stages.stage_record(
                                  stage, pipeline_stages, args.n_layers, n_shards)})
         return out_dir
     progress(f"{in_dir}: {len(paths)} shard(s) -> {out_dir}: {n_shards} shard(s)")
