@@ -68,7 +68,7 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", force: bool = False
         raise FileNotFoundError(f"GGUF file {path} not found")
     if dtype not in gguf.DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(gguf.DTYPES)}, got {dtype!r}")
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, protect=[path])
     fields = gguf.open_gguf(path)
     params = gguf.read_params(fields)
     try:
@@ -88,8 +88,8 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", force: bool = False
             gguf_vocab.check_tokenizer(tokenizer, path)
         except gguf_vocab.VocabularyError as e:
             raise gguf.ConversionError(str(e)) from e
-        return write_checkpoint(out_dir, params, [state], tokenizer_path=tokenizer, force=force, progress=progress,
-                                show_progress=show_progress)
+        return write_checkpoint(out_dir, params, [state], tokenizer_path=tokenizer, force=force, protect=[path],
+                                progress=progress, show_progress=show_progress)
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,9 @@
 
 Everything comes from params.json, the tokenizer file and shard 0's tensor
 headers (memory-mapped: its weights are not read) and the files' sizes.
+Tied embeddings (an output.weight that is tok_embeddings.weight, as in
+SmolLM2) are one set of parameters and counted once; telling them apart
+reads row 0 of each, and the whole tables only when that row is equal.
 """
 
 import dataclasses
@@ -13,8 +16,8 @@ from typing import List, Optional
 
 from ..weights.args import ModelArgs
 from ..text.chat_format import ChatFormat, chat_format_name
-from ..weights.checkpoint import (LazyShards, expected_shapes, find_shards, inspect_checkpoint, supported_world_sizes,
-                         weights_vocab_size)
+from ..weights.checkpoint import (LazyShards, embeddings_tied, expected_shapes, find_shards, inspect_checkpoint,
+                                  supported_world_sizes, weights_vocab_size)
 from ..text.tokenizer import Tokenizer
 from ..weights.stages import find_tokenizer
 
@@ -32,7 +35,7 @@ def model_family(args: ModelArgs, raw_vocab_size: int, tokenizer_kind: Optional[
 class CheckpointInfo:
     path: str
     family: str
-    parameters: int  # whole model
+    parameters: int  # whole model, tied embeddings once
     file_bytes: int  # all consolidated.*.pth files on disk
     shards: int
     dtypes: List[str]  # of the stored tensors
@@ -45,6 +48,7 @@ class CheckpointInfo:
     tokenizer_kind: Optional[str]  # sentencepiece / tiktoken / bpe
     chat_format: Optional[str]
     world_sizes: List[int]  # numbers of processes it can run on
+    tied_embeddings: bool = False  # output.weight is tok_embeddings.weight
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -56,7 +60,8 @@ class CheckpointInfo:
         lines = [
             ("checkpoint", self.path),
             ("family", self.family),
-            ("parameters", f"{_human(self.parameters, 1000, ['', 'K', 'M', 'B', 'T'])} ({self.parameters:,})"),
+            ("parameters", f"{_human(self.parameters, 1000, ['', 'K', 'M', 'B', 'T'])} ({self.parameters:,}"
+                           f"{'; output tied to the embeddings' if self.tied_embeddings else ''})"),
             ("size on disk", f"{_human(self.file_bytes, 1024, [' B', ' KiB', ' MiB', ' GiB', ' TiB'])} "
                              f"in {self.shards} shard{'s' if self.shards > 1 else ''} (consolidated.*.pth)"),
             ("stored dtype", ", ".join(self.dtypes)),
@@ -92,10 +97,11 @@ def checkpoint_info(ckpt_dir, tokenizer_path=None) -> CheckpointInfo:
     chat_format = chat_format_name(ChatFormat.for_tokenizer(tokenizer)) if tokenizer else None
     shard0 = LazyShards(paths[:1])[0]
     full = expected_shapes(args, 1, layout)
+    tied = embeddings_tied(shard0)  # each shard holds the same rows of both: shard 0 tells
     return CheckpointInfo(
         path=str(ckpt_dir),
         family=model_family(args, file_args.vocab_size, tokenizer.kind if tokenizer else None),
-        parameters=sum(math.prod(shape) for shape in full.values()),
+        parameters=sum(math.prod(shape) for name, shape in full.items() if not (tied and name == "output.weight")),
         file_bytes=sum(p.stat().st_size for p in paths),
         shards=len(paths),
         dtypes=sorted({str(t.dtype).replace("torch.", "") for t in shard0.values()}),
@@ -105,4 +111,5 @@ def checkpoint_info(ckpt_dir, tokenizer_path=None) -> CheckpointInfo:
         tokenizer_kind=tokenizer.kind if tokenizer else None,
         chat_format=chat_format,
         world_sizes=supported_world_sizes(args),
+        tied_embeddings=tied,
     )

@@ -368,6 +368,21 @@ def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, siz
     return out
 
 
+def embeddings_tied(state: StateDict) -> bool:
+    """Whether `state`'s output.weight is its tok_embeddings.weight (tied
+    embeddings, as SmolLM2 has): the same view of one storage (how a converted
+    GGUF stores them, and torch.save and a memory-mapped load keep), or the
+    same shape, dtype and values (a file that stored them twice). Row 0 is
+    compared first, so untied weights cost one row each, not a full read."""
+    out, emb = state.get("output.weight"), state.get("tok_embeddings.weight")
+    if out is None or emb is None or out.shape != emb.shape or out.dtype != emb.dtype or out.numel() == 0:
+        return False
+    if (out.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr()
+            and out.storage_offset() == emb.storage_offset() and out.stride() == emb.stride()):
+        return True
+    return torch.equal(out[:1], emb[:1]) and torch.equal(out, emb)
+
+
 def weights_vocab_size(paths: Sequence[Path]) -> int:
     """Vocabulary size the weights were trained with (output rows across all shards)."""
     out = LazyShards(paths[:1])[0].get("output.weight")

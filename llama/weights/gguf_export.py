@@ -14,7 +14,9 @@ and so does llama.cpp's LLaMA RoPE); tied embeddings (output equal to
 tok_embeddings) are written once, as llama.cpp's files hold them; Llama
 3.1's RoPE scaling becomes a rope_freqs tensor of divisors. The file
 appears under its name only when complete (written to a temporary file,
-then renamed).
+then renamed), with the permissions the umask asks for (0644 under 022).
+The output is never one of the inputs (the template or the checkpoint's
+files), compared by file identity so that a link or bind mount is caught.
 
 Failure modes: a checkpoint of several shards, one that disagrees with its
 params.json, or a template GGUF that is unreadable, holds no tokenizer or a
@@ -33,6 +35,7 @@ import torch
 from .args import ModelArgs, rope_frequencies
 from .checkpoint import CheckpointError, check_shapes, expected_shapes, find_shards, load_shard
 from .gguf import GLOBAL_TENSORS, LAYER_TENSORS, ROPE_FREQS, import_gguf
+from .writer import check_output_file, new_file_mode
 
 META_TO_GGUF = {meta: gguf for gguf, meta in {**GLOBAL_TENSORS, **LAYER_TENSORS}.items()}
 # What the template file says about itself, not about its weights or shape.
@@ -135,7 +138,11 @@ def export_gguf(ckpt_dir, out_path, tokenizer_from, context_length: Optional[int
     ckpt_dir, out_path, template = Path(ckpt_dir), Path(out_path), Path(tokenizer_from)
     if not template.is_file():
         raise FileNotFoundError(f"GGUF file {template} not found (--tokenizer_from)")
-    args, state = read_checkpoint(ckpt_dir)
+    args, state = read_checkpoint(ckpt_dir)  # memory-mapped: its weights are not read yet
+    try:
+        check_output_file(out_path, [template, ckpt_dir / "params.json", *find_shards(ckpt_dir)])
+    except ValueError as e:
+        raise ExportError(str(e)) from e
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
@@ -149,6 +156,7 @@ def export_gguf(ckpt_dir, out_path, tokenizer_from, context_length: Optional[int
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, new_file_mode())  # mkstemp made it 0600
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):

@@ -4,10 +4,23 @@ Every file is written under a temporary name and renamed only when all of
 them are complete, so a crash or a full disk never leaves a directory that
 looks like a finished checkpoint. Temporary files are created exclusively
 (mkstemp: random names, O_EXCL, never through a symbolic link someone planted)
-in the output folder. A `checklist.chk` (md5) lists the files, and
-`manifest.json` (llama/weights/manifest.py), written first as "incomplete" and last as
+in the output folder, and given the permissions the user's umask asks for
+(0644 under umask 022, 0640 under 027) just before they are renamed: mkstemp
+makes them 0600, which would leave a shared checkpoint folder unreadable to
+the group. A `checklist.chk` (md5) lists the files, and `manifest.json`
+(llama/weights/manifest.py), written first as "incomplete" and last as
 complete, lets the loader refuse a folder left mixed by an interrupted
 overwrite.
+
+Outputs are compared with inputs by file identity (device and inode,
+os.path.samefile), never by path strings: a bind mount, a symbolic link or a
+hard link of the input is the input. An output that is an input folder,
+contains one or lies inside one is refused before anything is read or
+written, `--force` or not.
+
+Weights are never stored twice: tensors that are views of one storage are
+copied once, and an output.weight equal to tok_embeddings.weight (tied
+embeddings) is saved as that same tensor, which torch.save writes once.
 """
 
 import dataclasses
@@ -20,15 +33,15 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
 from . import manifest
 from . import stages
 from .args import ModelArgs
-from .checkpoint import (CheckpointError, check_world_size, checked_rank_state, find_shards, inspect_checkpoint,
-                         weights_vocab_size)
+from .checkpoint import (CheckpointError, check_world_size, checked_rank_state, embeddings_tied, find_shards,
+                         inspect_checkpoint, weights_vocab_size)
 from ..common.files import shard_name, sidecar_path
 from .progress import Progress
 
@@ -61,10 +74,49 @@ def _md5_of(path: Path) -> str:
     return md5.hexdigest()
 
 
-def _contiguous(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    # torch.save writes a view's whole underlying storage: copy views of bigger tensors.
-    return {k: v if v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes else v.clone(memory_format=torch.contiguous_format)
-            for k, v in state.items()}
+def _for_saving(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`state` as torch.save should see it: tied embeddings as one tensor, and
+    views of bigger storages copied (torch.save writes a view's whole
+    storage), once for names that are the same view, so they stay shared."""
+    if embeddings_tied(state):
+        state = {**state, "output.weight": state["tok_embeddings.weight"]}
+    copies: Dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        if v.is_contiguous() and v.untyped_storage().nbytes() == v.nbytes:
+            out[k] = v
+            continue
+        view = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if view not in copies:
+            copies[view] = v.clone(memory_format=torch.contiguous_format)
+        out[k] = copies[view]
+    return out
+
+
+def _read_umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc/self/status);
+    elsewhere set and restored once, at the first call."""
+    global _UMASK
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: Optional[int] = None
+
+
+def new_file_mode() -> int:
+    """The permissions open() would give a new file now: 0o666 less the umask
+    (mkstemp's files are 0600 whatever the umask)."""
+    return 0o666 & ~_read_umask()
 
 
 _OUR_TEMP = re.compile(r"\.(consolidated\.\d+\.pth|params\.json|tokenizer\.model(\.json)?|checklist\.chk|"
@@ -75,7 +127,7 @@ class _TempFiles:
     """Temporary files in one folder, created exclusively, renamed or removed together."""
 
     def __init__(self, folder: Path):
-        self.folder, self.paths = folder, {}
+        self.folder, self.paths, self.mode = folder, {}, new_file_mode()
 
     def open(self, name: str):
         """A new binary file object for the future `name`; mkstemp uses O_CREAT|O_EXCL and a random name."""
@@ -99,13 +151,15 @@ class _TempFiles:
         """torch.save, fsync'ed; returns the file's md5, computed while writing."""
         with self.open(name) as f:
             hashed = _HashingWriter(f, progress)
-            torch.save(_contiguous(state), hashed)
+            torch.save(_for_saving(state), hashed)
             f.flush()
             os.fsync(f.fileno())
         return hashed.md5.hexdigest()
 
-    def publish(self, name: str) -> None:
-        os.replace(self.paths.pop(name), self.folder / name)  # replaces a planted link, never writes through it
+    def publish(self, name: str, as_name: Optional[str] = None) -> None:
+        tmp = self.paths.pop(name)
+        os.chmod(tmp, self.mode)  # complete: readable as the umask allows, like any file the user writes
+        os.replace(tmp, self.folder / (as_name or name))  # replaces a planted link, never writes through it
 
     def remove_all(self) -> None:
         for tmp in self.paths.values():
@@ -124,18 +178,69 @@ def _disk_full(e: BaseException) -> bool:
     return False
 
 
+def _same_file(a, b) -> bool:
+    """Whether `a` and `b` are one file or folder (device and inode); False if either is missing."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def _folders_above(path) -> List[Path]:
+    """The folders above `path` (resolved: links followed, ".." applied), nearest first."""
+    return list(Path(path).resolve().parents)
+
+
+def input_overlap(out, inp) -> Optional[str]:
+    """How writing to `out` would meet the input `inp`, compared by file
+    identity so that links and bind mounts cannot hide it: "is" (the same file
+    or folder), "contains" (`inp` is inside the folder `out`), "is inside"
+    (`out` is inside the folder `inp`), or None."""
+    if _same_file(out, inp):
+        return "is"
+    if Path(inp).is_dir():
+        if any(_same_file(out, above) for above in _folders_above(inp)):
+            return "contains"
+        if any(_same_file(inp, above) for above in _folders_above(out)):
+            return "is inside"
+    return None
+
+
 def check_output_dir(out_dir, force: bool, protect: Iterable[Path] = ()) -> None:
-    """Refuses `out_dir` if it holds files (unless `force`) or is an input,
-    without touching anything: tools call it before any slow work."""
+    """Refuses `out_dir` if it is, contains or lies inside one of the inputs
+    `protect` (by file identity: a bind mount or a link of the input counts,
+    `force` or not), or if it holds files (unless `force`), without touching
+    anything: tools call it before any slow work."""
     out_dir = Path(out_dir)
-    out = out_dir.resolve()
     for p in protect:
-        if out == Path(p).resolve():
-            raise ValueError(f"output directory {out_dir} is the input directory; choose another output")
+        overlap = input_overlap(out_dir, p)
+        what = "input directory" if Path(p).is_dir() else "input file"
+        if overlap == "is":
+            raise ValueError(f"output directory {out_dir} is the {what} {p} (the same folder on disk, through a "
+                             "link or a bind mount); writing there would replace the input: choose another output")
+        if overlap == "contains":
+            raise ValueError(f"output directory {out_dir} contains the {what} {p}; writing there could replace or "
+                             "remove the input's files: choose an output outside it")
+        if overlap == "is inside":
+            raise ValueError(f"output directory {out_dir} is inside the {what} {p}; the input would change under "
+                             "it: choose an output outside the input")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise ValueError(f"output directory {out_dir} is not empty; choose an empty one or pass --force to overwrite")
+
+
+def check_output_file(out_path, protect: Iterable[Path] = ()) -> None:
+    """Refuses a single output file that is a folder or one of the input files
+    `protect` (by file identity: a hard link, a symbolic link or a bind mount
+    of an input counts)."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"output {out_path} is a directory; give the path of the file to write")
+    for p in protect:
+        if _same_file(out_path, p):
+            raise ValueError(f"output {out_path} is the input file {p} (the same file on disk); writing there "
+                             "would replace the input: choose another output")
 
 
 def prepare_output_dir(out_dir: Path, force: bool, protect: Iterable[Path] = ()) -> None:
@@ -192,7 +297,7 @@ def write_checkpoint(
         # From here on the folder changes: first say so, so that a kill between
         # the renames below leaves a folder the loader refuses, not a mix.
         tmp.write_bytes(".incomplete", manifest.manifest_text(files, complete=False).encode())
-        os.replace(tmp.paths.pop(".incomplete"), out_dir / manifest.NAME)
+        tmp.publish(".incomplete", as_name=manifest.NAME)
     except BaseException as e:
         tmp.remove_all()
         if _disk_full(e):
