@@ -19,6 +19,7 @@ is that format's check.
 """
 
 import dataclasses
+import gc
 import json
 import os
 import tempfile
@@ -145,12 +146,20 @@ def load_dialog(path) -> List[Message]:
     Whether the messages fit a model's chat format is for that format to check."""
     path = Path(path)
     raw = read_user_bytes(path, "dialog", fix=_FIX, error=DialogFileError)
+    # The cyclic garbage collector would run again and again over the millions
+    # of lists a hostile file of the cap's size holds (7 times the parse's own
+    # time); JSON cannot make cycles, so it is paused while parsing.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_no_constants)
     except RecursionError:
         raise DialogFileError(f"{path} is not valid JSON (nested too deeply); {_FIX}") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, NaN / Infinity
         raise DialogFileError(f"{path} is not valid JSON ({str(e)[:200]}); {_FIX}") from None
+    finally:
+        if collecting:
+            gc.enable()
     if not isinstance(data, list):
         raise DialogFileError(f"{path} must hold a JSON list of messages, got {type(data).__name__}")
     if len(data) > MAX_MESSAGES:

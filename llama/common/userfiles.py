@@ -35,19 +35,19 @@ MiB = 1 << 20
 LIMITS = {
     # Llama 3's 128k-token tiktoken file is 2.2 MB, a Llama 2 SentencePiece
     # model 0.5 MB, SmolLM2's 49k BPE 0.8 MB; a 256k vocabulary (the largest
-    # any released model has) is about 5 MB in either format. 32 MiB is six
+    # any released model has) is about 5 MB in either format. 16 MiB is three
     # times that.
-    "tokenizer": 32 * MiB,
+    "tokenizer": 16 * MiB,
     # params.json is ~200 bytes, a sidecar a few KB, manifest.json ~150 bytes
     # per shard, pipeline.json ~100 bytes.
     "json": 1 * MiB,
-    # A dialog that can be chatted with fits the longest Llama context
-    # (131,072 tokens); a token is ~4 characters and JSON escapes at most
-    # 6 bytes per character, so ~3 MiB is already more than any context
-    # holds. 16 MiB leaves five times that, and keeps the worst file
-    # (a list of empty lists, ~20 bytes of Python objects per byte) under
-    # ~400 MB while it is parsed.
-    "dialog": 16 * MiB,
+    # A dialog that can be chatted with fits the longest Llama context,
+    # 131,072 tokens. A token is ~4 bytes of text; even written with
+    # ensure_ascii (6 bytes per \uXXXX escape, ~1.5 characters per token
+    # for CJK text) a full context is ~1.2 MiB of JSON. 4 MiB is three times
+    # that, and bounds the worst file (a list of small nested lists, ~50
+    # bytes of Python objects per byte of JSON) to ~200 MB while it is parsed.
+    "dialog": 4 * MiB,
 }
 _NOUN = {"json": "JSON"}
 
