@@ -83,14 +83,16 @@ def save_dialog(dialog: List[Message], path) -> Path:
 
 
 def _depth(value) -> int:
-    """How deeply lists and objects nest in `value` (0 for a scalar), without recursion."""
+    """How many levels of lists and objects hold values in `value` (0 for a
+    scalar or an empty one), counted without recursion and only to
+    MAX_ARGUMENT_DEPTH + 1."""
     depth, level = 0, [value]
-    while level:
+    while depth <= MAX_ARGUMENT_DEPTH:
         level = [v for x in level if isinstance(x, (list, dict)) for v in (x.values() if isinstance(x, dict) else x)]
-        depth += 1
-        if depth > MAX_ARGUMENT_DEPTH:
+        if not level:
             break
-    return depth - 1 if depth else 0
+        depth += 1
+    return depth
 
 
 def _call_from_json(i: int, j: int, c) -> ToolCall:
