@@ -156,12 +156,20 @@ class ChatSession:
             self.write(f"(unknown command {name}; /help lists the commands)\n")
 
     def _load(self, path: str) -> None:
+        """Replaces the conversation with the dialog in `path`, or, if the file
+        cannot be read or the model could not continue it, says why and keeps
+        the conversation as it was (load_dialog raises only OSError and
+        ValueError subclasses, so no file ends the chat)."""
         def read():
             dialog = load_dialog(path)
             if dialog and dialog[-1]["role"] != "assistant" and dialog[-1]["role"] != "system":
                 raise ValueError(f"{path}: the last message must be the assistant's (or the system prompt)")
             # The chat format checks roles, order and contents as if the user spoke next.
-            self.formatter.encode_dialog_prompt(list(dialog) + [{"role": "user", "content": "?"}])
+            tokens = self.formatter.encode_dialog_prompt(list(dialog) + [{"role": "user", "content": "?"}])
+            if len(tokens) >= self.max_seq_len:
+                raise ValueError(f"{path} holds a conversation of {len(tokens):,} tokens, more than this model's "
+                                 f"context (--max_seq_len {self.max_seq_len:,}) holds: run the chat with a larger "
+                                 "--max_seq_len, or keep only the part of the conversation you need")
             return dialog
 
         dialog, error = from_rank0(self._rank0_result(read))

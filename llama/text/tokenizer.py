@@ -6,6 +6,12 @@ All share one small interface (`encode`, `decode`, `n_words`, `bos_id`,
 `Tokenizer.from_file` picks the kind from the file's contents (and, for the
 third kind, the sidecar next to it), so a user never has to say which one they
 hold. No torch here.
+
+Every tokenizer file is read once, through `read_user_bytes` (regular files
+only, at most 32 MiB), and the parsers get those bytes: SentencePiece loads
+them with `LoadFromSerializedProto`, the tiktoken format is parsed here. So
+a FIFO or /dev/zero given as --tokenizer_path is refused by name at once
+instead of hanging or filling memory.
 """
 
 import base64
@@ -18,6 +24,7 @@ from typing import Collection, Dict, FrozenSet, Iterator, List, Optional, Sequen
 from ..common.files import sidecar_path
 from ..common.hf_layout import original_folder_hint
 from ..common.jsonfile import read_json_object
+from ..common.userfiles import read_user_bytes
 
 # The Llama 3 pre-tokenizer split pattern.
 LLAMA3_PATTERN = (
@@ -69,7 +76,8 @@ class Tokenizer(ABC):
         """Loads a SentencePiece (Llama 2), tiktoken (Llama 3) or BPE (with a
         tokenizer.model.json sidecar) tokenizer.model, deciding which from the files."""
         kinds = {"sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer, "bpe": BPETokenizer}
-        return kinds[detect_kind(path)](path)
+        data = _read_tokenizer(Path(path))
+        return kinds[_kind_of(Path(path), data)](path, data=data)
 
     @abstractmethod
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
@@ -87,22 +95,26 @@ class Tokenizer(ABC):
         return f"{type(self).__name__}(path={str(self.path)!r}, n_words={self.n_words})"
 
 
-def _read_head(path: Path, n: int = 4096) -> bytes:
-    if not path.exists():
+def _read_tokenizer(path: Path) -> bytes:
+    """The bytes of a tokenizer file: a regular file of at most 32 MiB."""
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"tokenizer file {path} not found: pass --tokenizer_path pointing to a tokenizer.model"
                                 + original_folder_hint(path.parent))
-    if path.is_dir():
-        raise TokenizerError(f"{path} is a directory: pass the tokenizer.model file inside it")
-    with open(path, "rb") as f:
-        return f.read(n)
+    fix = ("pass the tokenizer.model file inside it" if path.is_dir() else
+           "pass --tokenizer_path the tokenizer.model file that came with the weights")
+    return read_user_bytes(path, "tokenizer", fix=fix, missing=fix, error=TokenizerError)
 
 
-def detect_kind(path) -> str:
+def detect_kind(path, data: Optional[bytes] = None) -> str:
     """Returns "sentencepiece", "tiktoken" or "bpe" (a tiktoken-format file with
-    a sidecar) for a tokenizer file, or raises a TokenizerError that names the
-    file and what is wrong with it."""
+    a sidecar) for a tokenizer file (whose bytes are `data`, if read already),
+    or raises a TokenizerError that names the file and what is wrong with it."""
     path = Path(path)
-    head = _read_head(path)
+    return _kind_of(path, _read_tokenizer(path) if data is None else data)
+
+
+def _kind_of(path: Path, data: bytes) -> str:
+    head = data[:4096]
     if not head.strip():
         raise TokenizerError(f"{path} is empty: download it again")
     if head.lstrip()[:1] == b"<" or b"<html" in head.lower():
@@ -110,7 +122,7 @@ def detect_kind(path) -> str:
             f"{path} is a web page, not a tokenizer: the download failed (an expired or "
             "mistyped link saves an HTML error page). Download the file again."
         )
-    if sidecar_path(path).exists():
+    if sidecar_path(path).exists() or sidecar_path(path).is_symlink():
         return "bpe"
     first_line = head.split(b"\n", 1)[0].strip()
     if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+", first_line):
@@ -125,18 +137,19 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
 
-    def __init__(self, path):
+    def __init__(self, path, data: Optional[bytes] = None):
         from sentencepiece import SentencePieceProcessor
 
         self.path = Path(path)
-        if detect_kind(self.path) == "tiktoken":
+        data = _read_tokenizer(self.path) if data is None else data
+        if _kind_of(self.path, data) == "tiktoken":
             raise TokenizerError(
                 f"{self.path} is a tiktoken BPE file (Llama 3), not a SentencePiece model (Llama 2); "
                 "use Tokenizer.from_file, or the tokenizer.model that came with your Llama 2 download"
             )
         self.sp_model = SentencePieceProcessor()
         try:
-            self.sp_model.Load(str(self.path))
+            self.sp_model.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as e:
             raise TokenizerError(
                 f"{self.path} is neither a SentencePiece model nor a tiktoken BPE file "
@@ -163,25 +176,26 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp_model.decode(list(t))
 
 
-def load_tiktoken_bpe(path: Path, special_ids: Collection[int] = ()) -> Dict[bytes, int]:
-    """Reads a tiktoken BPE file: one `base64(token) rank` per line.
+def load_tiktoken_bpe(path: Path, special_ids: Collection[int] = (), data: Optional[bytes] = None) -> Dict[bytes, int]:
+    """Reads a tiktoken BPE file (whose bytes are `data`, if read already):
+    one `base64(token) rank` per line.
 
     The ranks and `special_ids` (ids taken by special tokens, which the file
     does not list) must together be 0..n-1, each once.
     """
+    data = _read_tokenizer(Path(path)) if data is None else data
     ranks: Dict[bytes, int] = {}
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except (ValueError, binascii.Error) as e:
-                raise TokenizerError(
-                    f"{path}, line {lineno}: expected 'base64-token rank', got {line[:60]!r}; "
-                    "the file is corrupt: download it again"
-                ) from e
+    for lineno, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error) as e:
+            raise TokenizerError(
+                f"{path}, line {lineno}: expected 'base64-token rank', got {line[:60]!r}; "
+                "the file is corrupt: download it again"
+            ) from e
     ids = sorted([*ranks.values(), *special_ids])
     if ids != list(range(len(ids))):
         if special_ids:
@@ -199,16 +213,17 @@ class TiktokenTokenizer(Tokenizer):
 
     kind = "tiktoken"
 
-    def __init__(self, path):
+    def __init__(self, path, data: Optional[bytes] = None):
         import tiktoken
 
         self.path = Path(path)
-        if detect_kind(self.path) != "tiktoken":
+        data = _read_tokenizer(self.path) if data is None else data
+        if _kind_of(self.path, data) != "tiktoken":
             raise TokenizerError(
                 f"{self.path} is not a tiktoken BPE file (Llama 3); a Llama 2 tokenizer.model is "
                 "SentencePiece: use Tokenizer.from_file, which detects the kind"
             )
-        mergeable_ranks = load_tiktoken_bpe(self.path)
+        mergeable_ranks = load_tiktoken_bpe(self.path, data=data)
         n_base = len(mergeable_ranks)
         names = LLAMA31_SPECIAL_TOKENS + [
             f"<|reserved_special_token_{i}|>"
@@ -327,15 +342,15 @@ class BPETokenizer(Tokenizer):
 
     kind = "bpe"
 
-    def __init__(self, path):
+    def __init__(self, path, data: Optional[bytes] = None):
         import tiktoken
 
         self.path = Path(path)
         self.sidecar = sidecar_path(self.path)
-        _read_head(self.path)  # a missing file or a directory: a clear error first
+        data = _read_tokenizer(self.path) if data is None else data  # a missing file or a directory: said first
         meta = _read_sidecar(self.sidecar)
         self.special_tokens = dict(meta["special_tokens"])
-        ranks = load_tiktoken_bpe(self.path, self.special_tokens.values())
+        ranks = load_tiktoken_bpe(self.path, self.special_tokens.values(), data=data)
         self.n_words = len(ranks) + len(self.special_tokens)
         # tiktoken panics on a byte it has no rank for. Missing bytes get ranks
         # past the vocabulary, so they never merge, and are dropped after encoding.

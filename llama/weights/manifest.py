@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..common.jsonfile import read_json_object
+
 NAME = "manifest.json"
 VERSION = 1
 _EDGE = 1 << 20  # bytes hashed at each end of a file
@@ -47,14 +49,14 @@ def manifest_text(files: Dict[str, dict], complete: bool) -> str:
 def read_manifest(folder: Path):
     """The manifest dict of `folder`, or None if it has none (Meta's downloads)."""
     path = folder / NAME
-    if not path.exists() and not path.is_symlink():
+    if not os.path.lexists(path):
         return None
-    from ..common.jsonfile import read_json_object
-
-    data = read_json_object(path, missing="", fix=f"delete {path} if you trust the other files", error=ManifestError)
+    fix = f"delete {path} if you trust the other files"
+    data = read_json_object(path, missing=fix, fix=fix, error=ManifestError)
     files = data.get("files")
     if (data.get("version") != VERSION or not isinstance(data.get("complete"), bool) or not isinstance(files, dict)
-            or not all(isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("fingerprint"), str)
+            or not all(isinstance(v, dict) and type(v.get("size")) is int and v["size"] >= 0
+                       and isinstance(v.get("fingerprint"), str)
                        for v in files.values())):
         raise ManifestError(f"{path} is not a manifest this version writes; delete it if you trust the other files")
     return data

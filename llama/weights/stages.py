@@ -9,12 +9,20 @@ keys keeping their global layer numbers, checklist.chk, manifest.json) plus
 only its stages' folders. `--ckpt_dir` may name the folder holding the stage
 folders (the same command on every node), one stage's folder, or a whole
 checkpoint (each stage then reads only its layers from it).
+
+pipeline.json comes with the folder, so it is read as untrusted input:
+through `jsonfile.read_json_object` (a regular file of at most 1 MiB, nesting
+and NaN refused), then every field is checked; anything wrong is one
+ValueError naming the file and the fix (split the checkpoint again).
 """
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Optional, Tuple
+
+from ..common.jsonfile import read_json_object
 
 NAME = "pipeline.json"
 _STAGE_DIR = re.compile(r"stage(\d+)")
@@ -40,19 +48,22 @@ def stage_record(stage: int, stages: int, n_layers: int, shards: int) -> str:
 
 
 def read_record(folder: Path) -> Optional[dict]:
-    """A stage folder's pipeline.json, checked; None if `folder` has none."""
+    """A stage folder's pipeline.json, checked; None if `folder` has none.
+    ValueError (naming the file and the fix) for anything else: not a regular
+    file, too large, not JSON, or not the fields this version writes."""
     path = Path(folder) / NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    try:
-        data = json.loads(path.read_text())
-        stage, stages, (start, stop), n_layers = data["stage"], data["stages"], data["layers"], data["n_layers"]
-        ok = all(isinstance(v, int) for v in (stage, stages, start, stop, n_layers)) and 0 <= stage < stages
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-        ok = False
+    fix = "split the checkpoint again with utils/shard_model_checkpoint.py --pipeline_stages N"
+    data = read_json_object(path, missing=fix, fix=fix)
+    layers = data.get("layers")
+    values = [data.get("stage"), data.get("stages"), data.get("n_layers")]
+    if isinstance(layers, list) and len(layers) == 2:
+        values += layers
+    ok = (len(values) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+          and 0 <= data["stage"] < data["stages"] and 0 <= layers[0] <= layers[1] <= data["n_layers"])
     if not ok:
-        raise ValueError(f"{path} is not a pipeline stage record this version writes; split the checkpoint again "
-                         "with utils/shard_model_checkpoint.py --pipeline_stages N")
+        raise ValueError(f"{path} is not a pipeline stage record this version writes; {fix}")
     return data
 
 
@@ -62,7 +73,7 @@ def stage_folders(ckpt_dir) -> dict:
     if not ckpt_dir.is_dir():
         return {}
     return {int(m.group(1)): p for p in ckpt_dir.iterdir()
-            if (m := _STAGE_DIR.fullmatch(p.name)) and (p / NAME).is_file()}
+            if (m := _STAGE_DIR.fullmatch(p.name)) and os.path.lexists(p / NAME)}
 
 
 def model_folder(ckpt_dir) -> Path:
