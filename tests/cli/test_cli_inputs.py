@@ -19,6 +19,16 @@ from llama.cli import generate, main as cli_main
 MODEL = ["--temperature", "0", "--threads", "1", "--dtype", "float32", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def keep_the_process_group(monkeypatch):
+    """run_clean ends a successful run by destroying the process group, as a
+    process about to exit should; in this process the other tests' models
+    still use it."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *args, **kwargs: None)
+
+
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if the model would be loaded: the error must come first."""
