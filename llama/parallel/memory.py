@@ -14,7 +14,9 @@ CPU it is the smallest of what limits this process:
   process already maps (VmSize in /proc/self/status); an allocation past it
   fails with an allocator error whatever the machine has free;
 - its control group (every container): memory.max minus memory.current for
-  cgroup v2, memory.limit_in_bytes minus memory.usage_in_bytes for v1, for
+  cgroup v2, memory.limit_in_bytes minus memory.usage_in_bytes for v1 (the
+  usage less the inactive page cache of memory.stat, which the kernel drops
+  before it refuses memory, the way container runtimes count a working set), for
   the process's cgroup and each one above it (a parent's limit binds the
   children too); "max" (v2) or a limit near 2**63 (v1) means none. Past it
   the kernel's OOM killer ends the process without a message.
@@ -129,6 +131,19 @@ def _cgroup_folders() -> List[Tuple[Path, str, str]]:
     return found
 
 
+def _inactive_file(folder: Path) -> int:
+    """The page cache the kernel would drop first for this cgroup (memory.stat's
+    inactive_file; v1: total_inactive_file), counted in its usage but no real use."""
+    for line in (_read(folder / "memory.stat") or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("inactive_file", "total_inactive_file"):
+            try:
+                return max(int(value), 0)
+            except ValueError:
+                return 0
+    return 0
+
+
 def _cgroup_left() -> Optional[int]:
     """The least room under any memory limit of this process's cgroups (None: no limit)."""
     left = None
@@ -136,7 +151,8 @@ def _cgroup_left() -> Optional[int]:
         limit = _int_file(folder / limit_file)
         if limit is None or limit >= _V1_UNLIMITED:
             continue
-        room = max(limit - (_int_file(folder / usage_file) or 0), 0)
+        used = max((_int_file(folder / usage_file) or 0) - _inactive_file(folder), 0)
+        room = max(limit - used, 0)
         left = room if left is None else min(left, room)
     return left
 

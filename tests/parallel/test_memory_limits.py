@@ -67,6 +67,11 @@ def test_cgroup_v2_memory_max_minus_current(fake_proc):
     # Usage past the limit (reclaimable cache) is no room at all, not a negative one.
     (sys_root / "user.slice/memory.current").write_text(f"{3 * GIB}\n")
     assert memory.available_memory(torch.device("cpu")) == 0
+    # Inactive page cache counts as room: the kernel drops it before refusing memory.
+    (sys_root / "user.slice/memory.stat").write_text(f"anon 1000\ninactive_file {GIB}\nactive_file 5\n")
+    assert memory.available_memory(torch.device("cpu")) == 0
+    (sys_root / "user.slice/memory.stat").write_text(f"anon 1000\ninactive_file {2 * GIB}\n")
+    assert memory.available_memory(torch.device("cpu")) == GIB
 
 
 def test_cgroup_v1_limit_and_unlimited(fake_proc):
