@@ -125,9 +125,8 @@ def run_clean(fn, *args, **kwargs):
         sys.exit(LOST_RANK)
     except KeyboardInterrupt:
         interrupted()
-    import torch.distributed as dist  # imported by fn already, if it used it
-
-    if dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # a process group exists only if fn imported it
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return result
 
