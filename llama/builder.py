@@ -48,7 +48,7 @@ from .kernels.linear import QUANTIZATIONS, check_quantization, describe_matmuls,
 from .model import Transformer, cache_bytes
 from .parallel.distributed import DistInfo, choose_dtype, init_distributed
 from .parallel.fingerprint import check_same_checkpoint, replicated_hash
-from .parallel.memory import available_memory
+from .parallel.memory import ADDRESS_SPACE, CGROUP, available_memory, available_memory_and_limit
 from .parallel.threads import local_ranks, set_threads
 from .text.tokenizer import Tokenizer
 from .weights.args import ModelArgs
@@ -177,15 +177,17 @@ def check_cache_memory(args: ModelArgs, world_size: int, device: torch.device, d
     cache (model.cache_bytes) cannot fit in the memory left on `device`,
     before anything is allocated."""
     need = cache_bytes(args, world_size, dtype)
-    free = available_memory(device)
+    free = available_memory(device)  # the least of the machine's, ulimit -v's and the cgroup's room
     if free is not None and need > free:
         gib = 1024**3
+        limit = available_memory_and_limit(device)[1]
+        raise_it = f", or raise {limit}" if limit in (ADDRESS_SPACE, CGROUP) else ""
         raise CheckpointError(
             f"max_seq_len={args.max_seq_len} and max_batch_size={args.max_batch_size} need a KV cache of "
             f"{need / gib:,.1f} GiB per process ({args.n_layers} layers x 2 x {args.max_batch_size} x "
             f"{args.max_seq_len} positions x {args.head_dim * args.n_kv_heads} KV values / {world_size} "
             f"process(es) x {dtype.itemsize} bytes), but only {free / gib:,.1f} GiB is free on {device}; "
-            "lower --max_seq_len or --max_batch_size"
+            f"lower --max_seq_len or --max_batch_size{raise_it}"
         )
 
 

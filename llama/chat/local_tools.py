@@ -78,24 +78,58 @@ def _checked(value):
     return value
 
 
-def _evaluate(node: ast.AST):
-    return _checked(_evaluate_node(node))
-
-
-def _evaluate_node(node: ast.AST):
+def _operands(node: ast.AST, source: str):
+    """The child expressions `node` computes from; a ValueError if it is not arithmetic."""
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
+        return []
     if isinstance(node, ast.Name) and node.id in _CONSTANTS:
-        return _CONSTANTS[node.id]
+        return []
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _UNARY[type(node.op)](_evaluate(node.operand))
+        return [node.operand]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+        return [node.left, node.right]
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
         if not node.keywords:
-            return _FUNCTIONS[node.func.id](*(_evaluate(arg) for arg in node.args))
-    raise ValueError(f"{ast.unparse(node)!r} is not arithmetic (numbers, + - * / // % ** ^, "
+            return list(node.args)
+    # The source text, not ast.unparse (recursive: a deep tree would overflow the stack).
+    text = ast.get_source_segment(source, node) or type(node).__name__
+    raise ValueError(f"{text[:100]!r} is not arithmetic (numbers, + - * / // % ** ^, "
                      f"{', '.join(_FUNCTIONS)}, {', '.join(_CONSTANTS)})")
+
+
+def _apply(node: ast.AST, args: list):
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return _CONSTANTS[node.id]
+    if isinstance(node, ast.UnaryOp):
+        return _UNARY[type(node.op)](*args)
+    if isinstance(node, ast.BinOp):
+        return _BINARY[type(node.op)](*args)
+    return _FUNCTIONS[node.func.id](*args)
+
+
+def _evaluate(root: ast.AST, source: str):
+    """The value of the tree, children first, left to right, every result checked.
+
+    With a stack of its own rather than recursion: "-" * 499 + "1" is a tree
+    499 levels deep, which recursion (two Python frames a level) could not
+    walk within Python's limit of 1,000 frames.
+    """
+    values: list = []
+    todo = [(root, False)]  # (node, its operands are already on `values`)
+    while todo:
+        node, ready = todo.pop()
+        if not ready:
+            operands = _operands(node, source)
+            todo.append((node, True))
+            todo.extend((child, False) for child in reversed(operands))
+            continue
+        n = len(_operands(node, source))
+        args = values[len(values) - n:]
+        del values[len(values) - n:]
+        values.append(_checked(_apply(node, args)))
+    return values[0]
 
 
 def calculate(expression: str) -> str:
@@ -105,10 +139,13 @@ def calculate(expression: str) -> str:
     if len(expression) > _MAX_EXPRESSION_CHARS:
         return f"error: the expression is longer than {_MAX_EXPRESSION_CHARS} characters"
     try:
-        value = _evaluate(ast.parse(expression.strip(), mode="eval").body)
+        source = expression.strip()
+        value = _evaluate(ast.parse(source, mode="eval").body, source)
     except SyntaxError:
         return f"error: {expression!r} is not a valid expression"
-    except (ArithmeticError, ValueError, TypeError, RecursionError, MemoryError) as e:
+    except (RecursionError, MemoryError):  # the parser's own limits (Python's, not ours)
+        return "error: the expression is nested too deeply; split it into smaller steps"
+    except (ArithmeticError, ValueError, TypeError) as e:
         return f"error: {e}"
     return f"{value:.12g}" if isinstance(value, float) else str(value)
 

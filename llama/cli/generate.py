@@ -7,7 +7,7 @@ from pathlib import Path
 from ..chat.session import ChatSession, from_rank0
 from .run import BAD_INPUT, rank_and_world
 from ..parallel.distributed import print_rank0
-from .options import build_generator, read_stdin, sampling_kwargs
+from .options import build_generator, check_prompt, read_stdin, sampling_kwargs
 
 
 def write(text: str) -> None:
@@ -33,7 +33,10 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
 
 def chat(a: argparse.Namespace) -> None:
     # Rank 0 decides and reads (before loading, to fail early); the other ranks get its prompt once loaded.
-    prompt = (a.prompt if a.prompt is not None else read_stdin("a message on stdin, or --prompt")) if _rank0() else None
+    prompt = None
+    if _rank0():
+        prompt = check_prompt(a.prompt, "the message to answer, or leave --prompt out to chat")
+        prompt = prompt if prompt is not None else read_stdin("a message on stdin, or --prompt")
     generator = build_generator(a)
     prompt = from_rank0(prompt)
     if prompt is None:  # stdin is a terminal: chat
@@ -52,11 +55,14 @@ def add_complete_args(p: argparse.ArgumentParser) -> None:
 
 def _completion_prompt(a: argparse.Namespace) -> str:
     if a.prompt is not None:
-        return a.prompt
+        return check_prompt(a.prompt, "the text to continue")
     if a.file is not None:
         if not a.file.is_file():
             raise FileNotFoundError(f"--file {a.file} not found")
-        return a.file.read_text(encoding="utf-8")
+        text = a.file.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError(f"--file {a.file} is empty: give a file with the text to continue")
+        return text
     text = read_stdin("--prompt TEXT, --file FILE or text on stdin")
     if text is None:
         raise ValueError("nothing to complete: give --prompt TEXT, --file FILE, or pipe the text into stdin")

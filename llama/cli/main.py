@@ -8,17 +8,18 @@ through the same one-message-per-job reporting as every other error.
 
 Runs under torchrun like the examples:
     torchrun --nproc_per_node 2 -m llama chat --ckpt_dir DIR
+
+Importing this module imports no torch: the console script imports it
+before calling `main`, and the subcommands (which need torch, seconds to
+import) are imported inside `main`, so that a Ctrl-C at any point, the
+imports included, ends with one line and exit 130 (`run.interrupted`).
 """
 
 import argparse
 import sys
 from typing import List, Optional
 
-from .run import BAD_INPUT, rank_and_world, report_error, run_clean, setup_logging
-from .checkpoints import add_convert_args, add_info_args, add_shard_args, convert, info, shard
-from .generate import add_chat_args, add_complete_args, chat, complete
-from .options import add_model_args, add_sampling_args
-from .serve import add_serve_args, serve
+from .run import BAD_INPUT, interrupted, rank_and_world, report_error, run_clean, setup_logging
 
 
 EXAMPLES = """examples:
@@ -48,6 +49,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .checkpoints import add_convert_args, add_info_args, add_shard_args, convert, info, shard
+    from .generate import add_chat_args, add_complete_args, chat, complete
+    from .options import add_model_args, add_sampling_args
+    from .serve import add_serve_args, serve
+
     parser = _Parser(prog="llama", description="Llama 2 / 3 / 3.1 inference on CPU and GPU.", epilog=EXAMPLES,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -76,11 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    setup_logging()
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
-    except UsageError as e:
-        report_error(str(e))
-        sys.exit(BAD_INPUT)
-    run_clean(args.func, args)
+        setup_logging()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except UsageError as e:
+            report_error(str(e))
+            sys.exit(BAD_INPUT)
+        run_clean(args.func, args)
+    except KeyboardInterrupt:  # while torch imports, or anywhere run_clean does not cover
+        interrupted()

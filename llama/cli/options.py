@@ -3,6 +3,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
 from ..parallel.distributed import DTYPES
@@ -57,10 +58,21 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", metavar="N", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
 
 
+# The seeds the engine takes (SamplingParams.seed): torch's generators take any
+# 64-bit value, but a request's seed is a non-negative signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+
+
 def sampling_kwargs(a: argparse.Namespace) -> dict:
     """The keyword arguments of chat_completion_stream / generate_stream for the sampling
     flags (max_gen_len and a SamplingParams); a bad value is a ValueError naming the flag."""
     from ..engine.sampling import SamplingParams
+
+    if a.max_gen_len is not None and a.max_gen_len < 1:
+        raise ValueError(f"--max_gen_len must be a positive number of tokens, got {a.max_gen_len} "
+                         "(leave it out to answer until the model stops or max_seq_len is reached)")
+    if not 0 <= a.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be an integer from 0 to {MAX_SEED} (2**63 - 1), got {a.seed}")
 
     params = SamplingParams(
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
@@ -70,13 +82,37 @@ def sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(max_gen_len=a.max_gen_len, sampling=params)
 
 
+def check_ckpt_dir(ckpt_dir: str) -> None:
+    """--ckpt_dir is a directory: a mistyped name says so (before the tokenizer,
+    looked up in it, would be reported missing), and a GGUF file gets the
+    command that converts it."""
+    path = Path(ckpt_dir)
+    if path.is_dir():
+        return
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                gguf = f.read(4) == b"GGUF"
+        except OSError:
+            gguf = False
+        if gguf or path.suffix.lower() == ".gguf":
+            raise ValueError(f"--ckpt_dir {path} is a GGUF file, not a checkpoint directory: convert it once with "
+                             f"`llama convert --gguf {path} --out {path.with_suffix('')}`, then pass "
+                             f"--ckpt_dir {path.with_suffix('')}")
+        raise ValueError(f"--ckpt_dir {path} is a file, not a checkpoint directory (params.json, "
+                         "consolidated.*.pth, tokenizer.model)")
+    raise FileNotFoundError(f"--ckpt_dir {path}: directory not found (check the path; `llama info DIR` shows "
+                            "what a checkpoint directory holds)")
+
+
 def build_generator(a: argparse.Namespace):
-    """Loads the model as the flags say."""
+    """Loads the model as the flags say, once the flags are checked."""
     from ..weights.stages import find_tokenizer
     from ..generation import Llama
 
     if hasattr(a, "temperature"):
         sampling_kwargs(a)  # a bad sampling flag fails before the model loads
+    check_ckpt_dir(a.ckpt_dir)
     return Llama.build(
         ckpt_dir=a.ckpt_dir, tokenizer_path=str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)),
         max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=getattr(a, "seed", 1),
@@ -86,10 +122,20 @@ def build_generator(a: argparse.Namespace):
 
 
 def read_stdin(what: str) -> Optional[str]:
-    """All of stdin, or None if stdin is a terminal (nothing piped in)."""
+    """All of stdin without its trailing newlines, or None if stdin is a
+    terminal (nothing piped in). `echo "question" | llama chat` then asks
+    exactly what `--prompt "question"` asks: a newline left at the end of a
+    message is a token the model reads as part of it (and answers worse)."""
     if sys.stdin is None or sys.stdin.isatty():
         return None
     text = sys.stdin.read()
     if not text.strip():
         raise ValueError(f"stdin is empty: give {what}")
-    return text
+    return text.rstrip("\r\n")
+
+
+def check_prompt(prompt: Optional[str], what: str) -> Optional[str]:
+    """An empty --prompt is refused (it would answer nothing in particular)."""
+    if prompt is not None and not prompt.strip():
+        raise ValueError(f"--prompt is empty: give {what}")
+    return prompt

@@ -5,6 +5,11 @@ A bad input (missing file, malformed checkpoint, impossible setting) ends with
 one message and a non-zero exit, not a traceback. Under torchrun every rank
 usually meets the same error; rank 0 prints it and the other ranks stay quiet
 (see `report_error`), so the message appears once above torchrun's summary.
+
+No torch at import (torch.distributed is imported where it is used): the
+`llama` command imports this module before anything else, and a Ctrl-C
+during the seconds torch takes to import must reach `cli.main.main`'s
+handler rather than print a traceback.
 """
 
 import contextlib
@@ -13,10 +18,6 @@ import os
 import sys
 import time
 from datetime import timedelta
-
-import torch.distributed as dist
-
-from ..parallel.distributed import DEFAULT_TIMEOUT_S
 
 # Exit codes: 2 a bad input (as argparse's usage errors), 3 a lost rank, 130 Ctrl-C.
 BAD_INPUT, LOST_RANK, INTERRUPTED = 2, 3, 130
@@ -46,6 +47,8 @@ _PEER_LOST = ("Connection reset", "Connection closed", "Connection refused", "Br
 
 
 def _is_communication_error(e: BaseException) -> bool:
+    import torch.distributed as dist
+
     text = str(e)
     return isinstance(e, dist.DistError) or any(s in text for s in _PEER_LOST)
 
@@ -55,6 +58,8 @@ def _job_store():
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     try:
+        import torch.distributed as dist
+
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                              timeout=timedelta(seconds=_SAME_ERROR_WAIT_S))
     except Exception:  # noqa: BLE001 - no store: every rank prints its own message
@@ -98,6 +103,8 @@ def report_error(message: str) -> None:
 
 
 def _lost_rank_message(e: BaseException) -> str:
+    from ..parallel.distributed import DEFAULT_TIMEOUT_S
+
     return (f"lost contact with another rank ({str(e).splitlines()[0][:300]}). It stopped or hangs: "
             f"check the other workers' output. A hung rank is given up on after {DEFAULT_TIMEOUT_S:.0f} s "
             "(set LLAMA_DIST_TIMEOUT to change this).")
@@ -117,11 +124,19 @@ def run_clean(fn, *args, **kwargs):
         report_error(_lost_rank_message(e))
         sys.exit(LOST_RANK)
     except KeyboardInterrupt:
-        print(file=sys.stderr)
-        sys.exit(INTERRUPTED)
-    if dist.is_initialized():
+        interrupted()
+    dist = sys.modules.get("torch.distributed")  # a process group exists only if fn imported it
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return result
+
+
+def interrupted() -> None:
+    """Ctrl-C: one line on stderr and exit 130, as shells expect (on a terminal,
+    on a line of its own after the ^C the terminal echoed)."""
+    tty = sys.stderr is not None and sys.stderr.isatty()
+    print(f"{chr(10) if tty else ''}interrupted", file=sys.stderr, flush=True)
+    sys.exit(INTERRUPTED)
 
 
 def run(main) -> None:

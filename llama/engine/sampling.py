@@ -55,7 +55,8 @@ class SamplingParams:
     Attributes:
         temperature: 0 (or anything below GREEDY_BELOW) means greedy (arg-max);
             higher flattens the distribution.
-        top_p: Keep the smallest set of tokens whose probability reaches top_p, in (0, 1].
+        top_p: Keep the smallest set of tokens whose probability reaches top_p, in [0, 1];
+            0 keeps the most likely token alone (greedy, as Meta's reference and OpenAI).
         top_k: Keep the k most likely tokens; 0 keeps all.
         min_p: Drop tokens less likely than min_p times the most likely one; 0 keeps all.
         repetition_penalty: Divides the (positive) logits of tokens already in the
@@ -125,7 +126,7 @@ def _check_real(name: str, value, low: float, high: float, low_open=False, high_
 
 def _validate(p: SamplingParams) -> None:
     _check_real("temperature", p.temperature, 0.0, 1e6)
-    _check_real("top_p", p.top_p, 0.0, 1.0, low_open=True)
+    _check_real("top_p", p.top_p, 0.0, 1.0)  # 0: Meta's rule in `draw` keeps the first token alone
     _check_real("min_p", p.min_p, 0.0, 1.0, high_open=True)
     _check_real("repetition_penalty", p.repetition_penalty, 0.0, 1e6, low_open=True)
     _check_real("presence_penalty", p.presence_penalty, -2.0, 2.0)

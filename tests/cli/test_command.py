@@ -127,7 +127,7 @@ def test_sampling_flags_reach_the_engine(llama_bin, make_ckpt, tmp_path):
     assert cut.returncode == 0, cut.stderr
     assert cut.stdout.rstrip("\n") == text[: text.index(stop)]
     bad = llama(llama_bin, "complete", "--ckpt_dir", ckpt, "--prompt", "x", "--top_p", "-1", *MODEL, cwd=tmp_path)
-    assert bad.returncode == 2 and "sampling top_p must be in (0, 1], got -1" in bad.stderr
+    assert bad.returncode == 2 and "sampling top_p must be in [0, 1], got -1" in bad.stderr
     assert "Traceback" not in bad.stderr and "Loaded" not in bad.stderr
 
 

@@ -15,7 +15,7 @@ from llama.text.stream import StopStrings
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", math.nan), ("temperature", -0.1), ("temperature", math.inf), ("temperature", "hot"),
-    ("temperature", True), ("top_p", 0.0), ("top_p", -1), ("top_p", 1.5), ("top_p", math.nan),
+    ("temperature", True), ("top_p", -1e-9), ("top_p", -1), ("top_p", 1.5), ("top_p", math.nan),
     ("top_k", -1), ("top_k", 2.5), ("min_p", 1.0), ("min_p", -0.1), ("repetition_penalty", 0.0),
     ("repetition_penalty", math.nan), ("presence_penalty", 3.0), ("frequency_penalty", -2.5),
     ("seed", -1), ("seed", 1.5), ("seed", 2**63), ("max_tokens", -1), ("max_tokens", True), ("max_tokens", 1.0),

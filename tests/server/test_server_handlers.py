@@ -64,7 +64,7 @@ def test_sampling_params_take_the_clients_values():
 
 
 @pytest.mark.parametrize("body, param", [
-    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=-0.5), "top_p"), (dict(presence_penalty=3.0), "presence_penalty"),
     (dict(logit_bias={"1": 2.0}), "logit_bias"), (dict(top_logprobs=2), "top_logprobs"),
 ])
 def test_sampling_params_refuse_bad_values_naming_the_field(body, param):
