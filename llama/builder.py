@@ -184,9 +184,10 @@ def check_cache_memory(args: ModelArgs, world_size: int, device: torch.device, d
         raise_it = f", or raise {limit}" if limit in (ADDRESS_SPACE, CGROUP) else ""
         raise CheckpointError(
             f"max_seq_len={args.max_seq_len} and max_batch_size={args.max_batch_size} need a KV cache of "
-            f"{need / gib:,.1f} GiB per process ({args.n_layers} layers x 2 x {args.max_batch_size} x "
-            f"{args.max_seq_len} positions x {args.head_dim * args.n_kv_heads} KV values / {world_size} "
-            f"process(es) x {dtype.itemsize} bytes), but only {free / gib:,.1f} GiB is free on {device}; "
+            f"{need / gib:,.1f} GiB per process with its RoPE table ({args.n_layers} layers x 2 x "
+            f"{args.max_batch_size} x {args.max_seq_len} positions x {args.head_dim * args.n_kv_heads} KV values / "
+            f"{world_size} process(es) x {dtype.itemsize} bytes, plus {args.max_seq_len} positions x "
+            f"{3 * args.head_dim // 2 * 4} bytes of RoPE), but only {free / gib:,.1f} GiB is free on {device}; "
             f"lower --max_seq_len or --max_batch_size{raise_it}"
         )
 
