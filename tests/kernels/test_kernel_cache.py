@@ -304,7 +304,9 @@ def test_a_failed_build_leaves_nothing_and_says_why(use_cache, monkeypatch, tmp_
     directory = _private(tmp_path / "cache")
     use_cache(directory)
     assert native.library() is not None
-    (directory / os.listdir(directory)[0]).write_bytes(b"damaged")
+    library = directory / os.listdir(directory)[0]
+    library.unlink()  # this process has it mapped: writing it in place would SIGBUS the test run
+    library.write_bytes(b"damaged")
     monkeypatch.setattr(native, "_compile", failing)
     native.library.cache_clear()
     assert native.library() is None
@@ -323,6 +325,6 @@ def test_the_cache_module_loads_only_what_it_checked(built, tmp_path):
     assert path == str(directory / f"kernels-0000000000000000-{digest}.so")
     assert lib.llama_kernels_version() == native.VERSION
     assert lib._name.startswith("/proc/self/fd/") or not os.path.isdir("/proc/self/fd")
+    directory.chmod(0o757)
     with pytest.raises(cache.Untrusted, match="chmod 700"):
-        directory.chmod(0o757)
         cache.load(str(directory), "kernels-0000000000000000", lambda out: None)
