@@ -49,6 +49,11 @@ is left alone. A failing build raises what `build` raises (OSError,
 RuntimeError) with nothing left behind. Two processes that both find the
 library missing build it one after the other; the second finds the
 first's and loads it.
+
+Not promised: the digest tells a damaged or foreign file from the one
+built, not the user's own build from a file someone with the user's
+permissions wrote there (with a digest to match); keeping everyone else
+out of the directory is what the ownership and mode checks are for.
 """
 
 import ctypes
@@ -229,7 +234,8 @@ def _build(real: str, dirfd: int, stem: str, build: Callable[[str], None]) -> Tu
         if fd is None:
             raise RuntimeError(f"the build left no library at {os.path.join(real, library)}")
         digest = _sha256(fd)
-        os.replace(library, _name(stem, digest), src_dir_fd=dirfd, dst_dir_fd=dirfd)  # replaces a link, never follows it
+        # a rename replaces a link at the name, never follows it
+        os.replace(library, _name(stem, digest), src_dir_fd=dirfd, dst_dir_fd=dirfd)
         built, fd = fd, None
         return built, digest
     finally:
