@@ -14,12 +14,19 @@ Speed section.
 
 The library is built once per source, compiler and CPU (`cc -O3
 -march=native -fopenmp`, about a second; $LLAMA_NATIVE_ARCH replaces native)
-into ~/.cache/llama/native (or $LLAMA_NATIVE_CACHE), written under a
-temporary name and renamed, and loaded with ctypes. Its OpenMP is the one PyTorch already loaded (libgomp, same
-soname); each call is given torch.get_num_threads(). Without a C compiler,
-on a CPU without AVX2 and FMA, or with LLAMA_NATIVE=0, `library()` is None
-and the caller (linear.choose_matmul) uses PyTorch's kernels; `status()`
-says why.
+into ~/.cache/llama/native (or $LLAMA_NATIVE_CACHE) as
+kernels-<key>-<sha256>.so, and loaded with ctypes. That directory is trusted
+code (a library there runs as the user), so llama/kernels/cache.py keeps it
+private and loads only a library whose bytes hash to the sha256 its name
+recorded when it was built (see its docstring: 0700 and owned by the user,
+no links followed, rebuilt on any mismatch, builds under a temporary name
+then renamed). Its OpenMP is the one PyTorch already loaded (libgomp, same
+soname); each call is given torch.get_num_threads().
+
+Without a C compiler, on a CPU without AVX2 and FMA, with LLAMA_NATIVE=0, or
+with a cache directory someone else could write, `library()` is None and the
+caller (linear.choose_matmul) uses PyTorch's kernels; `status()` says why
+("none: ..." is also logged once as a warning). Nothing here raises.
 """
 
 import ctypes
@@ -29,7 +36,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
@@ -37,6 +43,7 @@ from typing import Callable, Optional
 import torch
 
 from ..common.cpu import cpu_id
+from . import cache
 
 logger = logging.getLogger("llama")
 
@@ -74,19 +81,17 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(cc: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp")
-    os.close(fd)
-    try:
-        command = [cc, *_flags(), str(SOURCE), "-o", tmp, "-lm"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if result.returncode != 0:
-            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
-        os.replace(tmp, out)  # a crash never leaves a half-written library under the final name
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def cache_directory() -> Path:
+    """Where the kernels are cached: $LLAMA_NATIVE_CACHE, or ~/.cache/llama/native."""
+    return Path(os.environ.get("LLAMA_NATIVE_CACHE") or Path.home() / ".cache" / "llama" / "native")
+
+
+def _compile(cc: str, out: str) -> None:
+    """Compile kernels.c into the library `out` (a new empty file cache.load made)."""
+    command = [cc, *_flags(), str(SOURCE), "-o", out, "-lm"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
 
 
 class _Weight(ctypes.Structure):
@@ -152,15 +157,16 @@ def _load():
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"none: {cc} does not run ({e})"
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_flags()), version, _cpu_id()]).encode()).hexdigest()
-    cache = Path(os.environ.get("LLAMA_NATIVE_CACHE") or Path.home() / ".cache" / "llama" / "native")
-    path = cache / f"kernels-{key[:16]}.so"
     try:
-        if not path.is_file():
-            _build(cc, path)
-        lib = ctypes.CDLL(str(path))
-        _declare(lib)
+        lib, path = cache.load(str(cache_directory()), f"kernels-{key[:16]}", lambda out: _compile(cc, out))
+    except cache.Untrusted as e:
+        return None, f"none: {e}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"none: building llama/kernels.c with {cc} failed ({e})"
+    try:
+        _declare(lib)
+    except AttributeError as e:  # cannot happen to a library we built from this source
+        return None, f"none: {path} is not our kernels ({e})"
     if lib.llama_kernels_version() != VERSION:
         return None, f"none: {path} is version {lib.llama_kernels_version()}, this code needs {VERSION}"
     return lib, "AVX-512" if lib.llama_kernels_vector_width() == 16 else "AVX2"
