@@ -1,4 +1,7 @@
-"""Driving the engine step by step, shared by the engine and compiled-decoding tests."""
+"""Driving the engine step by step and loading pipeline stages by hand, shared by the
+engine, pipeline and compiled-decoding tests."""
+
+import torch
 
 
 def run_to_end(engine, schedule, max_steps=200):
@@ -23,3 +26,31 @@ def encode(gen, texts):
 
 
 PROMPTS = ["A llama", "The transformer has an embedding table and a stack of layers", "Hi", "Model parallelism"]
+
+
+FOUR_LAYERS = {"n_layers": 4}
+
+
+def _stage_model(ckpt, layers):
+    """A stage's Transformer, loaded as Llama.build loads it (one process)."""
+    from llama.weights.args import ModelArgs
+    from llama.weights.checkpoint import load_rank_state
+    from llama.parallel.distributed import init_distributed
+    from llama.model import Transformer
+    from llama.text.tokenizer import Tokenizer
+    from llama.builder import with_tokenizer_vocab
+    from llama.weights.stages import model_folder, read_record
+
+    init_distributed("cpu")
+    folder = model_folder(ckpt)
+    args = ModelArgs.from_json(folder / "params.json", max_seq_len=32, max_batch_size=2)
+    raw = args.vocab_size
+    args = with_tokenizer_vocab(args, Tokenizer.from_file(folder / "tokenizer.model"), folder)
+    record = read_record(folder)
+    held = range(*record["layers"]) if record else None
+    state, layout = load_rank_state(folder, args, 0, 1, raw, layers=layers, held=held)
+    with torch.device("meta"):
+        model = Transformer(args, embedding_layout=layout, layers=layers)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.setup_caches("cpu", torch.float32)
+    return model, state

@@ -10,36 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-
-FOUR_LAYERS = {"n_layers": 4}
-
-
-# -- one process: the stage models chained by hand ------------------------------
-
-
-def _stage_model(ckpt, layers):
-    """A stage's Transformer, loaded as Llama.build loads it (one process)."""
-    from llama.weights.args import ModelArgs
-    from llama.weights.checkpoint import load_rank_state
-    from llama.parallel.distributed import init_distributed
-    from llama.model import Transformer
-    from llama.text.tokenizer import Tokenizer
-    from llama.builder import with_tokenizer_vocab
-    from llama.weights.stages import model_folder, read_record
-
-    init_distributed("cpu")
-    folder = model_folder(ckpt)
-    args = ModelArgs.from_json(folder / "params.json", max_seq_len=32, max_batch_size=2)
-    raw = args.vocab_size
-    args = with_tokenizer_vocab(args, Tokenizer.from_file(folder / "tokenizer.model"), folder)
-    record = read_record(folder)
-    held = range(*record["layers"]) if record else None
-    state, layout = load_rank_state(folder, args, 0, 1, raw, layers=layers, held=held)
-    with torch.device("meta"):
-        model = Transformer(args, embedding_layout=layout, layers=layers)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.setup_caches("cpu", torch.float32)
-    return model, state
+from engine_helpers import FOUR_LAYERS, _stage_model
 
 
 @pytest.mark.parametrize("family", ["llama2", "llama3"])

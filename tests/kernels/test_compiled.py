@@ -95,7 +95,7 @@ def test_compiled_pipeline_stages_chained_equal_the_whole_model(make_ckpt):
     """A stage after the first compiles from a hidden state, not token ids."""
     from llama.kernels.compiled import compile_decode
     from llama.kernels.linear import use_kernels
-    from test_pipeline import FOUR_LAYERS, _stage_model
+    from engine_helpers import FOUR_LAYERS, _stage_model
 
     ckpt = make_ckpt("llama3", **FOUR_LAYERS)
     whole = use_kernels(_stage_model(ckpt, None)[0])
