@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_helpers import WORKER, _worker_pid, free_port, run_worker, worker_cmd  # noqa: F401
+from dist_helpers import WORKER, _worker_pid, free_port, one_process_result, run_worker, worker_cmd  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def no_shared_memory_file_left():
 def reference(make_ckpt, tmp_path_factory):
     """MP=1 results, one process, per family."""
     tmp = tmp_path_factory.mktemp("ref")
-    return {fam: run_worker(make_ckpt(fam), tmp) for fam in ("llama2", "llama3")}
+    return {fam: one_process_result(make_ckpt(fam), tmp) for fam in ("llama2", "llama3")}
 
 
 def assert_same(result, ref, world_size, shared_memory=True):
@@ -78,7 +78,7 @@ def test_mp1_checkpoint_on_two_and_four_workers(make_ckpt, reference, tmp_path):
 
 def test_mp2_checkpoint_on_one_worker(make_ckpt, reference, tmp_path):
     for family in ("llama2", "llama3"):
-        assert_same(run_worker(make_ckpt(family, shards=2), tmp_path), reference[family], 1)
+        assert_same(one_process_result(make_ckpt(family, shards=2), tmp_path), reference[family], 1)
 
 
 def test_two_nodes(make_ckpt, reference, tmp_path):
