@@ -183,10 +183,10 @@ def test_stages_equal_one_process_llama2(stages, nproc, shards, make_ckpt, tmp_p
     """Llama 2 (SentencePiece, embedding split by dim): 3 stages from the whole
     checkpoint, and 2 stages of 2 tensor-parallel ranks each from a stage-split
     checkpoint of 2 shards per stage."""
-    from dist_helpers import run_worker
+    from dist_helpers import one_process_result, run_worker
 
     src = make_ckpt("llama2", **FOUR_LAYERS)
-    reference = run_worker(src, tmp_path)
+    reference = one_process_result(src, tmp_path)  # one run for both cases
     ckpt = src if shards is None else _split(src, tmp_path / "split", stages, shards)
     if shards is not None:
         shutil.copy(src / "tokenizer.model", ckpt / "tokenizer.model")  # run_worker passes ckpt/tokenizer.model
