@@ -1,4 +1,11 @@
-"""/metrics: Prometheus text format, one registry per app."""
+"""/metrics: Prometheus text format, one registry per app.
+
+Bounded labels: `llama_requests_total`'s endpoint label is a route template
+(`/v1/models/{name}`), never a raw path, and every path the server does not
+serve is the one label `other`, so no client can grow the metrics by
+requesting new paths (`endpoint_label`; the counter applies it to whatever
+path it is given).
+"""
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -6,10 +13,35 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+# The served paths, and the one template with a parameter.
+_ENDPOINTS = frozenset(("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"))
+_MODEL_PREFIX = "/v1/models/"
+OTHER = "other"
+
+
+def endpoint_label(path: str) -> str:
+    """The metrics label of a request path: itself if served, its route template, or `other`."""
+    if path in _ENDPOINTS:
+        return path
+    if path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
+        return _MODEL_PREFIX + "{name}"
+    return OTHER
+
+
+class _RequestCounter:
+    """`llama_requests_total` whose `labels(path, status)` maps the path to its `endpoint_label`."""
+
+    def __init__(self, registry):
+        self._counter = Counter("llama_requests", "HTTP requests answered", ["endpoint", "status"], registry=registry)
+
+    def labels(self, path: str, status: str):
+        return self._counter.labels(endpoint_label(path), str(status))
+
+
 class ServerMetrics:
     def __init__(self, worker):
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("llama_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.requests = _RequestCounter(r)
         self.prompt_tokens = Counter("llama_prompt_tokens", "Prompt tokens submitted", registry=r)
         self.generated_tokens = Counter("llama_generated_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("llama_time_to_first_token_seconds", "From request to its first token",

@@ -19,7 +19,8 @@ from typing import List, Tuple, Union
 from ..text.messages import StopReason
 from ..engine.sampling import SamplingParams
 from ..text.tool_calls import CallSyntax, ToolCall, ToolDefinition, ToolParam, system_prompt
-from .protocol import APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, Content
+from .protocol import MAX_CHOICES, MAX_JSON_DEPTH, APIError, ChatCompletionRequest, ChatMessage, CompletionRequest, \
+    Content, json_depth
 
 # What OpenAI's API reference gives a field the client leaves out (or sends as
 # null). max_tokens: a chat answer runs until the context is full; a text
@@ -37,14 +38,17 @@ def text_of(content: Content) -> str:
 
 
 def _tool_call(i: int, j: int, call) -> ToolCall:
+    where = f"messages[{i}].tool_calls[{j}].function.arguments"
     try:
         arguments = json.loads(call.function.arguments) if call.function.arguments.strip() else {}
     except json.JSONDecodeError as e:
-        raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}",
-                       f"messages[{i}].tool_calls[{j}].function.arguments") from None
+        raise APIError(400, f"{where} is not JSON: {e}", where) from None
+    except RecursionError:  # json's C parser gives up near the interpreter's recursion limit
+        raise APIError(400, f"{where} nests deeper than {MAX_JSON_DEPTH} levels", where) from None
     if not isinstance(arguments, dict):
-        raise APIError(400, f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object",
-                       f"messages[{i}].tool_calls[{j}].function.arguments")
+        raise APIError(400, f"{where} must be a JSON object", where)
+    if json_depth(arguments, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise APIError(400, f"{where} nests deeper than {MAX_JSON_DEPTH} levels", where)
     return ToolCall(call.function.name, arguments, call_id=call.id, syntax=CallSyntax.JSON)
 
 
@@ -61,14 +65,15 @@ def _message(i: int, m: ChatMessage) -> dict:
 
 
 def _definition(tool) -> ToolDefinition:
+    """Llama 3.1's tool definition; `protocol.FunctionDef` checked the schema's shape."""
     schema = tool.function.parameters or {}
     props = schema.get("properties") or {}
     required = set(schema.get("required") or ())
-    if not isinstance(props, dict):
-        raise APIError(400, f"tool {tool.function.name}: parameters.properties must be an object", "tools")
-    params = {name: ToolParam(str(p.get("type", "string")) if isinstance(p, dict) else "string",
-                              str(p.get("description", "")) if isinstance(p, dict) else "", name in required)
-              for name, p in props.items()}
+
+    def type_of(p):
+        t = p.get("type", "string")
+        return t if isinstance(t, str) else " | ".join(t)
+    params = {name: ToolParam(type_of(p), p.get("description", ""), name in required) for name, p in props.items()}
     return ToolDefinition(tool.function.name, tool.function.description, params)
 
 
@@ -138,6 +143,21 @@ def sampling_params(req: Union[ChatCompletionRequest, CompletionRequest]) -> Lis
     except ValueError as e:
         field = str(e).split()[1] if str(e).startswith("sampling ") else None
         raise APIError(400, str(e), field) from None
+
+
+def check_size(req: Union[ChatCompletionRequest, CompletionRequest], prompts: int, capacity: int) -> None:
+    """400 naming the field if the request's prompts x n engine requests exceed
+    MAX_CHOICES or the server's `capacity` (running rows plus queue places):
+    such a request could never be admitted, and a 429 would make clients retry
+    it forever. Only a queue that is full right now is a 429 (serving.Submission)."""
+    n = OPENAI_DEFAULTS["n"] if req.n is None else req.n
+    param = "n" if n > 1 or prompts == 1 else "prompt"
+    what = f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
+    if prompts * n > MAX_CHOICES:
+        raise APIError(400, f"{what} is {prompts * n} answers; at most {MAX_CHOICES} per request", param)
+    if prompts * n > capacity:
+        raise APIError(400, f"{what} is {prompts * n} answers, more than this server can hold at once "
+                            f"({capacity}: running rows plus queue places); send fewer per request", param)
 
 
 def finish_reason(reason: StopReason, has_tool_calls: bool) -> str:

@@ -172,11 +172,29 @@ def test_errors(client, llama3):
     error_of(client.get("/v1/nothing"), 404)
 
 
-def test_429_when_slots_and_queue_are_full(client):
-    # max_batch_size 2 and max_queue 0: three choices at once do not fit.
-    r = chat(client, n=3, max_tokens=2)
+def test_429_when_slots_and_queue_are_full(client, monkeypatch):
+    # max_batch_size 2 and max_queue 0: three choices at once can never fit (400, see
+    # test_server_requests.py); two requests already in flight fill it (429).
+    import threading
+    import time
+
+    from llama.engine.engine import Request
+    from llama.engine.sampling import SamplingParams
+
+    worker = client.app.state.server.worker
+    release, step = threading.Event(), Engine.step
+    monkeypatch.setattr(Engine, "step", lambda self: (release.wait(10), step(self))[1])
+    handles = worker.submit([Request((1, 2, 3), SamplingParams(max_tokens=4))] * 2, [lambda e, err: None] * 2)
+    r = chat(client, n=1, max_tokens=2)
     err = error_of(r, 429)
     assert r.headers["retry-after"] == "1" and "busy" in err["message"]
+    worker.cancel(handles)
+    release.set()
+    deadline = time.monotonic() + 10
+    while worker.inflight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monkeypatch.undo()
+    assert error_of(chat(client, n=3, max_tokens=2), 400)["param"] == "n"
     assert chat(client, n=2, max_tokens=2).status_code == 200  # and nothing was left behind
 
 
