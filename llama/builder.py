@@ -54,7 +54,7 @@ from .text.tokenizer import Tokenizer
 from .weights.args import ModelArgs
 from .weights.checkpoint import CheckpointError, first_needed_shard, inspect_rank_files, load_prepared_rank_state
 from .weights.schema import shard_shapes, stage_holds
-from .weights.stages import model_folder, stage_folder, stage_layers
+from .weights.stages import model_digest, model_folder, stage_folder, stage_layers
 
 logger = logging.getLogger("llama")
 
@@ -213,6 +213,7 @@ def inspect_files(ckpt_dir: str, tokenizer_path: str, args: ModelArgs, raw_vocab
     except (FileNotFoundError, ValueError) as e:
         error = e
     check_same_checkpoint(folder, tokenizer_path, error=error, extra=weights, stage=dist_info.stage,
+                          model=model_digest(folder) if dist_info.stages > 1 else None,
                           dtype=torch_dtype, quantize=quantize, max_seq_len=args.max_seq_len,
                           max_batch_size=args.max_batch_size, seed=seed, pipeline_stages=dist_info.stages)
     return Files(prepared, folder, layers)

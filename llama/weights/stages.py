@@ -5,7 +5,8 @@ which folder a stage reads. No torch.
 stage, `stage0/` .. `stage{P-1}/`, each a checkpoint of its own
 (params.json, tokenizer, consolidated.NN.pth of only that stage's layers,
 keys keeping their global layer numbers, checklist.chk, manifest.json) plus
-`pipeline.json`, which says which stage and layers it holds. A node needs
+`pipeline.json`, which says which stage and layers it holds and, under
+"model", a digest of the whole checkpoint it was split from. A node needs
 only its stages' folders. `--ckpt_dir` may name the folder holding the stage
 folders (the same command on every node), one stage's folder, or a whole
 checkpoint (each stage then reads only its layers from it).
@@ -14,15 +15,31 @@ pipeline.json comes with the folder, so it is read as untrusted input:
 through `jsonfile.read_json_object` (a regular file of at most 1 MiB, nesting
 and NaN refused), then every field is checked; anything wrong is one
 ValueError naming the file and the fix (split the checkpoint again).
+
+The whole-model digest (checkpoint_digest) is what lets nodes holding
+different stages check that their stages come from one checkpoint: a stage
+folder holds none of the other stages' files, so nothing else it has can be
+compared with theirs. It is a sha256 of params.json's values and every
+shard's name, size and manifest fingerprint (the first and last MiB, as
+manifest.json records them), so it costs milliseconds to compute when
+splitting, and a whole checkpoint with a manifest.json gives the same digest
+from its manifest without reading any shard. It identifies the files, not the
+tensors: a stage folder split from a copy with another number of shards has
+another digest. Folders written before the digest existed have none
+(model_digest gives None): they still load, but the comparison then only
+happens if no node has a digest.
 """
+
+import hashlib
 
 import json
 import os
 import re
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from ..common.jsonfile import read_json_object
+from . import manifest
 
 NAME = "pipeline.json"
 _STAGE_DIR = re.compile(r"stage(\d+)")
@@ -40,11 +57,47 @@ def stage_dir_name(stage: int) -> str:
     return f"stage{stage}"
 
 
-def stage_record(stage: int, stages: int, n_layers: int, shards: int) -> str:
-    """The text of a stage folder's pipeline.json."""
+_DIGEST = re.compile(r"[0-9a-f]{32}")
+
+
+def checkpoint_digest(params: dict, shards: Dict[str, Tuple[int, str]]) -> str:
+    """The whole model's digest: params.json's values (not its spacing) and
+    each shard's (size, manifest fingerprint) by file name."""
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for name in sorted(shards):
+        size, fingerprint = shards[name]
+        h.update(f"\0{name}\0{size}\0{fingerprint}".encode())
+    return h.hexdigest()[:32]
+
+
+def model_digest(folder) -> Optional[str]:
+    """The digest of the whole checkpoint `folder` is part of: a stage
+    folder's recorded one; for a whole checkpoint, the one its params.json and
+    complete manifest.json give. None where neither says (a stage folder
+    split by an older version, a checkpoint without manifest, files that
+    cannot be read: the loader reports those errors itself). Never raises."""
+    folder = Path(folder)
+    try:
+        record = read_record(folder)
+        if record is not None:
+            return record.get("model")
+        data = manifest.read_manifest(folder)
+        if data is None or not data["complete"]:
+            return None
+        params = read_json_object(folder / "params.json", missing="", fix="")
+        return checkpoint_digest(params, {name: (v["size"], v["fingerprint"]) for name, v in data["files"].items()})
+    except (OSError, ValueError):
+        return None
+
+
+def stage_record(stage: int, stages: int, n_layers: int, shards: int, model: Optional[str] = None) -> str:
+    """The text of a stage folder's pipeline.json; `model`: the whole checkpoint's digest."""
     layers = stage_layers(n_layers, stages, stage)
-    return json.dumps({"stage": stage, "stages": stages, "layers": [layers.start, layers.stop],
-                       "n_layers": n_layers, "shards": shards}, indent=1) + "\n"
+    record = {"stage": stage, "stages": stages, "layers": [layers.start, layers.stop], "n_layers": n_layers,
+              "shards": shards}
+    if model is not None:
+        record["model"] = model
+    return json.dumps(record, indent=1) + "\n"
 
 
 def read_record(folder: Path) -> Optional[dict]:
@@ -61,7 +114,8 @@ def read_record(folder: Path) -> Optional[dict]:
     if isinstance(layers, list) and len(layers) == 2:
         values += layers
     ok = (len(values) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-          and 0 <= data["stage"] < data["stages"] and 0 <= layers[0] <= layers[1] <= data["n_layers"])
+          and 0 <= data["stage"] < data["stages"] and 0 <= layers[0] <= layers[1] <= data["n_layers"]
+          and ("model" not in data or isinstance(data["model"], str) and _DIGEST.fullmatch(data["model"])))
     if not ok:
         raise ValueError(f"{path} is not a pipeline stage record this version writes; {fix}")
     return data

@@ -59,6 +59,7 @@ def test_stage_split_round_trip(make_ckpt, tmp_path):
     for stage, layers in enumerate([[0], [1], [2, 3]]):
         folder = out / f"stage{stage}"
         record = json.loads((folder / "pipeline.json").read_text())
+        assert record.pop("model") == json.loads((out / "stage0" / "pipeline.json").read_text())["model"]
         assert record == {"stage": stage, "stages": 3, "layers": [layers[0], layers[-1] + 1], "n_layers": 4,
                           "shards": 2}
         assert {"params.json", "tokenizer.model", "checklist.chk", "manifest.json"} <= {p.name for p in folder.iterdir()}
