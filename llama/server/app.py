@@ -13,8 +13,11 @@ releases any torchrun followers; nothing but the worker touches the engine
 (`ServerState.check_prompt` reads only its sizes).
 
 Failure modes: an unexpected exception is logged with its traceback and
-answered 500 naming it; the engine thread's failure is 503 (see serving.py)
-and calls `on_fatal` once, so `run_server` can exit.
+answered 500 naming it, and so is one request's failure in the engine
+thread (the engine goes on); the engine thread's fatal failure is 503 (see
+serving.py and worker.py) and calls `on_fatal` once, so `run_server` can
+exit. A client that disconnected gets nothing (499 in the log and
+/metrics, as nginx counts it), without a traceback.
 """
 
 import asyncio
@@ -24,13 +27,13 @@ from typing import Callable, Optional
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .guard import Guard, validation_message
 from .protocol import APIError, error_body
 from .routes import chat, completions, health, models
-from .serving import ServerState
+from .serving import ClientGone, ServerState
 
 logger = logging.getLogger("llama.server")
 
@@ -48,6 +51,7 @@ def create_app(generator, model_name: str, api_key: Optional[str] = None, max_qu
     for module in (health, models, chat, completions):
         app.include_router(module.router)
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
@@ -69,6 +73,16 @@ def _count(request, status: int) -> None:
 async def _api_error(request, exc: APIError):
     _count(request, exc.status)
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+# nginx's status for "client closed request": never seen by the client, only counted.
+CLIENT_CLOSED = 499
+
+
+async def _client_gone(request, exc: ClientGone):
+    logger.info("%s: the client disconnected; its requests were cancelled", request.url.path)
+    _count(request, CLIENT_CLOSED)
+    return Response(status_code=CLIENT_CLOSED)
 
 
 async def _invalid(request, exc: RequestValidationError):

@@ -17,22 +17,38 @@ arrive (the stop token itself is not counted).
 
 Failure modes: a full server raises APIError 429 with Retry-After (nothing
 was submitted); a failed engine thread 503, at submission or on the next
-event; a non-streaming client that disconnects is noticed within
-`DISCONNECT_POLL_S` and its requests cancelled.
+event; an exception while serving one request (in the engine thread or in
+a handler) 500 for that request alone, as JSON or, once a stream has
+started, as its last event before `[DONE]`. A client that disconnects is
+noticed within `DISCONNECT_POLL_S` even while tokens flow: its requests
+are cancelled and the handler raises `ClientGone`, which the app answers
+quietly (nobody is there to read it). When the shutdown's drain time runs
+out, `ServerState.abort` ends every open submission with a 503, so a
+stream still ends with an error event and `[DONE]`.
 """
 
 import asyncio
 import json
+import logging
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, List, Optional, Tuple
 
 from ..engine.engine import Engine, Request, TokenEvent
 from .prometheus import ServerMetrics
 from .protocol import APIError, error_body
-from .worker import EngineFailed, EngineWorker, Overloaded
+from .worker import EngineFailed, EngineWorker, Overloaded, RequestFailed
 
-DISCONNECT_POLL_S = 1.0
+logger = logging.getLogger("llama.server")
+
+# How often a waiting handler asks whether its client is still there (one
+# non-blocking look at the ASGI receive channel).
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientGone(Exception):
+    """The client disconnected; its requests were cancelled and nobody reads the answer."""
 
 # Awaitable "has the client gone?" (Starlette's Request.is_disconnected); None: never asked.
 IsDisconnected = Optional[Callable[[], Awaitable[bool]]]
@@ -50,6 +66,8 @@ class ServerState:
     formatter: Any
     tool_tag: Optional[int]  # <|python_tag|>'s id, None where the tokenizer has none
     created: int  # the models' "created" time
+    # Submissions not finished yet, for `abort`; only touched on the event loop.
+    live: "weakref.WeakSet[Submission]" = field(default_factory=weakref.WeakSet)
 
     @classmethod
     def build(cls, generator, model_name: str, max_queue: int = 64, idle_step_s: Optional[float] = None,
@@ -73,6 +91,12 @@ class ServerState:
         except ValueError as e:
             code = "context_length_exceeded" if "max_seq_len" in str(e) else None
             raise APIError(400, str(e), param, code) from None
+
+    def abort(self, message: str) -> None:
+        """Ends every unfinished submission with a 503 `message` (on the event loop):
+        a waiting handler raises it, a stream sends it as its last event."""
+        for sub in list(self.live):
+            sub.queue.put_nowait((None, None, APIError(503, message)))
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama"}
@@ -105,6 +129,7 @@ class Submission:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.last_token: dict = {}  # index -> when its latest token arrived
         self.completions: list = [None] * self.n
+        self._next_look = 0.0  # when `next` looks for a disconnect again
         try:
             self.handles = state.worker.submit(requests, [self._sink(i) for i in range(self.n)])
         except Overloaded as e:
@@ -112,6 +137,7 @@ class Submission:
                            headers={"Retry-After": "1"}) from None
         except EngineFailed as e:
             raise APIError(503, f"the model is unavailable: {e}") from None
+        state.live.add(self)
         state.metrics.prompt_tokens.inc(sum(len(r.prompt_tokens) for r in requests))
 
     def _sink(self, index: int):
@@ -124,15 +150,26 @@ class Submission:
         return all(c is not None for c in self.completions)
 
     async def next(self, is_disconnected: IsDisconnected = None) -> Tuple[int, TokenEvent]:
-        """The next (index, event); raises APIError(503) if the engine failed and
-        asyncio.CancelledError if `is_disconnected` says the client went away."""
+        """The next (index, event). Raises APIError: 500 if serving this request
+        failed, 503 if the engine failed or the server is closing; ClientGone
+        once `is_disconnected` says the client went away (asked at most every
+        DISCONNECT_POLL_S, also while tokens keep coming)."""
         while True:
+            if is_disconnected is not None and time.monotonic() >= self._next_look:
+                self._next_look = time.monotonic() + DISCONNECT_POLL_S
+                if await is_disconnected():
+                    raise ClientGone("the client disconnected")
             try:
-                index, event, error = await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)
+                wait = None if is_disconnected is None else max(0.0, self._next_look - time.monotonic())
+                index, event, error = await asyncio.wait_for(self.queue.get(), wait)
                 break
             except asyncio.TimeoutError:
-                if is_disconnected is not None and await is_disconnected():
-                    raise asyncio.CancelledError("client disconnected") from None
+                continue
+        if isinstance(error, APIError):
+            raise error
+        if isinstance(error, RequestFailed):
+            raise APIError(500, f"the server failed while answering this request ({error}); "
+                           "other requests are not affected, a retry may succeed", code="internal_error")
         if error is not None:
             raise APIError(503, f"the model failed while answering: {error}")
         self._measure(index, event)
@@ -163,6 +200,7 @@ class Submission:
         return self.completions
 
     def cancel_unfinished(self) -> None:
+        self.state.live.discard(self)
         if not self.finished:
             self.state.worker.cancel(self.handles)
 
@@ -177,18 +215,27 @@ def sse(payload) -> str:
 
 
 async def sse_stream(sub: Submission, endpoint: str, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """The Server-Sent Events of `chunks`, then `data: [DONE]`. An engine that
-    fails mid-stream ends it with OpenAI's error JSON as the last event (the
-    200 status is already sent); a stream that ends early, because the client
-    went away or anything failed, cancels the requests still running."""
+    """The Server-Sent Events of `chunks`, then `data: [DONE]`. Anything that
+    fails mid-stream (the engine, this request's row, translating its tokens,
+    the server closing) ends it with OpenAI's error JSON as the last event
+    before `[DONE]` (the 200 status is already sent); a stream that ends
+    early, because the client went away or anything failed, cancels the
+    requests still running."""
     metrics = sub.state.metrics
     try:
-        async for payload in chunks:
-            yield sse(payload)
+        try:
+            async for payload in chunks:
+                yield sse(payload)
+        except APIError as e:
+            yield sse(e.body())
+            status = e.status
+        except Exception as e:  # noqa: BLE001 - a bug answering this request fails this request only
+            logger.exception("error streaming %s", endpoint)
+            yield sse(error_body(500, f"internal error: {type(e).__name__}: {e}", code="internal_error"))
+            status = 500
+        else:
+            status = 200
         yield "data: [DONE]\n\n"
-        metrics.requests.labels(endpoint, "200").inc()
-    except APIError as e:
-        yield sse(e.body())
-        metrics.requests.labels(endpoint, str(e.status)).inc()
+        metrics.requests.labels(endpoint, str(status)).inc()
     finally:
         sub.cancel_unfinished()

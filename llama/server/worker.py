@@ -7,6 +7,18 @@ request's sink (a callable, run in this thread: the app's sink hops to the
 event loop with `loop.call_soon_threadsafe`). Under torchrun the other ranks
 wait in `Engine.follow()`, so an idle leader still steps every
 `idle_step_s` seconds to stay within the distributed timeout.
+
+Failure modes: an exception while serving one request fails that request
+alone (`RequestFailed`, a 500) and the engine goes on. `engine.submit`
+runs per request, so its failure names its request. A failing
+`engine.step` cannot say which row failed: the requests it was stepping
+(every one no longer waiting in the queue) are cancelled and failed, the
+queue and later requests go on. A failure is fatal instead, failing every
+request (`EngineFailed`, 503) and calling `on_error` so the server exits,
+when it may have left the ranks out of step or the engine unusable: under
+torchrun (a lost rank, a collective that failed), a `torch.distributed`
+error, a BaseException that is not an Exception, a failing step that no
+request can be blamed for, or `MAX_FAILED_STEPS` failing steps in a row.
 """
 
 import logging
@@ -14,6 +26,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
+
+import torch.distributed as dist
 
 from ..engine.engine import Engine, Request, TokenEvent
 
@@ -28,6 +42,28 @@ class Overloaded(Exception):
 
 class EngineFailed(Exception):
     """The engine thread stopped on an error (under torchrun: a lost rank)."""
+
+
+class RequestFailed(Exception):
+    """Serving this request raised `cause`; the engine goes on with the others."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+# Steps that fail one after the other before the engine counts as broken.
+MAX_FAILED_STEPS = 3
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_fatal(error: BaseException, distributed: bool) -> bool:
+    """Whether `error` from the engine must stop the server rather than one request."""
+    dist_error = getattr(dist, "DistError", None)  # torch >= 2.2: lost peers, store and backend errors
+    return distributed or not isinstance(error, Exception) or (dist_error is not None and isinstance(error, dist_error))
 
 
 @dataclass(eq=False)
@@ -65,6 +101,9 @@ class EngineWorker:
         self.running = 0  # rows decoding after the last step (for /metrics)
         self.waiting = 0  # requests queued in the engine or the inbox
         self.steps = 0
+        self.failed_requests = 0  # failed alone by an exception (for tests and logs)
+        self._failed_steps = 0  # failing steps in a row
+        self.distributed = _distributed()
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
 
     started = False
@@ -137,7 +176,11 @@ class EngineWorker:
                 stopping = self._stop
             for kind, h in inbox:
                 if kind == "submit":
-                    h.rid = engine.submit(h.request)  # checked by the app: cannot fail
+                    try:
+                        h.rid = engine.submit(h.request)  # checked by the app: fails only on a bug
+                    except Exception as e:  # noqa: BLE001 - this request's own failure
+                        self._fail_alone([h], e)
+                        continue
                     self._handles[h.rid] = h
                     if h.cancelled:
                         engine.cancel(h.rid)
@@ -148,7 +191,11 @@ class EngineWorker:
             if stopping:
                 for rid in list(self._handles):
                     engine.cancel(rid)
-            events = engine.step() if (engine.has_work() or self.idle_step_s is not None) else []
+            try:
+                events = engine.step() if (engine.has_work() or self.idle_step_s is not None) else []
+                self._failed_steps = 0
+            except Exception as e:  # noqa: BLE001 - sorted below into one request's failure or a fatal one
+                events = self._step_failed(e)
             last_step = time.monotonic()
             self.steps += 1
             # Counts first: a client that has its event may look at them at once.
@@ -164,6 +211,29 @@ class EngineWorker:
                 engine.shutdown()  # under torchrun: the next step releases the ranks in follow()
                 engine.step()
                 return
+
+    def _step_failed(self, error: Exception) -> list:
+        """Fails the requests `engine.step` was stepping when it raised `error`,
+        or re-raises it (fatal: see the module's docstring)."""
+        self._failed_steps += 1
+        waiting = {seq.id for seq in self.engine.waiting}
+        blamed = [h for rid, h in self._handles.items() if rid not in waiting]
+        if is_fatal(error, self.distributed) or not blamed or self._failed_steps >= MAX_FAILED_STEPS:
+            raise error
+        logger.error("a step failed; failing the %d request(s) it was stepping, the engine goes on",
+                     len(blamed), exc_info=error)
+        for h in blamed:
+            self.engine.cancel(h.rid)  # its last event, CANCELLED, finds no handle and is dropped
+            del self._handles[h.rid]
+        self._fail_alone(blamed, error, logged=True)
+        return []
+
+    def _fail_alone(self, handles: List[Handle], error: Exception, logged: bool = False) -> None:
+        if not logged:
+            logger.error("a request failed, the engine goes on", exc_info=error)
+        self.failed_requests += len(handles)
+        for h in handles:
+            self._deliver(h, None, RequestFailed(error))
 
     def _deliver(self, h: Handle, event: Optional[TokenEvent], error: Optional[BaseException]) -> None:
         if event is None or event.stop_reason is not None:

@@ -100,6 +100,39 @@ def test_sigterm_finishes_the_running_request_and_exits_0(make_ckpt):
         proc.kill()
 
 
+def test_sigterm_past_the_shutdown_timeout_ends_the_stream_with_an_error_and_done(make_ckpt):
+    ckpt = make_ckpt("llama3")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start(serve_cmd(ckpt, port, None, "--max_seq_len", "1024", "--shutdown_timeout", "0.2"))
+    try:
+        wait_healthy(proc, url)
+        got = {}
+
+        def stream():
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1000,
+                    "temperature": 1.0, "seed": 1, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+                lines = r.iter_lines()
+                got["first"] = next(lines)
+                got["events"] = sse_events([got["first"], *lines])
+        t = threading.Thread(target=stream)
+        t.start()
+        while "first" not in got and t.is_alive():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        events = got["events"]
+        assert events[-1] == "[DONE]", events[-3:]
+        err = events[-2]["error"]  # the stream was cut by the drain's end, and says so
+        assert "shutting down" in err["message"] and set(err) == {"message", "type", "param", "code"}
+        assert len(events) < 900
+    finally:
+        proc.kill()
+
+
 def test_torchrun_two_ranks_serve_and_shut_down(make_ckpt):
     ckpt = make_ckpt("llama3", shards=2)
     # 13 clients with different prompt lengths and max_tokens, and 3 that disconnect mid-stream: 16 at once.
