@@ -13,7 +13,7 @@ streamed is always the beginning of the final content, so `rest` completes
 it. Logprobs are streamed only without tools (a held-back token has none).
 
 Failure modes: every check that can fail (model name, sampling fields, the
-dialog, the prompt's length, a full queue) raises APIError before anything
+dialog, the prompt's length, n beyond the server's capacity, a full queue) raises APIError before anything
 is streamed; an engine failure mid-stream is the stream's last event.
 """
 
@@ -24,7 +24,7 @@ from typing import AsyncIterator, Optional, Union
 from ..engine.engine import Request
 from .protocol import APIError, ChatCompletionRequest
 from .serving import IsDisconnected, ServerState, Submission, sse_stream, usage
-from .translate import answer, dialog_of, finish_reason, sampling_params, tools_offered
+from .translate import answer, check_size, dialog_of, finish_reason, sampling_params, tools_offered
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -36,6 +36,7 @@ async def chat_completion(state: ServerState, req: ChatCompletionRequest,
     start = time.perf_counter()
     state.check_model(req.model)
     params = sampling_params(req)
+    check_size(req, 1, state.worker.capacity)  # 400 for what can never fit: 429 means only "the queue is full now"
     tools_on = bool(tools_offered(req))
     try:
         prompt = state.formatter.encode_dialog_prompt(dialog_of(req, state.formatter))

@@ -153,8 +153,8 @@ def test_handlers_raise_api_errors_before_submitting(state):
         run(chat_completion(state, chat_req(model="gpt-4")))
     assert e.value.status == 404 and e.value.code == "model_not_found"
     with pytest.raises(APIError) as e:
-        run(chat_completion(state, chat_req(n=3, max_tokens=2)))  # 2 slots, no queue
-    assert e.value.status == 429 and e.value.headers == {"Retry-After": "1"}
+        run(chat_completion(state, chat_req(n=3, max_tokens=2)))  # 2 slots, no queue: it can never fit
+    assert e.value.status == 400 and e.value.param == "n" and "can hold at once" in e.value.message
     with pytest.raises(APIError) as e:
         run(completion(state, text_req(suffix="!")))
     assert e.value.param == "suffix"

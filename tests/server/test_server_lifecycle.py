@@ -187,9 +187,12 @@ def test_rows_sharing_a_failing_step_fail_and_the_queue_goes_on(llama3, monkeypa
             def ask(i):
                 got[i] = c.post(f"{url}/v1/chat/completions", json=body(**asks[i]))
             threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
-            for t in threads:
+            for t in threads[:4]:
                 t.start()
-                time.sleep(0.01)
+            deadline = time.monotonic() + 30  # the fifth joins only behind the four: it must wait in the queue
+            while state.worker.inflight < 4 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            threads[4].start()
             for t in threads:
                 t.join(60)
         assert [r.status_code for r in got[:4]] == [500] * 4
