@@ -111,7 +111,7 @@ def compile_decode(model: nn.Module) -> None:
     """
     alone = get_model_parallel_world_size() == 1
     if any(isinstance(m, NativeMatmul) for m in model.layers.modules()):
-        logger.warning("--compile: our CPU kernels (llama/kernels.c) decode faster without it on CPUs where they "
+        logger.warning("--compile: our CPU kernels (llama/kernels/kernels.c) decode faster without it on CPUs where they "
                        "build (see llama/kernels/compiled.py); compiling anyway, as asked")
     for module in list(model.layers.modules()):  # the blocks' layers; the output layer runs eagerly
         for name, child in list(module.named_children()):

@@ -1,4 +1,4 @@
-"""Fused CPU decoding: our kernels (llama/kernels.c) in place of PyTorch's
+"""Fused CPU decoding: our kernels (llama/kernels/kernels.c) in place of PyTorch's
 operators, installed on a built model from outside.
 
 `use_fused_decoding(model)` changes a Transformer in place, after

@@ -311,7 +311,7 @@ def choose_matmul(weight: torch.Tensor, quantize: Optional[str] = None,
     Decoding reads every weight once per token, so the kernel that reads
     weights fastest at a few rows wins; benchmarks/linear_kernels.py
     measures each candidate (the README's Speed section has the figures):
-    * Our kernels (NativeMatmul) wherever llama/kernels.c builds for this
+    * Our kernels (NativeMatmul) wherever llama/kernels/kernels.c builds for this
       weight (native.supports: x86 with AVX2+FMA or AVX-512, a multiple of
       native.GROUP input columns), for fp32, bf16, int8 and int4: they widen
       weights in registers and quantize activations per group, and the fused

@@ -162,7 +162,7 @@ def _load():
     except cache.Untrusted as e:
         return None, f"none: {e}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        return None, f"none: building llama/kernels.c with {cc} failed ({e})"
+        return None, f"none: building llama/kernels/kernels.c with {cc} failed ({e})"
     try:
         _declare(lib)
     except AttributeError as e:  # cannot happen to a library we built from this source

@@ -277,7 +277,7 @@ def _is_id(x) -> bool:
 def _read_sidecar(path: Path) -> dict:
     """Reads and validates a BPE tokenizer's sidecar JSON; errors name the file."""
     meta = read_json_object(
-        path, missing="a BPE tokenizer.model needs the sidecar that utils/convert_gguf_checkpoint.py "
+        path, missing="a BPE tokenizer.model needs the sidecar that llama convert "
         "writes next to it; keep the two files together", fix="convert the model again", error=TokenizerError,
     )
     problems = [f"unknown key {k!r}" for k in sorted(set(meta) - set(_SIDECAR_FIELDS))]
@@ -321,7 +321,7 @@ def _check_pattern(model, sidecar: Path) -> None:
 
 class BPETokenizer(Tokenizer):
     """The byte-level (GPT-2 style) BPE of another Llama-architecture model,
-    such as SmolLM2, as utils/convert_gguf_checkpoint.py writes it.
+    such as SmolLM2, as llama convert writes it.
 
     `tokenizer.model` is in tiktoken's format (`base64(token) rank`, rank = token
     id); what that format cannot hold is in the sidecar `tokenizer.model.json`::
