@@ -310,7 +310,7 @@ def test_a_failed_build_leaves_nothing_and_says_why(use_cache, monkeypatch, tmp_
     monkeypatch.setattr(native, "_compile", failing)
     native.library.cache_clear()
     assert native.library() is None
-    assert "building llama/kernels.c with" in native.status() and "kernels.c:1: error: something" in native.status()
+    assert "building llama/kernels/kernels.c with" in native.status() and "kernels.c:1: error: something" in native.status()
     assert os.listdir(directory) == []  # the damaged library removed, the half-written one too
 
 
