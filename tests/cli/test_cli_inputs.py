@@ -29,6 +29,21 @@ def keep_the_process_group(monkeypatch):
     monkeypatch.setattr(dist, "destroy_process_group", lambda *args, **kwargs: None)
 
 
+@pytest.fixture(autouse=True)
+def keep_the_logging_setup():
+    """main() sets up logging as a program does (setup_logging quiets
+    llama.metrics, basicConfig adds a root handler); the tests after these
+    capture those loggers as they were."""
+    import logging
+
+    metrics, root = logging.getLogger("llama.metrics"), logging.getLogger()
+    level, root_level, handlers = metrics.level, root.level, list(root.handlers)
+    yield
+    metrics.setLevel(level)
+    root.setLevel(root_level)
+    root.handlers[:] = handlers
+
+
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if the model would be loaded: the error must come first."""

@@ -46,7 +46,7 @@ FOREIGN_C = "int foreign(void) { return 1; }\n"
 # One process loads native.library() from each cache directory given, with
 # the build replaced by a copy of the prebuilt library, and says what it got.
 RUNNER = r"""
-import json, os, resource, shutil, sys, time
+import json, os, shutil, sys, time
 import torch
 from llama.kernels import native
 prebuilt, compiles, results = sys.argv[1], [], []
@@ -63,7 +63,9 @@ for directory in sys.argv[2:]:
         x, w = torch.randn(3, 64), torch.randn(16, 64)
         works = bool(torch.allclose(native.linear(x, w), x @ w.T, atol=1e-4))
     results.append({"status": native.status(), "works": works, "compiles": len(compiles), "seconds": seconds})
-print(json.dumps({"results": results, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process's own peak (ru_maxrss would keep the forking pytest's across exec)
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"results": results, "peak_mb": peak_kb / 1024}))
 """
 
 
@@ -169,7 +171,7 @@ def test_damaged_libraries_are_rebuilt_never_loaded(built, tmp_path):
         assert sorted(os.listdir(cases[case])) == [name], case
         assert (cases[case] / name).read_bytes() == prebuilt.read_bytes(), case
         assert result["seconds"] < 5, (case, result)
-    assert peak_mb < 1500, peak_mb  # torch's import included; the checks themselves read at most 1 MiB at a time
+    assert peak_mb < 600, peak_mb  # torch's import (~300 MB) included; the checks read at most 1 MiB at a time
 
 
 def test_a_link_at_the_librarys_name_is_not_followed(built, tmp_path):
