@@ -62,6 +62,7 @@ import hashlib
 import os
 import secrets
 import stat
+import time
 from typing import Callable, List, Tuple
 
 MAX_LIBRARY = 64 << 20  # a library larger than this is not ours (kernels.c builds to about 70 KB)
@@ -71,6 +72,32 @@ _HELD: List[int] = []  # descriptors of loaded libraries, open for the process's
 
 class Untrusted(Exception):
     """The kernel cache directory could be written by someone else: its message names it, who, and the fix."""
+
+
+class Busy(Exception):
+    """Another process held the cache's lock for LOCK_WAIT_S: its message names the directory and the fix."""
+
+
+# How long `load` waits for another process's build: a cold build takes
+# seconds to tens of seconds on a busy machine; a lock held longer belongs to
+# a process that hangs or is stopped (a debugger), and waiting on it would
+# hang every command with no word. Then the caller runs without our kernels.
+LOCK_WAIT_S = 120.0
+
+
+def _lock(dirfd: int, real: str) -> None:
+    """An exclusive flock on the directory, waiting at most LOCK_WAIT_S."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(dirfd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when dirfd closes
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise Busy(f"another process has held the kernel cache {real} for {LOCK_WAIT_S:g} s (a build "
+                           "that hangs, or a process stopped in a debugger): end it, or set LLAMA_NATIVE_CACHE to "
+                           "another private directory") from None
+            time.sleep(0.05)
 
 
 def _user(uid: int) -> str:
@@ -273,10 +300,11 @@ def _dlopen(real: str, dirfd: int, stem: str, fd: int, digest: str) -> ctypes.CD
 def load(directory: str, stem: str, build: Callable[[str], None]) -> Tuple[ctypes.CDLL, str]:
     """(library, its path): `stem`-<sha256>.so from the private `directory`,
     built by `build(path)` unless one there matches the digest in its name.
-    Raises Untrusted (the directory), or what `build` or ctypes raise."""
+    Raises Untrusted (the directory), Busy (its lock held too long), or what
+    `build` or ctypes raise."""
     real, dirfd = open_private(directory)
     try:
-        fcntl.flock(dirfd, fcntl.LOCK_EX)  # released when dirfd closes
+        _lock(dirfd, real)
         _sweep(dirfd)
         found = _cached(dirfd, stem)
         fd, digest = found if found is not None else _build(real, dirfd, stem, build)

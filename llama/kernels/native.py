@@ -159,7 +159,7 @@ def _load():
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_flags()), version, _cpu_id()]).encode()).hexdigest()
     try:
         lib, path = cache.load(str(cache_directory()), f"kernels-{key[:16]}", lambda out: _compile(cc, out))
-    except cache.Untrusted as e:
+    except (cache.Untrusted, cache.Busy) as e:
         return None, f"none: {e}"
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"none: building llama/kernels/kernels.c with {cc} failed ({e})"

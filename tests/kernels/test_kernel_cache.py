@@ -330,3 +330,25 @@ def test_the_cache_module_loads_only_what_it_checked(built, tmp_path):
     directory.chmod(0o757)
     with pytest.raises(cache.Untrusted, match="chmod 700"):
         cache.load(str(directory), "kernels-0000000000000000", lambda out: None)
+
+
+def test_a_lock_held_too_long_is_reported_and_the_command_runs_without_our_kernels(built, use_cache, tmp_path,
+                                                                                   monkeypatch):
+    """A process that holds the cache's lock and never lets go (a hung build,
+    one stopped in a debugger) used to hang every later command with no word;
+    now the wait is bounded and says why the kernels are not used."""
+    import fcntl
+
+    directory = _private(tmp_path / "cache")
+    holder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # another open file: flock conflicts with it
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        monkeypatch.setattr(cache, "LOCK_WAIT_S", 0.2)
+        builds = use_cache(directory)
+        assert native.library() is None and builds == []
+        assert f"another process has held the kernel cache {directory} for 0.2 s" in native.status()
+        assert "set LLAMA_NATIVE_CACHE to another private directory" in native.status()
+    finally:
+        os.close(holder)  # the lock goes with it
+    use_cache(directory)
+    assert native.library() is not None, native.status()  # free again: built and loaded
