@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..parallel.distributed import dist_timeout_s
+from ..server.limits import Limits
 from .options import build_generator
 from .run import rank_and_world
 
@@ -26,12 +27,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown_timeout", metavar="S", type=float, default=30.0,
                    help="on SIGTERM, seconds that running requests get to finish; then each gets a 503 "
                         "(a stream: an error event and [DONE]) (default 30)")
-    g.add_argument("--keep_alive_timeout", metavar="S", type=float, default=5.0,
+    g.add_argument("--keep_alive_timeout", metavar="S", type=float, default=Limits.keep_alive_timeout,
                    help="close a connection idle this many seconds, before its first request too (default 5)")
-    g.add_argument("--request_timeout", metavar="S", type=float, default=30.0,
+    g.add_argument("--request_timeout", metavar="S", type=float, default=Limits.request_timeout,
                    help="drop a request whose headers and body do not arrive in full within S seconds (default 30)")
-    g.add_argument("--max_connections", metavar="N", type=int, default=512,
+    g.add_argument("--max_connections", metavar="N", type=int, default=Limits.max_connections,
                    help="open connections at most; beyond, new ones are closed and requests get 503 (default 512)")
+
+
+def _limits(a: argparse.Namespace) -> Limits:
+    return Limits(a.keep_alive_timeout, a.request_timeout, a.max_connections)
 
 
 def _check(a: argparse.Namespace) -> None:
@@ -41,18 +46,13 @@ def _check(a: argparse.Namespace) -> None:
         raise ValueError(f"--max_queue must be 0 or more, got {a.max_queue}")
     if a.shutdown_timeout < 0:
         raise ValueError(f"--shutdown_timeout must be 0 or more seconds, got {a.shutdown_timeout}")
-    if not a.keep_alive_timeout > 0:
-        raise ValueError(f"--keep_alive_timeout must be more than 0 seconds, got {a.keep_alive_timeout}")
-    if not a.request_timeout > 0:
-        raise ValueError(f"--request_timeout must be more than 0 seconds, got {a.request_timeout}")
-    if a.max_connections < 1:
-        raise ValueError(f"--max_connections must be 1 or more, got {a.max_connections}")
+    _limits(a).check()
 
 
 def serve(a: argparse.Namespace) -> None:
     _check(a)
     try:
-        from ..server.run import Limits, run_server
+        from ..server.run import run_server
     except ImportError as e:
         raise ValueError(f"llama serve needs the {e.name} package: pip install -e \".[server]\" "
                          "(FastAPI, uvicorn, prometheus_client)") from None
@@ -66,4 +66,4 @@ def serve(a: argparse.Namespace) -> None:
     idle = min(5.0, dist_timeout_s() / 4) if world > 1 else None
     run_server(generator, a.model_name or Path(a.ckpt_dir).resolve().name, host=a.host, port=a.port,
                api_key=api_key, max_queue=a.max_queue, shutdown_timeout=a.shutdown_timeout, idle_step_s=idle,
-               limits=Limits(a.keep_alive_timeout, a.request_timeout, a.max_connections))
+               limits=_limits(a))

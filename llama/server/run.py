@@ -34,7 +34,6 @@ Failure modes: a lost rank fails the engine thread: requests get 503 and
 import asyncio
 import contextlib
 import signal
-from dataclasses import dataclass
 from typing import Optional
 
 import h11
@@ -42,28 +41,12 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import create_app
+from .limits import Limits
 
 # Request line and headers of one request (uvicorn's own default).
 H11_MAX_HEADER_BYTES = 16 * 1024
 # After the drain's abort, how long the streams get to send their last event.
 ABORT_GRACE_S = 2.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The server's connection limits (see the module's docstring)."""
-
-    keep_alive_timeout: float = 5.0
-    request_timeout: float = 30.0
-    max_connections: int = 512
-
-    def check(self) -> None:
-        if not self.keep_alive_timeout > 0:
-            raise ValueError(f"--keep_alive_timeout must be more than 0 seconds, got {self.keep_alive_timeout}")
-        if not self.request_timeout > 0:
-            raise ValueError(f"--request_timeout must be more than 0 seconds, got {self.request_timeout}")
-        if self.max_connections < 1:
-            raise ValueError(f"--max_connections must be 1 or more, got {self.max_connections}")
 
 
 _TIMEOUT_BODY = b"the request did not arrive in full in time"
