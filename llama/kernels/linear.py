@@ -39,6 +39,8 @@ from ..common.cpu import cpu_flags
 from . import huge_pages
 from . import native
 from ..parallel.collectives import all_gather_last_dim, all_reduce
+from ..weights import quantized
+from ..weights.quantized import group_int4, group_int8, int4_groups  # noqa: F401 (the quantizers' old home)
 
 # int4: our kernels only (NativeMatmul), 4-bit blocks and an int8 output layer
 # (use_kernels; README, Speed).
@@ -133,36 +135,6 @@ class Int8Matmul(nn.Module):
         return y.reshape(*lead, -1).to(x.dtype)
 
 
-def int4_groups(weight: torch.Tensor, group: int, scale_dtype: torch.dtype = torch.float32):
-    """Asymmetric 4-bit per group of `group` input columns (llama.cpp's Q4_1):
-    (q (N, K) in [0, 15], scale, min (N, K / group) fp32) with
-    W ~= q * scale + min of q's group, scale and min rounded to
-    `scale_dtype` (the kernel's). First the group's range in 15 steps; then,
-    where it has a smaller squared error, the least-squares scale and min
-    for those q, with q rounded again: one such step lowers the error the
-    range alone leaves measurably (benchmarks/quant_quality.py), further
-    steps do not."""
-    n, k = weight.shape
-    w = weight.float().reshape(n, k // group, group)
-
-    def rounded(scale, lo):
-        scale, lo = scale.to(scale_dtype).float(), lo.to(scale_dtype).float()
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: q = 0
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15)
-        return q, scale, lo, ((q * scale[..., None] + lo[..., None] - w) ** 2).sum(-1)
-
-    lo = w.amin(-1)
-    q, scale, lo, error = rounded((w.amax(-1) - lo) / 15, lo)
-    sq, sq2, sw, sqw = q.sum(-1), (q * q).sum(-1), w.sum(-1), (q * w).sum(-1)  # least squares of w ~ q s + lo
-    det = group * sq2 - sq * sq
-    fit = det > 0  # q not all equal
-    fit_scale = torch.where(fit, (group * sqw - sq * sw) / torch.where(fit, det, 1), scale)
-    q2, scale2, lo2, error2 = rounded(fit_scale, torch.where(fit, (sw - fit_scale * sq) / group, lo))
-    better = error2 < error
-    q = torch.where(better[..., None], q2, q)
-    return q.reshape(n, k), torch.where(better, scale2, scale), torch.where(better, lo2, lo)
-
-
 def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The GPU path of Int8Matmul: the weight dequantized in x's dtype on every call.
 
@@ -178,55 +150,48 @@ def dequantized_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return F.linear(x, qweight.to(x.dtype) * scales.to(x.dtype)[:, None])
 
 
-def group_int4(weight: torch.Tensor):
-    """int4_groups per native.GROUP columns as kernels.c reads them (llama.cpp's
-    Q4_1): (packed (N, K / 2) uint8, scales (N, K / GROUP, 2) fp16 = (scale,
-    min)), q computed against the fp16 scale and min; weight j of a group in
-    byte j % 16 of the group's 16, the low nibble for j < 16. 0.625 bytes a
-    weight. ValueError for weights beyond fp16's range."""
-    n, k = weight.shape
-    if not weight.isfinite().all() or weight.abs().max() > torch.finfo(torch.float16).max:
-        raise ValueError(f"int4 keeps fp16 scales: this ({n}, {k}) weight has values beyond fp16's range "
-                         f"(±{torch.finfo(torch.float16).max:g}) or not finite; use --quantize int8")
-    q, scale, lo = int4_groups(weight, native.GROUP, torch.float16)
-    q = q.to(torch.uint8).reshape(n, k // native.GROUP, 2, native.GROUP // 2)
-    packed = q[:, :, 0] | (q[:, :, 1] << 4)
-    return packed.reshape(n, k // 2).contiguous(), torch.stack([scale, lo], -1).half().contiguous()
-
-
-def group_int8(weight: torch.Tensor, group: int = native.GROUP):
-    """Symmetric int8 per group of `group` input columns: (q (N, K) int8 in
-    [-127, 127], scales (N, K / group) fp32) with W ~= q * scale of q's group.
-    Group-wise, as llama.cpp's Q8_0: a per-row scale lets one large weight
-    coarsen its whole row."""
-    n, k = weight.shape
-    w = weight.float().reshape(n, k // group, group)
-    scales = (w.abs().amax(-1) / 127).clamp(min=1e-12)
-    q = torch.round(w / scales[..., None]).clamp(-127, 127)
-    return q.to(torch.int8).reshape(n, k), scales.contiguous()
+# NativeMatmul.kind by the dtype of the weight kernels.c reads; quantized
+# weights are named by their stored type (llama/weights/quantized.py).
+FLOAT_KINDS = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
 class NativeMatmul(nn.Module):
     """Our kernels (llama/kernels/native.py) for up to native.MAX_ROWS rows: fp32 or
-    bf16 weights, int8 with one scale per 32 input columns (quantize="int8"),
-    or int4 with a scale and a min per 32 (quantize="int4", group_int4);
-    quantized weights meet activations quantized per group of 32 where
-    native.int8_dot(); activations fp32 or bf16, sums in fp32. Above MAX_ROWS
-    (prefill), PyTorch's GEMM on the weight widened to `wide`: fp32 where the
-    CPU has no native bf16 (emulated bf16 GEMMs ran at a third of fp32's
-    speed), else the weight's dtype."""
+    bf16 weights, or a quantized type of llama/weights/quantized.py: q8_0 (int8,
+    a scale per 32 input columns; quantize="int8") or q4_1 (4 bits, a scale
+    and a min per 32; quantize="int4"); quantized weights meet activations
+    quantized per group of 32 where native.int8_dot(); activations fp32 or
+    bf16, sums in fp32. Above MAX_ROWS (prefill), PyTorch's GEMM on the
+    weight widened to `wide`: fp32 where the CPU has no native bf16
+    (emulated bf16 GEMMs ran at a third of fp32's speed), else the
+    activations' dtype. `kind` names what kernels.c reads ("f32", "bf16",
+    "q8_0", "q4_1")."""
 
     def __init__(self, weight: torch.Tensor, quantize: Optional[str], cpu: CpuCapability):
         super().__init__()
         if quantize in ("int8", "int4"):
-            q, scales = group_int8(weight) if quantize == "int8" else group_int4(weight)
+            self.kind = "q8_0" if quantize == "int8" else "q4_1"
+            q, scales = quantized.quantize(weight, self.kind)
             self.weight = nn.Parameter(q, requires_grad=False)
             self.scales = nn.Parameter(scales, requires_grad=False)
         else:
+            self.kind = FLOAT_KINDS[weight.dtype]
             self.weight = nn.Parameter(weight, requires_grad=False)
             self.scales = None
-        native_bf16 = cpu.bf16 and weight.dtype == torch.bfloat16
-        self.wide = weight.dtype if weight.dtype == torch.float32 or native_bf16 else torch.float32
+        self.wide = wide_dtype(weight.dtype, cpu)
+
+    @classmethod
+    def stored(cls, kind: str, weight: torch.Tensor, scales: Optional[torch.Tensor], act: torch.dtype,
+               cpu: CpuCapability) -> "NativeMatmul":
+        """A matmul on weights a checkpoint stores quantized as `kind`, used as
+        they are (no quantization at load), for activations in `act`."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.kind = kind
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scales = None if scales is None else nn.Parameter(scales, requires_grad=False)
+        self.wide = wide_dtype(act, cpu)
+        return self
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the kernels read it, (N, K) in `dtype`."""
@@ -239,6 +204,26 @@ class NativeMatmul(nn.Module):
         if x.numel() <= native.MAX_ROWS * x.shape[-1]:
             return native.linear(x, self.weight, self.scales)
         return F.linear(x.to(self.wide), self.dequantized(self.wide)).to(x.dtype)
+
+
+def wide_dtype(dtype: torch.dtype, cpu: CpuCapability) -> torch.dtype:
+    """The dtype of NativeMatmul's prefill GEMM for weights or activations in `dtype`."""
+    return torch.bfloat16 if dtype == torch.bfloat16 and cpu.bf16 else torch.float32
+
+
+class StoredMatmul(nn.Module):
+    """A weight stored quantized (llama/weights/quantized.py), where our
+    kernels do not run (no compiler, another CPU, a GPU): dequantized in
+    PyTorch at every call, in x's dtype. Saves memory, not time."""
+
+    def __init__(self, kind: str, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.kind = kind
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, quantized.dequantize(self.kind, self.weight, self.scales, x.dtype))
 
 
 class PlainMatmul(nn.Module):

@@ -11,6 +11,10 @@ from ..common.jsonfile import read_json_object
 # Keys that params.json may hold. Runtime limits (max_batch_size, max_seq_len)
 # are not file parameters and are rejected if they appear there.
 _RUNTIME_FIELDS = {"max_batch_size", "max_seq_len"}
+# Keys that describe how the weights are stored, not the model: params.json may
+# hold them (a quantized checkpoint's "quantization", llama/weights/quantized.py)
+# and ModelArgs leaves them out.
+STORAGE_KEYS = {"quantization"}
 
 
 # Bounds far above any real model, so that a hostile params.json cannot make the
@@ -99,6 +103,10 @@ class ModelArgs:
         does not understand may change the model (as `use_scaled_rope` did).
         """
         known = {f.name for f in fields(cls)} - _RUNTIME_FIELDS
+        for key in STORAGE_KEYS & set(params):
+            if not isinstance(params[key], dict):
+                raise ValueError(f"params.json's {key!r} must be an object, got {params[key]!r:.60}")
+        params = {k: v for k, v in params.items() if k not in STORAGE_KEYS}
         unknown = set(params) - known
         if unknown:
             raise ValueError(
