@@ -44,7 +44,8 @@ import torch
 
 from .kernels.compiled import compile_decode
 from .kernels.fused import use_fused_decoding
-from .kernels.linear import QUANTIZATIONS, check_quantization, describe_matmuls, use_kernels
+from .kernels import native
+from .kernels.linear import QUANTIZATIONS, check_quantization, cpu_capability, describe_matmuls, use_kernels
 from .model import Transformer, cache_bytes
 from .parallel.distributed import DistInfo, choose_dtype, init_distributed
 from .parallel.fingerprint import check_same_checkpoint, replicated_hash
@@ -52,8 +53,10 @@ from .parallel.memory import ADDRESS_SPACE, CGROUP, available_memory, available_
 from .parallel.threads import local_ranks, set_threads
 from .text.tokenizer import Tokenizer
 from .weights.args import ModelArgs
-from .weights.checkpoint import CheckpointError, first_needed_shard, inspect_rank_files, load_prepared_rank_state
-from .weights.schema import shard_shapes, stage_holds
+from .weights import mapped, quantized
+from .weights.checkpoint import (CheckpointError, expected_shapes, first_needed_shard, inspect_rank_files,
+                                 load_prepared_rank_state, stored_types)
+from .weights.schema import model_weights, shard_shapes, stage_holds
 from .weights.stages import model_digest, model_folder, stage_folder, stage_layers
 
 logger = logging.getLogger("llama")
@@ -91,12 +94,12 @@ def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: 
     dist_info, torch_dtype, dtype_reason = start_processes(args, device, dtype, model_parallel_size, pipeline_stages,
                                                            quantize, seed)
     files = inspect_files(ckpt_dir, tokenizer_path, args, raw_vocab_size, dist_info, torch_dtype, quantize, seed)
-    # int8 is quantized on the CPU and then moved: the full-precision weights never occupy the GPU.
-    load_device = torch.device("cpu") if quantize else dist_info.device
-    state, layout = load_state(files, args, dist_info, load_device, torch_dtype)
-    model = construct(args, layout, files.layers, state)
+    state, stored, layout = load_state(files, args, dist_info, torch_dtype, quantize)
+    # Quantized weights are made on the CPU and then moved: the full-precision weights never occupy the GPU.
+    load_device = torch.device("cpu") if quantize or stored else dist_info.device
+    model = construct(args, layout, files.layers, {k: v.to(load_device) for k, v in state.items()}, stored)
     del state
-    install_kernels(model, quantize, dist_info.device, load_device)
+    install_kernels(model, quantize, dist_info.device, load_device, stored, torch_dtype)
     model.setup_caches(dist_info.device, torch_dtype)
     if compile:
         compile_decode(model)
@@ -219,31 +222,87 @@ def inspect_files(ckpt_dir: str, tokenizer_path: str, args: ModelArgs, raw_vocab
     return Files(prepared, folder, layers)
 
 
-def load_state(files: Files, args: ModelArgs, dist_info: DistInfo, load_device: torch.device,
-               torch_dtype: torch.dtype):
-    """(this rank's state dict under Meta's names on `load_device` in `torch_dtype`, embedding layout)."""
+def load_state(files: Files, args: ModelArgs, dist_info: DistInfo, torch_dtype: torch.dtype,
+               quantize: Optional[str]):
+    """(this rank's float weights under Meta's names in `torch_dtype`, its
+    linear weights that reach the model quantized (`quantized_weights`),
+    embedding layout), on the CPU."""
     state, layout = load_prepared_rank_state(files.prepared, files.folder, args, dist_info.mp_rank,
                                              dist_info.mp_size, files.layers)
-    return {k: v.to(device=load_device, dtype=torch_dtype).contiguous() for k, v in state.items()}, layout
+    shapes = expected_shapes(args, dist_info.mp_size, layout, files.layers)
+    stored = quantized_weights(state, shapes, args, quantize, dist_info.device, files.folder)
+    return {k: v.to(dtype=torch_dtype).contiguous() for k, v in state.items()}, stored, layout
 
 
-def construct(args: ModelArgs, layout, layers: Optional[range], state: dict) -> Transformer:
-    """The Transformer built on the meta device, then given `state`'s tensors (not copies)."""
+def quantized_weights(state: dict, shapes: dict, args: ModelArgs, quantize: Optional[str], device: torch.device,
+                      folder: Path) -> dict:
+    """Takes out of `state` the linear weights that reach the model quantized:
+    those the checkpoint stores quantized (llama/weights/quantized.py), used
+    as they are, and with `quantize`, where our CPU kernels will run them,
+    the float ones, quantized here one tensor at a time (ROW_CHUNK rows at a
+    time), each one's pages of the checkpoint file released once it is done
+    (llama/weights/mapped.py): the full-precision model is never held, only
+    the quantized one and one tensor. `shapes`: the rank's expected shapes.
+    Returns Meta name -> (type, weight, scales or None). CheckpointError for a --quantize that asks for other
+    types than the checkpoint stores."""
+    types = stored_types(state, shapes, str(folder))
+    if types and quantize:
+        other = {k: t for k, t in types.items() if t != quantized.type_for(quantize, k)}
+        if other:
+            key = sorted(other)[0]
+            raise CheckpointError(
+                f"{folder} stores its weights quantized ({key} as {other[key]}); --quantize {quantize} would "
+                f"quantize them again: leave --quantize out, or quantize the full-precision checkpoint "
+                f"(llama quantize --quantize {quantize})")
+    schema = model_weights(args)
+    here = quantize is not None and device.type == "cpu" and native_kernels_run()
+    out = {}
+    for key in list(state):
+        if key in types:
+            out[key] = (types[key], state.pop(key), state.pop(quantized.scales_key(key), None))
+        elif (here and key in schema and schema[key].kind in ("column", "row")
+              and state[key].shape[1] % quantized.GROUP == 0):
+            full = state.pop(key)
+            kind = quantized.type_for(quantize, key)
+            out[key] = (kind, *quantized.quantize(full, kind))
+            mapped.release([full])
+            del full
+    return out
+
+
+def construct(args: ModelArgs, layout, layers: Optional[range], state: dict, stored: dict) -> Transformer:
+    """The Transformer built on the meta device, then given `state`'s tensors
+    (not copies); the linear layers in `stored` (Meta names) get theirs in
+    install_kernels, and `stored` is regrouped by the model's layers."""
     with torch.device("meta"):
         model = Transformer(args, embedding_layout=layout, layers=layers)
-    model.load_state_dict(state, strict=True, assign=True)
+    by_module = {path: names for path, names in model.checkpoint_sources().items() if names[0] in stored}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    expected = {f"{path}.weight" for path in by_module}
+    if set(result.missing_keys) != expected or result.unexpected_keys:
+        raise CheckpointError(f"the weights do not fit the model: missing {sorted(set(result.missing_keys) - expected)[:4]}, "
+                              f"unexpected {result.unexpected_keys[:4]}")
+    regrouped = {path: [stored.pop(name) for name in names] for path, names in by_module.items()}
+    if stored:
+        raise CheckpointError(f"quantized weights of layers that are split across others: {sorted(stored)[:4]}")
+    stored.update(regrouped)
     return model.eval()
 
 
 def install_kernels(model: Transformer, quantize: Optional[str], device: torch.device,
-                    loaded_on: torch.device) -> None:
-    """Faster matmuls for `device` (quantized if asked), the model moved there
-    from `loaded_on`, and our fused CPU decoding; the model can load no
-    state dict afterwards."""
-    use_kernels(model, quantize, device=device)
+                    loaded_on: torch.device, stored: dict, act: torch.dtype) -> None:
+    """Faster matmuls for `device` (quantized if asked; on weights stored
+    quantized as they are), the model moved there from `loaded_on`, and our
+    fused CPU decoding; the model can load no state dict afterwards."""
+    use_kernels(model, quantize, device=device, stored=stored, act=act)
     if loaded_on != device:
         model.to(device)
     use_fused_decoding(model)
+
+
+def native_kernels_run() -> bool:
+    """Whether our CPU kernels run here (they run the quantized weights made at load)."""
+    return native.library() is not None and cpu_capability().isa in ("AVX2", "AVX512")
 
 
 def weight_bytes_per_step(model: Transformer, dist_info: DistInfo) -> int:

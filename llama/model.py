@@ -17,7 +17,7 @@ step to the modules, so the model always runs without one.
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -326,6 +326,19 @@ class Transformer(nn.Module):
             if local != i:
                 for key in [k for k in state_dict if k.startswith(f"{prefix}layers.{i}.")]:
                     state_dict[f"{prefix}layers.{local}.{key[len(f'{prefix}layers.{i}.'):]}"] = state_dict.pop(key)
+
+    def checkpoint_sources(self) -> Dict[str, Tuple[str, ...]]:
+        """Each linear layer of this model (its module path) and the checkpoint
+        weights (Meta's names, global layer numbers) whose rows it holds, in
+        order: what _fuse_projections concatenates, for weights that reach
+        the layers another way (stored quantized, llama/builder.py)."""
+        out: Dict[str, Tuple[str, ...]] = {}
+        for local, i in enumerate(self.layer_ids):
+            for module in ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"):
+                out[f"layers.{local}.{module}"] = tuple(f"layers.{i}.{part}.weight" for part in FUSED.get(module, (module,)))
+        if self.output is not None:
+            out["output"] = ("output.weight",)
+        return out
 
     def setup_caches(self, device, dtype) -> None:
         """Allocates the KV cache and the RoPE table on `device` (after weights are loaded)."""

@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   llama info Meta-Llama-3.1-70B-Instruct
   llama shard -n 2 -i llama-2-7b-chat -o llama-2-7b-chat-2-workers
   llama convert --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/SmolLM2-135M-Instruct
+  llama quantize --ckpt_dir checkpoints/SmolLM2-135M-Instruct --out checkpoints/SmolLM2-int4 --quantize int4
 """
 
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .checkpoints import add_convert_args, add_info_args, add_shard_args, convert, info, shard
     from .generate import add_chat_args, add_complete_args, chat, complete
     from .options import add_model_args, add_sampling_args
+    from .quantize import add_quantize_args, quantize
     from .serve import add_serve_args, serve
 
     parser = _Parser(prog="llama", description="Llama 2 / 3 / 3.1 inference on CPU and GPU.", epilog=EXAMPLES,
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_info_args(command("info", info, "what a checkpoint directory holds, without loading it"))
     add_shard_args(command("shard", shard, "split or merge a checkpoint into N shards (one per worker)"))
     add_convert_args(command("convert", convert, "convert a GGUF file (llama.cpp's format) into a checkpoint directory"))
+    add_quantize_args(command("quantize", quantize, "store a checkpoint's linear weights quantized (int8 or int4), "
+                              "once: later starts load them as they are"))
     return parser
 
 

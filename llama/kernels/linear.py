@@ -23,7 +23,7 @@ model goes through fairscale's collectives.
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from ..common.cpu import cpu_flags
 from . import huge_pages
 from . import native
 from ..parallel.collectives import all_gather_last_dim, all_reduce
-from ..weights import quantized
+from ..weights import mapped, quantized
 from ..weights.quantized import group_int4, group_int8, int4_groups  # noqa: F401 (the quantizers' old home)
 
 # int4: our kernels only (NativeMatmul), 4-bit blocks and an int8 output layer
@@ -216,11 +216,11 @@ class StoredMatmul(nn.Module):
     kernels do not run (no compiler, another CPU, a GPU): dequantized in
     PyTorch at every call, in x's dtype. Saves memory, not time."""
 
-    def __init__(self, kind: str, weight: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, kind: str, weight: torch.Tensor, scales: Optional[torch.Tensor]):
         super().__init__()
         self.kind = kind
         self.weight = nn.Parameter(weight, requires_grad=False)
-        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.scales = None if scales is None else nn.Parameter(scales, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, quantized.dequantize(self.kind, self.weight, self.scales, x.dtype))
@@ -347,7 +347,8 @@ def _int4_refused(where: str) -> ValueError:
                       f"not {where}; use --quantize int8")
 
 
-def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Optional[torch.device] = None) -> nn.Module:
+def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Optional[torch.device] = None,
+                stored: Optional[Dict[str, list]] = None, act: Optional[torch.dtype] = None) -> nn.Module:
     """Gives every fairscale parallel linear layer of `model` a faster matmul, in place,
     for the device it will run on (`device`, default where its weights are).
 
@@ -361,19 +362,76 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Option
     one name): the model already fuses wq|wk|wv and w1|w3 into single,
     larger matmuls. Each rank converts its own shard. The model can no
     longer load a state dict afterwards: this is the last step of building it.
+
+    `stored`: module path -> [(type, weight, scales), ...], the parts (rows, in
+    order) of layers whose weights arrive quantized (llama/weights/quantized.py:
+    stored so, or quantized while loading); they are used as they are
+    (`stored_matmul`, activations in `act`), and the dict is emptied as they
+    are, so that each part is freed once its layer holds it.
     """
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
+    stored = {} if stored is None else stored
     output = getattr(model, "output", None)
-    for module in list(model.modules()):
+    for path, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
+            child_path = f"{path}.{child_name}" if path else child_name
             if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                q = "int8" if quantize == "int4" and child is output else quantize
-                setattr(module, child_name, KernelLinear(child, choose_matmul(child.weight.data, q, device=device)))
+                if child_path in stored:
+                    matmul = stored_matmul(stored.pop(child_path), act or torch.float32, device)
+                else:
+                    q = "int8" if quantize == "int4" and child is output else quantize
+                    matmul = choose_matmul(child.weight.data, q, device=device)
+                setattr(module, child_name, KernelLinear(child, matmul))
             elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
                 setattr(module, child_name, KernelEmbedding(child))
+    if stored:
+        raise ValueError(f"quantized weights for layers this model does not have: {sorted(stored)[:4]}")
     _weights_on_huge_pages(model)
     return model
+
+
+def stored_matmul(parts: list, act: torch.dtype, device: Optional[torch.device] = None) -> nn.Module:
+    """The matmul for a layer whose weight arrives quantized, as `parts`
+    [(type, weight, scales or None), ...] holding consecutive rows: our
+    kernels where they run (NativeMatmul.stored; parts of different types,
+    as a GGUF file may mix in wq|wk|wv, as one ConcatMatmul), else
+    StoredMatmul (PyTorch, any device). The parts' pages mapped from the
+    checkpoint are released once they are copied (llama/weights/mapped.py)."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    cpu = cpu_capability() if on_cpu else None
+    ours = on_cpu and native.library() is not None and cpu.isa in ("AVX2", "AVX512")
+    kinds = {kind for kind, _, _ in parts}
+    if len(kinds) > 1:
+        return ConcatMatmul([stored_matmul([part], act, device) for part in parts])
+    kind = kinds.pop()
+
+    def joined(i):
+        tensors = [part[i] for part in parts]
+        if tensors[0] is None:
+            return None
+        if len(tensors) == 1:
+            return tensors[0]
+        out = torch.cat(tensors)
+        mapped.release(tensors)
+        return out
+
+    weight, scales = joined(1), joined(2)
+    parts.clear()
+    if ours:
+        return NativeMatmul.stored(kind, weight, scales, act, cpu)
+    return StoredMatmul(kind, weight, scales)
+
+
+class ConcatMatmul(nn.Module):
+    """Matmuls over consecutive row blocks of one weight, outputs concatenated."""
+
+    def __init__(self, parts: list):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
 
 
 TRIM_BYTES = 256 << 20
@@ -397,6 +455,7 @@ def _weights_on_huge_pages(model: nn.Module) -> None:
         original = getattr(m, name).data
         since_trim += original.numel() * original.element_size()
         setattr(m, name, nn.Parameter(arena.copy(original), requires_grad=False))
+        mapped.release([original])  # a weight used as the checkpoint stores it: its file pages
         del original
         if since_trim >= TRIM_BYTES:
             huge_pages.return_freed_memory()

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import manifest
+from . import manifest, quantized
 from .args import ModelArgs
 from ..common.files import shard_name
 from .schema import UNUSED_KEYS, EmbeddingLayout, kv_replication, model_weights, shard_shapes, stage_holds
@@ -83,8 +83,9 @@ def find_shards(ckpt_dir) -> List[Path]:
     return [present[i] for i in indices]
 
 
-# Weights are stored in these dtypes (Meta: bfloat16; converters: float16/float32).
-WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Weights are stored in these dtypes (Meta: bfloat16; converters: float16/float32;
+# quantized linear weights: int8 and uint8, with float scales, llama/weights/quantized.py).
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.uint8)
 
 
 def check_tensors(state: dict, path: Path) -> None:
@@ -259,14 +260,47 @@ def check_layer_count(shard0: StateDict, args: ModelArgs, path: Path, held: Opti
             "to these weights; use the params.json that came with them")
 
 
+def stored_types(state: StateDict, expected: Dict[str, tuple], where: str) -> Dict[str, str]:
+    """The quantized type of each weight `state` stores quantized (key -> type,
+    llama/weights/quantized.py), checked: only 2-D weights named in `expected`
+    other than the embedding may be quantized, each with the dtypes and shapes
+    of its type, and every `.scales` tensor belongs to a quantized weight."""
+    types: Dict[str, str] = {}
+    for key, t in state.items():
+        if key.endswith(quantized.SCALES):
+            owner = quantized.weight_key(key)
+            if owner not in state or not quantized.is_quantized(state[owner]):
+                raise CheckpointError(f"{where}: {key} scales no quantized weight ({owner} is "
+                                      f"{'missing' if owner not in state else state[owner].dtype}); "
+                                      "the file is damaged or from another tool: write it again")
+            continue
+        if not quantized.is_quantized(t) and quantized.scales_key(key) not in state:
+            continue
+        shape = expected.get(key)
+        if shape is None or len(shape) != 2 or key.startswith("tok_embeddings."):
+            raise CheckpointError(f"{where}: {key} is stored as {t.dtype}, but only linear layers may be "
+                                  "quantized (embeddings and norms stay float); write the checkpoint again")
+        try:
+            kind = quantized.stored_type(key, t, state.get(quantized.scales_key(key)), shape[1])
+        except quantized.QuantizedWeightError as e:
+            raise CheckpointError(f"{where}: {e}") from e
+        if kind is not None:
+            types[key] = kind
+    return types
+
+
 def check_shapes(state: StateDict, expected: Dict[str, tuple], where: str, hint: str) -> None:
-    """Raises a CheckpointError listing missing, unexpected and mis-shaped tensors."""
-    keys = set(state) - UNUSED_KEYS
+    """Raises a CheckpointError listing missing, unexpected and mis-shaped
+    tensors; a weight stored quantized is compared by the shape it stands for."""
+    types = stored_types(state, expected, where)
+    shapes = {k: quantized.logical_shape(types.get(k), v) for k, v in state.items()
+              if k not in UNUSED_KEYS and not k.endswith(quantized.SCALES)}
+    keys = set(shapes)
     problems = [f"missing {k}" for k in sorted(set(expected) - keys)]
     problems += [f"unexpected {k}" for k in sorted(keys - set(expected))]
     problems += [
-        f"{k} has shape {tuple(state[k].shape)}, expected {expected[k]}"
-        for k in sorted(keys & set(expected)) if tuple(state[k].shape) != tuple(expected[k])
+        f"{k} has shape {shapes[k]}, expected {expected[k]}"
+        for k in sorted(keys & set(expected)) if tuple(shapes[k]) != tuple(expected[k])
     ]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -350,8 +384,10 @@ def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, siz
     for key in ref:
         if key in UNUSED_KEYS or (layers is not None and not stage_holds(key, layers, args.n_layers)):
             continue
-        weight = schema.get(key)  # an unknown key is kept whole; check_shapes reports it
+        weight = schema.get(quantized.weight_key(key))  # an unknown key is kept whole; check_shapes reports it
         axis = weight.split_axis(layout) if weight else None
+        if axis == 1 and len(shards) != size and quantized.is_quantized(ref[key]):
+            _check_quantized_split(key, ref, weight.shape[1], len(shards), size)
         try:
             if axis is None:
                 out[key] = ref[key]  # replicated (norms)
@@ -366,6 +402,18 @@ def rank_state_dict(shards: Sequence[StateDict], args: ModelArgs, rank: int, siz
                 f"{key} is in one shard but missing from another shard: the shards come from different checkpoints"
             ) from e
     return out
+
+
+def _check_quantized_split(key: str, ref: StateDict, k: int, n_files: int, size: int) -> None:
+    """A row-parallel weight of `k` input columns stored quantized, read by
+    `size` ranks from `n_files` shards (`ref` one of them): every cut must
+    fall between whole groups."""
+    try:
+        kind = quantized.stored_type(key, ref[key], ref.get(quantized.scales_key(key)), k // n_files)
+        quantized.check_split(key, kind, k, size)
+    except ValueError as e:
+        raise CheckpointError(f"{e} (the files hold {n_files} shards); run on a size that works, "
+                              "or split the full-precision checkpoint and quantize each part") from e
 
 
 def embeddings_tied(state: StateDict) -> bool:

@@ -31,7 +31,7 @@ GROUP = 32  # input columns per scale (q8_0) or per (d, m) pair (q4_1)
 METHODS = ("int8", "int4")  # what `quantize` makes: int8 -> q8_0 everywhere; int4 -> q4_1, output q8_0
 PARAMS_KEY = "quantization"  # params.json's record of how the weights were quantized
 SCALES = ".scales"
-ROW_CHUNK = 1024  # rows quantized at a time: temporaries of a few MB per weight, not of the whole tensor
+ROW_CHUNK = 256  # rows quantized at a time: float temporaries of a few MB per weight, not of the whole tensor
 
 # Per type: (weight dtype, input columns per stored column of `weight`, scales dtype, scales per group)
 TYPES = {

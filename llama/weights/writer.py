@@ -27,6 +27,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -93,6 +94,23 @@ def _for_saving(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
+class StreamedShard:
+    """A shard write_checkpoint writes tensor by tensor, never holding it whole:
+    `spec` maps each name to a tensor of its dtype and shape whose memory is
+    never touched (torch.empty), `fill(out)` writes every tensor of `out`
+    (the same names, memory-mapped from the file being written) and yields
+    the bytes done after each. torch.save lays the file out with holes for
+    the bytes (torch.serialization.skip_data), the holes are allocated, and
+    `fill` writes through a shared mapping: a file torch.load reads like any
+    other, written with about one tensor in memory."""
+
+    def __init__(self, spec: Dict[str, torch.Tensor], fill: Callable[[Dict[str, torch.Tensor]], Iterable[int]]):
+        self.spec, self.fill = spec, fill
+
+    def __len__(self) -> int:
+        return len(self.spec)
+
+
 def _read_umask() -> int:
     """The process's umask, read without changing it (Linux's /proc/self/status);
     elsewhere set and restored once, at the first call."""
@@ -155,6 +173,24 @@ class _TempFiles:
             f.flush()
             os.fsync(f.fileno())
         return hashed.md5.hexdigest()
+
+    def save_streamed(self, name: str, shard: "StreamedShard", progress: Progress) -> str:
+        """A shard written tensor by tensor (see StreamedShard); returns its md5."""
+        with self.open(name) as f:
+            pass  # created exclusively; torch.save writes it by name below
+        path = self.paths[name]
+        with torch.serialization.skip_data():  # the layout and the pickle; the tensors' bytes left as holes
+            torch.save(shard.spec, path)
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)  # a full disk fails here, not as SIGBUS
+        with torch.serialization.set_default_mmap_options(mmap.MAP_SHARED):  # writes go to the file
+            out = torch.load(path, mmap=True, weights_only=True)
+        for nbytes in shard.fill(out):
+            progress.update(nbytes=nbytes)
+        del out
+        with open(path, "r+b") as f:
+            os.fsync(f.fileno())
+        return _md5_of(path)
 
     def publish(self, name: str, as_name: Optional[str] = None) -> None:
         tmp = self.paths.pop(name)
@@ -262,7 +298,8 @@ def write_checkpoint(
     extra_files: Optional[Dict[str, str]] = None,
 ) -> Path:
     """Writes params.json, consolidated.NN.pth (one per item of `shards`,
-    consumed one at a time so only one is in memory), tokenizer.model (with
+    consumed one at a time so only one is in memory; a StreamedShard is
+    written a tensor at a time), tokenizer.model (with
     its tokenizer.model.json sidecar, if it has one), checklist.chk and
     manifest.json into `out_dir`.
 
@@ -281,7 +318,8 @@ def write_checkpoint(
     try:
         for i, state in enumerate(shards):
             name = shard_name(i)
-            md5s[name] = tmp.save_tensors(name, state, bar)
+            md5s[name] = (tmp.save_streamed(name, state, bar) if isinstance(state, StreamedShard)
+                          else tmp.save_tensors(name, state, bar))
             bar.update(items=1)
             progress(f"wrote {out_dir / name} ({len(state)} tensors)")
             del state

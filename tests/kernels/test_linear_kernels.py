@@ -245,7 +245,7 @@ def test_every_collective_goes_through_ours_in_any_dtype(family, make_ckpt, monk
     ckpt = make_ckpt(family)
     kw = dict(max_seq_len=32, max_batch_size=1, device="cpu", dtype="bfloat16")
     tokens = torch.randint(0, 500, (1, 9), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(linear, "use_kernels", lambda model, quantize=None, device=None: model)
+    monkeypatch.setattr(linear, "use_kernels", lambda model, quantize=None, device=None, **_: model)
     monkeypatch.setattr("llama.builder.use_kernels", linear.use_kernels)
     plain = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), **kw).model.forward(tokens, 0)
     monkeypatch.undo()
