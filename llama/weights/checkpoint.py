@@ -274,7 +274,7 @@ def stored_types(state: StateDict, expected: Dict[str, tuple], where: str) -> Di
                                       f"{'missing' if owner not in state else state[owner].dtype}); "
                                       "the file is damaged or from another tool: write it again")
             continue
-        if not quantized.is_quantized(t) and quantized.scales_key(key) not in state:
+        if not quantized.is_quantized(t):
             continue
         shape = expected.get(key)
         if shape is None or len(shape) != 2 or key.startswith("tok_embeddings."):
