@@ -12,12 +12,14 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+from ..weights import quantized
 from ..weights.args import ModelArgs
 from ..text.chat_format import ChatFormat, chat_format_name
 from ..weights.checkpoint import (LazyShards, embeddings_tied, expected_shapes, find_shards, inspect_checkpoint,
-                                  supported_world_sizes, weights_vocab_size)
+                                  stored_types, supported_world_sizes, weights_vocab_size)
+from ..weights.schema import model_weights
 from ..text.tokenizer import Tokenizer
 from ..weights.stages import find_tokenizer
 
@@ -49,6 +51,7 @@ class CheckpointInfo:
     chat_format: Optional[str]
     world_sizes: List[int]  # numbers of processes it can run on
     tied_embeddings: bool = False  # output.weight is tok_embeddings.weight
+    quantized: Dict[str, int] = dataclasses.field(default_factory=dict)  # stored type -> linear weights (shard 0)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -65,6 +68,8 @@ class CheckpointInfo:
             ("size on disk", f"{_human(self.file_bytes, 1024, [' B', ' KiB', ' MiB', ' GiB', ' TiB'])} "
                              f"in {self.shards} shard{'s' if self.shards > 1 else ''} (consolidated.*.pth)"),
             ("stored dtype", ", ".join(self.dtypes)),
+            *([("quantized", ", ".join(f"{n} weight{'s' if n > 1 else ''} {kind}" for kind, n in self.quantized.items())
+                + " (llama/weights/quantized.py)")] if self.quantized else []),
             ("shape", f"dim {self.dim}, {self.n_layers} layers, {self.n_heads} heads, "
                       f"{self.n_kv_heads} KV heads, vocabulary {self.vocab_size}"),
             ("tokenizer", tok),
@@ -78,6 +83,17 @@ def _human(n: float, base: int, units: List[str]) -> str:
     i = min(int(math.log(max(n, 1), base)), len(units) - 1)
     value = n / base**i
     return f"{value:.0f}{units[i]}" if i == 0 else f"{value:.3g}{units[i]}"
+
+
+def _splits(types: Dict[str, str], schema: dict, size: int) -> bool:
+    """Whether `size` ranks split every quantized row-parallel weight at whole groups."""
+    try:
+        for key, kind in types.items():
+            if schema[key].kind == "row":
+                quantized.check_split(key, kind, schema[key].shape[1], size)
+    except ValueError:
+        return False
+    return True
 
 
 def checkpoint_info(ckpt_dir, tokenizer_path=None) -> CheckpointInfo:
@@ -98,6 +114,11 @@ def checkpoint_info(ckpt_dir, tokenizer_path=None) -> CheckpointInfo:
     shard0 = LazyShards(paths[:1])[0]
     full = expected_shapes(args, 1, layout)
     tied = embeddings_tied(shard0)  # each shard holds the same rows of both: shard 0 tells
+    types = stored_types(shard0, expected_shapes(args, len(paths), layout), str(paths[0]))
+    schema = model_weights(args)
+    kinds: Dict[str, int] = {}
+    for kind in types.values():
+        kinds[kind] = kinds.get(kind, 0) + 1
     return CheckpointInfo(
         path=str(ckpt_dir),
         family=model_family(args, file_args.vocab_size, tokenizer.kind if tokenizer else None),
@@ -110,6 +131,7 @@ def checkpoint_info(ckpt_dir, tokenizer_path=None) -> CheckpointInfo:
         tokenizer=str(tok_path) if tok_path else None,
         tokenizer_kind=tokenizer.kind if tokenizer else None,
         chat_format=chat_format,
-        world_sizes=supported_world_sizes(args),
+        world_sizes=[m for m in supported_world_sizes(args) if _splits(types, schema, m)],
         tied_embeddings=tied,
+        quantized=dict(sorted(kinds.items())),
     )

@@ -178,3 +178,25 @@ def test_quantized_loads_never_hold_the_full_precision_model(make_ckpt, tmp_path
     assert at_load < 0.5 * linear_bf16 + embedding_and_output + (40 << 20), (plain, at_load, from_file, linear_bf16)
     assert from_file < 0.5 * linear_bf16 + embedding_and_output + (40 << 20), (plain, at_load, from_file, linear_bf16)
     assert plain > linear_bf16  # the measurement sees a full-precision model where there is one
+
+
+def test_info_names_the_types_and_the_rank_counts_that_keep_groups(quantized_ckpts):
+    from llama.cli.info import checkpoint_info
+
+    facts = checkpoint_info(quantized_ckpts["int4"])
+    assert facts.quantized == {"q4_1": 14, "q8_0": 1}  # 7 linear weights in each of 2 layers; the output in q8_0
+    assert facts.world_sizes == [1, 2]  # 4 ranks would cut wo's 64 input columns into 16
+    assert "quantized:    14 weights q4_1, 1 weight q8_0" in facts.report()
+
+
+def test_quantized_pipeline_stages_run_as_one_process(quantized_ckpts, tmp_path):
+    """A quantized checkpoint split into 2 stage folders (each node holds its
+    stage's quantized layers only) gives the tokens of the whole one."""
+    one = run_worker(quantized_ckpts["int8"], tmp_path)
+    staged = reshard_checkpoint(quantized_ckpts["int8"], tmp_path / "stages", 1, pipeline_stages=2,
+                                progress=lambda msg: None)
+    stage1 = torch.load(staged / "stage1" / "consolidated.00.pth", mmap=True, weights_only=True)
+    assert "layers.0.attention.wq.weight" not in stage1 and stage1["layers.1.attention.wq.weight"].dtype == torch.int8
+    shutil.copy(quantized_ckpts["int8"] / "tokenizer.model", staged / "tokenizer.model")  # run_worker passes ckpt/tokenizer.model
+    result = run_worker(staged, tmp_path, nproc=2, pipeline_stages=2)
+    assert result["tokens"] == one["tokens"]
