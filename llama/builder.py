@@ -12,10 +12,14 @@
    are there and fit params.json, the KV cache fits in memory
    (`check_cache_memory`), and every rank loads the same checkpoint with the
    same settings (fingerprints compared across ranks).
-5. `load_state`: this rank's shard of the weights, in the model's dtype.
+5. `load_state`: this rank's shard of the weights, in the model's dtype;
+   linear weights stored quantized are taken as they are, and with
+   `quantize` the float ones are quantized here, one tensor at a time
+   (`quantized_weights`: the full-precision model is never held).
 6. `construct`: the Transformer on the meta device, then
    `load_state_dict(assign=True)`: no weight is allocated twice.
-7. `install_kernels`: faster matmuls (`use_kernels`) and our fused CPU
+7. `install_kernels`: faster matmuls (`use_kernels`, on the quantized
+   weights of step 5 as they are) and our fused CPU
    decoding (`use_fused_decoding`), from outside the model; then `setup_caches`
    allocates the KV cache, and, if asked, `compile_decode`.
 8. `weight_bytes_per_step`, then the "Loaded" log line.
@@ -99,6 +103,7 @@ def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: 
     load_device = torch.device("cpu") if quantize or stored else dist_info.device
     model = construct(args, layout, files.layers, {k: v.to(load_device) for k, v in state.items()}, stored)
     del state
+    kinds = sorted({kind for parts in stored.values() for kind, _, _ in parts})
     install_kernels(model, quantize, dist_info.device, load_device, stored, torch_dtype)
     model.setup_caches(dist_info.device, torch_dtype)
     if compile:
@@ -106,7 +111,8 @@ def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: 
     weight_bytes = weight_bytes_per_step(model, dist_info)
     logger.info("Loaded %s on %s in %.2f s: %s (%s)%s, %s%s, %d thread%s, rank %d of %d%s", files.folder,
                 dist_info.device, time.perf_counter() - start, str(torch_dtype).replace("torch.", ""), dtype_reason,
-                f", {quantize} weights" if quantize else "", describe_matmuls(model),
+                f", {quantize} weights" if quantize else f", weights stored {'/'.join(kinds)}" if kinds else "",
+                describe_matmuls(model),
                 ", compiled decoding" if compile else "",
                 n_threads, "s" if n_threads > 1 else "", dist_info.rank, dist_info.world_size,
                 f", pipeline stage {dist_info.stage} of {dist_info.stages}: layers {files.layers.start}.."
@@ -243,8 +249,8 @@ def quantized_weights(state: dict, shapes: dict, args: ModelArgs, quantize: Opti
     time), each one's pages of the checkpoint file released once it is done
     (llama/weights/mapped.py): the full-precision model is never held, only
     the quantized one and one tensor. `shapes`: the rank's expected shapes.
-    Returns Meta name -> (type, weight, scales or None). CheckpointError for a --quantize that asks for other
-    types than the checkpoint stores."""
+    Returns Meta name -> (type, weight, scales or None). CheckpointError for
+    a --quantize that asks for other types than the checkpoint stores."""
     types = stored_types(state, shapes, str(folder))
     if types and quantize:
         other = {k: t for k, t in types.items() if t != quantized.type_for(quantize, k)}
@@ -276,7 +282,12 @@ def construct(args: ModelArgs, layout, layers: Optional[range], state: dict, sto
     install_kernels, and `stored` is regrouped by the model's layers."""
     with torch.device("meta"):
         model = Transformer(args, embedding_layout=layout, layers=layers)
-    by_module = {path: names for path, names in model.checkpoint_sources().items() if names[0] in stored}
+    by_module = {path: names for path, names in model.checkpoint_sources().items() if any(n in stored for n in names)}
+    for names in by_module.values():
+        floats = [n for n in names if n not in stored]
+        if floats:
+            raise CheckpointError(f"{floats[0]} is stored in float but {next(n for n in names if n in stored)} "
+                                  f"quantized; this model runs {' | '.join(names)} as one matmul: store them alike")
     result = model.load_state_dict(state, strict=False, assign=True)
     expected = {f"{path}.weight" for path in by_module}
     if set(result.missing_keys) != expected or result.unexpected_keys:

@@ -19,6 +19,7 @@ arena has ordinary pages: only the copy is spent.
 
 import ctypes
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -58,12 +59,16 @@ class HugePageArena:
         self.huge = advise_huge_pages(self.buffer.data_ptr() + self.start, nbytes // HUGE_PAGE * HUGE_PAGE)
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
-        nbytes = t.numel() * t.element_size()
+        return self.take(t.shape, t.dtype).copy_(t)
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """The next free bytes as an uninitialized tensor of `shape` and `dtype`, for the caller to write."""
+        nbytes = math.prod(shape) * dtype.itemsize
         if self.offset + nbytes > self.stop:
             raise ValueError(f"the arena has {self.stop - self.offset} bytes left, not {nbytes}")
-        out = self.buffer[self.offset:self.offset + nbytes].view(t.dtype).view(t.shape)
+        out = self.buffer[self.offset:self.offset + nbytes].view(dtype).view(shape)
         self.offset += padded(nbytes)
-        return out.copy_(t)
+        return out
 
 
 def return_freed_memory() -> None:
@@ -102,7 +107,12 @@ def why_not(nbytes: int) -> Optional[str]:
 def gather(tensors) -> Optional[HugePageArena]:
     """A HugePageArena sized for `tensors` (CPU, contiguous), or None if
     there are none or the move does not pay here (`why_not`, logged)."""
-    total = sum(padded(t.numel() * t.element_size()) for t in tensors)
+    return reserve([t.numel() * t.element_size() for t in tensors])
+
+
+def reserve(sizes) -> Optional[HugePageArena]:
+    """A HugePageArena for tensors of `sizes` bytes, or None as `gather`."""
+    total = sum(padded(n) for n in sizes)
     if not total:
         return None
     reason = why_not(total)

@@ -372,54 +372,77 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Option
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose from {[q for q in QUANTIZATIONS if q]}")
     stored = {} if stored is None else stored
+    place = _stored_arena(stored, device)
     output = getattr(model, "output", None)
-    for path, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            child_path = f"{path}.{child_name}" if path else child_name
-            if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                if child_path in stored:
-                    matmul = stored_matmul(stored.pop(child_path), act or torch.float32, device)
-                else:
-                    q = "int8" if quantize == "int4" and child is output else quantize
-                    matmul = choose_matmul(child.weight.data, q, device=device)
-                setattr(module, child_name, KernelLinear(child, matmul))
-            elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
-                setattr(module, child_name, KernelEmbedding(child))
+    modules = dict(model.named_modules())
+    for child_path, child in list(modules.items()):  # in the model's order, which is decoding's
+        parent_path, _, child_name = child_path.rpartition(".")
+        module = modules[parent_path]
+        if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
+            if child_path in stored:
+                matmul = stored_matmul(stored.pop(child_path), act or torch.float32, device, place)
+            else:
+                q = "int8" if quantize == "int4" and child is output else quantize
+                matmul = choose_matmul(child.weight.data, q, device=device)
+            setattr(module, child_name, KernelLinear(child, matmul))
+        elif isinstance(child, (VocabParallelEmbedding, ParallelEmbedding)):
+            setattr(module, child_name, KernelEmbedding(child))
     if stored:
         raise ValueError(f"quantized weights for layers this model does not have: {sorted(stored)[:4]}")
     _weights_on_huge_pages(model)
     return model
 
 
-def stored_matmul(parts: list, act: torch.dtype, device: Optional[torch.device] = None) -> nn.Module:
+def _runs_ours(device: Optional[torch.device]) -> bool:
+    """Whether our kernels run the matmuls on `device` (default: the CPU)."""
+    return ((device is None or torch.device(device).type == "cpu") and native.library() is not None
+            and cpu_capability().isa in ("AVX2", "AVX512"))
+
+
+def _stored_arena(stored: Dict[str, list], device: Optional[torch.device]):
+    """For stored quantized weights our kernels will run: a function giving
+    each joined tensor its place in one HugePageArena (in the model's order,
+    which is `stored`'s), so that parts are copied once, straight into it;
+    None where there is no arena (huge_pages.why_not) or no kernels of ours."""
+    if not stored or not _runs_ours(device):
+        return None
+    sizes = [sum(part[i].nbytes for part in parts) for parts in stored.values() for i in (1, 2) if parts[0][i] is not None]
+    arena = huge_pages.reserve(sizes)
+    return None if arena is None else arena.take
+
+
+def stored_matmul(parts: list, act: torch.dtype, device: Optional[torch.device] = None, place=None) -> nn.Module:
     """The matmul for a layer whose weight arrives quantized, as `parts`
     [(type, weight, scales or None), ...] holding consecutive rows: our
     kernels where they run (NativeMatmul.stored; parts of different types,
     as a GGUF file may mix in wq|wk|wv, as one ConcatMatmul), else
-    StoredMatmul (PyTorch, any device). The parts' pages mapped from the
-    checkpoint are released once they are copied (llama/weights/mapped.py)."""
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    cpu = cpu_capability() if on_cpu else None
-    ours = on_cpu and native.library() is not None and cpu.isa in ("AVX2", "AVX512")
+    StoredMatmul (PyTorch, any device). Each part is copied once: into
+    `place(shape, dtype)` (the huge-page arena, _stored_arena) if given, or
+    concatenated; its pages mapped from the checkpoint are then released
+    (llama/weights/mapped.py)."""
+    ours = _runs_ours(device)
     kinds = {kind for kind, _, _ in parts}
     if len(kinds) > 1:
-        return ConcatMatmul([stored_matmul([part], act, device) for part in parts])
+        return ConcatMatmul([stored_matmul([part], act, device, place) for part in parts])
     kind = kinds.pop()
 
     def joined(i):
         tensors = [part[i] for part in parts]
         if tensors[0] is None:
             return None
-        if len(tensors) == 1:
-            return tensors[0]
-        out = torch.cat(tensors)
+        if place is None and len(tensors) == 1:
+            return tensors[0]  # used in place (mapped from the file), or copied to huge pages later
+        shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+        out = torch.cat(tensors, out=place(shape, tensors[0].dtype)) if place else torch.cat(tensors)
         mapped.release(tensors)
         return out
 
     weight, scales = joined(1), joined(2)
     parts.clear()
     if ours:
-        return NativeMatmul.stored(kind, weight, scales, act, cpu)
+        matmul = NativeMatmul.stored(kind, weight, scales, act, cpu_capability())
+        matmul.placed = place is not None  # already on huge pages
+        return matmul
     return StoredMatmul(kind, weight, scales)
 
 
@@ -445,7 +468,7 @@ def _weights_on_huge_pages(model: nn.Module) -> None:
     checkpoint file's pages, which the kernel can drop), and freed memory is
     returned to the system every TRIM_BYTES, so that the weights are not held
     twice."""
-    held = [(m, name) for m in model.modules() if isinstance(m, NativeMatmul)
+    held = [(m, name) for m in model.modules() if isinstance(m, NativeMatmul) and not getattr(m, "placed", False)
             for name in ("weight", "scales") if getattr(m, name) is not None]
     arena = huge_pages.gather([getattr(m, name) for m, name in held])
     if arena is None:

@@ -14,8 +14,8 @@ The writer of quantized checkpoints (llama/weights/writer.py StreamedShard)
 writes through a shared mapping of its output file: there, dropping a page
 leaves its bytes in the page cache, to be written to the file as usual.
 
-Invariant: only pages of file mappings, as /proc/self/maps lists them, are
-released (private ones are never written to here, so the file holds their
+Invariant: only pages of mappings of checkpoint files (*.pth), as
+/proc/self/maps lists them, are released (private ones are never written to here, so the file holds their
 bytes; shared ones keep theirs in the page cache), and only whole pages
 inside a tensor's bytes. On anonymous memory MADV_DONTNEED would zero the
 pages: a tensor that was copied out of the files (a slice gathered from two
@@ -35,11 +35,14 @@ PAGE = mmap.PAGESIZE
 
 
 def file_mappings() -> List[Tuple[int, int]]:
-    """[start, end) of this process's mappings of files."""
+    """[start, end) of this process's mappings of checkpoint files (names
+    with ".pth" in them: shards, and the writer's temporary ones)."""
     spans = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
+                if ".pth" not in line:
+                    continue
                 fields = line.split(maxsplit=5)
                 if len(fields) < 6 or fields[4] == "0" or not fields[5].startswith("/"):
                     continue
