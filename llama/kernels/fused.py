@@ -58,10 +58,11 @@ class NativeSwiGLU(SwiGLU):
 
 
 def native_weight(layer: nn.Module) -> Optional[tuple]:
-    """(weight, scales or None) of a KernelLinear that runs our kernels, for
-    native.decode_layers; None for any other layer."""
+    """(weight, scales or None, kind) of a KernelLinear that runs our kernels,
+    for native.decode_layers (kind: NativeMatmul's type name, which the
+    K-quants need, as uint8 is also q4_1); None for any other layer."""
     if isinstance(layer, KernelLinear) and isinstance(layer.matmul, NativeMatmul):
-        return layer.matmul.weight, layer.matmul.scales
+        return layer.matmul.weight, layer.matmul.scales, layer.matmul.kind
     return None
 
 
