@@ -19,7 +19,10 @@
  *   int4 weights: w (N, K / 2) uint8 and scales (N, K / 32, 2) fp16 (scale, min) per group of 32, with
  *     W[n, 32 g + j] = q * scale + min, q = the low nibble of w[n, 16 g + j] for j < 16, else the high
  *     nibble of w[n, 16 g + j - 16] (llama.cpp's Q4_1 layout)
- * K must be a multiple of 32. Sums are in fp32 (int8 dot products: exact in int32 per group).
+ *   K-quant weights (Q4K, Q5K, Q6K): w (N, K / 256 * 144, 176 or 210) uint8, llama.cpp's
+ *     super-blocks as GGUF files hold them, no scales (see the K-quant section below)
+ * K must be a multiple of 32 (256 for the K-quants). Sums are in fp32 (int8 dot products:
+ * exact in int32 per group).
  */
 #include <immintrin.h>
 #include <stdint.h>
