@@ -201,7 +201,7 @@ INLINE float q_group(const float *x, int8_t *q, int *sum) {
 #define MB 4       /* rows of x per pass over a tile of weights */
 
 /* Version of this interface; native.py refuses a library of another. */
-int llama_kernels_version(void) { return 6; }
+int llama_kernels_version(void) { return 7; }
 int llama_kernels_vector_width(void) { return W; }
 int llama_kernels_int8_dot(void) { /* 1: int8 weights by int8 dot products (tile_q8), 0: widened to fp32 */
 #ifdef QB
@@ -952,22 +952,53 @@ int decode_attention(const void *qkv, void *cache_k, void *cache_v, const float 
   return failed ? -1 : 0;
 }
 
-/* A linear layer's weight as decode_layers takes it: kind F32, BF16, Q8 or Q4 (then with scales), or a
- * K-quant (Q4K, Q5K, Q6K: scales NULL). */
-struct weight {
+/* Part of a linear layer's weight: `rows` consecutive output rows of one kind: F32, BF16, Q8 or Q4
+ * (then with scales), or a K-quant (Q4K, Q5K, Q6K: scales NULL). */
+struct part {
   int kind;
   const void *w;
   const float *scales;
+  long rows;
 };
 
-/* y = x @ W^T by the matmuls above, for a weight whose kind is known at run time. */
-static int linear_by(const struct weight *wt, const void *x, int x_bf16, void *y, long M, long N, long K,
-                     int threads) {
+/* A linear layer's weight as decode_layers takes it: one part (part[1].rows 0; part[0].rows may be
+ * 0 too, for all N), or up to MAX_PARTS parts whose rows make N, in order (a GGUF Q4_K_M file's
+ * wq | wk in Q4_K with wv in Q6_K, fused into one wqkv). */
+#define MAX_PARTS 3 /* native.MAX_PARTS */
+struct weight {
+  struct part part[MAX_PARTS];
+};
+
+/* y = x @ W^T by the matmuls above, for a part whose kind is known at run time. */
+static int part_linear(const struct part *wt, const void *x, int x_bf16, void *y, long M, long N, long K,
+                       int threads) {
   if (wt->kind == F32) return linear(F32, x, x_bf16, wt->w, NULL, y, M, N, K, threads);
   if (wt->kind == BF16) return linear(BF16, x, x_bf16, wt->w, NULL, y, M, N, K, threads);
   if (wt->kind == Q8) return linear(Q8, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
   if (wt->kind == Q4) return linear(Q4, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
   return k_linear(wt->kind, x, x_bf16, wt->w, y, M, N, K, threads);
+}
+
+/* y (M, N) = x @ W^T for a weight of one or more parts: each part's columns of y in turn,
+ * through a buffer of its own (M is a few rows: the copies cost little). Returns 0, or -1
+ * without memory or if the parts' rows do not make N. */
+int weight_linear(const struct weight *wt, const void *x, int x_bf16, void *y, long M, long N, long K, int threads) {
+  if (wt->part[1].rows == 0) return part_linear(&wt->part[0], x, x_bf16, y, M, N, K, threads);
+  long esize = x_bf16 ? 2 : 4, at = 0;
+  char *tmp = malloc(esize * M * N);
+  int err = !tmp;
+  for (int i = 0; i < MAX_PARTS && wt->part[i].rows && !err; i++) {
+    long rows = wt->part[i].rows;
+    if (at + rows > N) {
+      err = 1;
+      break;
+    }
+    err |= part_linear(&wt->part[i], x, x_bf16, tmp, M, rows, K, threads);
+    for (long m = 0; m < M && !err; m++) memcpy((char *)y + esize * (m * N + at), tmp + esize * m * rows, esize * rows);
+    at += rows;
+  }
+  free(tmp);
+  return err || at != N ? -1 : 0;
 }
 
 static void add_into(void *h, const void *d, long n, int bf16) { /* h += d, rounded as PyTorch's add */
@@ -1008,15 +1039,15 @@ static int block_half(const void *h, const struct block *b, int half, void *delt
   int err = 0;
   if (half == 0) {
     rms_norm(h, b->attention_norm, normed, M, st->dim, st->eps, st->bf16, st->threads);
-    err |= linear_by(&b->wqkv, normed, st->bf16, qkv, M, n_qkv, st->dim, st->threads);
+    err |= weight_linear(&b->wqkv, normed, st->bf16, qkv, M, n_qkv, st->dim, st->threads);
     err |= decode_attention(qkv, b->cache_k, b->cache_v, st->cos, st->sin, st->per_row, st->pos, att, M, st->n_q,
                             st->n_kv, st->hd, st->max_seq, st->bf16, st->threads);
-    err |= linear_by(&b->wo, att, st->bf16, delta, M, st->dim, st->n_q * st->hd, st->threads);
+    err |= weight_linear(&b->wo, att, st->bf16, delta, M, st->dim, st->n_q * st->hd, st->threads);
   } else {
     rms_norm(h, b->ffn_norm, normed, M, st->dim, st->eps, st->bf16, st->threads);
-    err |= linear_by(&b->w13, normed, st->bf16, gate_up, M, 2 * st->hidden, st->dim, st->threads);
+    err |= weight_linear(&b->w13, normed, st->bf16, gate_up, M, 2 * st->hidden, st->dim, st->threads);
     silu_mul(gate_up, act, M, st->hidden, st->bf16, st->threads);
-    err |= linear_by(&b->w2, act, st->bf16, delta, M, st->dim, st->hidden, st->threads);
+    err |= weight_linear(&b->w2, act, st->bf16, delta, M, st->dim, st->hidden, st->threads);
   }
   return err;
 }

@@ -53,13 +53,14 @@ from . import cache
 logger = logging.getLogger("llama")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-VERSION = 6  # kernels.c's llama_kernels_version()
+VERSION = 7  # kernels.c's llama_kernels_version()
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so that
 # the elementwise kernels round as PyTorch does (the matmuls use FMA explicitly).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 GROUP = 32  # int8 and int4 weights: one scale per this many input columns (kernels.c's group)
 MAX_ROWS = 16  # above this many rows, MKL's sgemm is as fast (benchmarks/linear_kernels.py)
 MAX_HEAD_DIM = 256  # kernels.c's decode_attention keeps a head's output in registers
+MAX_PARTS = 3  # kernels.c's struct weight: row segments of different types (a fused wq | wk | wv)
 
 _status = "not loaded yet"
 
@@ -99,9 +100,14 @@ def _compile(cc: str, out: str) -> None:
         raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
 
 
+class _Part(ctypes.Structure):
+    """kernels.c's struct part: consecutive output rows of a weight, of one type (rows 0: all)."""
+    _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("rows", ctypes.c_long)]
+
+
 class _Weight(ctypes.Structure):
-    """kernels.c's struct weight: a linear layer's weight for decode_layers."""
-    _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+    """kernels.c's struct weight: a linear layer's weight for decode_layers, in up to MAX_PARTS parts."""
+    _fields_ = [("part", _Part * MAX_PARTS)]
 
 
 class _Block(ctypes.Structure):
@@ -156,6 +162,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q4_linear.argtypes = [p, i, p, p, p, n, n, n, i]
     lib.dequantize.argtypes = [i, p, p, p, n, n, i, i]
     lib.k_linear.argtypes = [i, p, i, p, p, n, n, n, i]
+    lib.weight_linear.argtypes = [ctypes.POINTER(_Weight), p, i, p, n, n, n, i]
     lib.bf16_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.f32_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.rms_norm.argtypes = [p, p, p, n, n, ctypes.c_float, i, i]
@@ -166,7 +173,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rms_norm.restype = lib.silu_mul.restype = lib.dequantize.restype = None
     for f in (lib.q8_linear, lib.q4_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers,
               lib.decode_half, lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot,
-              lib.k_linear, lib.llama_kernels_kquant_int8_dot):
+              lib.k_linear, lib.llama_kernels_kquant_int8_dot, lib.weight_linear):
         f.restype = i
 
 
@@ -269,6 +276,47 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     return y.view(*x.shape[:-1], n)
 
 
+def parts_of(entry) -> list:
+    """A linear layer's weight as [(weight, scales, kind)] row segments: from
+    one (weight, scales) or (weight, scales, kind), or a sequence of them
+    (the segments in output order, up to MAX_PARTS); checked: whole blocks,
+    one input width."""
+    entries = [entry] if isinstance(entry[0], torch.Tensor) else list(entry)
+    if not 1 <= len(entries) <= MAX_PARTS:
+        raise ValueError(f"a weight in {len(entries)} parts; our kernels take 1 to {MAX_PARTS}")
+    parts = [(w, s, kind_of(w, rest[0] if rest else None)) for w, s, *rest in entries]
+    for w, _, kind in parts:
+        _check_blocks(w, kind)
+    widths = {in_features(w, kind) for w, _, kind in parts}
+    if len(widths) > 1:
+        raise ValueError(f"the parts of a weight differ in input columns: {sorted(widths)}")
+    return parts
+
+
+def _weight_struct(parts: list) -> _Weight:
+    """kernels.c's struct weight of parts_of's list (one part: rows 0, all of them)."""
+    one = len(parts) == 1
+    return _Weight((_Part * MAX_PARTS)(*[_Part(KINDS[kind], w.data_ptr(), None if s is None else s.data_ptr(),
+                                              0 if one else w.shape[0]) for w, s, kind in parts]))
+
+
+def linear_parts(x: torch.Tensor, parts) -> torch.Tensor:
+    """x @ W.T for a weight in row segments of different types (parts_of:
+    [(weight, scales, kind)], output rows in order), in one native call:
+    what torch.cat of native.linear of each part gives, bit for bit."""
+    parts = parts_of(parts)
+    k = in_features(parts[0][0], parts[0][2])
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != k:
+        raise TypeError(f"native.linear_parts takes fp32 or bf16 x (..., {k}), not {x.dtype} {tuple(x.shape)}")
+    x2 = x.reshape(-1, k).contiguous()
+    n = sum(w.shape[0] for w, _, _ in parts)
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    if library().weight_linear(ctypes.byref(_weight_struct(parts)), x2.data_ptr(), int(x.dtype == torch.bfloat16),
+                               y.data_ptr(), x2.shape[0], n, k, torch.get_num_threads()):
+        raise MemoryError(f"no memory for {x2.shape[0]}x{n} outputs")
+    return y.view(*x.shape[:-1], n)
+
+
 def dequantize(weight: torch.Tensor, scales: Optional[torch.Tensor], dtype: torch.dtype,
                kind: Optional[str] = None) -> torch.Tensor:
     """The (N, K) weight that int8 `weight` with `scales`, packed int4, or a
@@ -348,27 +396,24 @@ class BlockWeights:
     """A transformer block as decode_layers takes it: its four linear layers
     (wqkv, wo, w13, w2) as `linears` = (weight, scales or None) or (weight,
     scales or None, kind) as NativeMatmul holds them (kind: its type name,
-    needed for the K-quants), its two norms' weights and its KV cache. Shapes
+    needed for the K-quants), or a sequence of such row segments (parts_of), its two norms' weights and its KV cache. Shapes
     checked and the struct made once, not at every decoding step; holds the
     tensors, so that the struct's pointers stay valid."""
 
     def __init__(self, linears, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
                  cache_k: torch.Tensor, cache_v: torch.Tensor, n_q: int, n_kv: int):
         dim, head_dim = ffn_norm.shape[0], cache_k.shape[-1]
-        linears = [(w, s, kind_of(w, rest[0] if rest else None)) for w, s, *rest in linears]
-        for w, _, kind in linears:
-            _check_blocks(w, kind)
-        hidden = in_features(linears[3][0], linears[3][2])
+        linears = [parts_of(entry) for entry in linears]
+        hidden = in_features(linears[3][0][0], linears[3][0][2])
         shapes = [((n_q + 2 * n_kv) * head_dim, dim), (dim, n_q * head_dim), (2 * hidden, dim), (dim, hidden)]
-        got = [(w.shape[0], in_features(w, kind)) for w, _, kind in linears]
+        got = [(sum(w.shape[0] for w, _, _ in parts), in_features(parts[0][0], parts[0][2])) for parts in linears]
         if got != shapes:
             raise ValueError(f"decode_layers: weights {got}, expected {shapes}")
         # What every block of one decode_layers call must share:
         self.shape = (attention_norm.dtype, eps, dim, n_q, n_kv, hidden, tuple(cache_k.shape))
         self.tensors = (linears, attention_norm, ffn_norm, cache_k, cache_v)
         self.struct = _Block(attention_norm.data_ptr(), ffn_norm.data_ptr(),
-                             *[_Weight(KINDS[kind], w.data_ptr(), None if s is None else s.data_ptr())
-                               for w, s, kind in linears], cache_k.data_ptr(), cache_v.data_ptr())
+                             *[_weight_struct(parts) for parts in linears], cache_k.data_ptr(), cache_v.data_ptr())
 
 
 class Layers:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from llama import Llama
 from llama.kernels import native
 from llama.kernels.linear import CpuCapability, NativeMatmul
+from llama.kernels.segments import SegmentedMatmul
 from llama.weights import quantized
 from llama.weights.quantized import BLOCK_TYPES, QuantizedWeightError
 
@@ -225,10 +226,11 @@ def test_each_instruction_set_gives_the_same_results(fresh_library, monkeypatch,
                                    atol=1e-6 * ref.abs().max().item())
 
 
-def _k_quant_model(make_ckpt, kinds, dtype):
+def _k_quant_model(make_ckpt, kinds, dtype, segmented=False):
     """A tiny Llama 3 of 256-wide blocks whose four matmuls per block are
     NativeMatmul.stored on random K-quant blocks of the types in `kinds`
-    (wqkv, wo, w13, w2), scaled so that activations stay sane."""
+    (wqkv, wo, w13, w2), scaled so that activations stay sane; `segmented`:
+    wqkv a SegmentedMatmul of q and k in q4_k and v in q6_k (Q4_K_M's mix)."""
     ckpt = make_ckpt("llama3", dim=256, n_heads=4, n_kv_heads=1, multiple_of=256)
     gen = Llama.build(str(ckpt), str(ckpt / "tokenizer.model"), max_seq_len=32, max_batch_size=3, device="cpu",
                       dtype=dtype)
@@ -238,19 +240,28 @@ def _k_quant_model(make_ckpt, kinds, dtype):
             n, k = layer.matmul.weight.shape[0], layer.matmul.dequantized().shape[1]
             blocks = random_blocks(kind, n, k, seed=10 * i + j, scale=(2e-5, 6e-5))
             layer.matmul = NativeMatmul.stored(kind, blocks, None, getattr(torch, dtype), CpuCapability("AVX512"))
+        if segmented:
+            dim, kv = a.n_local_heads * a.head_dim, a.n_local_kv_heads * a.head_dim
+            parts = [NativeMatmul.stored(kind, random_blocks(kind, rows, dim, seed=100 * i + j, scale=(2e-5, 6e-5)),
+                                         None, getattr(torch, dtype), CpuCapability("AVX512"))
+                     for j, (kind, rows) in enumerate([("q4_k", dim), ("q4_k", kv), ("q6_k", kv)])]
+            a.wqkv.matmul = SegmentedMatmul(parts)
     return gen
 
 
 @needs_native
-@pytest.mark.parametrize("kinds", [("q4_k", "q4_k", "q4_k", "q6_k"), ("q6_k", "q5_k", "q5_k", "q6_k"),
-                                   ("q5_k", "q6_k", "q4_k", "q5_k")])
+@pytest.mark.parametrize("kinds, segmented", [(("q4_k", "q4_k", "q4_k", "q6_k"), False),
+                                             (("q6_k", "q5_k", "q5_k", "q6_k"), False),
+                                             (("q5_k", "q6_k", "q4_k", "q5_k"), False),
+                                             (("q4_k", "q4_k", "q4_k", "q6_k"), True)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_decoding_with_k_quants_equals_block_by_block(make_ckpt, monkeypatch, kinds, dtype):
+def test_fused_decoding_with_k_quants_equals_block_by_block(make_ckpt, monkeypatch, kinds, segmented, dtype):
     """All blocks in one decode_layers call, half a block a call
     (decode_half, as under tensor parallelism) and block by block (the
-    modules, each matmul one native.linear): the same logits and caches,
-    for rows at their own positions."""
-    whole, halves, ops = (_k_quant_model(make_ckpt, kinds, dtype) for _ in range(3))
+    modules, each matmul one native call): the same logits and caches, for
+    rows at their own positions; also with wqkv in row segments of two
+    types (SegmentedMatmul: Q4_K_M's q, k in Q4_K and v in Q6_K)."""
+    whole, halves, ops = (_k_quant_model(make_ckpt, kinds, dtype, segmented) for _ in range(3))
     for block in halves.model.layers:
         block.alone = False
     monkeypatch.setattr(ops.model.decode_hook, "layers", lambda model, dtype: None)
@@ -259,7 +270,9 @@ def test_fused_decoding_with_k_quants_equals_block_by_block(make_ckpt, monkeypat
     monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append(1) or real(*a))
     hook = whole.model.decode_hook
     weights = hook.block_weights(whole.model.layers[0], getattr(torch, dtype))
-    assert weights is not None and [w[2] for w in weights.tensors[0]] == list(kinds)
+    assert weights is not None
+    wanted = [["q4_k", "q4_k", "q6_k"] if segmented and i == 0 else [kind] for i, kind in enumerate(kinds)]
+    assert [[kind for _, _, kind in parts] for parts in weights.tensors[0]] == wanted
     lens = [5, 9, 2]
     seqs = [torch.randint(3, 500, (n + 3,), generator=torch.Generator().manual_seed(n)) for n in lens]
     gens = (whole, halves, ops)
@@ -285,9 +298,55 @@ def test_block_weights_take_kinds_and_check_k_quant_shapes(make_ckpt):
     linears, attention_norm, ffn_norm, cache_k, cache_v = block.tensors
     _, eps, _, n_q, n_kv, _, _ = block.shape
     same = native.BlockWeights(linears, attention_norm, ffn_norm, eps, cache_k, cache_v, n_q, n_kv)
-    assert [same.struct.wqkv.kind, same.struct.wo.kind, same.struct.w2.kind] == [native.KINDS["q4_k"]] * 2 + [6]
-    assert same.struct.w2.scales is None
+    parts = [same.struct.wqkv.part[0], same.struct.wo.part[0], same.struct.w2.part[0]]
+    assert [p.kind for p in parts] == [native.KINDS["q4_k"]] * 2 + [6]
+    assert parts[2].scales is None and parts[2].rows == 0 and same.struct.w2.part[1].rows == 0  # one part: all rows
     wrong = list(linears)
-    wrong[3] = (linears[3][0], None, "q5_k")  # Q6_K bytes read as Q5_K: rows of another length
+    wrong[3] = (linears[3][0][0], None, "q5_k")  # Q6_K bytes read as Q5_K: rows of another length
     with pytest.raises(ValueError, match="whole super-blocks|expected"):
         native.BlockWeights(wrong, attention_norm, ffn_norm, eps, cache_k, cache_v, n_q, n_kv)
+
+
+def _parts(k, seed=0):
+    """NativeMatmuls of 8 q4_k rows, 5 q8_0 rows, 4 q6_k rows and 3 fp32 rows, k input columns."""
+    cpu = CpuCapability("AVX512")
+    q8, s8 = quantized.quantize(torch.randn(5, k, generator=torch.Generator().manual_seed(seed)), "q8_0")
+    return [NativeMatmul.stored("q4_k", random_blocks("q4_k", 8, k, seed=seed), None, torch.float32, cpu),
+            NativeMatmul.stored("q8_0", q8, s8, torch.float32, cpu),
+            NativeMatmul.stored("q6_k", random_blocks("q6_k", 4, k, seed=seed + 1), None, torch.float32, cpu),
+            NativeMatmul(torch.randn(3, k, generator=torch.Generator().manual_seed(seed + 2)), None, cpu)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_segments_of_different_types_in_one_call(dtype):
+    """native.linear_parts writes each part's outputs into its own columns:
+    torch.cat of native.linear of each part, bit for bit, for 1, 3 and 16
+    rows; SegmentedMatmul runs it, and above MAX_ROWS PyTorch's GEMM on the
+    parts' weights stacked."""
+    parts = _parts(512)
+    for chosen in (parts[:3], [parts[0], parts[2]], parts[1:], [parts[2]]):
+        mm = SegmentedMatmul(chosen)
+        assert mm.out_features == sum(p.weight.shape[0] for p in chosen)
+        for rows in (1, 3, 16):
+            x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(dtype)
+            alone = torch.cat([native.linear(x, p.weight, p.scales, p.kind) for p in chosen], -1)
+            assert torch.equal(native.linear_parts(x, mm.native_parts()), alone)
+            assert torch.equal(mm(x), alone)
+        held = torch.cat([p.dequantized() for p in chosen])
+        assert torch.equal(mm.dequantized(), held)
+        x = torch.randn(native.MAX_ROWS + 3, 512)
+        torch.testing.assert_close(mm(x), F.linear(x, held))
+
+
+@needs_native
+def test_row_segments_refuse_what_kernels_c_cannot_take():
+    parts = _parts(512)
+    with pytest.raises(ValueError, match="1 to 3 parts, not 4"):
+        SegmentedMatmul(parts)
+    with pytest.raises(ValueError, match=r"differ in input columns: \[256, 512\]"):
+        SegmentedMatmul([parts[0], _parts(256)[2]])
+    with pytest.raises(TypeError, match="NativeMatmul parts, not \\['Linear'\\]"):
+        SegmentedMatmul([parts[0], torch.nn.Linear(512, 4)])
+    with pytest.raises(TypeError, match=r"\(\.\.\., 512\)"):
+        native.linear_parts(torch.randn(1, 256), [(p.weight, p.scales, p.kind) for p in parts[:2]])
