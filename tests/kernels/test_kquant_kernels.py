@@ -162,7 +162,8 @@ def test_linear_equals_x_times_the_dequantized_weight(kind, n, k):
         torch.testing.assert_close(yb.float(), ref_b.float().bfloat16().float(), rtol=2 ** -7,
                                    atol=1e-5 * ref_b.abs().max().item())
     x3 = torch.randn(2, 3, k)
-    torch.testing.assert_close(native.linear(x3, blocks, None, kind), native.linear(x3.view(6, k), blocks, None, kind).view(2, 3, n))
+    torch.testing.assert_close(native.linear(x3, blocks, None, kind),
+                               native.linear(x3.view(6, k), blocks, None, kind).view(2, 3, n))
 
 
 @needs_native
