@@ -50,6 +50,9 @@ MODELS = {
     # benchmarks/benchmark.py's default model: dim 2048, 8 layers, 16 heads (8 KV) of 128, hidden 5632.
     "0.9b": [("wqkv", 4096, 2048, 8), ("wo", 2048, 2048, 8), ("w13", 11264, 2048, 8),
              ("w2", 2048, 5632, 8), ("output", 128256, 2048, 1)],
+    # Two of Llama 3 8B's weights (wo, and w1 of w13), one of each: the K-quant kernels' table
+    # (python benchmarks/linear_kernels.py --models 8b --batch 1 --only "ours|chosen").
+    "8b": [("wo", 4096, 4096, 1), ("w1", 14336, 4096, 1)],
 }
 
 
@@ -116,6 +119,34 @@ def _int4_factory(group: int, act: torch.dtype):
     return factory
 
 
+def _kquant_factory(kind: str):
+    """Random super-blocks of `kind` (q4_k, q5_k, q6_k) for an (n, k) weight: speed does not depend on the values."""
+    def factory(w32):
+        import numpy as np
+        from llama.weights.quantized import BLOCK_TYPES
+        n, k = w32.shape
+        cols, size = BLOCK_TYPES[kind]
+        blocks = np.random.default_rng(0).integers(0, 256, size=(n, k // cols, size), dtype=np.uint8)
+        d = np.full((n, k // cols, 2), 1e-3, dtype=np.float16).view(np.uint8)
+        if kind == "q6_k":
+            blocks[..., 208:210] = d[..., :2]  # d last
+        else:
+            blocks[..., 0:4] = d  # d, dmin first
+        w = torch.from_numpy(blocks.reshape(n, -1))
+        return lambda: (w.clone(),)
+    return factory
+
+
+def our_kquant_kernels() -> List[Kernel]:
+    """native.linear on GGUF K-quant super-blocks (kernels.c's tile_k), where our kernels build."""
+    from llama.kernels import native
+    if native.library() is None:
+        return []
+    return [Kernel(f"ours (native.linear), {label} x", kind, act, _kquant_factory(kind),
+                   (lambda kind: lambda x, s: native.linear(x, s[0], None, kind))(kind), applies=lambda n, k: k % 256 == 0)
+            for kind in ("q4_k", "q5_k", "q6_k") for act, label in ((torch.bfloat16, "bf16"), (torch.float32, "fp32"))]
+
+
 def candidate_kernels() -> List[Kernel]:
     f32, b16 = torch.float32, torch.bfloat16
     pointwise = torch.ops.mkldnn._linear_pointwise
@@ -177,7 +208,7 @@ def chosen_kernels() -> List[Kernel]:
 def measure(shapes, batches, threads, budget: int, min_time: float, only: str) -> Dict[Tuple, float]:
     """(kernel name, weights, shape name, n, k, m, t) -> seconds per call, and bytes read per call."""
     results = {}
-    kernels = [k for k in candidate_kernels() + chosen_kernels() if re.search(only, f"{k.name} {k.weights}", re.I)]
+    kernels = [k for k in candidate_kernels() + chosen_kernels() + our_kquant_kernels() if re.search(only, f"{k.name} {k.weights}", re.I)]
     for shape_name, n, k, _ in shapes:
         w32 = torch.randn(n, k, generator=torch.Generator().manual_seed(0)) / k ** 0.5
         for kern in kernels:

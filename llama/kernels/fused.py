@@ -35,6 +35,7 @@ from torch import nn
 
 from . import native
 from .linear import KernelLinear, NativeMatmul
+from .segments import SegmentedMatmul
 from ..model import Attention, AttentionInputs, RMSNorm, SwiGLU, Transformer, TransformerBlock
 from ..parallel.collectives import all_reduce
 
@@ -58,10 +59,14 @@ class NativeSwiGLU(SwiGLU):
 
 
 def native_weight(layer: nn.Module) -> Optional[tuple]:
-    """(weight, scales or None) of a KernelLinear that runs our kernels, for
-    native.decode_layers; None for any other layer."""
+    """(weight, scales or None, kind) of a KernelLinear that runs our kernels,
+    for native.decode_layers (kind: NativeMatmul's type name, which the
+    K-quants need, as uint8 is also q4_1), or a list of them for a
+    SegmentedMatmul's row segments; None for any other layer."""
     if isinstance(layer, KernelLinear) and isinstance(layer.matmul, NativeMatmul):
-        return layer.matmul.weight, layer.matmul.scales
+        return layer.matmul.weight, layer.matmul.scales, layer.matmul.kind
+    if isinstance(layer, KernelLinear) and isinstance(layer.matmul, SegmentedMatmul):
+        return layer.matmul.native_parts()
     return None
 
 

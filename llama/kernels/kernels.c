@@ -19,7 +19,10 @@
  *   int4 weights: w (N, K / 2) uint8 and scales (N, K / 32, 2) fp16 (scale, min) per group of 32, with
  *     W[n, 32 g + j] = q * scale + min, q = the low nibble of w[n, 16 g + j] for j < 16, else the high
  *     nibble of w[n, 16 g + j - 16] (llama.cpp's Q4_1 layout)
- * K must be a multiple of 32. Sums are in fp32 (int8 dot products: exact in int32 per group).
+ *   K-quant weights (Q4K, Q5K, Q6K): w (N, K / 256 * 144, 176 or 210) uint8, llama.cpp's
+ *     super-blocks as GGUF files hold them, no scales (see the K-quant section below)
+ * K must be a multiple of 32 (256 for the K-quants). Sums are in fp32 (int8 dot products:
+ * exact in int32 per group).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -51,6 +54,20 @@ static inline vf ld_nib(const uint8_t *p, int hi) { /* 16 nibbles, low or high, 
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
 }
 static inline float hsum(vf v) { return _mm512_reduce_add_ps(v); }
+/* One group of 32 values of x as int8 (llama.cpp's Q8_0): xq = round(x / sx) into q,
+ * sx = max|x| / 127 returned, sum(xq) into sum. Used by the int8 dot products of
+ * tile_q8 / tile_q4 (VNNI) and of tile_k (any AVX-512 with BW). */
+INLINE float q_group(const float *x, int8_t *q, int *sum) {
+  __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16), sign = _mm512_set1_ps(-0.0f);
+  float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
+  __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+  __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+  _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qa));
+  _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qb));
+  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  int nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+  return nan ? NAN : amax / 127.0f; /* a NaN in x stays NaN in y */
+}
 #if defined(__AVX512VNNI__)
 /* int8 dot products (see tile_q8): 64 bytes, two groups of 32, a vector; vpdpbusd
  * multiplies unsigned by signed bytes, so each weight is read as w + 128 (w ^ 0x80)
@@ -88,17 +105,6 @@ INLINE void q4_scales(const uint16_t *sm, int groups, vf *scale, vf *min) { /* f
   __m512 v = _mm512_castps256_ps512(_mm256_cvtph_ps(h));
   *scale = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), v);
   *min = _mm512_permutexvar_ps(_mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7), v);
-}
-INLINE float q_group(const float *x, int8_t *q, int *sum) {
-  __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16), sign = _mm512_set1_ps(-0.0f);
-  float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, b)));
-  __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
-  __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
-  _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qa));
-  _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qb));
-  *sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-  int nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
-  return nan ? NAN : amax / 127.0f; /* a NaN in x stays NaN in y */
 }
 #endif
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -195,7 +201,7 @@ INLINE float q_group(const float *x, int8_t *q, int *sum) {
 #define MB 4       /* rows of x per pass over a tile of weights */
 
 /* Version of this interface; native.py refuses a library of another. */
-int llama_kernels_version(void) { return 5; }
+int llama_kernels_version(void) { return 7; }
 int llama_kernels_vector_width(void) { return W; }
 int llama_kernels_int8_dot(void) { /* 1: int8 weights by int8 dot products (tile_q8), 0: widened to fp32 */
 #ifdef QB
@@ -235,7 +241,8 @@ static inline void store(void *y, int y_bf16, long i, float v) {
   else ((float *)y)[i] = v;
 }
 
-enum kind { F32, BF16, Q8, Q4 }; /* the weight's format */
+enum kind { F32, BF16, Q8, Q4, Q4K, Q5K, Q6K }; /* the weight's format (native.KINDS) */
+#define IS_K(kind) ((kind) >= Q4K) /* llama.cpp's K-quants: super-blocks of 256 weights, scales inside */
 
 INLINE vf ld_w(enum kind kind, const void *w, long i) { /* weights i .. i + W - 1 of a row-major (N, K) W */
   if (kind == F32) return ld_f32((const float *)w + i);
@@ -411,8 +418,290 @@ INLINE void tile_q4(int mb, int rr, long m0, long n0, const struct qx *qx, const
 }
 #endif
 
+/* ---- llama.cpp's K-quants, read as GGUF files hold them (llama/weights/quantized.py):
+ * each row of W is K / 256 super-blocks of 256 weights, BLOCK_BYTES(kind) bytes each,
+ * with their scales inside, so there is no scales array.
+ *   Q4K (144 bytes): fp16 d, fp16 dmin, 12 bytes of 6-bit scales sc[8] and mins m[8]
+ *     (k_scales6), 128 bytes of nibbles: byte 32 p + i holds weight i of sub-block 2 p
+ *     (low nibble) and of 2 p + 1 (high); W = d sc[j] q - dmin m[j] in sub-block j of 32.
+ *   Q5K (176 bytes): as Q4K with 32 bytes between the scales and the nibbles whose
+ *     bit j of byte i is bit 4 of weight i of sub-block j.
+ *   Q6K (210 bytes): 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales (one
+ *     per 16 weights), fp16 d; sub-block r of 32 takes the low (r / 2 even) or high
+ *     nibbles of bytes 64 (r / 4) + 32 (r % 2) + i and bits 2 (r % 4) of byte 32 (r / 4)
+ *     + i of the highs; W = d sc (q - 32).
+ * x is quantized per group of 32 as for int8 weights (q_group: sx, xq), and
+ *   y[n] = sum over groups of sx * (d sc (q . xq) - dmin m sum(xq))      (Q4K, Q5K)
+ *   y[n] = sum over halves of 16 of sx * d sc (q' . xq - 32 sum(xq))      (Q6K, q' = q + 32)
+ * with every q . xq exact in int32: the weights are unsigned (0..63), as the dot
+ * product instructions take their first operand. On AVX-512 without BW (no byte
+ * arithmetic) each block is widened to fp32 and meets x unquantized. */
+static const int BLOCK_BYTES[] = {0, 0, 0, 0, 144, 176, 210};
+#define QK 256
+
+/* Q4K / Q5K's 12 bytes into 8 scales (sc) and 8 mins (m), a byte each: bytes 0-3
+ * hold sc[0..3] in their low 6 bits and the top 2 bits of sc[4..7]; bytes 4-7 the
+ * same for the mins; bytes 8-11 the low 4 bits of sc[4..7] (low nibble) and of
+ * m[4..7] (high). Four at a time in 32-bit words. */
+INLINE void k_scales6(const uint8_t *p, uint8_t sc[8], uint8_t m[8]) {
+  uint32_t a, b, c, out[4];
+  memcpy(&a, p, 4);
+  memcpy(&b, p + 4, 4);
+  memcpy(&c, p + 8, 4);
+  out[0] = a & 0x3f3f3f3fu;
+  out[1] = (c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u);
+  out[2] = b & 0x3f3f3f3fu;
+  out[3] = ((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u);
+  memcpy(sc, out, 8);
+  memcpy(m, out + 2, 8);
+}
+
+/* One super-block of weights in fp32, as gguf.quants' dequantizers compute them
+ * (the same operations in fp32, in the same order: -ffp-contract=off). */
+static void k_block_f32(enum kind kind, const uint8_t *blk, float *out) {
+  if (kind == Q6K) {
+    const uint8_t *ql = blk, *qh = blk + 128;
+    const int8_t *sc = (const int8_t *)(blk + 192);
+    uint16_t h;
+    memcpy(&h, blk + 208, 2);
+    float d = _cvtsh_ss(h);
+    for (int r = 0; r < 8; r++)
+      for (int i = 0; i < 32; i++) {
+        int lo = (ql[64 * (r / 4) + 32 * (r % 2) + i] >> (4 * ((r / 2) % 2))) & 15;
+        int hi = (qh[32 * (r / 4) + i] >> (2 * (r % 4))) & 3;
+        float s = d * (float)sc[(32 * r + i) / 16];
+        out[32 * r + i] = s * (float)((lo | hi << 4) - 32);
+      }
+    return;
+  }
+  uint16_t h[2];
+  memcpy(h, blk, 4);
+  float d = _cvtsh_ss(h[0]), dmin = _cvtsh_ss(h[1]);
+  uint8_t sc[8], m[8];
+  k_scales6(blk + 4, sc, m);
+  const uint8_t *qh = blk + 16, *qs = blk + (kind == Q5K ? 48 : 16);
+  for (int j = 0; j < 8; j++) {
+    float a = d * (float)sc[j], b = dmin * (float)m[j];
+    for (int i = 0; i < 32; i++) {
+      int q = (qs[32 * (j / 2) + i] >> (4 * (j % 2))) & 15;
+      if (kind == Q5K) q |= ((qh[i] >> j) & 1) << 4;
+      out[32 * j + i] = a * (float)q - b;
+    }
+  }
+}
+
+/* Unsigned-by-signed byte dot products for the K-quants: KB bytes a vector, each
+ * int32 lane the sum of 4 products plus the lane of acc. VNNI: vpdpbusd; else
+ * vpmaddubsw into int16 pairs (at most 2 * 63 * 127: no saturation) and vpmaddwd. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KB 64
+typedef __m512i ki;
+INLINE ki k_zero(void) { return _mm512_setzero_si512(); }
+INLINE ki k_ld(const void *p) { return _mm512_load_si512(p); }
+INLINE ki k_dot(ki acc, ki u, const int8_t *q) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, u, _mm512_load_si512(q));
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, _mm512_load_si512(q)), _mm512_set1_epi16(1)));
+#endif
+}
+INLINE vf k_cvt(ki v) { return _mm512_cvtepi32_ps(v); }
+#elif !defined(__AVX512F__)
+#define KB 32
+typedef __m256i ki;
+INLINE ki k_zero(void) { return _mm256_setzero_si256(); }
+INLINE ki k_ld(const void *p) { return _mm256_load_si256((const __m256i *)p); }
+INLINE ki k_dot(ki acc, ki u, const int8_t *q) {
+  __m256i pairs = _mm256_maddubs_epi16(u, _mm256_load_si256((const __m256i *)q));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+INLINE vf k_cvt(ki v) { return _mm256_cvtepi32_ps(v); }
+#endif
+
+#ifdef KB
+#define KV (QK / KB) /* vectors per super-block */
+/* Weights of vector v of a super-block (groups of 32 in order, KB / 32 of them) as
+ * unsigned bytes: q (Q4K, Q5K) or q + 32 (Q6K). */
+INLINE ki k_weights(enum kind kind, const uint8_t *blk, int v) {
+#if KB == 64 /* groups 2 v and 2 v + 1 */
+  __m512i nib = _mm512_set1_epi8(0x0f);
+  if (kind == Q6K) {
+    __m512i lo = _mm512_loadu_si512(blk + 64 * (v / 2)); /* sub-blocks 2 v, 2 v + 1: one nibble of 64 bytes */
+    lo = _mm512_and_si512(v % 2 ? _mm512_srli_epi16(lo, 4) : lo, nib);
+    __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * (v / 2))));
+    __m512i shift = _mm512_inserti64x4(_mm512_set1_epi16((short)(4 * (v % 2))),
+                                       _mm256_set1_epi16((short)(4 * (v % 2) + 2)), 1);
+    __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(qh, shift), _mm512_set1_epi8(3));
+    return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+  }
+  const uint8_t *qs = blk + (kind == Q5K ? 48 : 16) + 32 * v; /* low nibbles: group 2 v, high: 2 v + 1 */
+  __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)qs));
+  __m512i u = _mm512_and_si512(_mm512_mask_srli_epi16(b, 0xffff0000u, b, 4), nib);
+  if (kind == Q5K) {
+    __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 16)));
+    __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (2 * v))), _mm256_set1_epi8((char)(1 << (2 * v + 1))), 1);
+    u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(qh, bit), u, _mm512_set1_epi8(16));
+  }
+  return u;
+#else /* group v */
+  __m256i nib = _mm256_set1_epi8(0x0f);
+  if (kind == Q6K) {
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(blk + 64 * (v / 4) + 32 * (v % 2)));
+    lo = _mm256_and_si256((v / 2) % 2 ? _mm256_srli_epi16(lo, 4) : lo, nib);
+    __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * (v / 4)));
+    __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * (v % 4))), _mm256_set1_epi8(3));
+    return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+  }
+  __m256i b = _mm256_loadu_si256((const __m256i *)(blk + (kind == Q5K ? 48 : 16) + 32 * (v / 2)));
+  __m256i u = _mm256_and_si256(v % 2 ? _mm256_srli_epi16(b, 4) : b, nib);
+  if (kind == Q5K) {
+    __m256i bit = _mm256_set1_epi8((char)(1 << v)), qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+    u = _mm256_or_si256(u, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), _mm256_set1_epi8(16)));
+  }
+  return u;
+#endif
+}
+
+/* A super-block's scales in fp32: Q4K, Q5K: a = d sc[0..7] and b = -dmin m[0..7]
+ * (lanes 0-7, zeros above); Q6K: d sc[0..15], in a (and b above 8 lanes). */
+INLINE void k_block_scales(enum kind kind, const uint8_t *blk, vf *a, vf *b) {
+  if (kind == Q6K) {
+    uint16_t h;
+    memcpy(&h, blk + 208, 2);
+    __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
+#if KB == 64
+    *a = _mm512_mul_ps(_mm512_set1_ps(_cvtsh_ss(h)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)));
+    *b = *a;
+#else
+    __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+    *a = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+    *b = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+#endif
+    return;
+  }
+  uint16_t h[2];
+  memcpy(h, blk, 4);
+  uint8_t sc[8], m[8];
+  k_scales6(blk + 4, sc, m);
+  uint64_t scw, mw;
+  memcpy(&scw, sc, 8);
+  memcpy(&mw, m, 8);
+  __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(h[0])), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)scw))));
+  __m256 mn = _mm256_mul_ps(_mm256_set1_ps(-_cvtsh_ss(h[1])), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mw))));
+#if KB == 64
+  *a = _mm512_zextps256_ps512(dsc);
+  *b = _mm512_zextps256_ps512(mn);
+#else
+  *a = dsc;
+  *b = mn;
+#endif
+}
+
+/* The weights' scale of each lane of vector v's dot products (4 lanes per 16 weights). */
+INLINE vf k_lane_scales(enum kind kind, vf a, vf b, int v) {
+#if KB == 64
+  if (kind == Q6K) /* sixteens 4 v .. 4 v + 3 */
+    return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                                  _mm512_set1_epi32(4 * v)), a);
+  (void)b;
+  return _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                                _mm512_set1_epi32(2 * v)), a);
+#else
+  if (kind == Q6K) /* sixteens 2 v, 2 v + 1 */
+    return _mm256_permutevar8x32_ps(v < 4 ? a : b, _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                                                                    _mm256_set1_epi32(2 * (v % 4))));
+  (void)b;
+  return _mm256_permutevar8x32_ps(a, _mm256_set1_epi32(v));
+#endif
+}
+#endif
+
+/* x quantized for tile_k, per row of K: q the xq in order (K bytes); per group g
+ * of 32, over its 8 lanes s[8 g ..] = sx, and c[8 g] = -32 sum(xq[0..15]),
+ * c[8 g + 4] = -32 sum(xq[16..31]) (Q6K's offset, the start of the dot
+ * products), other lanes 0; per super-block, t[W b + j] = sx sum(xq) of its
+ * group j, lanes 8 and up 0 (Q4K, Q5K's mins). */
+struct kx {
+  int8_t *q;
+  float *s, *t;
+  int32_t *c;
+};
+
+#ifdef KB
+static int quantize_kx(const float *x, long M, long K, struct kx *kx) {
+  long n = M * K, tn = M * (K / QK) * W;
+  long size = (n + 4 * (n / 4) + 4 * (n / 4) + 4 * tn + 63) / 64 * 64;
+  char *buf = aligned_alloc(64, size);
+  if (!buf) return -1;
+  memset(buf, 0, size);
+  *kx = (struct kx){(int8_t *)buf, (float *)(buf + n), (float *)(buf + 3 * n), (int32_t *)(buf + 2 * n)};
+  for (long m = 0; m < M; m++)
+    for (long g = 0; g < K / 32; g++) {
+      int8_t *q = kx->q + m * K + g * 32;
+      int sum, half = 0;
+      float sx = q_group(x + m * K + g * 32, q, &sum);
+      for (int i = 0; i < 16; i++) half += q[i];
+      long lane = m * (K / 4) + g * 8;
+      for (int l = 0; l < 8; l++) kx->s[lane + l] = sx;
+      kx->c[lane] = -32 * half;
+      kx->c[lane + 4] = -32 * (sum - half);
+      kx->t[m * (K / QK) * W + (g / 8) * W + g % 8] = sx * (float)sum;
+    }
+  return 0;
+}
+#endif
+
+/* tile() for K-quant weights: per super-block and weight row, its scales once,
+ * then each vector of KB weights against every row of x (see the section's
+ * comment). Without KB, each super-block widened to fp32 (k_block_f32). */
+INLINE void tile_k(enum kind kind, int mb, int rr, long m0, long n0, const float *x, const struct kx *kx,
+                   const uint8_t *w, void *y, int y_bf16, long N, long K) {
+  long blocks = K / QK, size = BLOCK_BYTES[kind], row = blocks * size;
+  vf acc[MB][R];
+  for (int m = 0; m < mb; m++)
+    for (int r = 0; r < rr; r++) acc[m][r] = vzero();
+  for (long b = 0; b < blocks; b++) {
+    for (int r = 0; r < rr; r++) {
+      const uint8_t *blk = w + (n0 + r) * row + b * size;
+      for (long at = 0; at < size + 63; at += 64) /* the block's lines, PREFETCH_ROWS rows ahead */
+        _mm_prefetch((const char *)(blk + PREFETCH_ROWS(kind) * row + (at < size ? at : size - 1)), _MM_HINT_T0);
+#ifdef KB
+      (void)x;
+      vf sa, sb;
+      k_block_scales(kind, blk, &sa, &sb);
+      for (int v = 0; v < KV; v++) {
+        ki u = k_weights(kind, blk, v);
+        vf ws = k_lane_scales(kind, sa, sb, v);
+        for (int m = 0; m < mb; m++) {
+          long lane = (m0 + m) * (K / 4) + b * (QK / 4) + v * W;
+          const int8_t *q = kx->q + (m0 + m) * K + b * QK + v * KB;
+          vf d = k_cvt(k_dot(kind == Q6K ? k_ld(kx->c + lane) : k_zero(), u, q));
+          acc[m][r] = vfma(d, vmul(ws, ld_f32(kx->s + lane)), acc[m][r]);
+        }
+      }
+      if (kind != Q6K)
+        for (int m = 0; m < mb; m++) acc[m][r] = vfma(sb, ld_f32(kx->t + ((m0 + m) * blocks + b) * W), acc[m][r]);
+#else
+      (void)kx;
+      float wf[QK];
+      k_block_f32(kind, blk, wf);
+      for (int m = 0; m < mb; m++)
+        for (int i = 0; i < QK; i += W)
+          acc[m][r] = vfma(ld_f32(x + (m0 + m) * K + b * QK + i), ld_f32(wf + i), acc[m][r]);
+#endif
+    }
+  }
+  for (int m = 0; m < mb; m++)
+    for (int r = 0; r < rr; r++) store(y, y_bf16, (m0 + m) * N + n0 + r, hsum(acc[m][r]));
+}
+
 INLINE void run_tile(enum kind kind, int mb, int rr, long m0, long n0, const float *x, const struct qx *qx,
-                     const void *w, const float *s, void *y, int y_bf16, long N, long K) {
+                     const struct kx *kx, const void *w, const float *s, void *y, int y_bf16, long N, long K) {
+  if (IS_K(kind)) {
+    tile_k(kind, mb, rr, m0, n0, x, kx, w, y, y_bf16, N, K);
+    return;
+  }
+  (void)kx;
 #ifdef QB
   if (kind == Q8) {
     tile_q8(mb, rr, m0, n0, qx, w, s, y, y_bf16, N, K);
@@ -437,6 +726,13 @@ INLINE int linear(enum kind kind, const void *x, int x_bf16, const void *w, cons
   const float *xf = x_as_f32(x, x_bf16, M * K, &owned);
   if (!xf) return -1;
   struct qx qx = {0};
+  struct kx kx = {0};
+#ifdef KB
+  if (IS_K(kind) && quantize_kx(xf, M, K, &kx)) {
+    free(owned);
+    return -1;
+  }
+#endif
 #ifdef QB
   if ((kind == Q8 && quantize_x(xf, M, K, &qx)) || (kind == Q4 && q4_x(xf, M, K, &qx))) {
     free(owned);
@@ -451,20 +747,21 @@ INLINE int linear(enum kind kind, const void *x, int x_bf16, const void *w, cons
       int mb = M - m0 < MB ? (int)(M - m0) : MB;
       if (N - n0 < R) {
         for (long r = 0; r < N - n0; r++)
-          for (long m = 0; m < mb; m++) run_tile(kind, 1, 1, m0 + m, n0 + r, xf, &qx, w, s, y, x_bf16, N, K);
+          for (long m = 0; m < mb; m++) run_tile(kind, 1, 1, m0 + m, n0 + r, xf, &qx, &kx, w, s, y, x_bf16, N, K);
       } else if (mb == 1) {
-        run_tile(kind, 1, R, m0, n0, xf, &qx, w, s, y, x_bf16, N, K);
+        run_tile(kind, 1, R, m0, n0, xf, &qx, &kx, w, s, y, x_bf16, N, K);
       } else if (mb == 2) {
-        run_tile(kind, 2, R, m0, n0, xf, &qx, w, s, y, x_bf16, N, K);
+        run_tile(kind, 2, R, m0, n0, xf, &qx, &kx, w, s, y, x_bf16, N, K);
       } else if (mb == 3) {
-        run_tile(kind, 3, R, m0, n0, xf, &qx, w, s, y, x_bf16, N, K);
+        run_tile(kind, 3, R, m0, n0, xf, &qx, &kx, w, s, y, x_bf16, N, K);
       } else {
-        run_tile(kind, MB, R, m0, n0, xf, &qx, w, s, y, x_bf16, N, K);
+        run_tile(kind, MB, R, m0, n0, xf, &qx, &kx, w, s, y, x_bf16, N, K);
       }
     }
   }
   free(owned);
   free(qx.q);
+  free(kx.q);
   return 0;
 }
 
@@ -486,11 +783,37 @@ int q4_linear(const void *x, int x_bf16, const uint8_t *w, const float *scales, 
   return linear(Q4, x, x_bf16, w, scales, y, M, N, K, threads);
 }
 
-/* W of int8 or int4 weights (kind Q8 or Q4, layouts above) into out (N, K),
+/* y = x @ W^T for K-quant weights (kind Q4K, Q5K or Q6K: the section above), K a multiple of 256. */
+int k_linear(int kind, const void *x, int x_bf16, const uint8_t *w, void *y, long M, long N, long K, int threads) {
+  if (kind == Q4K) return linear(Q4K, x, x_bf16, w, NULL, y, M, N, K, threads);
+  if (kind == Q5K) return linear(Q5K, x, x_bf16, w, NULL, y, M, N, K, threads);
+  return linear(Q6K, x, x_bf16, w, NULL, y, M, N, K, threads);
+}
+
+int llama_kernels_kquant_int8_dot(void) { /* 1: K-quant weights meet int8 x (tile_k), 0: widened to fp32 */
+#ifdef KB
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+/* W of int8, int4 or K-quant weights (kind Q8, Q4, Q4K, Q5K or Q6K, layouts above) into out (N, K),
  * fp32 or bf16 (out_bf16: each value computed in fp32, then rounded), for
  * PyTorch's GEMM in prefill: one pass, where PyTorch's operators took five. */
 void dequantize(int kind, const void *w, const void *scales, void *out, long N, long K, int out_bf16, int threads) {
   long G = K / 32;
+  if (IS_K(kind)) { /* scales NULL: inside the blocks */
+    long blocks = K / QK, size = BLOCK_BYTES[kind];
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long n = 0; n < N; n++)
+      for (long b = 0; b < blocks; b++) {
+        float f[QK];
+        k_block_f32((enum kind)kind, (const uint8_t *)w + (n * blocks + b) * size, f);
+        for (int i = 0; i < QK; i++) store(out, out_bf16, n * K + b * QK + i, f[i]);
+      }
+    return;
+  }
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long n = 0; n < N; n++)
     for (long g = 0; g < G; g++) {
@@ -629,20 +952,53 @@ int decode_attention(const void *qkv, void *cache_k, void *cache_v, const float 
   return failed ? -1 : 0;
 }
 
-/* A linear layer's weight as decode_layers takes it: kind F32, BF16, Q8 or Q4 (then with scales). */
-struct weight {
+/* Part of a linear layer's weight: `rows` consecutive output rows of one kind: F32, BF16, Q8 or Q4
+ * (then with scales), or a K-quant (Q4K, Q5K, Q6K: scales NULL). */
+struct part {
   int kind;
   const void *w;
   const float *scales;
+  long rows;
 };
 
-/* y = x @ W^T by the matmuls above, for a weight whose kind is known at run time. */
-static int linear_by(const struct weight *wt, const void *x, int x_bf16, void *y, long M, long N, long K,
-                     int threads) {
+/* A linear layer's weight as decode_layers takes it: one part (part[1].rows 0; part[0].rows may be
+ * 0 too, for all N), or up to MAX_PARTS parts whose rows make N, in order (a GGUF Q4_K_M file's
+ * wq | wk in Q4_K with wv in Q6_K, fused into one wqkv). */
+#define MAX_PARTS 3 /* native.MAX_PARTS */
+struct weight {
+  struct part part[MAX_PARTS];
+};
+
+/* y = x @ W^T by the matmuls above, for a part whose kind is known at run time. */
+static int part_linear(const struct part *wt, const void *x, int x_bf16, void *y, long M, long N, long K,
+                       int threads) {
   if (wt->kind == F32) return linear(F32, x, x_bf16, wt->w, NULL, y, M, N, K, threads);
   if (wt->kind == BF16) return linear(BF16, x, x_bf16, wt->w, NULL, y, M, N, K, threads);
   if (wt->kind == Q8) return linear(Q8, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
-  return linear(Q4, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
+  if (wt->kind == Q4) return linear(Q4, x, x_bf16, wt->w, wt->scales, y, M, N, K, threads);
+  return k_linear(wt->kind, x, x_bf16, wt->w, y, M, N, K, threads);
+}
+
+/* y (M, N) = x @ W^T for a weight of one or more parts: each part's columns of y in turn,
+ * through a buffer of its own (M is a few rows: the copies cost little). Returns 0, or -1
+ * without memory or if the parts' rows do not make N. */
+int weight_linear(const struct weight *wt, const void *x, int x_bf16, void *y, long M, long N, long K, int threads) {
+  if (wt->part[1].rows == 0) return part_linear(&wt->part[0], x, x_bf16, y, M, N, K, threads);
+  long esize = x_bf16 ? 2 : 4, at = 0;
+  char *tmp = malloc(esize * M * N);
+  int err = !tmp;
+  for (int i = 0; i < MAX_PARTS && wt->part[i].rows && !err; i++) {
+    long rows = wt->part[i].rows;
+    if (at + rows > N) {
+      err = 1;
+      break;
+    }
+    err |= part_linear(&wt->part[i], x, x_bf16, tmp, M, rows, K, threads);
+    for (long m = 0; m < M && !err; m++) memcpy((char *)y + esize * (m * N + at), tmp + esize * m * rows, esize * rows);
+    at += rows;
+  }
+  free(tmp);
+  return err || at != N ? -1 : 0;
 }
 
 static void add_into(void *h, const void *d, long n, int bf16) { /* h += d, rounded as PyTorch's add */
@@ -683,15 +1039,15 @@ static int block_half(const void *h, const struct block *b, int half, void *delt
   int err = 0;
   if (half == 0) {
     rms_norm(h, b->attention_norm, normed, M, st->dim, st->eps, st->bf16, st->threads);
-    err |= linear_by(&b->wqkv, normed, st->bf16, qkv, M, n_qkv, st->dim, st->threads);
+    err |= weight_linear(&b->wqkv, normed, st->bf16, qkv, M, n_qkv, st->dim, st->threads);
     err |= decode_attention(qkv, b->cache_k, b->cache_v, st->cos, st->sin, st->per_row, st->pos, att, M, st->n_q,
                             st->n_kv, st->hd, st->max_seq, st->bf16, st->threads);
-    err |= linear_by(&b->wo, att, st->bf16, delta, M, st->dim, st->n_q * st->hd, st->threads);
+    err |= weight_linear(&b->wo, att, st->bf16, delta, M, st->dim, st->n_q * st->hd, st->threads);
   } else {
     rms_norm(h, b->ffn_norm, normed, M, st->dim, st->eps, st->bf16, st->threads);
-    err |= linear_by(&b->w13, normed, st->bf16, gate_up, M, 2 * st->hidden, st->dim, st->threads);
+    err |= weight_linear(&b->w13, normed, st->bf16, gate_up, M, 2 * st->hidden, st->dim, st->threads);
     silu_mul(gate_up, act, M, st->hidden, st->bf16, st->threads);
-    err |= linear_by(&b->w2, act, st->bf16, delta, M, st->dim, st->hidden, st->threads);
+    err |= weight_linear(&b->w2, act, st->bf16, delta, M, st->dim, st->hidden, st->threads);
   }
   return err;
 }

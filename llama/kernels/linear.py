@@ -195,14 +195,14 @@ class NativeMatmul(nn.Module):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight as the kernels read it, (N, K) in `dtype`."""
-        if self.scales is None:
+        if self.kind in FLOAT_KINDS.values():
             return self.weight.to(dtype)
         direct = dtype in (torch.float32, torch.bfloat16)  # what native.dequantize writes
-        return native.dequantize(self.weight, self.scales, dtype if direct else torch.float32).to(dtype)
+        return native.dequantize(self.weight, self.scales, dtype if direct else torch.float32, self.kind).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() <= native.MAX_ROWS * x.shape[-1]:
-            return native.linear(x, self.weight, self.scales)
+            return native.linear(x, self.weight, self.scales, self.kind)
         return F.linear(x.to(self.wide), self.dequantized(self.wide)).to(x.dtype)
 
 

@@ -10,7 +10,12 @@ weight to fp32 in registers, as llama.cpp does, with AVX2+FMA or AVX-512;
 int8 and int4 weights meet activations quantized per group of 32 (as
 llama.cpp's Q8_0) in int8 dot products, on AVX2 and AVX-512 VNNI
 (`int8_dot()`); measured in benchmarks/linear_kernels.py and in the README's
-Speed section.
+Speed section. llama.cpp's K-quants (q4_k, q5_k, q6_k of
+llama/weights/quantized.py: GGUF super-blocks as the file holds them, no
+scales tensor) meet the same int8 activations on AVX2 and any AVX-512 with
+BW (`kquant_int8_dot()`). uint8 is both q4_1 and the K-quants, so the
+functions that take a weight take its type name (`kind`) where the dtype
+alone does not say it.
 
 The library is built once per source, compiler and CPU (`cc -O3
 -march=native -fopenmp`, about a second; $LLAMA_NATIVE_ARCH replaces native)
@@ -48,13 +53,14 @@ from . import cache
 logger = logging.getLogger("llama")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-VERSION = 5  # kernels.c's llama_kernels_version()
+VERSION = 7  # kernels.c's llama_kernels_version()
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so that
 # the elementwise kernels round as PyTorch does (the matmuls use FMA explicitly).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 GROUP = 32  # int8 and int4 weights: one scale per this many input columns (kernels.c's group)
 MAX_ROWS = 16  # above this many rows, MKL's sgemm is as fast (benchmarks/linear_kernels.py)
 MAX_HEAD_DIM = 256  # kernels.c's decode_attention keeps a head's output in registers
+MAX_PARTS = 3  # kernels.c's struct weight: row segments of different types (a fused wq | wk | wv)
 
 _status = "not loaded yet"
 
@@ -94,9 +100,14 @@ def _compile(cc: str, out: str) -> None:
         raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed")
 
 
+class _Part(ctypes.Structure):
+    """kernels.c's struct part: consecutive output rows of a weight, of one type (rows 0: all)."""
+    _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("rows", ctypes.c_long)]
+
+
 class _Weight(ctypes.Structure):
-    """kernels.c's struct weight: a linear layer's weight for decode_layers."""
-    _fields_ = [("kind", ctypes.c_int), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+    """kernels.c's struct weight: a linear layer's weight for decode_layers, in up to MAX_PARTS parts."""
+    _fields_ = [("part", _Part * MAX_PARTS)]
 
 
 class _Block(ctypes.Structure):
@@ -106,13 +117,43 @@ class _Block(ctypes.Structure):
                 ("cache_v", ctypes.c_void_p)]
 
 
-# kernels.c's enum kind, by the weight tensor's dtype (int4: two weights a uint8)
-KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+# kernels.c's enum kind, by type name (NativeMatmul.kind, llama/weights/quantized.py's types)
+KINDS = {"f32": 0, "bf16": 1, "q8_0": 2, "q4_1": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6}
+# The type a weight of this dtype is where no kind is given (uint8: q4_1, not a K-quant)
+DTYPE_KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "q8_0", torch.uint8: "q4_1"}
+QK = 256  # K-quants: input columns per super-block
+BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # bytes per super-block (quantized.BLOCK_TYPES)
 
 
-def in_features(weight: torch.Tensor) -> int:
-    """K of a weight as the kernels hold it: (N, K), or (N, K / 2) packed int4."""
-    return weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1)
+def kind_of(weight: torch.Tensor, kind: Optional[str] = None) -> str:
+    """The type name of `weight` for kernels.c: `kind` if given (checked
+    against the dtype), else the one its dtype says (uint8: q4_1)."""
+    if kind is None:
+        if weight.dtype not in DTYPE_KINDS:
+            raise TypeError(f"our kernels take no {weight.dtype} weight; types: {list(KINDS)}")
+        return DTYPE_KINDS[weight.dtype]
+    if kind not in KINDS:
+        raise ValueError(f"unknown weight type {kind!r} for our kernels; choose from {list(KINDS)}")
+    want = torch.uint8 if kind in BLOCK_BYTES else next(d for d, k in DTYPE_KINDS.items() if k == kind)
+    if weight.dtype != want:
+        raise TypeError(f"a {kind} weight is {want}, this one is {weight.dtype}")
+    return kind
+
+
+def in_features(weight: torch.Tensor, kind: Optional[str] = None) -> int:
+    """K of a weight as the kernels hold it: (N, K), (N, K / 2) packed int4,
+    or a K-quant's (N, K / 256 * block bytes)."""
+    kind = kind_of(weight, kind)
+    if kind in BLOCK_BYTES:
+        return weight.shape[1] // BLOCK_BYTES[kind] * QK
+    return weight.shape[1] * (2 if kind == "q4_1" else 1)
+
+
+def _check_blocks(weight: torch.Tensor, kind: str) -> None:
+    """ValueError unless a K-quant weight's rows are whole super-blocks."""
+    if kind in BLOCK_BYTES and (weight.dim() != 2 or weight.shape[1] % BLOCK_BYTES[kind]):
+        raise ValueError(f"a {kind} weight is uint8 (N, K / {QK} * {BLOCK_BYTES[kind]}): whole super-blocks of "
+                         f"{BLOCK_BYTES[kind]} bytes a row; this one is {tuple(weight.shape)}")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -120,6 +161,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.q8_linear.argtypes = [p, i, p, p, p, n, n, n, i]
     lib.q4_linear.argtypes = [p, i, p, p, p, n, n, n, i]
     lib.dequantize.argtypes = [i, p, p, p, n, n, i, i]
+    lib.k_linear.argtypes = [i, p, i, p, p, n, n, n, i]
+    lib.weight_linear.argtypes = [ctypes.POINTER(_Weight), p, i, p, n, n, n, i]
     lib.bf16_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.f32_linear.argtypes = [p, i, p, p, n, n, n, i]
     lib.rms_norm.argtypes = [p, p, p, n, n, ctypes.c_float, i, i]
@@ -129,7 +172,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.decode_half.argtypes = [p, p, p, i, p, ctypes.c_float, p, p, i, p, n, n, n, n, n, n, n, i, i]
     lib.rms_norm.restype = lib.silu_mul.restype = lib.dequantize.restype = None
     for f in (lib.q8_linear, lib.q4_linear, lib.bf16_linear, lib.f32_linear, lib.decode_attention, lib.decode_layers,
-              lib.decode_half, lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot):
+              lib.decode_half, lib.llama_kernels_version, lib.llama_kernels_vector_width, lib.llama_kernels_int8_dot,
+              lib.k_linear, lib.llama_kernels_kquant_int8_dot, lib.weight_linear):
         f.restype = i
 
 
@@ -180,13 +224,22 @@ def int8_dot() -> bool:
     return lib is not None and bool(lib.llama_kernels_int8_dot())
 
 
+def kquant_int8_dot() -> bool:
+    """Whether K-quant weights meet int8-quantized activations (kernels.c's
+    tile_k: AVX2, or AVX-512 with BW) rather than being widened to fp32.
+    False without our kernels."""
+    lib = library()
+    return lib is not None and bool(lib.llama_kernels_kquant_int8_dot())
+
+
 def supports(weight: torch.Tensor) -> bool:
     """Whether the native kernels can multiply by this (N, K) weight."""
     return (library() is not None and weight.device.type == "cpu" and weight.dim() == 2
             and weight.shape[1] % GROUP == 0 and weight.dtype in (torch.float32, torch.bfloat16, torch.int8))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor] = None,
+           kind: Optional[str] = None) -> torch.Tensor:
     """x @ W.T for x (..., K) in fp32 or bf16 (returned in x's dtype), W
     (N, K) as `weight`: fp32, bf16, int8 (N, K) with `scales` (N, K / GROUP)
     fp32, or int4 packed two a byte (N, K / 2) uint8 with `scales` (N, K /
@@ -194,10 +247,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     contiguous on the CPU. Sums in fp32; by int8 or int4 weights, where
     `int8_dot()`, each group of GROUP values of x is first quantized to int8
     with the scale max|x| / 127 (llama.cpp's Q8_0) and the group's dot
-    product is exact in int32."""
+    product is exact in int32. `kind` names the weight's type where its
+    dtype does not (a K-quant: "q4_k", "q5_k", "q6_k", uint8 (N, K / 256 *
+    block bytes), scales None; see kernels.c's K-quant section)."""
     lib = library()
-    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != in_features(weight):
-        raise TypeError(f"native.linear takes fp32 or bf16 x (..., {in_features(weight)}), "
+    kind = kind_of(weight, kind)
+    _check_blocks(weight, kind)
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != in_features(weight, kind):
+        raise TypeError(f"native.linear takes fp32 or bf16 x (..., {in_features(weight, kind)}), "
                         f"not {x.dtype} {tuple(x.shape)}")
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
@@ -205,7 +262,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     y = torch.empty(rows, n, dtype=x.dtype)
     x_bf16 = int(x.dtype == torch.bfloat16)
     threads = torch.get_num_threads()
-    if weight.dtype in (torch.int8, torch.uint8):
+    if kind in BLOCK_BYTES:
+        err = lib.k_linear(KINDS[kind], x2.data_ptr(), x_bf16, weight.data_ptr(), y.data_ptr(), rows, n, k, threads)
+    elif weight.dtype in (torch.int8, torch.uint8):
         quantized = lib.q8_linear if weight.dtype == torch.int8 else lib.q4_linear
         err = quantized(x2.data_ptr(), x_bf16, weight.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, n, k, threads)
     elif weight.dtype == torch.bfloat16:
@@ -217,13 +276,59 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     return y.view(*x.shape[:-1], n)
 
 
-def dequantize(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (N, K) weight that int8 `weight` with `scales`, or packed int4 (as
-    native.linear takes them), stands for, in fp32 or bf16 (computed in fp32,
-    rounded once): one pass over it, for PyTorch's GEMM in prefill."""
-    out = torch.empty(weight.shape[0], in_features(weight), dtype=dtype)
-    library().dequantize(KINDS[weight.dtype], weight.data_ptr(), scales.data_ptr(), out.data_ptr(), out.shape[0],
-                         out.shape[1], int(dtype == torch.bfloat16), torch.get_num_threads())
+def parts_of(entry) -> list:
+    """A linear layer's weight as [(weight, scales, kind)] row segments: from
+    one (weight, scales) or (weight, scales, kind), or a sequence of them
+    (the segments in output order, up to MAX_PARTS); checked: whole blocks,
+    one input width."""
+    entries = [entry] if isinstance(entry[0], torch.Tensor) else list(entry)
+    if not 1 <= len(entries) <= MAX_PARTS:
+        raise ValueError(f"a weight in {len(entries)} parts; our kernels take 1 to {MAX_PARTS}")
+    parts = [(w, s, kind_of(w, rest[0] if rest else None)) for w, s, *rest in entries]
+    for w, _, kind in parts:
+        _check_blocks(w, kind)
+    widths = {in_features(w, kind) for w, _, kind in parts}
+    if len(widths) > 1:
+        raise ValueError(f"the parts of a weight differ in input columns: {sorted(widths)}")
+    return parts
+
+
+def _weight_struct(parts: list) -> _Weight:
+    """kernels.c's struct weight of parts_of's list (one part: rows 0, all of them)."""
+    one = len(parts) == 1
+    return _Weight((_Part * MAX_PARTS)(*[_Part(KINDS[kind], w.data_ptr(), None if s is None else s.data_ptr(),
+                                              0 if one else w.shape[0]) for w, s, kind in parts]))
+
+
+def linear_parts(x: torch.Tensor, parts) -> torch.Tensor:
+    """x @ W.T for a weight in row segments of different types (parts_of:
+    [(weight, scales, kind)], output rows in order), in one native call:
+    what torch.cat of native.linear of each part gives, bit for bit."""
+    parts = parts_of(parts)
+    k = in_features(parts[0][0], parts[0][2])
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] != k:
+        raise TypeError(f"native.linear_parts takes fp32 or bf16 x (..., {k}), not {x.dtype} {tuple(x.shape)}")
+    x2 = x.reshape(-1, k).contiguous()
+    n = sum(w.shape[0] for w, _, _ in parts)
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    if library().weight_linear(ctypes.byref(_weight_struct(parts)), x2.data_ptr(), int(x.dtype == torch.bfloat16),
+                               y.data_ptr(), x2.shape[0], n, k, torch.get_num_threads()):
+        raise MemoryError(f"no memory for {x2.shape[0]}x{n} outputs")
+    return y.view(*x.shape[:-1], n)
+
+
+def dequantize(weight: torch.Tensor, scales: Optional[torch.Tensor], dtype: torch.dtype,
+               kind: Optional[str] = None) -> torch.Tensor:
+    """The (N, K) weight that int8 `weight` with `scales`, packed int4, or a
+    K-quant (`kind`, scales None) (as native.linear takes them), stands for,
+    in fp32 or bf16 (computed in fp32, rounded once): one pass over it, for
+    PyTorch's GEMM in prefill."""
+    kind = kind_of(weight, kind)
+    _check_blocks(weight, kind)
+    out = torch.empty(weight.shape[0], in_features(weight, kind), dtype=dtype)
+    library().dequantize(KINDS[kind], weight.data_ptr(), None if scales is None else scales.data_ptr(),
+                         out.data_ptr(), out.shape[0], out.shape[1], int(dtype == torch.bfloat16),
+                         torch.get_num_threads())
     return out
 
 
@@ -289,25 +394,26 @@ def decode_attention(qkv: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Te
 
 class BlockWeights:
     """A transformer block as decode_layers takes it: its four linear layers
-    (wqkv, wo, w13, w2) as `linears` = (weight, scales or None) as
-    NativeMatmul holds them, its two norms' weights and its KV cache. Shapes
+    (wqkv, wo, w13, w2) as `linears` = (weight, scales or None) or (weight,
+    scales or None, kind) as NativeMatmul holds them (kind: its type name,
+    needed for the K-quants), or a sequence of such row segments (parts_of), its two norms' weights and its KV cache. Shapes
     checked and the struct made once, not at every decoding step; holds the
     tensors, so that the struct's pointers stay valid."""
 
     def __init__(self, linears, attention_norm: torch.Tensor, ffn_norm: torch.Tensor, eps: float,
                  cache_k: torch.Tensor, cache_v: torch.Tensor, n_q: int, n_kv: int):
         dim, head_dim = ffn_norm.shape[0], cache_k.shape[-1]
-        hidden = in_features(linears[3][0])
+        linears = [parts_of(entry) for entry in linears]
+        hidden = in_features(linears[3][0][0], linears[3][0][2])
         shapes = [((n_q + 2 * n_kv) * head_dim, dim), (dim, n_q * head_dim), (2 * hidden, dim), (dim, hidden)]
-        got = [(w.shape[0], in_features(w)) for w, _ in linears]
+        got = [(sum(w.shape[0] for w, _, _ in parts), in_features(parts[0][0], parts[0][2])) for parts in linears]
         if got != shapes:
             raise ValueError(f"decode_layers: weights {got}, expected {shapes}")
         # What every block of one decode_layers call must share:
         self.shape = (attention_norm.dtype, eps, dim, n_q, n_kv, hidden, tuple(cache_k.shape))
         self.tensors = (linears, attention_norm, ffn_norm, cache_k, cache_v)
         self.struct = _Block(attention_norm.data_ptr(), ffn_norm.data_ptr(),
-                             *[_Weight(KINDS[w.dtype], w.data_ptr(), None if s is None else s.data_ptr())
-                               for w, s in linears], cache_k.data_ptr(), cache_v.data_ptr())
+                             *[_weight_struct(parts) for parts in linears], cache_k.data_ptr(), cache_v.data_ptr())
 
 
 class Layers:

@@ -14,6 +14,18 @@ plus, for the two with separate scales, `<name minus .weight>.scales`:
   the high nibble of byte 16 g + j - 16 for j >= 16. llama.cpp's Q4_1 blocks
   with (d, m) moved out of the 4-bit stream; a GGUF Q4_1 block converts
   exactly, a Q4_0 block too (m = -8 d, exact in fp16).
+* "q4_k", "q5_k", "q6_k" (BLOCK_TYPES): llama.cpp's K-quants as GGUF files
+  hold them, `weight` uint8 (N, K / 256 * B), each row's super-blocks of 256
+  weights back to back, B = 144, 176, 210 bytes; NO scales tensor (the
+  scales are inside the blocks; `stored_shapes` gives None for them). K
+  must be a multiple of 256. Q4_K / Q5_K block: fp16 d, fp16 dmin, 12
+  bytes of 6-bit (scale, min) pairs for 8 sub-blocks of 32 (`kquant_scales`),
+  [Q5_K: 32 bytes, bit j of byte i the fifth bit of weight i of sub-block
+  j], 128 bytes of nibbles (byte 32 p + i: weight i of sub-block 2 p low,
+  of 2 p + 1 high): W = d sc q - dmin m. Q6_K block: 128 bytes low nibbles,
+  64 bytes high 2-bit pairs, 16 int8 scales (one per 16 weights), fp16 d:
+  W = d sc (q - 32). `dequantize` is exact to gguf.quants' numpy
+  dequantizers (same fp32 operations in the same order).
 
 Embeddings and norms keep their float dtype. The type of every stored weight
 follows from its dtype and shapes (`stored_type`), so files may mix types (a
@@ -40,6 +52,11 @@ TYPES = {
 }
 
 
+# K-quants: (input columns per block, bytes per block); weight uint8 (N, K / 256 * bytes), no scales
+QK = 256
+BLOCK_TYPES = {"q4_k": (QK, 144), "q5_k": (QK, 176), "q6_k": (QK, 210)}
+
+
 class QuantizedWeightError(ValueError):
     """A stored quantized weight whose dtypes or shapes fit no type."""
 
@@ -58,8 +75,12 @@ def is_quantized(t: torch.Tensor) -> bool:
     return t.dtype in (torch.int8, torch.uint8)
 
 
-def stored_shapes(kind: str, n: int, k: int) -> Tuple[tuple, tuple]:
-    """(weight shape, scales shape) of an (n, k) weight stored as `kind`."""
+def stored_shapes(kind: str, n: int, k: int) -> Tuple[tuple, Optional[tuple]]:
+    """(weight shape, scales shape) of an (n, k) weight stored as `kind`;
+    scales shape None for the K-quants (their scales are in the blocks)."""
+    if kind in BLOCK_TYPES:
+        cols, size = BLOCK_TYPES[kind]
+        return (n, k // cols * size), None
     _, per_col, _, per_group = TYPES[kind]
     scales = (n, k // GROUP) if per_group == 1 else (n, k // GROUP, per_group)
     return (n, k // per_col), scales
@@ -74,6 +95,8 @@ def stored_type(key: str, weight: torch.Tensor, scales: Optional[torch.Tensor], 
             raise QuantizedWeightError(f"{key} is {weight.dtype} but has {scales_key(key)}: only int8 and uint8 "
                                        "weights have scales; the file is damaged or from another tool")
         return None
+    if weight.dtype == torch.uint8 and scales is None:
+        return _block_type(key, weight, k)
     for kind, (w_dtype, _, s_dtype, _) in TYPES.items():
         if weight.dtype != w_dtype:
             continue
@@ -92,10 +115,32 @@ def stored_type(key: str, weight: torch.Tensor, scales: Optional[torch.Tensor], 
     raise QuantizedWeightError(f"{key} has dtype {weight.dtype}, which no quantized type uses")
 
 
+def _block_type(key: str, weight: torch.Tensor, k: int) -> str:
+    """The K-quant a uint8 weight without scales is stored as: the one whose
+    blocks make its row bytes for k input columns."""
+    row = weight.shape[1] if weight.dim() == 2 else -1
+    if k % QK:
+        raise QuantizedWeightError(
+            f"{key} is uint8 without {scales_key(key)}, so a K-quant ({', '.join(BLOCK_TYPES)}), which needs a "
+            f"multiple of {QK} input columns; this weight has {k}. Convert the file with a type that fits "
+            "(q8_0, q4_1), or the scales are missing and the file is damaged")
+    for kind, (cols, size) in BLOCK_TYPES.items():
+        if weight.dim() == 2 and row == k // cols * size:
+            return kind
+    wants = ", ".join(f"{kind} {k // cols * size}" for kind, (cols, size) in BLOCK_TYPES.items())
+    raise QuantizedWeightError(
+        f"{key} is uint8 {tuple(weight.shape)} without {scales_key(key)}: a K-quant of {k} input columns has "
+        f"rows of ({wants}) bytes, and q4_1 ({k // 2} bytes) needs its scales; the file is damaged or from "
+        "another tool")
+
+
 def logical_shape(kind: Optional[str], weight: torch.Tensor) -> tuple:
     """The (N, K) a stored weight stands for."""
     if kind is None:
         return tuple(weight.shape)
+    if kind in BLOCK_TYPES:
+        cols, size = BLOCK_TYPES[kind]
+        return weight.shape[0], weight.shape[1] // size * cols
     return weight.shape[0], weight.shape[1] * TYPES[kind][1]
 
 
@@ -185,8 +230,11 @@ def quantize(weight: torch.Tensor, kind: str, out: Optional[Tuple[torch.Tensor, 
 
 def dequantize(kind: str, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
     """The (N, K) float weight a stored one stands for, in PyTorch (any device):
-    the fallback where our kernels do not run."""
+    the fallback where our kernels do not run. K-quants (`scales` None) are
+    computed in fp32, then converted to `dtype`."""
     n = weight.shape[0]
+    if kind in BLOCK_TYPES:
+        return _dequantize_blocks(kind, weight).to(dtype)
     if kind == "q8_0":
         w = weight.to(dtype).reshape(n, -1, GROUP) * scales.to(dtype)[..., None]
     elif kind == "q4_1":
@@ -198,8 +246,53 @@ def dequantize(kind: str, weight: torch.Tensor, scales: torch.Tensor, dtype: tor
     return w.reshape(n, -1)
 
 
+def kquant_scales(packed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K's 12 bytes (..., 12) uint8 -> 6-bit (scales, mins) (..., 8):
+    bytes 0-3 hold scales 0-3 in their low 6 bits and the top 2 bits of
+    scales 4-7; bytes 4-7 the same for the mins; bytes 8-11 the low 4 bits
+    of scales 4-7 (low nibble) and mins 4-7 (high nibble)."""
+    d, m, md = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], -1)
+    mn = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], -1)
+    return sc, mn
+
+
+def _fp16(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2) uint8 little-endian fp16 -> (...) float32."""
+    return b.contiguous().view(torch.float16)[..., 0].float()
+
+
+def _dequantize_blocks(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    """A K-quant's (N, K) fp32 weight, with gguf.quants' fp32 operations in
+    its order: (d * sc) * q - dmin * m; Q6_K (d * sc) * (q - 32)."""
+    cols, size = BLOCK_TYPES[kind]
+    n = weight.shape[0]
+    b = weight.reshape(n, -1, size)  # (n, blocks, bytes)
+    if kind == "q6_k":
+        ql, qh, sc, d = b[..., :128], b[..., 128:192], b[..., 192:208], _fp16(b[..., 208:210])
+        lo = torch.stack([ql[..., :64] & 15, ql[..., :64] >> 4, ql[..., 64:] & 15, ql[..., 64:] >> 4], -2)
+        lo = lo.reshape(n, -1, 8, 32)  # sub-block r: ql half r // 4, nibble (r // 2) % 2, bytes 32 (r % 2) + i
+        hi = torch.stack([(qh[..., :32] >> s) & 3 for s in (0, 2, 4, 6)]
+                         + [(qh[..., 32:] >> s) & 3 for s in (0, 2, 4, 6)], -2)
+        q = ((lo | (hi << 4)).to(torch.int8) - 32).float().reshape(n, -1, 16, 16)
+        scale = d[..., None] * sc.view(torch.int8).float()  # (n, blocks, 16)
+        return (scale[..., None] * q).reshape(n, -1)
+    d, dmin = _fp16(b[..., 0:2]), _fp16(b[..., 2:4])
+    sc, mn = kquant_scales(b[..., 4:16])
+    qs = b[..., size - 128:].reshape(n, -1, 4, 1, 32)
+    q = torch.cat([qs & 15, qs >> 4], -2).reshape(n, -1, 8, 32)  # sub-block 2 p: low nibbles, 2 p + 1: high
+    if kind == "q5_k":
+        qh = b[..., 16:48]  # bit j of byte i: the fifth bit of weight i of sub-block j
+        q = q | torch.stack([((qh >> j) & 1) << 4 for j in range(8)], -2)
+    scale = (d[..., None] * sc.float())[..., None]
+    low = (dmin[..., None] * mn.float())[..., None]
+    return (scale * q.float() - low).reshape(n, -1)
+
+
 def column_unit(kind: Optional[str]) -> int:
-    """Input columns a split of this type must keep together."""
+    """Input columns a split of this type must keep together: a group, or a K-quant's block."""
+    if kind in BLOCK_TYPES:
+        return BLOCK_TYPES[kind][0]
     return 1 if kind is None else GROUP
 
 
