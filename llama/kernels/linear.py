@@ -406,7 +406,7 @@ def _stored_arena(stored: Dict[str, list], device: Optional[torch.device]):
     None where there is no arena (huge_pages.why_not) or no kernels of ours."""
     if not stored or not _runs_ours(device):
         return None
-    sizes = [sum(part[i].nbytes for part in parts) for parts in stored.values() for i in (1, 2) if parts[0][i] is not None]
+    sizes = [part[i].nbytes for parts in stored.values() for part in parts for i in (1, 2) if part[i] is not None]
     arena = huge_pages.reserve(sizes)
     return None if arena is None else arena.take
 
@@ -415,16 +415,23 @@ def stored_matmul(parts: list, act: torch.dtype, device: Optional[torch.device] 
     """The matmul for a layer whose weight arrives quantized, as `parts`
     [(type, weight, scales or None), ...] holding consecutive rows: our
     kernels where they run (NativeMatmul.stored; parts of different types,
-    as a GGUF file may mix in wq|wk|wv, as one ConcatMatmul), else
-    StoredMatmul (PyTorch, any device). Each part is copied once: into
+    as a GGUF file may mix in wq|wk|wv, as one segments.SegmentedMatmul),
+    else StoredMatmul (PyTorch, any device; a ConcatMatmul of them for mixed
+    types). Each part is copied once: into
     `place(shape, dtype)` (the huge-page arena, _stored_arena) if given, or
     concatenated; its pages mapped from the checkpoint are then released
     (llama/weights/mapped.py)."""
     ours = _runs_ours(device)
-    kinds = {kind for kind, _, _ in parts}
-    if len(kinds) > 1:
-        return ConcatMatmul([stored_matmul([part], act, device, place) for part in parts])
-    kind = kinds.pop()
+    runs = _same_kind_runs(parts)
+    if len(runs) > 1:  # parts of different types, each run of one type joined
+        matmuls = [stored_matmul(run, act, device, place) for run in runs]
+        parts.clear()
+        if ours:
+            from .segments import SegmentedMatmul  # it builds on NativeMatmul, defined here
+
+            return SegmentedMatmul(matmuls)
+        return ConcatMatmul(matmuls)
+    kind = runs[0][0][0]
 
     def joined(i):
         tensors = [part[i] for part in parts]
@@ -446,8 +453,20 @@ def stored_matmul(parts: list, act: torch.dtype, device: Optional[torch.device] 
     return StoredMatmul(kind, weight, scales)
 
 
+def _same_kind_runs(parts: list) -> list:
+    """`parts` grouped into runs of consecutive parts of one type."""
+    runs: list = []
+    for part in parts:
+        if runs and runs[-1][-1][0] == part[0]:
+            runs[-1].append(part)
+        else:
+            runs.append([part])
+    return runs
+
+
 class ConcatMatmul(nn.Module):
-    """Matmuls over consecutive row blocks of one weight, outputs concatenated."""
+    """Matmuls over consecutive row blocks of one weight, outputs concatenated
+    (StoredMatmuls of different types, where our kernels do not run)."""
 
     def __init__(self, parts: list):
         super().__init__()
