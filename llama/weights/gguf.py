@@ -1,27 +1,41 @@
 """Reads a Llama-architecture GGUF file (llama.cpp's format): its metadata as
-params.json, its tensors dequantized under Meta's names.
+params.json, its tensors under Meta's names, quantized linear weights kept as
+their blocks or dequantized.
 
 Design: a GGUF file is a key-value header plus tensors. `Metadata` gives
 typed access to the header (a GGUF can put any type under any key, so every
 key this module reads has the type it must have, see _KEY_TYPES);
-`model_params` turns it into a params.json dict, `read_tensors` dequantizes
-every tensor with the gguf package and checks the result against the shapes
-those params imply (llama/weights/schema.py). The tokenizer half of a GGUF
-is turned into tokenizer files by llama/text/gguf_vocab.py, and the two are
-joined into a checkpoint by llama/cli/checkpoints.py's `convert_gguf`.
+`model_params` turns it into a params.json dict. `check_gguf_shapes` checks
+the tensors' shapes against those params (llama/weights/schema.py) and
+`kept_types` picks the stored type (llama/weights/quantized.py) of every
+linear weight in a block type we keep (KEPT_TYPES), both from the headers
+alone; `read_tensors` then reads one tensor at a time from the memory-mapped
+file: kept weights as their blocks (`stored_blocks`, numpy views copied
+once), everything else dequantized by the gguf package. The tokenizer half
+of a GGUF is turned into tokenizer files by llama/text/gguf_vocab.py, and the
+two are joined into a checkpoint by llama/cli/checkpoints.py's `convert_gguf`.
 
 Invariants: no tensor is reordered (llama.cpp stores attn_q/attn_k in
 Meta's interleaved RoPE layout; its converter undoes Hugging Face's
-permutation); tied embeddings become one tensor under both names; Llama
-3.1's RoPE scaling, stored by llama.cpp as a rope_freqs tensor, becomes
-use_scaled_rope, and any other scaling is refused.
+permutation); a kept weight stands for exactly the values the gguf package
+dequantizes from its tensor (Q8_0's fp16 scale widens exactly, Q4_0's d
+becomes (d, -8 d), the K-quants' super-blocks are copied byte for byte);
+embeddings and norms are always float (the embedding is a lookup); tied
+embeddings become one float tensor under both names, or, when their blocks
+are kept, a float tok_embeddings and an output layer in token_embd's blocks;
+Llama 3.1's RoPE scaling, stored by llama.cpp as a rope_freqs tensor,
+becomes use_scaled_rope, and any other scaling is refused. Memory: the
+output's size plus one tensor's temporaries, never a float copy of a kept
+weight.
 
 Failure modes: everything this module cannot convert (another
 architecture, mixture of experts, other RoPE scaling, a damaged or
-truncated file, a tensor type the gguf package cannot dequantize, shapes
-that disagree with the metadata) raises ConversionError naming the file and
-what is wrong. The `gguf` package is an optional extra: it is imported on
-first use, and its absence is an ImportError that says how to install it.
+truncated file, a tensor type the gguf package cannot dequantize, a linear
+weight in a block type we do not keep unless it is dequantized, shapes that
+disagree with the metadata) raises ConversionError naming the file, the
+tensor and what to do, before any tensor data is read where the headers
+tell. The `gguf` package is an optional extra: it is imported on first use,
+and its absence is an ImportError that says how to install it.
 """
 
 import math
@@ -331,17 +345,30 @@ def stored_blocks(t, path: Path, kind: str, name: str) -> Tuple[torch.Tensor, Op
     return torch.from_numpy(_copy(b[..., 2:]).reshape(n, -1)), torch.from_numpy(dm)
 
 
+DEQUANTIZE_ROWS = 4096  # rows dequantized at a time: float temporaries of a few MB, not of the whole tensor
+
+
 def _dequantized(gguf, t, path: Path, dtype: torch.dtype) -> torch.Tensor:
-    try:
-        w = gguf.dequantize(t.data, t.tensor_type)  # float32, shape (out, in): GGUF lists dims reversed
-    except NotImplementedError as e:
-        raise ConversionError(
-            f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
-            "dequantize; this converter needs float or llama.cpp-quantized weights"
-        ) from e
-    if w.dtype != np.float32:
-        raise ConversionError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, not as floating-point weights")
-    return torch.from_numpy(np.array(w, copy=True)).to(dtype)
+    """The tensor dequantized to `dtype`, DEQUANTIZE_ROWS rows at a time into the output."""
+    data = t.data
+    out = None
+    for start in range(0, max(len(data), 1) if data.ndim > 1 else 1, DEQUANTIZE_ROWS):
+        rows = data[start:start + DEQUANTIZE_ROWS] if data.ndim > 1 else data
+        try:
+            w = gguf.dequantize(rows, t.tensor_type)  # float32, shape (out, in): GGUF lists dims reversed
+        except NotImplementedError as e:
+            raise ConversionError(
+                f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package cannot "
+                "dequantize; this converter needs float or llama.cpp-quantized weights"
+            ) from e
+        if w.dtype != np.float32:
+            raise ConversionError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, not as floating-point weights")
+        if data.ndim <= 1:
+            return torch.from_numpy(np.array(w, copy=True)).to(dtype)
+        if out is None:
+            out = torch.empty((len(data), *w.shape[1:]), dtype=dtype)
+        out[start:start + len(w)] = torch.from_numpy(_copy(w))  # a float32 file's rows are read-only views of it
+    return out
 
 
 def read_tensors(reader, path: Path, args: ModelArgs, dtype: torch.dtype, show_progress: bool = False,
