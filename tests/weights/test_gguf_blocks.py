@@ -8,6 +8,7 @@ the checkpoint is about the GGUF's size. The written files are read with plain
 torch.load (the checkpoint loader of this branch takes float weights only)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -296,10 +297,16 @@ def test_llama_cpps_q2_k_is_refused(tmp_path, monkeypatch):
 
 
 def test_cli_dequantize_flag(tmp_path):
-    from llama.cli.main import main
-
+    # In subprocesses: the command tears down torch.distributed when it ends, which other tests' models use.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     write_tiny_gguf(tmp_path / "q.gguf", tensor_types={"blk.0.attn_q.weight": "Q8_0"})
-    main(["convert", "--gguf", str(tmp_path / "q.gguf"), "--out", str(tmp_path / "kept")])
-    main(["convert", "--gguf", str(tmp_path / "q.gguf"), "--out", str(tmp_path / "full"), "--dequantize"])
+    llama_convert = [sys.executable, "-c", "import sys; from llama.cli.main import main; main(sys.argv[1:])", "convert"]
+    script = [sys.executable, "utils/convert_gguf_checkpoint.py"]
+    for cmd, out, flags in [(llama_convert, "kept", []), (llama_convert, "full", ["--dequantize"]),
+                            (script, "script", ["--dequantize"])]:
+        r = subprocess.run([*cmd, "--gguf", str(tmp_path / "q.gguf"), "--out", str(tmp_path / out), *flags],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
     assert load(tmp_path / "kept")["layers.0.attention.wq.weight"].dtype == torch.int8
     assert load(tmp_path / "full")["layers.0.attention.wq.weight"].dtype == torch.float32
+    assert load(tmp_path / "script")["layers.0.attention.wq.weight"].dtype == torch.float32
