@@ -121,4 +121,4 @@ def smollm2_ckpt(tmp_path_factory, smollm2_gguf_path) -> Path:
     """SmolLM2 converted to a float32 Meta checkpoint by utils/convert_gguf_checkpoint.py."""
     from utils.convert_gguf_checkpoint import convert
 
-    return convert(smollm2_gguf_path, tmp_path_factory.mktemp("smollm2"))
+    return convert(smollm2_gguf_path, tmp_path_factory.mktemp("smollm2"), dequantize=True)

@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..common.files import sidecar_path
 from ..text import gguf_vocab
-from ..weights import gguf
+from ..weights import gguf, quantized
 from ..weights.args import ModelArgs
 from ..weights.writer import check_output_dir, write_checkpoint
 from .info import checkpoint_info
@@ -50,15 +50,22 @@ def shard(a: argparse.Namespace) -> None:
 
 
 def convert_gguf(gguf_path, out_dir, dtype: str = "float32", force: bool = False,
-                 progress: Callable[[str], None] = lambda msg: None, show_progress: bool = False) -> Path:
+                 progress: Callable[[str], None] = lambda msg: None, show_progress: bool = False,
+                 dequantize: bool = False) -> Path:
     """Converts the GGUF file `gguf_path` into a Meta checkpoint directory `out_dir`; returns `out_dir`.
 
-    Writes consolidated.00.pth (the dequantized weights in `dtype`),
-    params.json, tokenizer.model, its sidecar tokenizer.model.json unless the
-    vocabulary is Meta's Llama 3 one, and checklist.chk. The output directory
-    is checked before the (slow) reading; `show_progress` draws tensors done,
-    MB and MB/s on stderr. The whole dequantized model is held in memory while
-    it is written. It joins the two halves of a GGUF, which live in wings that
+    Writes consolidated.00.pth, params.json, tokenizer.model, its sidecar
+    tokenizer.model.json unless the vocabulary is Meta's Llama 3 one, and
+    checklist.chk. Linear weights stored in a block type we keep
+    (gguf.KEPT_TYPES: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K) keep their blocks
+    (llama/weights/quantized.py's layouts) and params.json gets a
+    "quantization" record; every other tensor (embeddings, norms, float
+    linear weights) is dequantized to `dtype`. `dequantize` expands every
+    tensor to `dtype` instead. A linear weight in any other block type is
+    refused before anything is read or written. The output directory is
+    checked before the (slow) reading; `show_progress` draws tensors done, MB
+    and MB/s on stderr. The whole converted model is held in memory while it
+    is written. It joins the two halves of a GGUF, which live in wings that
     do not import each other: weights/gguf.py (params and tensors) and
     text/gguf_vocab.py (the tokenizer).
     """
@@ -77,7 +84,13 @@ def convert_gguf(gguf_path, out_dir, dtype: str = "float32", force: bool = False
         raise gguf.ConversionError(str(e)) from e
     progress(f"{path.name}: {fields.get('general.name', '?')} (license: {fields.get('general.license', 'not stated')}), "
              f"params {json.dumps(params)}, trained context {fields.get('llama.context_length', '?')} tokens")
-    state = gguf.read_tensors(fields.reader, path, ModelArgs.from_params(params), gguf.DTYPES[dtype], show_progress)
+    args = ModelArgs.from_params(params)
+    gguf.check_gguf_shapes(fields.reader, path, args)
+    kept = {} if dequantize else gguf.kept_types(fields.reader, path)
+    if kept:
+        params = {**params, quantized.PARAMS_KEY: quantized.describe(kept, None, gguf.source_name(fields, kept))}
+        progress(f"keeping {len(kept)} linear weights quantized: {params[quantized.PARAMS_KEY]['types']}")
+    state = gguf.read_tensors(fields.reader, path, args, gguf.DTYPES[dtype], show_progress, kept=kept)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = Path(tmp) / "tokenizer.model"
         tokenizer.write_text(ranks)
@@ -97,14 +110,19 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf", required=True, type=Path, help="the .gguf file to convert")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint directory")
     p.add_argument("--dtype", default="float32", choices=sorted(gguf.DTYPES),
-                   help="weights' dtype in the checkpoint (default float32: the exact dequantized values)")
+                   help="dtype of the float tensors in the checkpoint: embeddings, norms, float weights, and "
+                        "every weight with --dequantize (default float32: the exact dequantized values)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="expand every weight to --dtype instead of keeping Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K "
+                        "linear weights quantized (a checkpoint up to 8 times larger, for loaders without them)")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
 
 
 def run_convert(a: argparse.Namespace) -> Path:
     """The conversion `a` (add_convert_args' flags) asks for, with progress; prints where and how long."""
     start = time.perf_counter()
-    out = convert_gguf(a.gguf, a.out, a.dtype, a.force, progress=print, show_progress=True)
+    out = convert_gguf(a.gguf, a.out, a.dtype, a.force, progress=print, show_progress=True,
+                       dequantize=a.dequantize)
     print(f"converted {a.gguf} to {out} in {time.perf_counter() - start:.1f} s")
     return out
 

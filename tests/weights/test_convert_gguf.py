@@ -29,10 +29,11 @@ TYPES = {"blk.0.attn_q.weight": "Q8_0", "blk.0.ffn_down.weight": "BF16", "blk.1.
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
-    """A tiny GGUF with float32, float16, bfloat16 and Q8_0 tensors, converted: (weights written, ckpt dir)."""
+    """A tiny GGUF with float32, float16, bfloat16 and Q8_0 tensors, converted with
+    dequantize=True (every weight float): (weights written, ckpt dir)."""
     tmp = tmp_path_factory.mktemp("mixed")
     weights = write_tiny_gguf(tmp / "m.gguf", tensor_types=TYPES, tied=False)
-    return weights, convert(tmp / "m.gguf", tmp / "ckpt")
+    return weights, convert(tmp / "m.gguf", tmp / "ckpt", dequantize=True)  # Llama.build reads float weights
 
 
 def test_files_and_params(mixed):
