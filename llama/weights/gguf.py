@@ -50,6 +50,7 @@ import torch
 from .args import ModelArgs, rope_frequencies
 from .checkpoint import CheckpointError, check_shapes, expected_shapes
 from .progress import Progress
+from . import quantized
 from .quantized import scales_key
 from .schema import LAYER_WEIGHTS
 
@@ -241,12 +242,14 @@ def meta_name(gguf_name: str, path: Path) -> str:
 # GGUF block types a linear weight keeps as they are (see quantized.py for
 # q8_0 and q4_1): Q8_0's fp16 scale widens to fp32 exactly, Q4_0's scale d
 # gives Q4_1's (d, m = -8 d) exactly (a multiplication by a power of two);
+# Q5_0's 5-bit q - 16 fits int8 with its d as the q8_0 scale, exactly (llama.cpp
+# stores weights whose rows are no multiple of 256 in Q5_0 in a Q4_K_M file);
 # the K-quants keep each row's ggml super-blocks byte for byte.
-KEPT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_1", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
-# Stored types that are a row's ggml super-blocks back to back, uint8 (N, K / 256 * bytes),
-# without a scales tensor: bytes per super-block of SUPER_BLOCK weights.
-RAW_BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
-SUPER_BLOCK = 256
+KEPT_TYPES = {"Q8_0": "q8_0", "Q5_0": "q8_0", "Q4_0": "q4_1", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q5_K": "q5_k",
+              "Q6_K": "q6_k"}
+# Stored types that are a row's ggml super-blocks back to back (quantized.BLOCK_TYPES):
+# bytes per super-block of quantized.QK weights.
+RAW_BLOCK_BYTES = {kind: nbytes for kind, (_, nbytes) in quantized.BLOCK_TYPES.items()}
 RECOMMENDED = "Q8_0, Q4_0, Q4_1, Q4_K_M, Q5_K_M or Q6_K"
 _LINEAR = tuple(f".{name}.weight" for name, kind in LAYER_WEIGHTS if kind in ("column", "row"))
 
@@ -332,6 +335,12 @@ def stored_blocks(t, path: Path, kind: str, name: str) -> Tuple[torch.Tensor, Op
         d = _copy(b[..., :2]).view(np.float16)[..., 0].astype(np.float32)
         q = _copy(b[..., 2:]).view(np.int8).reshape(n, -1)
         return torch.from_numpy(q), torch.from_numpy(d)
+    if t.tensor_type.name == "Q5_0":  # fp16 d, 32 high bits (uint32), 16 bytes of low nibbles: W = (q - 16) d
+        d = _copy(b[..., :2]).view(np.float16)[..., 0].astype(np.float32)
+        high = (_copy(b[..., 2:6]).view("<u4") >> np.arange(32, dtype=np.uint32)) & 1  # (n, groups, 32)
+        low = np.concatenate([b[..., 6:] & 15, b[..., 6:] >> 4], axis=-1)  # weight j: byte j % 16, low nibble first
+        q = (low.astype(np.int16) | (high.astype(np.int16) << 4)) - 16
+        return torch.from_numpy(_copy(q.astype(np.int8).reshape(n, -1))), torch.from_numpy(d)
     if t.tensor_type.name == "Q4_1":  # fp16 d, fp16 m, then 16 bytes of nibbles: our (d, m) and packed layout
         dm = _copy(b[..., :4]).view(np.float16)
         return torch.from_numpy(_copy(b[..., 4:]).reshape(n, -1)), torch.from_numpy(dm)

@@ -113,7 +113,7 @@ def check_kept(path, ckpt, expected_types):
     return state
 
 
-@pytest.mark.parametrize("qtype, kind", [("Q8_0", "q8_0"), ("Q4_0", "q4_1"), ("Q4_1", "q4_1")])
+@pytest.mark.parametrize("qtype, kind", [("Q8_0", "q8_0"), ("Q5_0", "q8_0"), ("Q4_0", "q4_1"), ("Q4_1", "q4_1")])
 def test_q8_0_q4_0_q4_1_keep_their_blocks_exactly(tmp_path, qtype, kind):
     linear = ["blk.0.attn_q", "blk.0.attn_k", "blk.1.attn_output", "blk.0.ffn_down", "blk.1.ffn_up", "output"]
     write_tiny_gguf(tmp_path / "q.gguf", tensor_types={f"{n}.weight": qtype for n in linear}, tied=False)
@@ -166,9 +166,9 @@ def test_tied_q8_0_embeddings(tmp_path):
 
 
 @pytest.mark.parametrize("types, named", [
-    ({"blk.1.ffn_down.weight": "Q5_0"}, r"tensor blk\.1\.ffn_down\.weight is stored as Q5_0"),
+    ({"blk.1.ffn_down.weight": "Q5_1"}, r"tensor blk\.1\.ffn_down\.weight is stored as Q5_1"),
     ({"blk.0.attn_v.weight": "Q5_1", "blk.0.attn_q.weight": "Q8_0"}, r"tensor blk\.0\.attn_v\.weight is stored as Q5_1"),
-    ({"token_embd.weight": "Q5_0"}, r"tensor token_embd\.weight \(the output layer: the embeddings are tied\) is stored as Q5_0"),
+    ({"token_embd.weight": "Q5_1"}, r"tensor token_embd\.weight \(the output layer: the embeddings are tied\) is stored as Q5_1"),
     ({"blk.0.attn_q.weight": "TQ1_0"}, r"tensor blk\.0\.attn_q\.weight is stored as TQ1_0"),
     ({"blk.1.attn_output.weight": "Q3_K", "blk.1.ffn_up.weight": "Q4_K"}, r"tensor blk\.1\.attn_output\.weight is stored as Q3_K"),
 ])
