@@ -73,6 +73,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def keys(self) -> List[bytes]:
+        """The blocks' keys, least recently used first (the same on every rank)."""
+        return list(self._blocks)
+
     @property
     def nbytes(self) -> int:
         """Bytes this process holds."""

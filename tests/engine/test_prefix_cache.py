@@ -216,7 +216,8 @@ def test_under_torchrun_the_tokens_of_one_process(make_ckpt, tmp_path, stages):
     reference = worker_conversation(_one_process(ckpt), follow=False)
     assert result["tokens"] == reference["tokens"]
     assert result["prefilled"] == reference["prefilled"] and result["reused"] == reference["reused"] > 0
-    assert len(set(result["keys"])) == 1 and result["keys"][0] == reference["keys"]  # the same blocks on every rank
+    assert reference["evicted"] > 0 and result["evicted"] == reference["evicted"]
+    assert all(keys == reference["keys"] for keys in result["keys"])  # the same blocks on every rank, in LRU order
 
 
 _ONE = {}
@@ -232,9 +233,9 @@ def _one_process(ckpt):
 
 def worker_conversation(gen, follow: bool) -> dict:
     """Rank 0 runs a conversation of three turns and a request beside it
-    (sharing the system prompt) in a 3-block budget; with `follow`, the other
+    (sharing the system prompt) in a budget of one block; with `follow`, the other
     ranks follow its steps, as under a server."""
-    engine = Engine(gen.model, gen.tokenizer, prefix_cache_bytes=3 * block_bytes(gen))
+    engine = Engine(gen.model, gen.tokenizer, prefix_cache_bytes=block_bytes(gen))
     if follow and torch.distributed.get_rank() != 0:
         engine.follow()
     else:
@@ -251,8 +252,9 @@ def worker_conversation(gen, follow: bool) -> dict:
         if follow:
             engine.shutdown()
             engine.step()
-        result = {"tokens": tokens, "prefilled": prefilled, "reused": engine.prefix_cache.reused_tokens}
-    keys = sorted(engine.prefix_cache._blocks)
+        result = {"tokens": tokens, "prefilled": prefilled, "reused": engine.prefix_cache.reused_tokens,
+                  "evicted": engine.prefix_cache.evicted_blocks}
+    keys = engine.prefix_cache.keys()
     if not follow:
         return {**result, "keys": keys}
     every = [None] * torch.distributed.get_world_size()
