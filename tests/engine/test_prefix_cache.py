@@ -197,6 +197,38 @@ def test_bad_budgets_are_refused(gen, bad, message):
     assert engine.prefix_cache is None
 
 
+# -- llama serve's flag and /metrics -----------------------------------------------------------
+
+
+def test_serve_flag_refuses_bad_budgets_with_the_flag_named(make_ckpt, tmp_path):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "llama", "serve", "--ckpt_dir", str(tmp_path), "--prefix_cache_mb", "-1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--prefix_cache_mb must be 0 (no prefix cache) or more MiB, got -1" in r.stderr, r.stderr
+    ckpt = make_ckpt("llama3")  # 0.001 MiB passes the flag check, then holds no block of this model
+    r = subprocess.run([sys.executable, "-m", "llama", "serve", "--ckpt_dir", str(ckpt), "--dtype", "float32",
+                        "--max_seq_len", "64", "--max_batch_size", "1", "--prefix_cache_mb", "0.001"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--prefix_cache_mb 0.001: prefix_cache_bytes=1048 holds no block" in r.stderr, r.stderr
+
+
+def test_metrics_count_prefilled_and_reused_tokens(gen):
+    from types import SimpleNamespace
+
+    from llama.server.prometheus import ServerMetrics
+
+    cached = Engine(gen.model, gen.tokenizer, prefix_cache_bytes=MiB)
+    metrics = ServerMetrics(SimpleNamespace(waiting=0, running=0, inflight=0, engine=cached))
+    converse(cached, gen.tokenizer, TURNS[:2])
+    text = metrics.text().decode()
+    assert f"llama_prefilled_tokens {float(cached.prefilled_tokens)}" in text
+    assert f"llama_prefix_cache_reused_tokens {float(cached.prefix_cache.reused_tokens)}" in text
+    assert cached.prefix_cache.reused_tokens > 0
+    off = ServerMetrics(SimpleNamespace(waiting=0, running=0, inflight=0, engine=Engine(gen.model, gen.tokenizer)))
+    assert "llama_prefix_cache_reused_tokens 0.0" in off.text().decode()
+
+
 # -- torchrun: rank 0 decides, every rank holds the same blocks ------------------------------
 
 
