@@ -252,6 +252,9 @@ class Engine:
             if self._world > 1:
                 self._broadcast_plan(cancelled, admitted)
         for seq in admitted:  # every rank, in rank 0's order: the same blocks touched everywhere
+            if seq.reused and self.prefix_cache is None:
+                raise RuntimeError("rank 0 reuses a cached prefix but this rank has no prefix cache: every rank "
+                                   "must set the same prefix cache budget (Engine.set_prefix_cache)")
             seq.prefix = self.prefix_cache.take(seq.request.prompt_tokens, seq.reused) if seq.reused else []
         return admitted
 
@@ -260,12 +263,15 @@ class Engine:
         budget (which counts the tokens after each prompt's cached prefix)."""
         admitted, budget, free = [], self.prefill_token_budget, self.free_slots
         for seq in self.waiting:
+            if len(admitted) == free:
+                break
             # prompt_logprobs need every position's logits: those prompts run whole.
             cached = self.prefix_cache is not None and not seq.request.prompt_logprobs
-            seq.reused = self.prefix_cache.match(seq.request.prompt_tokens) if cached else 0
-            n = len(seq.request.prompt_tokens) - seq.reused
-            if len(admitted) == free or (admitted and n > budget):
+            reused = self.prefix_cache.match(seq.request.prompt_tokens) if cached else 0
+            n = len(seq.request.prompt_tokens) - reused
+            if admitted and n > budget:
                 break
+            seq.reused = reused
             admitted.append(seq)
             budget -= n
         return admitted

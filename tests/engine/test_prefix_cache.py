@@ -69,6 +69,29 @@ def assert_same(with_cache, without):
             torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), atol=1e-4, rtol=1e-4)
 
 
+def test_prefill_after_cached_positions_equals_the_full_prefill(gen):
+    """Transformer.prefill with starts: prompts whose rows hold their first
+    positions (copied there with read_cache / write_cache), packed with a fresh
+    one and with a one-token rest, give the logits of running each whole."""
+    model = gen.model
+    g = torch.Generator().manual_seed(0)
+    p, q = (torch.randint(3, 1000, (n,), generator=g).tolist() for n in (40, 37))
+    full_p, full_q = (model.prefill([x], [0], [True])[0] for x in (p, q))
+    model.prefill([p], [0])
+    kv = model.read_cache(0, 0, 39)
+    assert kv.shape == (len(model.layers), 2, model.layers[0].attention.n_local_kv_heads, 39,
+                        model.params.head_dim)
+    model.write_cache(1, 0, kv[..., :7, :])
+    model.write_cache(2, 0, kv)
+    out = model.prefill([p[:20], q, p], rows=[1, 0, 2], all_logits=[True, True, False], starts=[7, 0, 39])
+    assert [o.shape[0] for o in out] == [13, 37, 1]
+    torch.testing.assert_close(out[0], full_p[7:20], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], full_q, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[2][0], full_p[-1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="leaves nothing to run"):
+        model.prefill([p], rows=[0], starts=[40])
+
+
 def test_a_conversation_prefills_only_each_new_turn(gen):
     plain, cached = engines(gen)
     without, with_cache = converse(plain, gen.tokenizer), converse(cached, gen.tokenizer)
