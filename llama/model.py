@@ -127,6 +127,11 @@ class AttentionInputs:
     # (bs, heads, seq, keys), or, for one query per row, an additive float
     # bias (bs, 1, 1, kv_len).
     mask: Optional[torch.Tensor]
+    # Prompts continuing cached prefixes (Transformer.prefill with starts): the
+    # keys are gathered from the cache, key j at (key_rows[j], key_pos[j]),
+    # after this pass's own are written; `mask` is then (seq, keys). None otherwise.
+    key_rows: Optional[torch.Tensor] = None
+    key_pos: Optional[torch.Tensor] = None
 
 
 def local_kv_heads(n_kv_heads: int, mp_size: int) -> int:
@@ -194,7 +199,11 @@ class Attention(nn.Module):
         # cache[row, :, pos] for every token: indices (bs, seq) around a slice give (bs, seq, kv_heads, head_dim).
         self.cache_k[inputs.cache_rows, :, inputs.cache_pos] = xk
         self.cache_v[inputs.cache_rows, :, inputs.cache_pos] = xv
-        if inputs.self_attention:
+        if inputs.key_rows is not None:  # each prompt attends to its row's cached prefix and its own tokens
+            keys = self.cache_k[inputs.key_rows, :, inputs.key_pos].transpose(0, 1)[None]  # (1, local_kv_heads, keys, head_dim)
+            values = self.cache_v[inputs.key_rows, :, inputs.key_pos].transpose(0, 1)[None]
+            out = self._attend(xq, keys, values, inputs.mask)
+        elif inputs.self_attention:
             out = self._attend(xq, xk.transpose(1, 2), xv.transpose(1, 2), inputs.mask)
         elif seqlen == 1:
             out = self._attend_one(xq, bsz, inputs.kv_len, inputs.mask)
@@ -235,6 +244,16 @@ class Attention(nn.Module):
         """Copies the first `length` cached positions of row `src` to row `dst`."""
         self.cache_k[dst, :, :length] = self.cache_k[src, :, :length]
         self.cache_v[dst, :, :length] = self.cache_v[src, :, :length]
+
+    def read_cache(self, row: int, start: int, length: int) -> torch.Tensor:
+        """A copy of positions start.. start+length-1 of `row`: (2, local_kv_heads, length, head_dim), K then V."""
+        return torch.stack([self.cache_k[row, :, start:start + length], self.cache_v[row, :, start:start + length]])
+
+    def write_cache(self, row: int, start: int, kv: torch.Tensor) -> None:
+        """Puts `kv` (read_cache's layout) at positions start.. of `row`."""
+        length = kv.shape[2]
+        self.cache_k[row, :, start:start + length] = kv[0]
+        self.cache_v[row, :, start:start + length] = kv[1]
 
 
 class SwiGLU(nn.Module):
@@ -377,25 +396,32 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int],
-                all_logits: Sequence[bool] = (), hidden: Optional[torch.Tensor] = None):
-        """Runs fresh prompts (from position 0) in one pass, packed end to end
-        without padding, each into its own KV-cache row.
+                all_logits: Sequence[bool] = (), hidden: Optional[torch.Tensor] = None,
+                starts: Optional[Sequence[int]] = None):
+        """Runs prompts in one pass, packed end to end without padding, each
+        into its own KV-cache row.
 
-        Each prompt attends only to itself (a block-diagonal causal mask), so
-        its logits equal those of running it alone. Returns, per prompt, float
-        logits (1, vocab) of its last position, or (len, vocab) of every
-        position where `all_logits[i]` is true. A pipeline stage after the
-        first takes the previous stage's `hidden` (1, total, dim); one before
-        the last returns its own instead of logits.
+        Fresh prompts (from position 0) attend only to themselves (a
+        block-diagonal causal mask), so their logits equal those of running
+        each alone. With `starts`, prompt i already has its first `starts[i]`
+        positions in its row (a cached prefix, llama/engine/prefix_cache.py):
+        only its tokens from there run, at their own positions, attending to
+        the row's cached keys before them. Returns, per prompt, float logits
+        (1, vocab) of its last position, or (len - start, vocab) of every
+        position run where `all_logits[i]` is true. A pipeline stage after the
+        first takes the previous stage's `hidden` (1, total run, dim); one
+        before the last returns its own instead of logits.
         """
-        device = self.norm.weight.device
         lens = [len(p) for p in prompts]
         if max(lens) > self.params.max_seq_len:
             raise ValueError(f"a prompt of {max(lens)} tokens exceeds max_seq_len={self.params.max_seq_len}")
+        if starts is not None and any(starts):
+            return self._prefill_after(prompts, rows, all_logits, hidden, list(starts))
+        device = self.norm.weight.device
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)[None]  # (1, total)
         seg = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(lens, device=device))
-        starts = torch.tensor([0] + lens[:-1], device=device).cumsum(0)
-        pos = torch.arange(tokens.shape[1], device=device) - starts[seg]  # each prompt counts from 0
+        first = torch.tensor([0] + lens[:-1], device=device).cumsum(0)  # each prompt's first index in the pass
+        pos = torch.arange(tokens.shape[1], device=device) - first[seg]  # each prompt counts from 0
         mask = None
         if len(prompts) > 1:
             mask = (seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None])  # (total, total)
@@ -405,13 +431,45 @@ class Transformer(nn.Module):
             self_attention=True, kv_len=0, mask=mask,
         )
         h = self._layers(tokens if hidden is None else hidden, inputs)
+        return self._prefill_logits(h, lens, all_logits)
+
+    def _prefill_after(self, prompts, rows, all_logits, hidden, starts):
+        """prefill's pass for prompts continuing cached prefixes: the queries
+        are the new tokens, packed; the keys of each are its own row's
+        positions 0..its last, gathered from the cache (its new keys are
+        written there first)."""
+        device = self.norm.weight.device
+        for p, start in zip(prompts, starts):
+            if not 0 <= start < len(p):
+                raise ValueError(f"a cached prefix of {start} tokens leaves nothing to run of a {len(p)}-token prompt")
+        lens = [len(p) - s for p, s in zip(prompts, starts)]
+        tokens = torch.tensor([t for p, s in zip(prompts, starts) for t in p[s:]], dtype=torch.long, device=device)[None]
+        seg = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(lens, device=device))
+        first = torch.tensor([0] + lens[:-1], device=device).cumsum(0)
+        start_t = torch.tensor(starts, device=device)
+        pos = torch.arange(tokens.shape[1], device=device) - first[seg] + start_t[seg]  # (total,): own positions
+        ends = [s + n for s, n in zip(starts, lens)]
+        key_seg = torch.repeat_interleave(torch.arange(len(prompts), device=device), torch.tensor(ends, device=device))
+        key_pos = torch.cat([torch.arange(e, device=device) for e in ends])  # (keys,)
+        row_t = torch.tensor(rows, device=device)
+        mask = (seg[:, None] == key_seg[None, :]) & (key_pos[None, :] <= pos[:, None])  # (total, keys)
+        inputs = AttentionInputs(
+            cos=self.rope_cos[pos][None], sin=self.rope_sin[pos][None],
+            cache_rows=row_t[seg][None], cache_pos=pos[None], self_attention=False, kv_len=0, mask=mask,
+            key_rows=row_t[key_seg], key_pos=key_pos,
+        )
+        h = self._layers(tokens if hidden is None else hidden, inputs, hook=False)
+        return self._prefill_logits(h, lens, all_logits)
+
+    def _prefill_logits(self, h: torch.Tensor, lens: Sequence[int], all_logits: Sequence[bool]):
+        """Per packed prompt of `lens` tokens, the logits prefill returns (h: (1, total, dim))."""
         if self.output is None:
             return h  # (1, total, dim): the next stage's input
         h = h[0]  # (total, dim)
-        ends = (starts + torch.tensor(lens, device=device)).tolist()
-        want_all = list(all_logits) + [False] * (len(prompts) - len(all_logits))
-        picks = [torch.arange(s, e, device=device) if full else torch.tensor([e - 1], device=device)
-                 for s, e, full in zip(starts.tolist(), ends, want_all)]
+        ends = torch.tensor(lens).cumsum(0).tolist()
+        want_all = list(all_logits) + [False] * (len(lens) - len(all_logits))
+        picks = [torch.arange(e - n, e, device=h.device) if full else torch.tensor([e - 1], device=h.device)
+                 for n, e, full in zip(lens, ends, want_all)]
         logits = self.output(self.norm(h[torch.cat(picks)])).float()  # (picked, vocab)
         return list(logits.split([len(p) for p in picks]))
 
@@ -420,9 +478,19 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.move_cache_row(src, dst, length)
 
-    def _layers(self, tokens: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    def read_cache(self, row: int, start: int, length: int) -> torch.Tensor:
+        """A copy of positions start..start+length-1 of KV-cache row `row`, every
+        layer of this model: (layers, 2, local_kv_heads, length, head_dim)."""
+        return torch.stack([layer.attention.read_cache(row, start, length) for layer in self.layers])
+
+    def write_cache(self, row: int, start: int, kv: torch.Tensor) -> None:
+        """Puts `kv` (read_cache's layout) at positions start.. of row `row`, in every layer."""
+        for layer, layer_kv in zip(self.layers, kv):
+            layer.attention.write_cache(row, start, layer_kv)
+
+    def _layers(self, tokens: torch.Tensor, inputs: AttentionInputs, hook: bool = True) -> torch.Tensor:
         h = tokens if self.tok_embeddings is None else self.tok_embeddings(tokens)  # (bs, seq, dim)
-        if tokens.shape[1] == 1 and self.decode_hook is not None:  # decoding, compiled or fused
+        if hook and tokens.shape[1] == 1 and self.decode_hook is not None:  # decoding, compiled or fused
             out = self.decode_hook(self, h, inputs)
             if out is not None:
                 return out

@@ -12,6 +12,9 @@ from .options import build_generator
 from .run import rank_and_world
 
 API_KEY_ENV = "LLAMA_API_KEY"
+# The prefix cache's default budget: a few thousand tokens of an 8B model's
+# keys and values (4 MiB per 32 tokens in bf16); held only as it fills.
+PREFIX_CACHE_MB = 512
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +34,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="close a connection idle this many seconds, before its first request too (default 5)")
     g.add_argument("--request_timeout", metavar="S", type=float, default=Limits.request_timeout,
                    help="drop a request whose headers and body do not arrive in full within S seconds (default 30)")
+    g.add_argument("--prefix_cache_mb", metavar="MB", type=float, default=PREFIX_CACHE_MB,
+                   help="MiB of KV-cache blocks kept for requests that start as earlier ones did (a conversation's "
+                        "earlier turns, a shared system prompt): those prefill only the rest; least recently used "
+                        f"blocks go first; 0 turns it off (default {PREFIX_CACHE_MB:g})")
     g.add_argument("--max_connections", metavar="N", type=int, default=Limits.max_connections,
                    help="open connections at most; beyond, new ones are closed and requests get 503 (default 512)")
 
@@ -44,6 +51,8 @@ def _check(a: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in 1..65535, got {a.port}")
     if a.max_queue < 0:
         raise ValueError(f"--max_queue must be 0 or more, got {a.max_queue}")
+    if not a.prefix_cache_mb >= 0:  # NaN too
+        raise ValueError(f"--prefix_cache_mb must be 0 (no prefix cache) or more MiB, got {a.prefix_cache_mb}")
     if a.shutdown_timeout < 0:
         raise ValueError(f"--shutdown_timeout must be 0 or more seconds, got {a.shutdown_timeout}")
     _limits(a).check()
@@ -57,6 +66,10 @@ def serve(a: argparse.Namespace) -> None:
         raise ValueError(f"llama serve needs the {e.name} package: pip install -e \".[server]\" "
                          "(FastAPI, uvicorn, prometheus_client)") from None
     generator = build_generator(a)
+    try:  # on every rank: each holds its share of the same blocks
+        generator.engine.set_prefix_cache(int(a.prefix_cache_mb * 2**20))
+    except ValueError as e:
+        raise ValueError(f"--prefix_cache_mb {a.prefix_cache_mb:g}: {e}") from None
     rank, world = rank_and_world()
     if rank != 0:
         generator.engine.follow()

@@ -8,7 +8,8 @@
 2. decodes one token for every row that was already running, each at its own
    position,
 3. prefills the admitted prompts in one packed pass and samples their first
-   token,
+   token (with a prefix cache, prefix_cache.py, only what follows each
+   prompt's cached prefix),
 
 and returns one `TokenEvent` per new token. A row's last event carries its
 `StopReason` and its `Completion`; the stop rule is decided here and nowhere
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from ..parallel.collectives import broadcast_from_first
 from ..text.messages import StopReason
 from .metrics import RequestMetrics
+from .prefix_cache import PrefixCache, capacity_for
 from .runner import ModelRunner
 from .sampling import RowState, SamplingParams, row_generator, sample_rows, token_logprobs
 from ..text.stream import StopStrings, TextStream
@@ -111,6 +113,8 @@ class _Sequence:
     stream: Optional[TextStream] = None
     stops: Optional[StopStrings] = None
     cached: int = 0  # positions written to its KV-cache row
+    reused: int = 0  # leading prompt tokens copied from the prefix cache at admission (rank 0 decides)
+    prefix: List[torch.Tensor] = field(default_factory=list)  # their blocks, taken at planning, written at admission
 
     @property
     def next_pos(self) -> int:
@@ -126,7 +130,8 @@ class Engine:
     times; rank 0's queue and cancellations decide what each step does.
     """
 
-    def __init__(self, model, tokenizer, prefill_token_budget: int = PREFILL_TOKEN_BUDGET):
+    def __init__(self, model, tokenizer, prefill_token_budget: int = PREFILL_TOKEN_BUDGET,
+                 prefix_cache_bytes: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.params = model.params
@@ -145,6 +150,9 @@ class Engine:
         self._group = group
         self._world = dist.get_world_size(group) if group is not None else 1
         self._leader = self._world == 1 or dist.get_rank(group) == 0
+        self.prefix_cache: Optional[PrefixCache] = None
+        self.prefilled_tokens = 0  # prompt tokens run through the model (not copied from the prefix cache)
+        self.set_prefix_cache(prefix_cache_bytes)
 
     # -- the public interface ---------------------------------------------
 
@@ -159,6 +167,15 @@ class Engine:
     @property
     def free_slots(self) -> int:
         return self.max_batch_size - len(self.running)
+
+    def set_prefix_cache(self, budget_bytes: int) -> None:
+        """Keeps KV-cache blocks of earlier requests in `budget_bytes` (of the
+        whole model's cache; each rank holds its share), for requests that start
+        with the same tokens (prefix_cache.py); 0 turns it off. Under torchrun
+        every rank must set the same budget, between the same steps.
+        ValueError for a budget that is not a whole number or holds no block."""
+        capacity = capacity_for(budget_bytes, self.params, self.model.norm.weight.element_size())
+        self.prefix_cache = PrefixCache(capacity) if capacity else None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancelled or self._ended)
@@ -228,22 +245,33 @@ class Engine:
         if not self._leader:
             cancelled, admitted = self._receive_plan()
             self._ended += self._remove(cancelled)
-            return admitted
-
-        cancelled, self._cancelled = self._cancelled, []
-        self._ended += self._remove(cancelled)
-        admitted = self._choose_admissions()
-        if self._world > 1:
-            self._broadcast_plan(cancelled, admitted)
+        else:
+            cancelled, self._cancelled = self._cancelled, []
+            self._ended += self._remove(cancelled)
+            admitted = self._choose_admissions()
+            if self._world > 1:
+                self._broadcast_plan(cancelled, admitted)
+        for seq in admitted:  # every rank, in rank 0's order: the same blocks touched everywhere
+            if seq.reused and self.prefix_cache is None:
+                raise RuntimeError("rank 0 reuses a cached prefix but this rank has no prefix cache: every rank "
+                                   "must set the same prefix cache budget (Engine.set_prefix_cache)")
+            seq.prefix = self.prefix_cache.take(seq.request.prompt_tokens, seq.reused) if seq.reused else []
         return admitted
 
     def _choose_admissions(self) -> List[_Sequence]:
-        """First come, first served, into free rows, within the prefill token budget."""
+        """First come, first served, into free rows, within the prefill token
+        budget (which counts the tokens after each prompt's cached prefix)."""
         admitted, budget, free = [], self.prefill_token_budget, self.free_slots
         for seq in self.waiting:
-            n = len(seq.request.prompt_tokens)
-            if len(admitted) == free or (admitted and n > budget):
+            if len(admitted) == free:
                 break
+            # prompt_logprobs need every position's logits: those prompts run whole.
+            cached = self.prefix_cache is not None and not seq.request.prompt_logprobs
+            reused = self.prefix_cache.match(seq.request.prompt_tokens) if cached else 0
+            n = len(seq.request.prompt_tokens) - reused
+            if admitted and n > budget:
+                break
+            seq.reused = reused
             admitted.append(seq)
             budget -= n
         return admitted
@@ -252,7 +280,7 @@ class Engine:
         header = torch.tensor([len(cancelled), len(admitted), stop], dtype=torch.long, device=self._comm_device())
         broadcast_from_first(header, self._group)
         if cancelled or admitted:
-            payload = [(cancelled, [(s.id, s.request, s.seed) for s in admitted])]
+            payload = [(cancelled, [(s.id, s.request, s.seed, s.reused) for s in admitted])]
             dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
             if admitted:
                 self._agree(None)
@@ -269,7 +297,7 @@ class Engine:
         dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
         cancelled, admissions = payload[0]
         admitted, problem = [], None
-        for rid, request, seed in admissions:
+        for rid, request, seed, reused in admissions:
             local = self._sequences.get(rid)
             if local is None:  # submitted on rank 0 only (a server): follow it
                 local = _Sequence(rid, request, time.perf_counter(), seed)
@@ -278,6 +306,7 @@ class Engine:
             else:
                 problem = problem or _request_difference(rid, local.request, request)
                 local.seed = seed
+            local.reused = reused
             admitted.append(local)
         if admissions:
             self._agree(problem)
@@ -311,13 +340,22 @@ class Engine:
         return out
 
     def _release(self, seq: _Sequence) -> None:
-        """Frees `seq`'s cache row: the last running row moves into it."""
+        """Frees `seq`'s cache row (its blocks kept in the prefix cache first):
+        the last running row moves into it."""
         row, last = self.running.index(seq), len(self.running) - 1
+        self._keep_blocks(seq, row, seq.cached)
         if row != last:
             moved = self.running[last]
             self.model.move_cache_row(last, row, moved.cached)
             self.running[row] = moved
         self.running.pop()
+
+    def _keep_blocks(self, seq: _Sequence, row: int, n_valid: int) -> None:
+        """Copies `seq`'s full blocks among the first `n_valid` positions of
+        `row` into the prefix cache (those it holds already are only touched)."""
+        if self.prefix_cache is not None and n_valid:
+            tokens = seq.request.prompt_tokens + tuple(seq.tokens)
+            self.prefix_cache.insert(tokens, n_valid, lambda start, n: self.model.read_cache(row, start, n))
 
     # -- decoding ---------------------------------------------------------
 
@@ -360,11 +398,19 @@ class Engine:
             return events
         first_row = len(self.running)
         self.running.extend(prefill)
-        outs = self.passes.prefill([s.request.prompt_tokens for s in prefill],
-                                  rows=list(range(first_row, first_row + len(prefill))),
-                                  all_logits=[s.request.prompt_logprobs for s in prefill])
-        for seq, out in zip(prefill, outs):
+        rows = list(range(first_row, first_row + len(prefill)))
+        starts = []
+        for seq, row in zip(prefill, rows):
+            for i, block in enumerate(seq.prefix):
+                self.model.write_cache(row, i * block.shape[-2], block)
+            starts.append(sum(b.shape[-2] for b in seq.prefix))
+            seq.prefix = []
+        self.prefilled_tokens += sum(len(s.request.prompt_tokens) - n for s, n in zip(prefill, starts))
+        outs = self.passes.prefill([s.request.prompt_tokens for s in prefill], rows=rows,
+                                   all_logits=[s.request.prompt_logprobs for s in prefill], starts=starts)
+        for seq, out, row in zip(prefill, outs, rows):
             seq.cached = len(seq.request.prompt_tokens)
+            self._keep_blocks(seq, row, seq.cached)  # for the requests that share this prompt, running or not
             if seq.request.prompt_logprobs:
                 prompt = torch.tensor(seq.request.prompt_tokens, device=out.device)
                 seq.prompt_logprobs = [0.0] + token_logprobs(out[:-1], prompt[1:])[0].tolist()

@@ -115,17 +115,20 @@ class ModelRunner:
         return None, self._from_last(out, "logits", (rows, self.model.params.vocab_size), torch.float32, True)
 
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int],
-                all_logits: Sequence[bool] = ()) -> List[torch.Tensor]:
-        """Transformer.prefill over the stages: per prompt, logits (1, vocab) or (len, vocab)."""
+                all_logits: Sequence[bool] = (), starts: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+        """Transformer.prefill over the stages: per prompt, logits (1, vocab) or
+        (len - start, vocab). `starts`: positions each row holds already (a
+        cached prefix, which every stage copied into its own layers' rows)."""
         if self.stages == 1:
-            return self.model.prefill(prompts, rows, all_logits)
-        total = sum(len(p) for p in prompts)
+            return self.model.prefill(prompts, rows, all_logits, starts=starts)
+        starts = list(starts) if starts is not None else [0] * len(prompts)
+        total = sum(len(p) - s for p, s in zip(prompts, starts))
         hidden = None if self.first else self._receive("prefill", (1, total, self.model.params.dim), self._dtype, False)
-        out = self.model.prefill(prompts, rows, all_logits, hidden=hidden)
+        out = self.model.prefill(prompts, rows, all_logits, hidden=hidden, starts=starts)
         if not self.last:
             self._send(out, "prefill")
         want = list(all_logits) + [False] * (len(prompts) - len(all_logits))
-        sizes = [len(p) if full else 1 for p, full in zip(prompts, want)]
+        sizes = [len(p) - s if full else 1 for p, s, full in zip(prompts, starts, want)]
         logits = torch.cat(out) if self.last else None
         logits = self._from_last(logits, "prefill logits", (sum(sizes), self.model.params.vocab_size), torch.float32,
                                  False)

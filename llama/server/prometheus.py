@@ -54,6 +54,13 @@ class ServerMetrics:
         g.set_function(lambda: worker.running)
         g = Gauge("llama_inflight_requests", "Requests accepted and not finished", registry=r)
         g.set_function(lambda: worker.inflight)
+        # Totals the engine thread counts (plain ints: read here without a lock).
+        engine = worker.engine
+        g = Gauge("llama_prefilled_tokens", "Prompt tokens run through the model since the start", registry=r)
+        g.set_function(lambda: engine.prefilled_tokens)
+        g = Gauge("llama_prefix_cache_reused_tokens",
+                  "Prompt tokens copied from the prefix cache instead of prefilled, since the start", registry=r)
+        g.set_function(lambda: engine.prefix_cache.reused_tokens if engine.prefix_cache is not None else 0)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
