@@ -25,7 +25,7 @@ ckpt=checkpoints/SmolLM2-135M-Instruct
 python utils/fetch_smollm2.py --out "$gguf"
 python utils/fetch_llama3_tokenizer.py --out checkpoints/llama3_tokenizer.model  # tests and examples use it
 if [ ! -f "$ckpt/checklist.chk" ]; then
-    python utils/convert_gguf_checkpoint.py --gguf "$gguf" --out "$ckpt" --force
+    python utils/convert_gguf_checkpoint.py --gguf "$gguf" --out "$ckpt" --force --dequantize  # float32: the benchmarks quantize it themselves
 fi
 python example_chat_completion.py --ckpt_dir "$ckpt" --tokenizer_path "$ckpt/tokenizer.model" \
     --device cpu --max_seq_len 512 --max_gen_len 64 --max_batch_size 2 --temperature 0

@@ -29,8 +29,8 @@ EXAMPLES = """examples:
   llama serve --ckpt_dir Meta-Llama-3.1-8B-Instruct --max_batch_size 8 --port 8000
   llama info Meta-Llama-3.1-70B-Instruct
   llama shard -n 2 -i llama-2-7b-chat -o llama-2-7b-chat-2-workers
-  llama convert --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out checkpoints/SmolLM2-135M-Instruct
-  llama quantize --ckpt_dir checkpoints/SmolLM2-135M-Instruct --out checkpoints/SmolLM2-int4 --quantize int4
+  llama convert --gguf SmolLM2-135M-Instruct.Q4_1.gguf --out SmolLM2-q4      # the GGUF's 4-bit blocks kept
+  llama quantize --ckpt_dir llama-2-7b --out llama-2-7b-int4 --quantize int4   # quantized once, loaded as is
 """
 
 
