@@ -48,6 +48,7 @@ from typing import Callable, Optional
 import torch
 
 from ..common.cpu import cpu_id
+from ..weights import quantized
 from . import cache
 
 logger = logging.getLogger("llama")
@@ -57,7 +58,7 @@ VERSION = 7  # kernels.c's llama_kernels_version()
 # -ffp-contract=off: no fused multiply-adds the source does not ask for, so that
 # the elementwise kernels round as PyTorch does (the matmuls use FMA explicitly).
 FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
-GROUP = 32  # int8 and int4 weights: one scale per this many input columns (kernels.c's group)
+GROUP = quantized.GROUP  # int8 and int4 weights: one scale per this many input columns (kernels.c's group)
 MAX_ROWS = 16  # above this many rows, MKL's sgemm is as fast (benchmarks/linear_kernels.py)
 MAX_HEAD_DIM = 256  # kernels.c's decode_attention keeps a head's output in registers
 MAX_PARTS = 3  # kernels.c's struct weight: row segments of different types (a fused wq | wk | wv)
@@ -121,8 +122,8 @@ class _Block(ctypes.Structure):
 KINDS = {"f32": 0, "bf16": 1, "q8_0": 2, "q4_1": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6}
 # The type a weight of this dtype is where no kind is given (uint8: q4_1, not a K-quant)
 DTYPE_KINDS = {torch.float32: "f32", torch.bfloat16: "bf16", torch.int8: "q8_0", torch.uint8: "q4_1"}
-QK = 256  # K-quants: input columns per super-block
-BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}  # bytes per super-block (quantized.BLOCK_TYPES)
+QK = quantized.QK  # K-quants: input columns per super-block
+BLOCK_BYTES = {kind: nbytes for kind, (_, nbytes) in quantized.BLOCK_TYPES.items()}  # bytes per super-block
 
 
 def kind_of(weight: torch.Tensor, kind: Optional[str] = None) -> str:
