@@ -224,6 +224,8 @@ def measure_all(a, files: dict, tokens) -> list:
             res["error"] = target
         else:
             res.update({"file_bytes": file_bytes(target), "kv_bytes": kv_bytes(files.get("int4"), a.n_ctx)})
+            if quant:  # quantized at load: what it holds is the int4 file's weights
+                res["weights_bytes"] = file_bytes(files[quant])
             print(f"loading {engine} {name} ...", file=sys.stderr, flush=True)
             res.update(run_child(a, engine, target, quant, False, tokens))
         results.append(res)
@@ -247,14 +249,14 @@ def measure_all(a, files: dict, tokens) -> list:
 
 def table(results: list) -> str:
     head = ("engine", "type", "file GB", "load s", "process s", "VmHWM GB", "RssAnon GB", "RssFile GB",
-            "VmHWM / (file+KV)", "decode ms/tok", "prefill ms")
+            "VmHWM / (weights+KV)", "decode ms/tok", "prefill ms")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r and "load_s" not in r:
             cells = [r["engine"], r["type"], r["error"]] + [""] * (len(head) - 3)
         else:
             f = lambda k, scale=1.0, fmt="{:.2f}": fmt.format(r[k] / scale) if k in r else "-"  # noqa: E731
-            ratio = r["VmHWM"] / (r["file_bytes"] + r["kv_bytes"])
+            ratio = r["VmHWM"] / (r.get("weights_bytes", r["file_bytes"]) + r["kv_bytes"])
             cells = [r["engine"], r["type"], f("file_bytes", GB), f("load_s"), f("process_s"), f("VmHWM", GB),
                      f("RssAnon", GB), f("RssFile", GB), f"{ratio:.2f}", f("decode_ms", fmt="{:.1f}"),
                      f("prefill_ms", fmt="{:.0f}")]
