@@ -228,7 +228,11 @@ def measure_all(a, files: dict, tokens) -> list:
                 res["weights_bytes"] = file_bytes(files[quant])
             print(f"loading {engine} {name} ...", file=sys.stderr, flush=True)
             res.update(run_child(a, engine, target, quant, False, tokens))
+            print(f"  {res.get('load_s', float('nan')):.2f} s, VmHWM {res.get('VmHWM', 0) / GB:.2f} GB "
+                  f"{res.get('error', '')}", file=sys.stderr, flush=True)
         results.append(res)
+    if a.json:  # the load figures, kept should the speed rounds not finish
+        a.json.write_text(json.dumps({"rows": results}, indent=1, default=str) + "\n")
     speed = [r for r, (name, *_) in zip(results, rows_to_run(files)) if "error" not in r and name != "int4 at load"]
     for i in range(a.rounds if a.gen_len else 0):
         for r in speed:
