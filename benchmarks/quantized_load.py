@@ -21,6 +21,11 @@ the same threads; files are made once under ~/.cache/llama-bench/quantized/
 <shape>/ ($LLAMA_BENCH_CACHE) and reused. "8b" makes no float file: its int4
 checkpoint is written directly with random blocks (random_int4_checkpoint).
 
+llama.cpp loads without its "extra" weight buffers (AMX, repacked layouts)
+unless --llama_cpp_extra_bufts: the llama-cpp-python build here crashes
+(SIGSEGV) in multi-token evals of Q8_0 files with them on an AMX CPU, so its
+figures are those of its plain CPU kernels, and the table says so.
+
 Failure modes: without llama-cpp-python its rows say "not installed"; a
 child that fails gives a row with its error and the tail of its stderr; the
 numbers are wall-clock figures on a possibly shared machine, not assertions.
