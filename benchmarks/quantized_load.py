@@ -34,6 +34,7 @@ numbers are wall-clock figures on a possibly shared machine, not assertions.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -247,9 +248,9 @@ def measure_all(a, files: dict, tokens) -> list:
         print(f"  round {i + 1} of {a.rounds} (decode ms/token): {done}", file=sys.stderr, flush=True)
     for r in speed:
         for key in ("decode_ms", "prefill_ms"):
-            values = sorted(x[key] for x in r.get("rounds", []) if key in x)
+            values = [x[key] for x in r.get("rounds", []) if key in x]
             if values:
-                r[key] = values[len(values) // 2]
+                r[key] = statistics.median(values)
         errors = [x["error"] for x in r.get("rounds", []) if "error" in x]
         if errors:
             r["speed_error"] = errors[0]
