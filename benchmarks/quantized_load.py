@@ -222,31 +222,35 @@ def rows_to_run(files: dict) -> list:
     return rows
 
 
+def load_row(a, files: dict, tokens, name, engine, target, quant) -> dict:
+    res = {"engine": engine, "type": name}
+    if isinstance(target, str):
+        return {**res, "error": target}
+    res.update({"file_bytes": file_bytes(target), "kv_bytes": kv_bytes(files.get("int4"), a.n_ctx)})
+    if quant:  # quantized at load: what it holds is the int4 file's weights
+        res["weights_bytes"] = file_bytes(files[quant])
+    print(f"loading {engine} {name} ...", file=sys.stderr, flush=True)
+    res.update(run_child(a, engine, target, quant, False, tokens))
+    print(f"  {res.get('load_s', float('nan')):.2f} s, VmHWM {res.get('VmHWM', 0) / GB:.2f} GB "
+          f"{res.get('error', '')}", file=sys.stderr, flush=True)
+    return res
+
+
 def measure_all(a, files: dict, tokens) -> list:
-    results = []
-    for name, engine, target, quant in rows_to_run(files):
-        res = {"engine": engine, "type": name}
-        if isinstance(target, str):
-            res["error"] = target
-        else:
-            res.update({"file_bytes": file_bytes(target), "kv_bytes": kv_bytes(files.get("int4"), a.n_ctx)})
-            if quant:  # quantized at load: what it holds is the int4 file's weights
-                res["weights_bytes"] = file_bytes(files[quant])
-            print(f"loading {engine} {name} ...", file=sys.stderr, flush=True)
-            res.update(run_child(a, engine, target, quant, False, tokens))
-            print(f"  {res.get('load_s', float('nan')):.2f} s, VmHWM {res.get('VmHWM', 0) / GB:.2f} GB "
-                  f"{res.get('error', '')}", file=sys.stderr, flush=True)
-        results.append(res)
-    if a.json:  # the load figures, kept should the speed rounds not finish
-        a.json.write_text(json.dumps({"rows": results}, indent=1, default=str) + "\n")
-    speed = [r for r, (name, *_) in zip(results, rows_to_run(files)) if "error" not in r and name != "int4 at load"]
+    """Load rows, then the speed rounds, then quantizing at load (the slow one, last: a run cut short
+    keeps the rest). --json is written after each phase."""
+    rows = rows_to_run(files)
+    results = [load_row(a, files, tokens, *row) if row[0] != "int4 at load" else None for row in rows]
+    save = lambda: a.json and a.json.write_text(json.dumps({"rows": [r for r in results if r]}, indent=1,  # noqa: E731
+                                                           default=str) + "\n")
+    save()
+    speed = [(r, row) for r, row in zip(results, rows) if r and "error" not in r]
     for i in range(a.rounds if a.gen_len else 0):
-        for r in speed:
-            _, engine, target, quant = next(x for x in rows_to_run(files) if x[0] == r["type"])
+        for r, (_, engine, target, quant) in speed:
             r.setdefault("rounds", []).append(run_child(a, engine, target, quant, True, tokens))
-        done = ", ".join(f"{r['type']} {r['rounds'][-1].get('decode_ms', float('nan')):.1f}" for r in speed)
+        done = ", ".join(f"{r['type']} {r['rounds'][-1].get('decode_ms', float('nan')):.1f}" for r, _ in speed)
         print(f"  round {i + 1} of {a.rounds} (decode ms/token): {done}", file=sys.stderr, flush=True)
-    for r in speed:
+    for r, _ in speed:
         for key in ("decode_ms", "prefill_ms"):
             values = [x[key] for x in r.get("rounds", []) if key in x]
             if values:
@@ -254,6 +258,8 @@ def measure_all(a, files: dict, tokens) -> list:
         errors = [x["error"] for x in r.get("rounds", []) if "error" in x]
         if errors:
             r["speed_error"] = errors[0]
+    save()
+    results = [r if r else load_row(a, files, tokens, *row) for r, row in zip(results, rows)]
     return results
 
 
