@@ -22,10 +22,10 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from utils.export_gguf import export_gguf
-
 CACHE = Path(os.environ.get("LLAMA_BENCH_CACHE", Path.home() / ".cache" / "llama-bench"))
 QUANT_FTYPES = {"BF16": "LLAMA_FTYPE_MOSTLY_BF16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1"}
+# Made only when asked for (peer_files(kinds=...)): the mix most published GGUF files use (Q4_K, Q6_K).
+MORE_FTYPES = {"Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
 def import_llama_cpp():
@@ -47,11 +47,11 @@ def checkpoint_key(ckpt_dir: Path) -> str:
 
 
 def quantize(src: Path, dst: Path, kind: str, threads: int) -> Path:
-    """llama.cpp's quantizer (llama-quantize's code) from `src` to `dst` as `kind` (BF16, Q8_0, Q4_1)."""
+    """llama.cpp's quantizer (llama-quantize's code) from `src` to `dst` as `kind` (BF16, Q8_0, Q4_1, Q4_K_M)."""
     llama_cpp = import_llama_cpp()
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # not a line per tensor
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANT_FTYPES[kind])
+    params.ftype = getattr(llama_cpp, {**QUANT_FTYPES, **MORE_FTYPES}[kind])
     params.nthread = threads
     tmp = dst.with_name(f".{dst.name}.tmp")
     if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
@@ -61,22 +61,40 @@ def quantize(src: Path, dst: Path, kind: str, threads: int) -> Path:
     return dst
 
 
-def peer_files(ckpt_dir, tokenizer_gguf, threads: int = 2, cache: Path = CACHE, log=print) -> Dict[str, Path]:
+def peer_files(ckpt_dir, tokenizer_gguf, threads: int = 2, cache: Path = CACHE, log=print,
+               kinds: Sequence[str] = tuple(QUANT_FTYPES)) -> Dict[str, Path]:
     """{"F32": path, "BF16": path, "Q8_0": path, "Q4_1": path}: the checkpoint's weights as llama.cpp
-    files (made once). llama.cpp's quantizer keeps some tensors at more bits than the file type
+    files (made once; `kinds` may add MORE_FTYPES). llama.cpp's quantizer keeps some tensors at more bits than the file type
     says (the output layer: Q8_0 or Q6_K), as ours keeps int4's output layer int8."""
     ckpt_dir = Path(ckpt_dir)
     base = cache / checkpoint_key(ckpt_dir)
     files = {"F32": base.with_name(base.name + "-F32.gguf")}
     if not files["F32"].is_file():
+        from utils.export_gguf import export_gguf  # imports torch: not in processes that only run llama.cpp
+
         log(f"writing {files['F32']} (float32, from {ckpt_dir})")
         export_gguf(ckpt_dir, files["F32"], tokenizer_from=tokenizer_gguf)
-    for kind in QUANT_FTYPES:
+    for kind in kinds:
         files[kind] = base.with_name(f"{base.name}-{kind}.gguf")
         if not files[kind].is_file():
             log(f"quantizing to {files[kind]} with llama.cpp's quantizer")
             quantize(files["F32"], files[kind], kind, threads)
     return files
+
+
+def without_extra_buffers() -> None:
+    """Makes every later llama_cpp.Llama load its weights without llama.cpp's "extra" CPU buffer
+    types (AMX and repacked layouts): its build here crashes (SIGSEGV) in a multi-token eval of
+    Q8_0 files on an AMX CPU with them. Slower, but it runs; callers say when they do this."""
+    llama_cpp = import_llama_cpp()
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params
 
 
 def version() -> str:

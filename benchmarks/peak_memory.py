@@ -20,9 +20,10 @@ def _status(pid: int) -> dict:
     return fields
 
 
-def measure(cmd, interval: float = 0.02) -> dict:
-    """Peak RssAnon, RssFile and VmHWM (peak total RSS) of `cmd`, sampled every `interval` s."""
-    proc = subprocess.Popen(cmd)
+def measure(cmd, interval: float = 0.02, **popen) -> dict:
+    """Peak RssAnon, RssFile and VmHWM (peak total RSS) of `cmd`, sampled every `interval` s;
+    `popen` goes to subprocess.Popen (stdout=, env=, ...)."""
+    proc = subprocess.Popen(cmd, **popen)
     peak = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
     start = time.perf_counter()
     while proc.poll() is None:
