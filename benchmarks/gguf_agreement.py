@@ -17,8 +17,9 @@ blocks, as llama.cpp does). Printed per type:
 * quality against each engine's own bf16: top-1 agreement and perplexity
   (ours: the float32 checkpoint run in bf16; llama.cpp: its BF16 file).
 
-llama.cpp runs in a child process per file (its CPU back end and our kernels
-have crashed each other in one process on AMX machines).
+llama.cpp runs in a child process per file, without its extra (AMX,
+repacked) weight buffers, whose build crashed on this AMX machine
+(benchmarks/llamacpp_peer.py without_extra_buffers).
 """
 
 import argparse
@@ -41,7 +42,8 @@ TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K")
 CHILD = """
 import sys, numpy as np
 sys.path.insert(0, sys.argv[1])
-from benchmarks.llamacpp_peer import teacher_forced_logits
+from benchmarks.llamacpp_peer import teacher_forced_logits, without_extra_buffers
+without_extra_buffers()  # its AMX / repacked buffers crash multi-token evals here (llamacpp_peer says why)
 tokens = [int(t) for t in open(sys.argv[3]).read().split()]
 np.save(sys.argv[4], teacher_forced_logits(sys.argv[2], tokens, int(sys.argv[5]), steps=sys.argv[6] == "steps"))
 """
@@ -82,7 +84,7 @@ def ours_on(gguf: Path, out_dir: Path, tokens, positions: int, threads: int) -> 
 
 
 def measure(ckpt: Path, gguf_tokenizer: Path, kinds, positions: int, threads: int) -> dict:
-    from benchmarks.llamacpp_peer import QUANT_FTYPES, peer_files
+    from benchmarks.llamacpp_peer import MORE_FTYPES, QUANT_FTYPES, peer_files
 
     files = peer_files(ckpt, gguf_tokenizer, threads)
     gen = build(ckpt, "bfloat16", None, positions + 1, threads)
@@ -95,8 +97,8 @@ def measure(ckpt: Path, gguf_tokenizer: Path, kinds, positions: int, threads: in
         tmp = Path(tmp)
         theirs_bf16 = llama_cpp_logits(files["BF16"], tokens, threads, False, tmp)[:-1]
         for kind in kinds:
-            if kind not in QUANT_FTYPES:
-                QUANT_FTYPES[kind] = f"LLAMA_FTYPE_MOSTLY_{kind}"
+            if kind not in QUANT_FTYPES and kind not in MORE_FTYPES:
+                MORE_FTYPES[kind] = f"LLAMA_FTYPE_MOSTLY_{kind}"
             path = peer_file(files, kind, threads)
             ours = ours_on(path, tmp / kind, tokens, positions, threads)
             row = {"file": path.name}

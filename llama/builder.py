@@ -13,9 +13,10 @@
    (`check_cache_memory`), and every rank loads the same checkpoint with the
    same settings (fingerprints compared across ranks).
 5. `load_state`: this rank's shard of the weights, in the model's dtype;
-   linear weights stored quantized are taken as they are, and with
-   `quantize` the float ones are quantized here, one tensor at a time
-   (`quantized_weights`: the full-precision model is never held).
+   linear weights stored quantized are taken as they are, and where our
+   kernels run, the float ones are quantized here with `quantize`, one
+   tensor at a time, or taken in the model's dtype (`kernel_weights`: no
+   load holds the full-precision model beside what it keeps).
 6. `construct`: the Transformer on the meta device, then
    `load_state_dict(assign=True)`: no weight is allocated twice.
 7. `install_kernels`: faster matmuls (`use_kernels`, on the quantized
@@ -48,8 +49,7 @@ import torch
 
 from .kernels.compiled import compile_decode
 from .kernels.fused import use_fused_decoding
-from .kernels import native
-from .kernels.linear import QUANTIZATIONS, check_quantization, cpu_capability, describe_matmuls, use_kernels
+from .kernels.linear import FLOAT_KINDS, QUANTIZATIONS, check_quantization, describe_matmuls, runs_ours, use_kernels
 from .model import Transformer, cache_bytes
 from .parallel.distributed import DistInfo, choose_dtype, init_distributed
 from .parallel.fingerprint import check_same_checkpoint, replicated_hash
@@ -100,10 +100,10 @@ def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: 
     files = inspect_files(ckpt_dir, tokenizer_path, args, raw_vocab_size, dist_info, torch_dtype, quantize, seed)
     state, stored, layout = load_state(files, args, dist_info, torch_dtype, quantize)
     # Quantized weights are made on the CPU and then moved: the full-precision weights never occupy the GPU.
-    load_device = torch.device("cpu") if quantize or stored else dist_info.device
+    load_device = torch.device("cpu") if quantize or stored else dist_info.device  # stored: only on a CPU, or quantized
     model = construct(args, layout, files.layers, {k: v.to(load_device) for k, v in state.items()}, stored)
     del state
-    kinds = sorted({kind for parts in stored.values() for kind, _, _ in parts})
+    kinds = sorted({kind for parts in stored.values() for kind, _, _ in parts} - set(FLOAT_KINDS.values()))
     install_kernels(model, quantize, dist_info.device, load_device, stored, torch_dtype)
     model.setup_caches(dist_info.device, torch_dtype)
     if compile:
@@ -231,26 +231,30 @@ def inspect_files(ckpt_dir: str, tokenizer_path: str, args: ModelArgs, raw_vocab
 def load_state(files: Files, args: ModelArgs, dist_info: DistInfo, torch_dtype: torch.dtype,
                quantize: Optional[str]):
     """(this rank's float weights under Meta's names in `torch_dtype`, its
-    linear weights that reach the model quantized (`quantized_weights`),
+    linear weights that go to their matmuls directly (`kernel_weights`),
     embedding layout), on the CPU."""
     state, layout = load_prepared_rank_state(files.prepared, files.folder, args, dist_info.mp_rank,
                                              dist_info.mp_size, files.layers)
     shapes = expected_shapes(args, dist_info.mp_size, layout, files.layers)
-    stored = quantized_weights(state, shapes, args, quantize, dist_info.device, files.folder)
+    stored = kernel_weights(state, shapes, args, quantize, dist_info.device, torch_dtype, files.folder)
     return {k: v.to(dtype=torch_dtype).contiguous() for k, v in state.items()}, stored, layout
 
 
-def quantized_weights(state: dict, shapes: dict, args: ModelArgs, quantize: Optional[str], device: torch.device,
-                      folder: Path) -> dict:
-    """Takes out of `state` the linear weights that reach the model quantized:
-    those the checkpoint stores quantized (llama/weights/quantized.py), used
-    as they are, and with `quantize`, where our CPU kernels will run them,
-    the float ones, quantized here one tensor at a time (ROW_CHUNK rows at a
-    time), each one's pages of the checkpoint file released once it is done
-    (llama/weights/mapped.py): the full-precision model is never held, only
-    the quantized one and one tensor. `shapes`: the rank's expected shapes.
-    Returns Meta name -> (type, weight, scales or None). CheckpointError for
-    a --quantize that asks for other types than the checkpoint stores."""
+def kernel_weights(state: dict, shapes: dict, args: ModelArgs, quantize: Optional[str], device: torch.device,
+                   dtype: torch.dtype, folder: Path) -> dict:
+    """Takes out of `state` the linear weights that go to their matmuls
+    directly (use_kernels' `stored`), one tensor at a time, each one's pages
+    of the checkpoint file released once it is done (llama/weights/mapped.py):
+
+    * those the checkpoint stores quantized (llama/weights/quantized.py), as they are;
+    * where our CPU kernels run them, with `quantize` the float ones, quantized
+      here (ROW_CHUNK rows at a time), and without, the float ones in `dtype`:
+      use_kernels copies each straight into the huge-page arena.
+
+    So no load holds the full-precision model beside what it keeps, only one
+    tensor more. `shapes`: the rank's expected shapes. Returns Meta name ->
+    (type, weight, scales or None). CheckpointError for a --quantize that
+    asks for other types than the checkpoint stores."""
     types = stored_types(state, shapes, str(folder))
     if types and quantize:
         other = {k: t for k, t in types.items() if t != quantized.type_for(quantize, k)}
@@ -261,18 +265,24 @@ def quantized_weights(state: dict, shapes: dict, args: ModelArgs, quantize: Opti
                 f"quantize them again: leave --quantize out, or quantize the full-precision checkpoint "
                 f"(llama quantize --quantize {quantize})")
     schema = model_weights(args)
-    here = quantize is not None and device.type == "cpu" and native_kernels_run()
+    ours = runs_ours(device)
     out = {}
     for key in list(state):
         if key in types:
             out[key] = (types[key], state.pop(key), state.pop(quantized.scales_key(key), None))
-        elif (here and key in schema and schema[key].kind in ("column", "row")
-              and state[key].shape[1] % quantized.GROUP == 0):
-            full = state.pop(key)
+            continue
+        if not (ours and key in schema and schema[key].kind in ("column", "row")
+                and state[key].shape[1] % quantized.GROUP == 0 and (quantize or dtype in FLOAT_KINDS)):
+            continue
+        full = state.pop(key)
+        if quantize:
             kind = quantized.type_for(quantize, key)
             out[key] = (kind, *quantized.quantize(full, kind))
+        else:
+            out[key] = (FLOAT_KINDS[dtype], full.to(dtype).contiguous(), None)
+        if out[key][1] is not full:
             mapped.release([full])
-            del full
+        del full
     return out
 
 
@@ -309,11 +319,6 @@ def install_kernels(model: Transformer, quantize: Optional[str], device: torch.d
     if loaded_on != device:
         model.to(device)
     use_fused_decoding(model)
-
-
-def native_kernels_run() -> bool:
-    """Whether our CPU kernels run here (they run the quantized weights made at load)."""
-    return native.library() is not None and cpu_capability().isa in ("AVX2", "AVX512")
 
 
 def weight_bytes_per_step(model: Transformer, dist_info: DistInfo) -> int:

@@ -393,7 +393,7 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Option
     return model
 
 
-def _runs_ours(device: Optional[torch.device]) -> bool:
+def runs_ours(device: Optional[torch.device] = None) -> bool:
     """Whether our kernels run the matmuls on `device` (default: the CPU)."""
     return ((device is None or torch.device(device).type == "cpu") and native.library() is not None
             and cpu_capability().isa in ("AVX2", "AVX512"))
@@ -404,7 +404,7 @@ def _stored_arena(stored: Dict[str, list], device: Optional[torch.device]):
     each joined tensor its place in one HugePageArena (in the model's order,
     which is `stored`'s), so that parts are copied once, straight into it;
     None where there is no arena (huge_pages.why_not) or no kernels of ours."""
-    if not stored or not _runs_ours(device):
+    if not stored or not runs_ours(device):
         return None
     sizes = [part[i].nbytes for parts in stored.values() for part in parts for i in (1, 2) if part[i] is not None]
     arena = huge_pages.reserve(sizes)
@@ -421,7 +421,7 @@ def stored_matmul(parts: list, act: torch.dtype, device: Optional[torch.device] 
     `place(shape, dtype)` (the huge-page arena, _stored_arena) if given, or
     concatenated; its pages mapped from the checkpoint are then released
     (llama/weights/mapped.py)."""
-    ours = _runs_ours(device)
+    ours = runs_ours(device)
     runs = _same_kind_runs(parts)
     if len(runs) > 1:  # parts of different types, each run of one type joined
         matmuls = [stored_matmul(run, act, device, place) for run in runs]
@@ -450,6 +450,8 @@ def stored_matmul(parts: list, act: torch.dtype, device: Optional[torch.device] 
         matmul = NativeMatmul.stored(kind, weight, scales, act, cpu_capability())
         matmul.placed = place is not None  # already on huge pages
         return matmul
+    if kind in FLOAT_KINDS.values():
+        return PlainMatmul(weight)
     return StoredMatmul(kind, weight, scales)
 
 
