@@ -55,7 +55,9 @@ SHAPES = {
     "1.7b": ("llama3", 2048, 24, 32, 32, 49152, 256, 1.5, f"{SMOL}/tokenizer.model"),  # ffn 8192
     "8b": ("llama3.1", 4096, 32, 32, 8, 128256, 1024, 1.3, "llama3_tokenizer.model"),  # ffn 14336
 }
-OURS = {"bf16": ("bf16", None), "int8": ("int8", None), "int4": ("int4", None), "int4 at load": ("bf16", "int4")}
+OURS = {"bf16": ("bf16", None), "int8": ("int8", None), "int4": ("int4", None),
+        "Q4_K_M blocks": ("q4_k_m", None),  # llama.cpp's Q4_K_M file through llama convert (its blocks kept)
+        "int4 at load": ("bf16", "int4")}
 THEIRS = ("BF16", "Q8_0", "Q4_1", "Q4_K_M")
 GB = 1e9
 
@@ -150,6 +152,12 @@ def make_files(shape: str, threads: int, skip_llama_cpp: bool) -> dict:
         made = timed("llama.cpp's files", lambda: peer_files(float_dir, CHECKPOINTS / f"{SMOL}.Q4_1.gguf", threads,
                                                                cache=base, log=log, kinds=THEIRS))
         files.update({kind: made[kind] for kind in THEIRS})
+        kept = base / "q4_k_m"
+        if not (kept / "params.json").is_file():
+            from llama.cli.checkpoints import convert_gguf
+            timed(f"{kept} (llama convert of {made['Q4_K_M'].name}, blocks kept)",
+                  lambda: convert_gguf(made["Q4_K_M"], kept, dtype="bfloat16", force=True))
+        files["Q4_K_M blocks"] = kept
     return files
 
 
