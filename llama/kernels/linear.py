@@ -381,6 +381,8 @@ def use_kernels(model: nn.Module, quantize: Optional[str] = None, device: Option
         if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
             if child_path in stored:
                 matmul = stored_matmul(stored.pop(child_path), act or torch.float32, device, place)
+                if place is not None:  # its parts, now in the arena, were freed: give their memory back
+                    huge_pages.return_freed_memory()
             else:
                 q = "int8" if quantize == "int4" and child is output else quantize
                 matmul = choose_matmul(child.weight.data, q, device=device)
