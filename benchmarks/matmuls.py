@@ -19,7 +19,8 @@ import warnings
 import torch
 from torch import nn
 
-from llama.kernels.linear import per_channel_int8, int4_groups
+from llama.kernels.linear import per_channel_int8
+from llama.weights.quantized import int4_groups
 
 
 class Int8DynamicMatmul(nn.Module):

@@ -209,6 +209,10 @@ def main(argv=None) -> None:
         ap.error(f"{a.gguf} not found: pass --gguf with a GGUF file of this model's vocabulary (its tokenizer "
                  "is copied into llama.cpp's files), or --skip llama.cpp")
     torch.set_num_threads(a.threads)
+    if "llama.cpp" not in a.skip:  # its AMX / repacked buffers crash Q8_0 evals on AMX CPUs (llamacpp_peer says why)
+        from benchmarks import llamacpp_peer
+
+        llamacpp_peer.without_extra_buffers()
     res = {"config": {"model": ckpt.name, "threads": a.threads, "rounds": a.rounds, "prompt_len": a.prompt_len,
                       "gen_len": a.gen_len, "prefill_len": a.prefill_len},
            "machine": machine("llama.cpp" not in a.skip)}

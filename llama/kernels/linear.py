@@ -40,7 +40,6 @@ from . import huge_pages
 from . import native
 from ..parallel.collectives import all_gather_last_dim, all_reduce
 from ..weights import mapped, quantized
-from ..weights.quantized import group_int4, group_int8, int4_groups  # noqa: F401 (the quantizers' old home)
 
 # int4: our kernels only (NativeMatmul), 4-bit blocks and an int8 output layer
 # (use_kernels; README, Speed).

@@ -244,7 +244,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, scales: Optional[torch.Tensor]
     """x @ W.T for x (..., K) in fp32 or bf16 (returned in x's dtype), W
     (N, K) as `weight`: fp32, bf16, int8 (N, K) with `scales` (N, K / GROUP)
     fp32, or int4 packed two a byte (N, K / 2) uint8 with `scales` (N, K /
-    GROUP, 2) fp16 = (scale, min) (linear.group_int4's layout); all
+    GROUP, 2) fp16 = (scale, min) (quantized.group_int4's layout); all
     contiguous on the CPU. Sums in fp32; by int8 or int4 weights, where
     `int8_dot()`, each group of GROUP values of x is first quantized to int8
     with the scale max|x| / 127 (llama.cpp's Q8_0) and the group's dot

@@ -11,8 +11,9 @@ from benchmarks.matmuls import Int4Matmul, Int8DynamicMatmul
 from llama import Llama
 from llama.kernels import native
 from llama.kernels.linear import (CpuCapability, Int8Matmul, KernelLinear, NativeMatmul,
-                          OneDNNMatmul, PlainMatmul, check_quantization, choose_matmul, cpu_capability, int4_groups,
+                          OneDNNMatmul, PlainMatmul, check_quantization, choose_matmul, cpu_capability,
                           onednn_available)
+from llama.weights.quantized import int4_groups
 
 SHAPES = [(1, 64), (8, 64), (2, 5, 64)]  # M=1 (decoding), M=8 (a batch), 3-D (bs, seq, dim)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}

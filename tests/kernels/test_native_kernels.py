@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from llama import Llama
 from llama.kernels import native
 from llama.kernels.fused import NativeDecoding, NativeRMSNorm, NativeSwiGLU, use_fused_decoding
-from llama.kernels.linear import CpuCapability, NativeMatmul, PlainMatmul, choose_matmul, group_int4, group_int8
+from llama.kernels.linear import CpuCapability, NativeMatmul, PlainMatmul, choose_matmul
+from llama.weights.quantized import group_int4, group_int8
 
 CPU_FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
 CAN_BUILD = bool(shutil.which("cc") or shutil.which("gcc")) and " avx2 " in CPU_FLAGS and " fma " in CPU_FLAGS
