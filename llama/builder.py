@@ -101,7 +101,7 @@ def build(ckpt_dir: str, tokenizer_path: str, max_seq_len: int, max_batch_size: 
     state, stored, layout = load_state(files, args, dist_info, torch_dtype, quantize)
     # Quantized weights are made on the CPU and then moved: the full-precision weights never occupy the GPU.
     load_device = torch.device("cpu") if quantize or stored else dist_info.device  # stored: only on a CPU, or quantized
-    model = construct(args, layout, files.layers, {k: v.to(load_device) for k, v in state.items()}, stored)
+    model, stored = construct(args, layout, files.layers, {k: v.to(load_device) for k, v in state.items()}, stored)
     del state
     kinds = sorted({kind for parts in stored.values() for kind, _, _ in parts} - set(FLOAT_KINDS.values()))
     install_kernels(model, quantize, dist_info.device, load_device, stored, torch_dtype)
@@ -286,10 +286,11 @@ def kernel_weights(state: dict, shapes: dict, args: ModelArgs, quantize: Optiona
     return out
 
 
-def construct(args: ModelArgs, layout, layers: Optional[range], state: dict, stored: dict) -> Transformer:
-    """The Transformer built on the meta device, then given `state`'s tensors
-    (not copies); the linear layers in `stored` (Meta names) get theirs in
-    install_kernels, and `stored` is regrouped by the model's layers."""
+def construct(args: ModelArgs, layout, layers: Optional[range], state: dict,
+              stored: dict) -> Tuple[Transformer, dict]:
+    """(the Transformer built on the meta device, then given `state`'s tensors
+    (not copies); the weights of `stored` (Meta names, emptied) regrouped by
+    the model's linear layers, which install_kernels gives them to)."""
     with torch.device("meta"):
         model = Transformer(args, embedding_layout=layout, layers=layers)
     by_module = {path: names for path, names in model.checkpoint_sources().items() if any(n in stored for n in names)}
@@ -298,6 +299,7 @@ def construct(args: ModelArgs, layout, layers: Optional[range], state: dict, sto
         if floats:
             raise CheckpointError(f"{floats[0]} is stored in float but {next(n for n in names if n in stored)} "
                                   f"quantized; this model runs {' | '.join(names)} as one matmul: store them alike")
+    # Not strict: the layers of `stored` get their weights in install_kernels; every other key is checked here.
     result = model.load_state_dict(state, strict=False, assign=True)
     expected = {f"{path}.weight" for path in by_module}
     if set(result.missing_keys) != expected or result.unexpected_keys:
@@ -306,8 +308,7 @@ def construct(args: ModelArgs, layout, layers: Optional[range], state: dict, sto
     regrouped = {path: [stored.pop(name) for name in names] for path, names in by_module.items()}
     if stored:
         raise CheckpointError(f"quantized weights of layers that are split across others: {sorted(stored)[:4]}")
-    stored.update(regrouped)
-    return model.eval()
+    return model.eval(), regrouped
 
 
 def install_kernels(model: Transformer, quantize: Optional[str], device: torch.device,

@@ -122,3 +122,15 @@ def smollm2_ckpt(tmp_path_factory, smollm2_gguf_path) -> Path:
     from utils.convert_gguf_checkpoint import convert
 
     return convert(smollm2_gguf_path, tmp_path_factory.mktemp("smollm2"), dequantize=True)
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """native.library() rebuilt from scratch into tmp_path (restored afterwards)."""
+    from llama.kernels import native
+
+    monkeypatch.setenv("LLAMA_NATIVE_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    native.library.cache_clear()

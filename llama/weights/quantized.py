@@ -210,6 +210,13 @@ def type_for(method: str, key: str) -> str:
     return "q4_1" if method == "int4" and not key.startswith("output.") else "q8_0"
 
 
+def empty_stored(kind: str, n: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, scales) of `kind` for an (n, k) weight, allocated, not written
+    (their pages come when first written)."""
+    w_shape, s_shape = stored_shapes(kind, n, k)
+    return torch.empty(w_shape, dtype=TYPES[kind][0]), torch.empty(s_shape, dtype=TYPES[kind][2])
+
+
 def quantize(weight: torch.Tensor, kind: str, out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """(weight, scales) of `kind` for an (N, K) float weight, ROW_CHUNK rows at
     a time (rows are quantized independently: the result is the same as in
@@ -219,8 +226,7 @@ def quantize(weight: torch.Tensor, kind: str, out: Optional[Tuple[torch.Tensor, 
     if k % GROUP:
         raise ValueError(f"a ({n}, {k}) weight cannot be quantized in groups of {GROUP} input columns")
     if out is None:
-        w_shape, s_shape = stored_shapes(kind, n, k)
-        out = (torch.empty(w_shape, dtype=TYPES[kind][0]), torch.empty(s_shape, dtype=TYPES[kind][2]))
+        out = empty_stored(kind, n, k)
     for start in range(0, n, ROW_CHUNK):
         q, s = QUANTIZERS[kind](weight[start:start + ROW_CHUNK])
         out[0][start:start + ROW_CHUNK].copy_(q)

@@ -46,10 +46,7 @@ def shard_spec(state: Dict[str, torch.Tensor], types: Dict[str, str]) -> Dict[st
     spec = {}
     for key, t in state.items():
         if key in types:
-            w_shape, s_shape = quantized.stored_shapes(types[key], *t.shape)
-            _, _, s_dtype, _ = quantized.TYPES[types[key]]
-            spec[key] = torch.empty(w_shape, dtype=quantized.TYPES[types[key]][0])
-            spec[quantized.scales_key(key)] = torch.empty(s_shape, dtype=s_dtype)
+            spec[key], spec[quantized.scales_key(key)] = quantized.empty_stored(types[key], *t.shape)
         else:
             spec[key] = torch.empty(t.shape, dtype=t.dtype)
     return spec

@@ -31,16 +31,6 @@ GGML = {"q4_k": GGMLQuantizationType.Q4_K, "q5_k": GGMLQuantizationType.Q5_K, "q
 SHAPES = [(7, 256), (8, 512), (5, 2048)]  # (N odd / even, K = 1, 2 and 8 super-blocks)
 
 
-@pytest.fixture
-def fresh_library(monkeypatch, tmp_path):
-    """native.library() rebuilt from scratch into tmp_path (restored afterwards)."""
-    monkeypatch.setenv("LLAMA_NATIVE_CACHE", str(tmp_path))
-    native.library.cache_clear()
-    yield tmp_path
-    monkeypatch.undo()
-    native.library.cache_clear()
-
-
 def random_blocks(kind, n, k, seed=0, scale=(0.01, 0.1)):
     """An (n, k) weight of `kind` as uint8 rows of super-blocks: random bytes
     (every bit pattern of the scales and quants), with the fp16 d (and dmin)

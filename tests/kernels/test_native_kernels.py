@@ -21,16 +21,6 @@ CAN_BUILD = bool(shutil.which("cc") or shutil.which("gcc")) and " avx2 " in CPU_
 needs_native = pytest.mark.skipif(native.library() is None, reason=f"no native kernels here: {native.status()}")
 
 
-@pytest.fixture
-def fresh_library(monkeypatch, tmp_path):
-    """native.library() rebuilt from scratch into tmp_path (restored afterwards)."""
-    monkeypatch.setenv("LLAMA_NATIVE_CACHE", str(tmp_path))
-    native.library.cache_clear()
-    yield tmp_path
-    monkeypatch.undo()
-    native.library.cache_clear()
-
-
 def weight(n, k, seed=0):
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
 
