@@ -40,6 +40,7 @@ Failure modes: no store (plain python, or the store's host is gone) makes
 the caller's failure path.
 """
 
+import atexit
 import json
 import logging
 import os
@@ -103,18 +104,20 @@ def start(rank: int, world: int, stage: int = 0, stages: int = 1) -> bool:
     except Exception as e:  # noqa: BLE001
         logger.debug("could not post liveness: %s", e)
         return False
-    stop = threading.Event()
-    _state.update(rank=rank, world=world, store=store, lock=threading.Lock(), stop=stop)
-    thread = threading.Thread(target=_beat, args=(store, f"{_prefix()}/beat/{rank}", stop), name="llama-heartbeat",
+    done = threading.Event()
+    _state.update(rank=rank, world=world, store=store, lock=threading.Lock(), stop=done)
+    thread = threading.Thread(target=_beat, args=(store, f"{_prefix()}/beat/{rank}", done), name="llama-heartbeat",
                               daemon=True)
     _state["thread"] = thread
     thread.start()
+    # Joined before the interpreter finalizes: a thread still inside the store's C++ client then can abort the exit.
+    atexit.register(stop, 1.0)
     return True
 
 
-def _beat(store, key: str, stop: threading.Event) -> None:
+def _beat(store, key: str, done: threading.Event) -> None:
     lock = _state["lock"]
-    while not stop.wait(BEAT_S):
+    while not done.wait(BEAT_S):
         try:
             with lock:
                 store.add(key, 1)
@@ -122,11 +125,11 @@ def _beat(store, key: str, stop: threading.Event) -> None:
             return
 
 
-def stop() -> None:
-    """Ends the heartbeat (tests; a process that exits ends it anyway)."""
+def stop(wait_s: float = 2 * BEAT_S + STORE_TIMEOUT_S) -> None:
+    """Ends the heartbeat (at exit, and in tests)."""
     if _state:
         _state["stop"].set()
-        _state["thread"].join(2 * BEAT_S + STORE_TIMEOUT_S)
+        _state["thread"].join(wait_s)
         _state.clear()
 
 
@@ -247,7 +250,7 @@ def explain(error: BaseException, look_s: float = LOOK_S) -> BaseException:
     if lost:
         names = ", ".join(describe(r) for r in lost)
         what = "lost " + names + (", whose heartbeat stopped" if len(lost) == 1 else ", whose heartbeats stopped")
-        message = (f"{what}: it exited, was killed, or its node went away (see its output; the error here: "
+        message = (f"{what}: it exited, was killed or stopped, or its node went away (see its output; the error here: "
                    f"{cause})")
     elif lost is not None:
         message = (f"a rank stopped answering, but every rank's heartbeat goes on: one hangs or is very slow, or "
