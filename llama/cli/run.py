@@ -38,19 +38,10 @@ def setup_logging() -> None:
     logging.getLogger("llama.metrics").setLevel(logging.WARNING)
 
 
-# What gloo says when a peer dies ("Connection reset by peer", "Connection
-# closed by peer", "Broken pipe") or hangs ("Timed out waiting ... for recv").
-# Not every error of gloo's: a local set-up error (an unknown interface) is
-# no lost rank, and distributed.SetupError reports those at start-up.
-_PEER_LOST = ("Connection reset", "Connection closed", "Connection refused", "Broken pipe", "Timed out",
-              "timed out", "Socket Timeout", "NCCL")
-
-
 def _is_communication_error(e: BaseException) -> bool:
-    import torch.distributed as dist
+    from ..parallel.liveness import is_communication_error
 
-    text = str(e)
-    return isinstance(e, dist.DistError) or any(s in text for s in _PEER_LOST)
+    return is_communication_error(e)
 
 
 def _job_store():
@@ -103,11 +94,12 @@ def report_error(message: str) -> None:
 
 
 def _lost_rank_message(e: BaseException) -> str:
+    """Names the lost rank where the ranks' heartbeats tell it (parallel/liveness.py)."""
     from ..parallel.distributed import DEFAULT_TIMEOUT_S
+    from ..parallel.liveness import explain
 
-    return (f"lost contact with another rank ({str(e).splitlines()[0][:300]}). It stopped or hangs: "
-            f"check the other workers' output. A hung rank is given up on after {DEFAULT_TIMEOUT_S:.0f} s "
-            "(set LLAMA_DIST_TIMEOUT to change this).")
+    return (f"lost contact with another rank: {explain(e)}. Check the other workers' output. A hung rank is "
+            f"given up on after {DEFAULT_TIMEOUT_S:.0f} s (set LLAMA_DIST_TIMEOUT to change this).")
 
 
 def run_clean(fn, *args, **kwargs):

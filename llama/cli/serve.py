@@ -1,11 +1,18 @@
 """`llama serve`: the server's flags, the model built from them, and the HTTP
 server started on rank 0 (llama/server/run.py); the other ranks follow rank
-0's engine steps (`Engine.follow`) until it shuts down."""
+0's engine steps (`Engine.follow`) until it shuts down. With
+--pipeline_stages (alone or times tensor parallelism) every stage's ranks
+follow the same way: rank 0 (stage 0) decides each step's plan, every rank
+runs it, and a cancelled request frees its rows on every stage at the next
+step. A lost rank is named from the ranks' heartbeats
+(llama/parallel/liveness.py) in the requests' errors, /health and the
+exit message."""
 
 import argparse
 import os
 from pathlib import Path
 
+from ..parallel import liveness
 from ..parallel.distributed import dist_timeout_s
 from ..server.limits import Limits
 from .options import build_generator
@@ -76,7 +83,9 @@ def serve(a: argparse.Namespace) -> None:
         return
     api_key = a.api_key if a.api_key is not None else os.environ.get(API_KEY_ENV) or None
     # The other ranks wait in follow(): an idle rank 0 steps well within the distributed timeout.
+    # After a lost rank, the server answers 503 naming it as long again, then exits (llama/server/run.py).
     idle = min(5.0, dist_timeout_s() / 4) if world > 1 else None
     run_server(generator, a.model_name or Path(a.ckpt_dir).resolve().name, host=a.host, port=a.port,
                api_key=api_key, max_queue=a.max_queue, shutdown_timeout=a.shutdown_timeout, idle_step_s=idle,
-               limits=_limits(a))
+               limits=_limits(a), explain_fatal=liveness.explain if world > 1 else None,
+               fatal_linger_s=idle or 0.0)

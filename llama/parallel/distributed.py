@@ -26,6 +26,7 @@ from fairscale.nn.model_parallel.initialize import (
 )
 
 from ..common.cpu import cpu_flags
+from . import liveness
 
 logger = logging.getLogger("llama")
 
@@ -239,6 +240,8 @@ def init_distributed(device: Optional[str], model_parallel_size: Optional[int] =
         with contextlib.redirect_stdout(io.StringIO()), _new_groups_with_timeout(timedelta(seconds=timeout_s)):
             initialize_model_parallel(mp_size, stages)
     rank = dist.get_rank()
+    if world_size > 1 and "MASTER_ADDR" in os.environ:  # each rank's heartbeat, to name a lost one (liveness.py)
+        liveness.start(rank, world_size, rank // mp_size, stages)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, stages=stages,
                     stage=rank // mp_size)
 

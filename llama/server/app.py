@@ -42,11 +42,15 @@ MAX_BODY_BYTES = 8 << 20
 
 def create_app(generator, model_name: str, api_key: Optional[str] = None, max_queue: int = 64,
                idle_step_s: Optional[float] = None, max_body: int = MAX_BODY_BYTES,
-               on_fatal: Optional[Callable[[BaseException], None]] = None) -> FastAPI:
+               on_fatal: Optional[Callable[[BaseException], None]] = None,
+               explain_fatal: Optional[Callable[[Exception], BaseException]] = None) -> FastAPI:
     """The app serving `generator` (a `Llama`) as `model_name`. The lifespan
-    starts the engine thread and stops it (releasing any torchrun followers)."""
+    starts the engine thread and stops it (releasing any torchrun followers).
+    `explain_fatal` rewrites the engine's fatal error before anyone sees it
+    (EngineWorker.explain: under torchrun, naming the lost rank)."""
     app = FastAPI(title="llama", lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.server = ServerState.build(generator, model_name, max_queue, idle_step_s, on_fatal)
+    app.state.server.worker.explain = explain_fatal
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
     for module in (health, models, chat, completions):
         app.include_router(module.router)

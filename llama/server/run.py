@@ -27,13 +27,21 @@ waiting request its 503 JSON. uvicorn cancels whatever still runs
 ABORT_GRACE_S later. The lifespan then cancels the engine's rows and
 releases the other ranks, and `run_server` returns.
 
-Failure modes: a lost rank fails the engine thread: requests get 503 and
-`run_server` raises the distributed error. A port in use is a ValueError.
+Failure modes: a lost rank fails the engine thread: in-flight requests get
+503 (a stream: an error event and `[DONE]`), naming the lost rank where
+`explain_fatal` can (`llama serve` passes parallel/liveness.py's). The
+server then stays up `fatal_linger_s` seconds more, answering every request
+503 and /health 503 with the same message, so that a load balancer or a
+person looking sees why; then it shuts down and `run_server` raises that
+error (the command exits 3). `llama serve` lingers min(5 s,
+LLAMA_DIST_TIMEOUT / 4), so the process is gone well within the timeout
+after the failure showed. A port in use is a ValueError.
 """
 
 import asyncio
 import contextlib
 import signal
+import threading
 from typing import Optional
 
 import h11
@@ -139,19 +147,30 @@ class Server(uvicorn.Server):
 
 
 def run_server(generator, name: str, *, host: str, port: int, api_key: Optional[str], max_queue: int,
-               shutdown_timeout: float, idle_step_s: Optional[float], limits: Limits = Limits()) -> None:
-    """Serves `generator` (a `Llama`) as model `name` until SIGTERM; raises what failed the engine."""
+               shutdown_timeout: float, idle_step_s: Optional[float], limits: Limits = Limits(),
+               explain_fatal=None, fatal_linger_s: float = 0.0) -> None:
+    """Serves `generator` (a `Llama`) as model `name` until SIGTERM; raises
+    what failed the engine (after `explain_fatal`), `fatal_linger_s` seconds
+    after it failed (see the module's docstring)."""
     limits.check()
     fatal = []
     server = None
 
-    def on_fatal(error: BaseException) -> None:
-        fatal.append(error)
+    def exit_now() -> None:
         if server is not None:
             server.should_exit = True
 
+    def on_fatal(error: BaseException) -> None:
+        fatal.append(error)
+        if fatal_linger_s > 0:
+            timer = threading.Timer(fatal_linger_s, exit_now)
+            timer.daemon = True
+            timer.start()
+        else:
+            exit_now()
+
     app = create_app(generator, name, api_key=api_key, max_queue=max_queue, idle_step_s=idle_step_s,
-                     on_fatal=on_fatal)
+                     on_fatal=on_fatal, explain_fatal=explain_fatal)
     config = server_config(app, host, port, limits, shutdown_timeout, log_level="info", lifespan="on")
     server = Server(config, app.state.server, shutdown_timeout)
     try:

@@ -104,7 +104,7 @@ class ServerState:
     def health(self) -> Tuple[int, dict]:
         """(status, body) of /health: 503 once the engine thread has failed."""
         if self.worker.error is not None:
-            return 503, error_body(503, f"the model is unavailable: {self.worker.error}")
+            return 503, {"status": "error", **error_body(503, f"the model is unavailable: {self.worker.error}")}
         return 200, {"status": "ok", "model": self.model_name}
 
     def token_info(self, token: int, lp: float, top) -> dict:

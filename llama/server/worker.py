@@ -18,7 +18,10 @@ request (`EngineFailed`, 503) and calling `on_error` so the server exits,
 when it may have left the ranks out of step or the engine unusable: under
 torchrun (a lost rank, a collective that failed), a `torch.distributed`
 error, a BaseException that is not an Exception, a failing step that no
-request can be blamed for, or `MAX_FAILED_STEPS` failing steps in a row.
+request can be blamed for, or `MAX_FAILED_STEPS` failing steps in a row. Before a fatal error is
+reported, `explain` (when set) may replace it: `llama serve` under torchrun
+sets it to parallel/liveness.py's `explain`, so the requests, /health and
+the exit message name the rank that was lost (its stage, host and pid).
 """
 
 import logging
@@ -148,6 +151,11 @@ class EngineWorker:
         try:
             self._loop()
         except BaseException as e:  # noqa: BLE001 - reported to every waiting request and to the server
+            if self.explain is not None and isinstance(e, Exception):
+                try:
+                    e = self.explain(e)  # under torchrun: which rank was lost
+                except Exception:  # noqa: BLE001 - the diagnosis must not hide the failure
+                    logger.exception("could not explain the engine's failure")
             logger.error("engine thread stopped: %s", e)
             with self._cond:
                 self.error = e
@@ -159,6 +167,9 @@ class EngineWorker:
                 self.on_error(e)
 
     on_error: Optional[Callable[[BaseException], None]] = None
+    # Turns the error that stopped the engine into the one reported (to requests,
+    # /health and on_error): under torchrun, one naming the lost rank.
+    explain: Optional[Callable[[Exception], BaseException]] = None
 
     def _loop(self) -> None:
         engine = self.engine
