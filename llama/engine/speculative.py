@@ -262,7 +262,7 @@ class Speculator:
     `min_acceptance` of them.
     """
 
-    def __init__(self, proposer, tokens: int = 4, min_acceptance: float = 0.5, probation: int = 16):
+    def __init__(self, proposer, tokens: int = 4, min_acceptance: float = 0.5, probation: int = 8):
         check_tokens(tokens)
         if not 0.0 <= min_acceptance <= 1.0:
             raise ValueError(f"min_acceptance must be in [0, 1], got {min_acceptance!r}")
