@@ -34,6 +34,54 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batc
                    help=f"prompt plus answer, in tokens (sizes the KV cache; default {max_seq_len})")
     g.add_argument("--max_batch_size", metavar="N", type=int, default=max_batch_size,
                    help=f"sequences generated together (default {max_batch_size})")
+    add_speculation_args(p)
+
+
+def add_speculation_args(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (llama/engine/speculative.py); off by default."""
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculate", choices=["ngram", "off"], default="off",
+                   help="ngram: propose the tokens that followed the last few tokens' earlier occurrence in the "
+                        "prompt or answer, and verify them in one pass (fast where the answer copies its input; "
+                        "a request stops proposing where few are accepted) (default off)")
+    g.add_argument("--draft_ckpt_dir", metavar="DIR",
+                   help="speculate with this smaller model of the same vocabulary as the proposer (one process only)")
+    g.add_argument("--speculate_tokens", metavar="K", type=int, default=4,
+                   help="tokens proposed per step and request (default 4)")
+
+
+def check_speculation_args(a: argparse.Namespace) -> None:
+    """The speculation flags, checked before any model loads."""
+    from ..engine.speculative import check_tokens
+
+    if getattr(a, "speculate", "off") == "off" and getattr(a, "draft_ckpt_dir", None) is None:
+        return
+    if a.speculate != "off" and a.draft_ckpt_dir is not None:
+        raise ValueError("--speculate ngram and --draft_ckpt_dir are two proposers: give one of them")
+    check_tokens(a.speculate_tokens)
+    if a.draft_ckpt_dir is not None:
+        try:
+            check_ckpt_dir(a.draft_ckpt_dir)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(str(e).replace("--ckpt_dir", "--draft_ckpt_dir")) from None
+
+
+def apply_speculation(generator, a: argparse.Namespace) -> None:
+    """Turns on the speculative decoding the flags ask for (a draft model is
+    built like the target: same tokenizer, sizes, device, dtype, kernels)."""
+    from ..engine.speculative import Speculator, check_single_process
+
+    if a.draft_ckpt_dir is not None:
+        from ..builder import build
+        from ..weights.stages import find_tokenizer
+
+        check_single_process()  # before loading a second model
+        draft = build(a.draft_ckpt_dir, str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)), a.max_seq_len,
+                      a.max_batch_size, seed=getattr(a, "seed", 1), device=a.device, dtype=a.dtype,
+                      quantize=a.quantize, threads=a.threads).model
+        generator.engine.set_speculation(Speculator.draft(draft, generator.model, a.speculate_tokens))
+    elif a.speculate == "ngram":
+        generator.engine.set_speculation(Speculator.ngram(a.speculate_tokens))
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -113,12 +161,16 @@ def build_generator(a: argparse.Namespace):
     if hasattr(a, "temperature"):
         sampling_kwargs(a)  # a bad sampling flag fails before the model loads
     check_ckpt_dir(a.ckpt_dir)
-    return Llama.build(
+    check_speculation_args(a)
+    generator = Llama.build(
         ckpt_dir=a.ckpt_dir, tokenizer_path=str(find_tokenizer(a.ckpt_dir, a.tokenizer_path)),
         max_seq_len=a.max_seq_len, max_batch_size=a.max_batch_size, seed=getattr(a, "seed", 1),
         device=a.device, dtype=a.dtype, quantize=a.quantize, threads=a.threads, compile=a.compile,
         pipeline_stages=a.pipeline_stages,
     )
+    if hasattr(a, "speculate"):
+        apply_speculation(generator, a)
+    return generator
 
 
 def read_stdin(what: str) -> Optional[str]:

@@ -153,6 +153,7 @@ class Engine:
         self.prefix_cache: Optional[PrefixCache] = None
         self.prefilled_tokens = 0  # prompt tokens run through the model (not copied from the prefix cache)
         self.set_prefix_cache(prefix_cache_bytes)
+        self.speculator = None  # speculative.Speculator: set_speculation
 
     # -- the public interface ---------------------------------------------
 
@@ -176,6 +177,18 @@ class Engine:
         ValueError for a budget that is not a whole number or holds no block."""
         capacity = capacity_for(budget_bytes, self.params, self.model.norm.weight.element_size())
         self.prefix_cache = PrefixCache(capacity) if capacity else None
+
+    def set_speculation(self, speculator) -> None:
+        """Decodes with speculative decoding (speculative.py: `Speculator.ngram(k)`
+        or `Speculator.draft(draft_model, model, k)`); None turns it off. Call
+        between steps; one process only."""
+        if speculator is not None:
+            from .speculative import check_single_process
+
+            check_single_process()
+            if self.passes.stages > 1:
+                raise ValueError("speculative decoding does not run with pipeline stages")
+        self.speculator = speculator
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancelled or self._ended)
@@ -364,6 +377,10 @@ class Engine:
         if not self.running:
             return []
         rows = list(self.running)
+        if self.speculator is not None:
+            events = self._decode_speculative(rows)
+            if events is not None:  # None: no row had proposals this step
+                return events
         tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
         positions = [s.next_pos for s in rows]
         start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
@@ -380,6 +397,64 @@ class Engine:
         for seq, pos in zip(rows, positions):
             seq.cached = pos + 1
         return self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
+
+    def _decode_speculative(self, rows: List[_Sequence]) -> Optional[List[TokenEvent]]:
+        """Up to k + 1 tokens for every running row in one pass (speculative.py):
+        its last token and the speculator's proposals run at their positions,
+        and each row emits the proposals the model accepts plus one token of
+        its own. Rows without proposals are padded and emit one token. None
+        if no row has a proposal (the plain step runs instead)."""
+        positions = [s.next_pos for s in rows]
+        room = self.params.max_seq_len - 1 - max(positions)  # the padded pass must fit every row's cache
+        limits = []
+        for seq in rows:
+            p = seq.request.params
+            left = p.max_tokens - len(seq.tokens) - 1 if p.max_tokens is not None else room
+            limits.append(max(0, min(room, left)))  # proposals past the row's end would be wasted
+        proposals = self.speculator.propose(rows, limits)
+        if not any(p is not None and p.tokens for p in proposals):
+            return None
+        k = max(len(p.tokens) for p in proposals if p is not None)
+        batch = []
+        for seq, prop in zip(rows, proposals):
+            ahead = prop.tokens if prop is not None else []
+            batch.append([seq.tokens[-1]] + ahead + [seq.tokens[-1]] * (k - len(ahead)))
+        tokens = torch.tensor(batch, dtype=torch.long, device=self.device)
+        logits = self.model.forward(tokens, torch.tensor(positions, device=self.device))  # (rows, k + 1, vocab)
+        outs = [self.speculator.verify(seq, logits[i], proposals[i], seq.generator, self._history(seq))
+                for i, seq in enumerate(rows)]
+        for seq, pos, out in zip(rows, positions, outs):
+            # Valid keys: the last token and the accepted proposals (a later row
+            # may move while an earlier one ends below).
+            seq.cached = pos + len(out)
+        events = []
+        now = time.perf_counter()
+        for i, (seq, pos, out) in enumerate(zip(rows, positions, outs)):
+            if seq.first_token is None:
+                seq.first_token = now
+            lps = self._run_logprobs(seq, logits[i], out)
+            for m, token in enumerate(out):
+                # If the request ends here, only positions up to this token's are valid and recorded.
+                seq.cached = pos + m + 1
+                lp, top = lps[m] if lps else (None, None)
+                event = self._advance(seq, token, lp, top)
+                events.append(event)
+                if event.stop_reason is not None:
+                    break  # the rest of the run is dropped
+        return events
+
+    def _run_logprobs(self, seq: _Sequence, logits: torch.Tensor, out: List[int]):
+        """Per token of `out`, (logprob, top alternatives) from its position's raw logits, or None."""
+        p = seq.request.params
+        if not p.wants_logprobs:
+            return None
+        ids = torch.tensor(out, dtype=torch.long, device=logits.device)
+        chosen, top = token_logprobs(logits[:len(out)], ids, p.top_logprobs)
+        chosen = chosen.tolist()
+        if top is None:
+            return [(c, None) for c in chosen]
+        top_ids, top_lps = top[0].tolist(), top[1].tolist()
+        return [(c, list(zip(a, b))) for c, a, b in zip(chosen, top_ids, top_lps)]
 
     def _admit(self, admitted: List[_Sequence]) -> List[TokenEvent]:
         """Prefills the admitted prompts in one pass and samples their first tokens."""
@@ -477,12 +552,13 @@ class Engine:
         p = seq.request.params
         stopped_on_token = token is not None and token in self.stop_tokens
         n_generated = len(seq.tokens) + stopped_on_token  # the stop token counts as generated
+        proposed, accepted = self.speculator.finish(seq.id) if self.speculator is not None else (0, 0)
         completion = Completion(
             prompt_tokens=list(seq.request.prompt_tokens), tokens=list(seq.tokens), text="".join(seq.texts),
             stop_reason=reason, logprobs=list(seq.logprobs) if p.wants_logprobs else None,
             top_logprobs=list(seq.top_logprobs) if p.top_logprobs else None, prompt_logprobs=seq.prompt_logprobs,
             metrics=RequestMetrics.of(seq.submitted, seq.admitted, seq.first_token, now,
-                                      len(seq.request.prompt_tokens), n_generated),
+                                      len(seq.request.prompt_tokens), n_generated, proposed, accepted),
         )
         return TokenEvent(seq.id, token, text, lp, reason, top, completion)
 

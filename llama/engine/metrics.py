@@ -207,14 +207,24 @@ class RequestMetrics:
     queue_seconds: float
     time_to_first_token_s: float
     seconds: float
+    # Speculative decoding (engine/speculative.py): tokens proposed for this
+    # request and how many of them the model accepted; 0 and 0 without it.
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
 
     @classmethod
     def of(cls, submitted: float, admitted: Optional[float], first_token: Optional[float], end: float,
-           prompt_tokens: int, generated_tokens: int) -> "RequestMetrics":
+           prompt_tokens: int, generated_tokens: int, proposed_tokens: int = 0,
+           accepted_tokens: int = 0) -> "RequestMetrics":
         return cls(prompt_tokens, generated_tokens,
                    queue_seconds=(admitted if admitted is not None else end) - submitted,
                    time_to_first_token_s=(first_token if first_token is not None else end) - submitted,
-                   seconds=end - submitted)
+                   seconds=end - submitted, proposed_tokens=proposed_tokens, accepted_tokens=accepted_tokens)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed tokens; NaN when nothing was proposed."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else float("nan")
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -224,4 +234,5 @@ class RequestMetrics:
         return (self.generated_tokens - 1) / decode_seconds
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s}
+        return {**asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s,
+                "acceptance_rate": self.acceptance_rate}

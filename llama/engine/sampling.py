@@ -198,16 +198,41 @@ def draw(probs: torch.Tensor, params: SamplingParams, generator: torch.Generator
     whole vector (it takes the arg-max of p / q, with q one Exp(1) draw per
     entry), and the generator advances as it would have.
     """
+    probs = _truncated(probs, params)
+    if n_draws is None or n_draws == probs.shape[-1]:
+        return int(torch.multinomial(probs, 1, generator=generator))
+    q = torch.empty(n_draws, dtype=probs.dtype, device=probs.device).exponential_(1, generator=generator)
+    return int(torch.argmax(probs / q[:probs.shape[-1]]))
+
+
+def _truncated(probs: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """`probs` (sorted, descending) after top-p and min-p, renormalized."""
     if params.top_p < 1.0:
         # Meta's rule: drop a token when the mass before it already exceeds top_p.
         probs = torch.where(torch.cumsum(probs, dim=-1) - probs > params.top_p, 0.0, probs)
     if params.min_p > 0.0:
         probs = torch.where(probs < params.min_p * probs[0], 0.0, probs)
-    probs = probs / probs.sum()
-    if n_draws is None or n_draws == probs.shape[-1]:
-        return int(torch.multinomial(probs, 1, generator=generator))
-    q = torch.empty(n_draws, dtype=probs.dtype, device=probs.device).exponential_(1, generator=generator)
-    return int(torch.argmax(probs / q[:probs.shape[-1]]))
+    return probs / probs.sum()
+
+
+def row_probs(logits: torch.Tensor, params: SamplingParams, context: torch.Tensor,
+              generated: torch.Tensor) -> torch.Tensor:
+    """The whole distribution (vocab,) float32 that `sample_rows` draws one
+    row's token from, given its raw logits (vocab,) and history: penalties,
+    temperature, top-k, top-p and min-p, as there; a one-hot at the arg-max
+    for a greedy row. Speculative decoding (speculative.py) compares
+    proposals against it."""
+    if params.has_penalties:
+        logits = apply_penalties(logits, params, context, generated)
+    if params.greedy:
+        return torch.nn.functional.one_hot(torch.argmax(logits), logits.shape[-1]).float()
+    scaled = scaled_logits(logits, params)
+    if params.top_k and params.top_k < scaled.shape[-1]:
+        values, ids = torch.topk(scaled, params.top_k)
+    else:
+        values, ids = torch.sort(scaled, descending=True)
+    out = torch.zeros(scaled.shape[-1], dtype=torch.float32, device=scaled.device)
+    return out.scatter_(0, ids, _truncated(torch.softmax(values, dim=-1), params))
 
 
 def row_generator(params: SamplingParams, seed: int, device) -> Optional[torch.Generator]:
