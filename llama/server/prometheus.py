@@ -61,6 +61,16 @@ class ServerMetrics:
         g = Gauge("llama_prefix_cache_reused_tokens",
                   "Prompt tokens copied from the prefix cache instead of prefilled, since the start", registry=r)
         g.set_function(lambda: engine.prefix_cache.reused_tokens if engine.prefix_cache is not None else 0)
+        # Speculative decoding (--speculate, --draft_ckpt_dir): proposals made
+        # and accepted, and each finished request's acceptance rate.
+        g = Gauge("llama_speculative_proposed_tokens", "Tokens proposed for verification since the start", registry=r)
+        g.set_function(lambda: engine.speculator.proposed if engine.speculator is not None else 0)
+        g = Gauge("llama_speculative_accepted_tokens", "Proposed tokens the model accepted since the start",
+                  registry=r)
+        g.set_function(lambda: engine.speculator.accepted if engine.speculator is not None else 0)
+        self.acceptance = Histogram("llama_speculative_acceptance_rate",
+                                    "Accepted / proposed tokens of each finished request that had proposals",
+                                    buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -175,6 +175,8 @@ class Submission:
         self._measure(index, event)
         if event.stop_reason is not None:
             self.completions[index] = event.completion
+            if event.completion is not None and event.completion.metrics.proposed_tokens:
+                self.state.metrics.acceptance.observe(event.completion.metrics.acceptance_rate)
         return index, event
 
     def _measure(self, index: int, event: TokenEvent) -> None:

@@ -319,3 +319,22 @@ def test_engine_failure_answers_503(llama3, monkeypatch):
         llama3.engine.cancel(seq.id)
     llama3.engine.step()
     assert not llama3.engine.has_work()
+
+
+def test_speculative_decoding_counts_in_metrics(make_ckpt):
+    from llama.engine.speculative import Speculator
+
+    gen = build_tiny(make_ckpt("llama3"), max_seq_len=256, max_batch_size=2)
+    # The same checkpoint as its own draft (built again: a draft has its own KV cache) proposes every step.
+    draft = build_tiny(make_ckpt("llama3"), max_seq_len=256, max_batch_size=2).model
+    gen.engine.set_speculation(Speculator.draft(draft, gen.model, 4))
+    with TestClient(create_app(gen, MODEL, max_queue=0)) as c:
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "one two three", "max_tokens": 12,
+                                            "temperature": 0})
+        assert r.status_code == 200, r.text
+        text = c.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("llama_speculative")}
+    assert values["llama_speculative_proposed_tokens"] > 0
+    assert values["llama_speculative_accepted_tokens"] == values["llama_speculative_proposed_tokens"]
+    assert values["llama_speculative_acceptance_rate_count"] == 1
