@@ -9,9 +9,10 @@
    own position,
 3. prefills the next chunk of the prompts being prefilled (the admitted ones
    and those that did not fit earlier steps) in one packed pass, within the
-   step's prompt-token budget (`prefill_chunk`), and samples the first token
-   of each prompt that is now complete (with a prefix cache, prefix_cache.py,
-   only what follows each prompt's cached prefix is run),
+   step's prompt-token budget (`prefill_chunk`; PREFILL_TOKEN_BUDGET while no
+   row decodes), and samples the first token of each prompt that is now
+   complete (with a prefix cache, prefix_cache.py, only what follows each
+   prompt's cached prefix is run),
 
 and returns one `TokenEvent` per new token. A row's last event carries its
 `StopReason` and its `Completion`; the stop rule is decided here and nowhere
