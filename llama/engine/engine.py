@@ -62,10 +62,11 @@ from ..text.stream import StopStrings, TextStream
 # Prompt tokens prefilled per step while rows decode (the default of Engine's
 # prefill_chunk): a longer prompt, or several that do not fit together, is
 # prefilled in chunks over several steps, each also decoding the running rows.
-# It bounds how long the running rows wait for newcomers. Measured in
-# docs/engine.md: a step with a chunk of this size costs about 2x a decoding
-# step of a full batch on CPU.
-PREFILL_CHUNK = 64
+# It bounds how long the running rows wait for newcomers: on CPU a step with a
+# chunk costs about 2-3x a decoding step of a full batch (docs/engine.md; a
+# chunk's pass reads the weights once, so smaller chunks are no cheaper, and
+# a larger one costs more where it attends to a long prompt's cached keys).
+PREFILL_CHUNK = 32
 # Prompt tokens prefilled per step while no row decodes (no stream to hold
 # up): a batch of prompts submitted together is prefilled in one pass. It
 # bounds the attention mask of a pass (tokens x keys booleans).
