@@ -25,7 +25,8 @@ prompt joining a running batch costs the running rows a bounded delay per
 step instead of a stall for its whole prefill. Only the last chunk's logits
 are sampled; a request with `prompt_logprobs` gathers every chunk's logits.
 The budget goes to the prefilling rows in row order, then to newcomers (first
-come, first served): every chunk but a step's last finishes its prompt.
+come, first served): every chunk but a step's last finishes its prompt, so
+between steps at most one prompt is part-prefilled.
 
 Layout invariant: the running rows occupy KV-cache rows 0..n-1, the rows that
 decode first (`running[:n_decoding]`, every one with its whole prompt in its
@@ -34,7 +35,9 @@ cache. The rows whose prompts complete in a step are the first prefilling
 ones, so they join the decoding region where it ends. A row that leaves is
 replaced so the layout holds: a decoding row by the last decoding row, whose
 place the last prefilling row takes; a prefilling row by the last row (each
-move copies a row's cache once).
+move copies a row's cache once). Moving a prefilling row into a hole among
+the decoding rows would have it decoded from a half-written row: wrong
+tokens, not an error.
 
 Under torchrun rank 0's plan carries its budget, and the chunks follow from
 it and from state every rank has (the rows, the positions in them), so every
@@ -171,8 +174,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.params = model.params
-        self.prefill_chunk = PREFILL_CHUNK
-        self.set_prefill_chunk(prefill_chunk)
+        self.set_prefill_chunk(prefill_chunk)  # sets self.prefill_chunk
         self._step_chunk = self.prefill_chunk  # rank 0's prefill_chunk at this step (under torchrun)
         self._step_budget = self.prefill_chunk  # prompt tokens this step prefills (_plan sets it)
         self.device = model.norm.weight.device
