@@ -12,6 +12,7 @@ import argparse
 import os
 from pathlib import Path
 
+from ..engine.engine import PREFILL_CHUNK
 from ..parallel import liveness
 from ..parallel.distributed import dist_timeout_s
 from ..server.limits import Limits
@@ -45,6 +46,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="MiB of KV-cache blocks kept for requests that start as earlier ones did (a conversation's "
                         "earlier turns, a shared system prompt): those prefill only the rest; least recently used "
                         f"blocks go first; 0 turns it off (default {PREFIX_CACHE_MB:g})")
+    g.add_argument("--prefill_chunk", metavar="N", type=int, default=PREFILL_CHUNK,
+                   help="prompt tokens prefilled per step while other requests decode: a longer prompt is prefilled "
+                        "in chunks over several steps, so the running streams keep getting tokens; smaller keeps "
+                        f"their steps shorter, larger admits a long prompt sooner (default {PREFILL_CHUNK})")
     g.add_argument("--max_connections", metavar="N", type=int, default=Limits.max_connections,
                    help="open connections at most; beyond, new ones are closed and requests get 503 (default 512)")
 
@@ -60,6 +65,8 @@ def _check(a: argparse.Namespace) -> None:
         raise ValueError(f"--max_queue must be 0 or more, got {a.max_queue}")
     if not a.prefix_cache_mb >= 0:  # NaN too
         raise ValueError(f"--prefix_cache_mb must be 0 (no prefix cache) or more MiB, got {a.prefix_cache_mb}")
+    if a.prefill_chunk < 1:
+        raise ValueError(f"--prefill_chunk must be a positive number of prompt tokens per step, got {a.prefill_chunk}")
     if a.shutdown_timeout < 0:
         raise ValueError(f"--shutdown_timeout must be 0 or more seconds, got {a.shutdown_timeout}")
     _limits(a).check()
@@ -77,6 +84,7 @@ def serve(a: argparse.Namespace) -> None:
         generator.engine.set_prefix_cache(int(a.prefix_cache_mb * 2**20))
     except ValueError as e:
         raise ValueError(f"--prefix_cache_mb {a.prefix_cache_mb:g}: {e}") from None
+    generator.engine.set_prefill_chunk(a.prefill_chunk)  # rank 0's is the one every rank runs
     rank, world = rank_and_world()
     if rank != 0:
         generator.engine.follow()

@@ -5,17 +5,44 @@
 1. takes the step's plan: cancelled requests leave their slots and waiting
    requests are admitted into free ones (rank 0 decides; under torchrun the
    other ranks receive its plan, so every rank runs the same steps),
-2. decodes one token for every row that was already running, each at its own
-   position,
-3. prefills the admitted prompts in one packed pass and samples their first
-   token (with a prefix cache, prefix_cache.py, only what follows each
-   prompt's cached prefix),
+2. decodes one token for every row whose prompt is in its cache, each at its
+   own position,
+3. prefills the next chunk of the prompts being prefilled (the admitted ones
+   and those that did not fit earlier steps) in one packed pass, within the
+   step's prompt-token budget (`prefill_chunk`; PREFILL_TOKEN_BUDGET while no
+   row decodes), and samples the first token of each prompt that is now
+   complete (with a prefix cache, prefix_cache.py, only what follows each
+   prompt's cached prefix is run),
 
 and returns one `TokenEvent` per new token. A row's last event carries its
 `StopReason` and its `Completion`; the stop rule is decided here and nowhere
-else. The running rows always occupy KV-cache rows 0..n-1: a row that leaves
-is replaced by the last one (its cache is copied once), so decoding reads
-plain slices of the cache.
+else.
+
+Chunked prefill: a prompt longer than what is left of a step's budget is
+prefilled over several steps, each running its next chunk after the
+positions already in its row (Transformer.prefill's `starts`), so a long
+prompt joining a running batch costs the running rows a bounded delay per
+step instead of a stall for its whole prefill. Only the last chunk's logits
+are sampled; a request with `prompt_logprobs` gathers every chunk's logits.
+The budget goes to the prefilling rows in row order, then to newcomers (first
+come, first served): every chunk but a step's last finishes its prompt, so
+between steps at most one prompt is part-prefilled.
+
+Layout invariant: the running rows occupy KV-cache rows 0..n-1, the rows that
+decode first (`running[:n_decoding]`, every one with its whole prompt in its
+row), then the rows still prefilling. Decoding reads plain slices of the
+cache. The rows whose prompts complete in a step are the first prefilling
+ones, so they join the decoding region where it ends. A row that leaves is
+replaced so the layout holds: a decoding row by the last decoding row, whose
+place the last prefilling row takes; a prefilling row by the last row (each
+move copies a row's cache once). Moving a prefilling row into a hole among
+the decoding rows would have it decoded from a half-written row: wrong
+tokens, not an error.
+
+Under torchrun rank 0's plan carries its budget, and the chunks follow from
+it and from state every rank has (the rows, the positions in them), so every
+rank runs the same chunks. A request cancelled mid-prefill frees its row
+(its full blocks kept in the prefix cache).
 """
 
 import dataclasses
@@ -35,9 +62,17 @@ from .runner import ModelRunner
 from .sampling import RowState, SamplingParams, row_generator, sample_rows, token_logprobs
 from ..text.stream import StopStrings, TextStream
 
-# Most prompt tokens packed into one prefill pass (a longer prompt runs alone).
-# It bounds the attention mask (tokens^2 booleans) and how long the running
-# rows wait for newcomers.
+# Prompt tokens prefilled per step while rows decode (the default of Engine's
+# prefill_chunk): a longer prompt, or several that do not fit together, is
+# prefilled in chunks over several steps, each also decoding the running rows.
+# It bounds how long the running rows wait for newcomers: on CPU a step with a
+# chunk costs about 2-3x a decoding step of a full batch (docs/engine.md; a
+# chunk's pass reads the weights once, so smaller chunks are no cheaper, and
+# a larger one costs more where it attends to a long prompt's cached keys).
+PREFILL_CHUNK = 32
+# Prompt tokens prefilled per step while no row decodes (no stream to hold
+# up): a batch of prompts submitted together is prefilled in one pass. It
+# bounds the attention mask of a pass (tokens x keys booleans).
 PREFILL_TOKEN_BUDGET = 2048
 
 
@@ -117,6 +152,11 @@ class _Sequence:
     prefix: List[torch.Tensor] = field(default_factory=list)  # their blocks, taken at planning, written at admission
 
     @property
+    def prefilled(self) -> bool:
+        """Its whole prompt is in its row: it decodes (else it is being prefilled)."""
+        return self.cached >= len(self.request.prompt_tokens)
+
+    @property
     def next_pos(self) -> int:
         """Position of the last sampled token, which the next decode step feeds."""
         return len(self.request.prompt_tokens) + len(self.tokens) - 1
@@ -130,12 +170,13 @@ class Engine:
     times; rank 0's queue and cancellations decide what each step does.
     """
 
-    def __init__(self, model, tokenizer, prefill_token_budget: int = PREFILL_TOKEN_BUDGET,
-                 prefix_cache_bytes: int = 0):
+    def __init__(self, model, tokenizer, prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = 0):
         self.model = model
         self.tokenizer = tokenizer
         self.params = model.params
-        self.prefill_token_budget = prefill_token_budget
+        self.set_prefill_chunk(prefill_chunk)  # sets self.prefill_chunk
+        self._step_chunk = self.prefill_chunk  # rank 0's prefill_chunk at this step (under torchrun)
+        self._step_budget = self.prefill_chunk  # prompt tokens this step prefills (_plan sets it)
         self.device = model.norm.weight.device
         self.waiting: Deque[_Sequence] = deque()
         self.running: List[_Sequence] = []  # running[i] owns KV-cache row i
@@ -189,6 +230,21 @@ class Engine:
             if self.passes.stages > 1:
                 raise ValueError("speculative decoding does not run with pipeline stages")
         self.speculator = speculator
+
+    def set_prefill_chunk(self, tokens: int) -> None:
+        """Prefills at most `tokens` prompt tokens per step (a longer prompt
+        over several steps, the running rows decoding at each). Smaller keeps
+        the running streams' steps short while a long prompt joins; larger
+        prefills it in fewer, longer steps. Under torchrun rank 0's setting is
+        the one every rank runs. ValueError unless a positive whole number."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"prefill_chunk must be a positive whole number of prompt tokens per step, got {tokens!r}")
+        self.prefill_chunk = tokens
+
+    @property
+    def n_decoding(self) -> int:
+        """Rows that decode: running[:n_decoding]; the rest are being prefilled."""
+        return sum(s.prefilled for s in self.running)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancelled or self._ended)
@@ -247,7 +303,7 @@ class Engine:
         ended, self._ended = self._ended, []
         events = [self._finish_event(seq, StopReason.CANCELLED) for seq in ended]
         events += self._decode()
-        events += self._admit(admitted)
+        events += self._prefill(admitted)
         return events
 
     # -- scheduling -------------------------------------------------------
@@ -258,9 +314,12 @@ class Engine:
         if not self._leader:
             cancelled, admitted = self._receive_plan()
             self._ended += self._remove(cancelled)
+            self._set_step_budget()
         else:
             cancelled, self._cancelled = self._cancelled, []
             self._ended += self._remove(cancelled)
+            self._step_chunk = self.prefill_chunk
+            self._set_step_budget()
             admitted = self._choose_admissions()
             if self._world > 1:
                 self._broadcast_plan(cancelled, admitted)
@@ -271,26 +330,33 @@ class Engine:
             seq.prefix = self.prefix_cache.take(seq.request.prompt_tokens, seq.reused) if seq.reused else []
         return admitted
 
+    def _set_step_budget(self) -> None:
+        """This step's prompt-token budget, from rank 0's chunk and the rows every
+        rank holds: the chunk while rows decode, else at least PREFILL_TOKEN_BUDGET."""
+        idle = self.n_decoding == 0
+        self._step_budget = max(self._step_chunk, PREFILL_TOKEN_BUDGET) if idle else self._step_chunk
+
     def _choose_admissions(self) -> List[_Sequence]:
-        """First come, first served, into free rows, within the prefill token
-        budget (which counts the tokens after each prompt's cached prefix)."""
-        admitted, budget, free = [], self.prefill_token_budget, self.free_slots
+        """First come, first served, into free rows, while the step's prompt-token
+        budget lasts after the rows still being prefilled (which go first). The
+        budget counts the tokens after each prompt's cached prefix; the last
+        one admitted may take only a chunk of its prompt this step."""
+        budget = self._step_budget - sum(len(s.request.prompt_tokens) - s.cached for s in self.running[self.n_decoding:])
+        admitted, free = [], self.free_slots
         for seq in self.waiting:
-            if len(admitted) == free:
+            if len(admitted) == free or budget <= 0:
                 break
             # prompt_logprobs need every position's logits: those prompts run whole.
             cached = self.prefix_cache is not None and not seq.request.prompt_logprobs
             reused = self.prefix_cache.match(seq.request.prompt_tokens) if cached else 0
-            n = len(seq.request.prompt_tokens) - reused
-            if admitted and n > budget:
-                break
             seq.reused = reused
             admitted.append(seq)
-            budget -= n
+            budget -= len(seq.request.prompt_tokens) - reused
         return admitted
 
     def _broadcast_plan(self, cancelled: List[int], admitted: List[_Sequence], stop: bool = False) -> None:
-        header = torch.tensor([len(cancelled), len(admitted), stop], dtype=torch.long, device=self._comm_device())
+        header = torch.tensor([len(cancelled), len(admitted), stop, self._step_chunk], dtype=torch.long,
+                              device=self._comm_device())
         broadcast_from_first(header, self._group)
         if cancelled or admitted:
             payload = [(cancelled, [(s.id, s.request, s.seed, s.reused) for s in admitted])]
@@ -299,8 +365,8 @@ class Engine:
                 self._agree(None)
 
     def _receive_plan(self) -> Tuple[List[int], List[_Sequence]]:
-        header = torch.zeros(3, dtype=torch.long, device=self._comm_device())
-        n_cancelled, n_admitted, stop = broadcast_from_first(header, self._group).tolist()
+        header = torch.zeros(4, dtype=torch.long, device=self._comm_device())
+        n_cancelled, n_admitted, stop, self._step_chunk = broadcast_from_first(header, self._group).tolist()
         if stop:
             self.stopped = True
             return [], []
@@ -353,15 +419,25 @@ class Engine:
         return out
 
     def _release(self, seq: _Sequence) -> None:
-        """Frees `seq`'s cache row (its blocks kept in the prefix cache first):
-        the last running row moves into it."""
+        """Frees `seq`'s cache row (its blocks kept in the prefix cache first),
+        keeping the layout (decoding rows, then prefilling rows): a decoding
+        row's place is taken by the last decoding row and that one's by the last
+        prefilling row; a prefilling row's by the last row."""
         row, last = self.running.index(seq), len(self.running) - 1
         self._keep_blocks(seq, row, seq.cached)
+        if seq.prefilled:
+            end = self.n_decoding - 1  # the last decoding row
+            if row != end:
+                self._move_row(end, row)
+                row = end
         if row != last:
-            moved = self.running[last]
-            self.model.move_cache_row(last, row, moved.cached)
-            self.running[row] = moved
+            self._move_row(last, row)
         self.running.pop()
+
+    def _move_row(self, src: int, dst: int) -> None:
+        moved = self.running[src]
+        self.model.move_cache_row(src, dst, moved.cached)
+        self.running[dst] = moved
 
     def _keep_blocks(self, seq: _Sequence, row: int, n_valid: int) -> None:
         """Copies `seq`'s full blocks among the first `n_valid` positions of
@@ -373,10 +449,10 @@ class Engine:
     # -- decoding ---------------------------------------------------------
 
     def _decode(self) -> List[TokenEvent]:
-        """One token for every running row, each at its own position."""
-        if not self.running:
+        """One token for every decoding row (running[:n_decoding]), each at its own position."""
+        rows = self.running[:self.n_decoding]
+        if not rows:
             return []
-        rows = list(self.running)
         if self.speculator is not None:
             events = self._decode_speculative(rows)
             if events is not None:  # None: no row had proposals this step
@@ -456,9 +532,11 @@ class Engine:
         top_ids, top_lps = top[0].tolist(), top[1].tolist()
         return [(c, list(zip(a, b))) for c, a, b in zip(chosen, top_ids, top_lps)]
 
-    def _admit(self, admitted: List[_Sequence]) -> List[TokenEvent]:
-        """Prefills the admitted prompts in one pass and samples their first tokens."""
-        events, prefill = [], []
+    def _prefill(self, admitted: List[_Sequence]) -> List[TokenEvent]:
+        """Puts the admitted requests into rows after the running ones, runs this
+        step's chunks of the prompts being prefilled in one pass, and samples
+        the first token of each prompt it completes."""
+        events, joining = [], []
         for seq in admitted:
             if seq in self.waiting:
                 self.waiting.remove(seq)
@@ -468,29 +546,46 @@ class Engine:
             if seq.request.params.max_tokens == 0 and not seq.request.prompt_logprobs:
                 events.append(self._finish_event(seq, StopReason.OUT_OF_TOKENS))
             else:
-                prefill.append(seq)
-        if not prefill:
-            return events
+                joining.append(seq)
         first_row = len(self.running)
-        self.running.extend(prefill)
-        rows = list(range(first_row, first_row + len(prefill)))
-        starts = []
-        for seq, row in zip(prefill, rows):
+        self.running.extend(joining)
+        for row, seq in enumerate(joining, first_row):
             for i, block in enumerate(seq.prefix):
                 self.model.write_cache(row, i * block.shape[-2], block)
-            starts.append(sum(b.shape[-2] for b in seq.prefix))
+            seq.cached = sum(b.shape[-2] for b in seq.prefix)
             seq.prefix = []
-        self.prefilled_tokens += sum(len(s.request.prompt_tokens) - n for s, n in zip(prefill, starts))
-        outs = self.passes.prefill([s.request.prompt_tokens for s in prefill], rows=rows,
-                                   all_logits=[s.request.prompt_logprobs for s in prefill], starts=starts)
-        for seq, out, row in zip(prefill, outs, rows):
-            seq.cached = len(seq.request.prompt_tokens)
-            self._keep_blocks(seq, row, seq.cached)  # for the requests that share this prompt, running or not
             if seq.request.prompt_logprobs:
-                prompt = torch.tensor(seq.request.prompt_tokens, device=out.device)
-                seq.prompt_logprobs = [0.0] + token_logprobs(out[:-1], prompt[1:])[0].tolist()
-        events += [self._finish_event(s, StopReason.OUT_OF_TOKENS) for s in prefill if s.request.params.max_tokens == 0]
-        sampled = [(s, o[-1:]) for s, o in zip(prefill, outs) if s.request.params.max_tokens != 0]
+                seq.prompt_logprobs = [0.0]  # the first prompt token has no logits before it
+        # This step's chunks: the prefilling rows in row order, each its whole
+        # rest while the budget lasts (so only the last chunk may stop short).
+        chunks, budget = [], self._step_budget  # (seq, row, start, end)
+        for row in range(self.n_decoding, len(self.running)):
+            if budget <= 0:
+                break
+            seq = self.running[row]
+            n = min(len(seq.request.prompt_tokens) - seq.cached, budget)
+            chunks.append((seq, row, seq.cached, seq.cached + n))
+            budget -= n
+        if not chunks:
+            return events
+        self.prefilled_tokens += sum(end - start for _, _, start, end in chunks)
+        outs = self.passes.prefill([s.request.prompt_tokens[:end] for s, _, _, end in chunks],
+                                   rows=[row for _, row, _, _ in chunks],
+                                   all_logits=[s.request.prompt_logprobs for s, _, _, _ in chunks],
+                                   starts=[start for _, _, start, _ in chunks])
+        done = []
+        for (seq, row, start, end), out in zip(chunks, outs):
+            seq.cached = end
+            self._keep_blocks(seq, row, end)  # for the requests that share this prompt, running or not
+            prompt = seq.request.prompt_tokens
+            n = min(end, len(prompt) - 1) - start  # the prompt tokens this chunk's logits predict
+            if seq.request.prompt_logprobs and n > 0:  # out[j] predicts the token at start + j + 1
+                targets = torch.tensor(prompt[start + 1:start + 1 + n], device=out.device)
+                seq.prompt_logprobs += token_logprobs(out[:n], targets)[0].tolist()
+            if end == len(prompt):  # complete: the first prefilling rows, now the last decoding ones
+                done.append((seq, out[-1:]))
+        events += [self._finish_event(s, StopReason.OUT_OF_TOKENS) for s, _ in done if s.request.params.max_tokens == 0]
+        sampled = [(s, o) for s, o in done if s.request.params.max_tokens != 0]
         if sampled:
             events += self._sample_and_emit([s for s, _ in sampled], torch.cat([o for _, o in sampled]))
         return events
