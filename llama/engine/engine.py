@@ -6,7 +6,8 @@
    requests are admitted into free ones (rank 0 decides; under torchrun the
    other ranks receive its plan, so every rank runs the same steps),
 2. decodes one token for every row whose prompt is in its cache, each at its
-   own position,
+   own position (with speculative decoding, speculative.py, its accepted
+   proposals too, verified in one pass),
 3. prefills the next chunk of the prompts being prefilled (the admitted ones
    and those that did not fit earlier steps) in one packed pass, within the
    step's prompt-token budget (`prefill_chunk`; PREFILL_TOKEN_BUDGET while no

@@ -113,6 +113,19 @@ def test_continuous_batching_and_prefix_cache(gen, same_draft):
     assert engine.prefix_cache.reused_tokens > reused_before
 
 
+def test_speculation_beside_a_prompt_prefilled_in_chunks(gen, same_draft, other_draft):
+    """Rows speculate while a long prompt joins in chunks (it sits after them and is not verified)."""
+    prompts = _prompts(gen)
+    long_prompt = prompts[0] * 2 + prompts[1]  # several chunks of 8
+    schedule = {0: [Request(prompts[0], GREEDY), Request(prompts[2], GREEDY)], 2: [Request(long_prompt, GREEDY)]}
+    plain, _ = run_to_end(Engine(gen.model, gen.tokenizer, prefill_chunk=8), schedule)
+    for draft in (same_draft, other_draft):
+        engine = Engine(gen.model, gen.tokenizer, prefill_chunk=8)
+        engine.set_speculation(Speculator.draft(draft, gen.model, 3, min_acceptance=0.0))
+        assert run_to_end(engine, schedule)[0] == plain
+        assert engine.speculator.proposed > 0
+
+
 def test_cached_matches_the_tokens_each_step(gen, same_draft):
     engine = Engine(gen.model, gen.tokenizer)
     engine.set_speculation(Speculator.draft(same_draft, gen.model, 4))
