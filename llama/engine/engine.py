@@ -224,6 +224,7 @@ class Engine:
         self._ended: List[_Sequence] = []  # cancelled, waiting for their last event
         self._stopping = False  # rank 0: the next step tells the other ranks to stop following
         self.stopped = False  # a following rank: rank 0 said stop
+        self._stop_now = False  # ... in this step's plan
         self.passes = ModelRunner(model)  # the model's passes; with pipeline stages, their results on every rank
         group = _all_ranks_group()
         self._group = group
@@ -371,8 +372,10 @@ class Engine:
         self.running = lane.running
         self.model.select_cache(lane.index)
         events = self._collect(lane)
+        self._stop_now = False
         admitted = self._plan()
-        if self.stopped:  # a follower told to stop: the other lanes' passes end here too
+        if self._stop_now:  # a follower told to stop: the other lanes' passes end here too
+            self._turn = lane.index  # as on rank 0, whose stopping step advances no lane
             self._drain_lanes()
             return events
         ended, self._ended = self._ended, []
@@ -465,7 +468,7 @@ class Engine:
             header = broadcast_from_first(torch.zeros(4, dtype=torch.long, device=self._comm_device()), self._group)
         n_cancelled, n_admitted, stop, self._step_chunk = header.tolist()
         if stop:
-            self.stopped = True
+            self.stopped = self._stop_now = True
             return [], []
         if not n_cancelled + n_admitted:
             return [], []

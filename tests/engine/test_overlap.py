@@ -191,8 +191,7 @@ def _worker(ckpt: str, out: str, stop: str) -> None:
         engine.shutdown()
         engine.step()
     else:
-        engine.follow()
-        engine.stopped = False
+        engine.follow()  # then steps on its own, as after Llama.generate's follow (stopped stays set)
     # One request alone, every rank stepping (as Llama.generate does).
     alone, _, _ = drive(engine, {0: [requests(gen.tokenizer)[0][0]]})
     result["alone"] = alone[0]
