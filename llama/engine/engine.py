@@ -59,7 +59,9 @@ pass while stage 1 computes lane B's, across steps: with P lanes busy every
 stage is. A lane alone (one request) waits for its whole pass at its next
 turn, the latency of stage-at-a-time decoding; an idle lane's turn costs
 only its plan header. Request ids, the waiting queue, the metrics and the
-prefix cache (its blocks are copies) are shared by the lanes. The plan
+prefix cache (its blocks are copies) are shared by the lanes; a lane's
+prompt-token budget is the chunk while any lane decodes (its prefill runs on
+every stage and holds up every lane). The plan
 header goes point to point from rank 0 (ModelRunner.send_plan, receives
 posted ahead), so planning never waits for a stage busy on another lane;
 the admissions' payload and agreement stay collectives (steps that admit
@@ -426,8 +428,9 @@ class Engine:
 
     def _set_step_budget(self) -> None:
         """This step's prompt-token budget, from rank 0's chunk and the rows every
-        rank holds: the chunk while rows decode, else at least PREFILL_TOKEN_BUDGET."""
-        idle = self.n_decoding == 0
+        rank holds: the chunk while rows decode (in any lane: a prefill holds up
+        every lane's streams), else at least PREFILL_TOKEN_BUDGET."""
+        idle = not any(s.prefilled for lane in self._lanes for s in lane.running)
         self._step_budget = max(self._step_chunk, PREFILL_TOKEN_BUDGET) if idle else self._step_chunk
 
     def _choose_admissions(self) -> List[_Sequence]:
