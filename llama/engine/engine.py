@@ -206,6 +206,9 @@ class Engine:
     Not thread-safe: one caller submits and steps (a server runs it in one
     thread). Under torchrun every rank must call `step` the same number of
     times; rank 0's queue and cancellations decide what each step does.
+    `overlap` (pipeline stages only): None runs one lane per stage where
+    max_batch_size is a multiple of the stages, True insists (ValueError
+    otherwise), False runs the stages one at a time (see Lanes above).
     """
 
     def __init__(self, model, tokenizer, prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = 0,
