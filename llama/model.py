@@ -179,6 +179,7 @@ class Attention(nn.Module):
         self.wo = _meta_weights(RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep))
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
+        self.cache_sets: list = []  # (cache_k, cache_v) of each KV-cache set (Transformer.setup_caches)
 
     def allocate_cache(self, shape: Tuple[int, int, int, int], device, dtype) -> None:
         """Zeroed K and V caches of `shape` (cache_shape's, for this layer's heads)."""
@@ -326,6 +327,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.rope_cos: Optional[torch.Tensor] = None
         self.rope_sin: Optional[torch.Tensor] = None
+        self.cache_sets = 0  # KV-cache sets allocated (setup_caches), and the one selected
+        self.cache_set = 0
         # Set from outside (llama/kernels: compiled.compile_decode, fused.use_fused_decoding):
         # runs every block of a one-token-a-row pass in its own way, and returns
         # the last block's output (bs, 1, dim), or None to leave it to the modules.
@@ -359,12 +362,43 @@ class Transformer(nn.Module):
             out["output"] = ("output.weight",)
         return out
 
-    def setup_caches(self, device, dtype) -> None:
-        """Allocates the KV cache and the RoPE table on `device` (after weights are loaded)."""
+    def setup_caches(self, device, dtype, sets: int = 1) -> None:
+        """Allocates the KV cache and the RoPE table on `device` (after weights are loaded).
+
+        `sets` > 1: the max_batch_size rows split into that many cache sets of
+        max_batch_size / sets rows each (the engine's lanes, one per pipeline
+        stage, llama/engine/engine.py), the same memory in all; set 0 is
+        selected, `select_cache` swaps. Called again, it frees the old cache
+        before allocating the new one. ValueError unless `sets` divides
+        max_batch_size."""
+        batch = self.params.max_batch_size
+        if isinstance(sets, bool) or not isinstance(sets, int) or sets < 1 or batch % sets:
+            raise ValueError(f"cannot split max_batch_size={batch} KV-cache rows into {sets!r} equal cache sets: "
+                             f"give a max_batch_size that is a multiple of {sets!r}")
         self.rope_cos, self.rope_sin = rope_table(self.params, device)
         shape = cache_shape(self.params, fs_init.get_model_parallel_world_size())
+        shape = (batch // sets, *shape[1:])
         for layer in self.layers:
-            layer.attention.allocate_cache(shape, device, dtype)
+            a = layer.attention
+            a.cache_k = a.cache_v = None
+            a.cache_sets = []  # dropped before the new sets are allocated
+            for _ in range(sets):
+                a.allocate_cache(shape, device, dtype)
+                a.cache_sets.append((a.cache_k, a.cache_v))
+        self.cache_sets = sets
+        self.select_cache(0)
+
+    def select_cache(self, index: int) -> None:
+        """Makes KV-cache set `index` the one every pass reads and writes (rows
+        0.. of that set): each layer's cache_k / cache_v attribute is swapped,
+        nothing is copied. The fused decoding hook keys its native state by
+        those tensors, so it keeps one per set."""
+        if not 0 <= index < self.cache_sets:
+            raise IndexError(f"KV-cache set {index} does not exist: the model has {self.cache_sets} (setup_caches)")
+        for layer in self.layers:
+            a = layer.attention
+            a.cache_k, a.cache_v = a.cache_sets[index]
+        self.cache_set = index
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos, *, last_logits_only: bool = False,

@@ -44,6 +44,39 @@ Under torchrun rank 0's plan carries its budget, and the chunks follow from
 it and from state every rank has (the rows, the positions in them), so every
 rank runs the same chunks. A request cancelled mid-prefill frees its row
 (its full blocks kept in the prefix cache).
+
+Lanes (pipeline stages that work at once): with P > 1 pipeline stages
+(runner.py) a decoding pass runs its stages one after another, so each stage
+would idle (P - 1) / P of the time. With `overlap` (the default where
+max_batch_size is a multiple of P) the KV-cache rows are split into P lanes:
+the model holds P cache sets of max_batch_size / P rows
+(Transformer.setup_caches(sets=P)) and each lane is a group of requests with
+its own running rows, rows 0..n-1 of its own set, in the layout above.
+`step` then advances one lane per call, round robin, the same lane on every
+rank: it selects the lane's cache set, COLLECTS the decoding pass the lane
+launched at its previous turn (the last stage's ids or logits) and emits its
+events (sampling, stops, releases), plans (cancellations of this lane's rows
+or of waiting requests; admissions into this lane's free rows from the
+shared queue), prefills the lane's chunk (all stages, synchronously), and
+LAUNCHES the lane's next decoding pass, returning without waiting for the
+stages after this rank's. So at steady state stage 0 computes lane A's next
+pass while stage 1 computes lane B's, across steps: with P lanes busy every
+stage is. A lane alone (one request) waits for its whole pass at its next
+turn, the latency of stage-at-a-time decoding; an idle lane's turn costs
+only its plan header. Request ids, the waiting queue, the metrics and the
+prefix cache (its blocks are copies) are shared by the lanes; a lane's
+prompt-token budget is the chunk while any lane decodes (its prefill runs on
+every stage and holds up every lane). The plan
+header goes point to point from rank 0 (ModelRunner.send_plan, receives
+posted ahead), so planning never waits for a stage busy on another lane;
+the admissions' payload and agreement stay collectives (steps that admit
+only). A request's tokens do not depend on its lane or on the other rows,
+so they are those of one process, greedy or seeded.
+
+`self.running` is the current lane's rows (all rows without lanes). An
+`Engine(overlap=True)` whose max_batch_size is not a multiple of the stages
+is refused; `overlap=None` (the default) then runs the stages one at a time.
+Speculative decoding is not combined with lanes.
 """
 
 import dataclasses
@@ -59,7 +92,7 @@ from ..parallel.collectives import broadcast_from_first
 from ..text.messages import StopReason
 from .metrics import RequestMetrics
 from .prefix_cache import PrefixCache, capacity_for
-from .runner import ModelRunner
+from .runner import ModelRunner, PendingDecode
 from .sampling import RowState, SamplingParams, row_generator, sample_rows, token_logprobs
 from ..text.stream import StopStrings, TextStream
 
@@ -163,15 +196,29 @@ class _Sequence:
         return len(self.request.prompt_tokens) + len(self.tokens) - 1
 
 
+@dataclass(eq=False)
+class _Lane:
+    """A group of running requests in one KV-cache set (see Lanes above)."""
+
+    index: int
+    running: List[_Sequence] = field(default_factory=list)
+    # The decoding pass launched at the lane's last turn: its rows and the runner's handle.
+    pending: Optional[Tuple[List[_Sequence], PendingDecode]] = None
+
+
 class Engine:
     """Continuous batching over a model's KV cache (`max_batch_size` rows).
 
     Not thread-safe: one caller submits and steps (a server runs it in one
     thread). Under torchrun every rank must call `step` the same number of
     times; rank 0's queue and cancellations decide what each step does.
+    `overlap` (pipeline stages only): None runs one lane per stage where
+    max_batch_size is a multiple of the stages, True insists (ValueError
+    otherwise), False runs the stages one at a time (see Lanes above).
     """
 
-    def __init__(self, model, tokenizer, prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = 0):
+    def __init__(self, model, tokenizer, prefill_chunk: int = PREFILL_CHUNK, prefix_cache_bytes: int = 0,
+                 overlap: Optional[bool] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.params = model.params
@@ -187,6 +234,7 @@ class Engine:
         self._ended: List[_Sequence] = []  # cancelled, waiting for their last event
         self._stopping = False  # rank 0: the next step tells the other ranks to stop following
         self.stopped = False  # a following rank: rank 0 said stop
+        self._stop_now = False  # ... in this step's plan
         self.passes = ModelRunner(model)  # the model's passes; with pipeline stages, their results on every rank
         group = _all_ranks_group()
         self._group = group
@@ -196,6 +244,34 @@ class Engine:
         self.prefilled_tokens = 0  # prompt tokens run through the model (not copied from the prefix cache)
         self.set_prefix_cache(prefix_cache_bytes)
         self.speculator = None  # speculative.Speculator: set_speculation
+        self._lanes = [_Lane(0, self.running)]
+        self._turn = 0  # the lane the next step advances
+        self._lane_rows = self.max_batch_size
+        self._set_lanes(overlap)
+
+    def _set_lanes(self, overlap: Optional[bool]) -> None:
+        """One lane per pipeline stage where `overlap` (see Lanes above)."""
+        if overlap not in (None, True, False):
+            raise ValueError(f"overlap must be true, false or unset (None), got {overlap!r}")
+        stages = self.passes.stages
+        lanes = stages if overlap is not False and stages > 1 else 1
+        if lanes > 1 and self.max_batch_size % lanes:
+            if overlap:
+                raise ValueError(f"overlap splits the KV-cache rows into one lane per pipeline stage, but "
+                                 f"max_batch_size={self.max_batch_size} is not a multiple of the {stages} stages: "
+                                 f"give a max_batch_size that is (e.g. {stages * -(-self.max_batch_size // stages)}), "
+                                 "or turn overlap off")
+            lanes = 1
+        if lanes != max(1, getattr(self.model, "cache_sets", 1)):
+            k = self.model.layers[0].attention.cache_k
+            self.model.setup_caches(k.device, k.dtype, sets=lanes)
+        self._lanes = [self._lanes[0]] + [_Lane(i) for i in range(1, lanes)]
+        self._lane_rows = self.max_batch_size // lanes
+
+    @property
+    def lanes(self) -> int:
+        """How many lanes the rows are split into (1: the stages run one at a time)."""
+        return len(self._lanes)
 
     # -- the public interface ---------------------------------------------
 
@@ -209,7 +285,12 @@ class Engine:
 
     @property
     def free_slots(self) -> int:
-        return self.max_batch_size - len(self.running)
+        return self.max_batch_size - self.n_running
+
+    @property
+    def n_running(self) -> int:
+        """Requests in KV-cache rows, in every lane (`running` is the current lane's)."""
+        return sum(len(lane.running) for lane in self._lanes)
 
     def set_prefix_cache(self, budget_bytes: int) -> None:
         """Keeps KV-cache blocks of earlier requests in `budget_bytes` (of the
@@ -248,7 +329,8 @@ class Engine:
         return sum(s.prefilled for s in self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._cancelled or self._ended)
+        return bool(self.waiting or self._cancelled or self._ended
+                    or any(lane.running or lane.pending for lane in self._lanes))
 
     def submit(self, request: Request) -> int:
         """Queues `request`; returns its id. Raises ValueError for a prompt that cannot run."""
@@ -299,13 +381,45 @@ class Engine:
             self._stopping = False
             if self._world > 1:
                 self._broadcast_plan([], [], stop=True)
+                self._drain_lanes()
             return []
+        if len(self._lanes) > 1:
+            return self._lane_step()
         admitted = self._plan()
         ended, self._ended = self._ended, []
         events = [self._finish_event(seq, StopReason.CANCELLED) for seq in ended]
         events += self._decode()
         events += self._prefill(admitted)
         return events
+
+    def _lane_step(self) -> List[TokenEvent]:
+        """One lane's turn (see Lanes above): collect its last pass, plan,
+        prefill its chunk, launch its next pass."""
+        lane = self._lanes[self._turn]
+        self._turn = (self._turn + 1) % len(self._lanes)
+        self.running = lane.running
+        self.model.select_cache(lane.index)
+        events = self._collect(lane)
+        self._stop_now = False
+        admitted = self._plan()
+        if self._stop_now:  # a follower told to stop: the other lanes' passes end here too
+            self._turn = lane.index  # as on rank 0, whose stopping step advances no lane
+            self._drain_lanes()
+            return events
+        ended, self._ended = self._ended, []
+        events += [self._finish_event(seq, StopReason.CANCELLED) for seq in ended]
+        events += self._prefill(admitted)
+        self._launch(lane)
+        return events
+
+    def _drain_lanes(self) -> None:
+        """Takes (and drops) every lane's pass in flight, so no message is left
+        unreceived when the ranks stop following."""
+        for lane in self._lanes:
+            if lane.pending is not None:
+                self.passes.collect(lane.pending[1])
+                lane.pending = None
+        self.passes.drain()
 
     # -- scheduling -------------------------------------------------------
 
@@ -318,6 +432,9 @@ class Engine:
             self._set_step_budget()
         else:
             cancelled, self._cancelled = self._cancelled, []
+            if len(self._lanes) > 1:  # a row of another lane leaves at that lane's turn
+                later = [rid for rid in cancelled if self._in_other_lane(rid)]
+                cancelled, self._cancelled = [rid for rid in cancelled if rid not in later], later
             self._ended += self._remove(cancelled)
             self._step_chunk = self.prefill_chunk
             self._set_step_budget()
@@ -331,10 +448,15 @@ class Engine:
             seq.prefix = self.prefix_cache.take(seq.request.prompt_tokens, seq.reused) if seq.reused else []
         return admitted
 
+    def _in_other_lane(self, rid: int) -> bool:
+        seq = self._sequences.get(rid)
+        return seq is not None and any(seq in lane.running for lane in self._lanes if lane.running is not self.running)
+
     def _set_step_budget(self) -> None:
         """This step's prompt-token budget, from rank 0's chunk and the rows every
-        rank holds: the chunk while rows decode, else at least PREFILL_TOKEN_BUDGET."""
-        idle = self.n_decoding == 0
+        rank holds: the chunk while rows decode (in any lane: a prefill holds up
+        every lane's streams), else at least PREFILL_TOKEN_BUDGET."""
+        idle = not any(s.prefilled for lane in self._lanes for s in lane.running)
         self._step_budget = max(self._step_chunk, PREFILL_TOKEN_BUDGET) if idle else self._step_chunk
 
     def _choose_admissions(self) -> List[_Sequence]:
@@ -343,7 +465,7 @@ class Engine:
         budget counts the tokens after each prompt's cached prefix; the last
         one admitted may take only a chunk of its prompt this step."""
         budget = self._step_budget - sum(len(s.request.prompt_tokens) - s.cached for s in self.running[self.n_decoding:])
-        admitted, free = [], self.free_slots
+        admitted, free = [], self._lane_rows - len(self.running)
         for seq in self.waiting:
             if len(admitted) == free or budget <= 0:
                 break
@@ -358,7 +480,10 @@ class Engine:
     def _broadcast_plan(self, cancelled: List[int], admitted: List[_Sequence], stop: bool = False) -> None:
         header = torch.tensor([len(cancelled), len(admitted), stop, self._step_chunk], dtype=torch.long,
                               device=self._comm_device())
-        broadcast_from_first(header, self._group)
+        if len(self._lanes) > 1:
+            self.passes.send_plan(header)
+        else:
+            broadcast_from_first(header, self._group)
         if cancelled or admitted:
             payload = [(cancelled, [(s.id, s.request, s.seed, s.reused) for s in admitted])]
             dist.broadcast_object_list(payload, src=dist.get_global_rank(self._group, 0), group=self._group)
@@ -366,10 +491,13 @@ class Engine:
                 self._agree(None)
 
     def _receive_plan(self) -> Tuple[List[int], List[_Sequence]]:
-        header = torch.zeros(4, dtype=torch.long, device=self._comm_device())
-        n_cancelled, n_admitted, stop, self._step_chunk = broadcast_from_first(header, self._group).tolist()
+        if len(self._lanes) > 1:
+            header = self.passes.receive_plan((4,), torch.long, self._comm_device())
+        else:
+            header = broadcast_from_first(torch.zeros(4, dtype=torch.long, device=self._comm_device()), self._group)
+        n_cancelled, n_admitted, stop, self._step_chunk = header.tolist()
         if stop:
-            self.stopped = True
+            self.stopped = self._stop_now = True
             return [], []
         if not n_cancelled + n_admitted:
             return [], []
@@ -532,6 +660,29 @@ class Engine:
             return [(c, None) for c in chosen]
         top_ids, top_lps = top[0].tolist(), top[1].tolist()
         return [(c, list(zip(a, b))) for c, a, b in zip(chosen, top_ids, top_lps)]
+
+    def _launch(self, lane: _Lane) -> None:
+        """Starts the decoding pass of the lane's decoding rows (this rank's
+        stage of it; `_collect` takes its result at the lane's next turn)."""
+        rows = self.running[:self.n_decoding]
+        if not rows:
+            return
+        tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
+        positions = [s.next_pos for s in rows]
+        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        params = [s.request.params for s in rows]
+        argmax_only = all(p.argmax_only and not p.wants_logprobs for p in params)
+        lane.pending = (rows, self.passes.launch_decode(tokens, start, argmax_only))
+        for seq, pos in zip(rows, positions):
+            seq.cached = pos + 1
+
+    def _collect(self, lane: _Lane) -> List[TokenEvent]:
+        """The events of the pass the lane launched at its previous turn."""
+        if lane.pending is None:
+            return []
+        (rows, pending), lane.pending = lane.pending, None
+        ids, logits = self.passes.collect(pending)
+        return self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
 
     def _prefill(self, admitted: List[_Sequence]) -> List[TokenEvent]:
         """Puts the admitted requests into rows after the running ones, runs this

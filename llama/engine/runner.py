@@ -24,9 +24,25 @@ stage's T tensor-parallel ranks are consecutive ranks, one node under
 torchrun. Rank t of a stage talks to rank t of the next (fairscale's
 pipeline group): each holds the whole hidden state after its layers.
 
-The stages run one after another, not overlapped: this is for fitting a
-model onto nodes behind a slow link, not for throughput.
+One decoding pass runs its stages one after another. To keep every stage
+busy, the engine splits its rows into P lanes (llama/engine/engine.py) and
+runs a decoding pass in two halves: `launch_decode` does this rank's part
+(stage 0: its layers, then the hidden state sent on; a later stage: receive,
+its layers, send on; the last: the ids or logits, sent to every other rank
+and kept) and returns at once; `collect` takes the pass's result (the last
+stage's kept one, or the one it sent) at the lane's next turn. Between the
+two, stage 0 runs another lane while stage 1 runs this one. `decode` is the
+two back to back (stage at a time). Each peer pair's messages of one tag
+arrive in the order sent, and every rank runs the lanes in the same order,
+so the lanes' passes need no tag of their own.
+
+The engine's per-step plan header goes from rank 0 to every rank point to
+point (`send_plan`, `receive_plan`, receives posted ahead), not by a
+broadcast: a broadcast would hold rank 0 until the last stage had finished
+the other lane's pass, which is the wait the lanes are there to remove.
 """
+
+from dataclasses import dataclass
 
 import zlib
 from collections import deque
@@ -100,19 +116,64 @@ class ModelRunner:
                 ids = vocab_parallel_argmax(local) if argmax_only else vocab_parallel_sample(local, row_states())
                 return ids, None
             return None, self.model.forward(tokens, start, last_logits_only=True)[:, 0]
+        return self.collect(self.launch_decode(tokens, start, argmax_only))
+
+    def launch_decode(self, tokens: torch.Tensor, start, argmax_only: bool) -> "PendingDecode":
+        """Pipeline stages: this rank's part of a decoding pass (see the module
+        docstring), without waiting for the stages after it; `collect` gives
+        the pass's (ids, None) if `argmax_only`, else (None, logits)."""
+        if self.stages == 1:
+            raise RuntimeError("launch_decode is for pipeline stages; one stage decodes with decode()")
         rows = tokens.shape[0]
         x = tokens if self.first else self._receive("decode", (rows, 1, self.model.params.dim), self._dtype, True)
         out = self.model.forward(x, start, last_logits_only=True, gather_logits=not argmax_only)
         if not self.last:
             self._send(out, "decode")
-            out = None
-        elif argmax_only:
-            out = vocab_parallel_argmax(out[:, 0])  # (rows,)
-        else:
-            out = out[:, 0]  # (rows, vocab)
-        if argmax_only:
-            return self._from_last(out, "ids", (rows,), torch.long, True), None
-        return None, self._from_last(out, "logits", (rows, self.model.params.vocab_size), torch.float32, True)
+            return PendingDecode(rows, argmax_only, None)
+        out = vocab_parallel_argmax(out[:, 0]) if argmax_only else out[:, 0]  # (rows,) or (rows, vocab)
+        for peer in self.ranks[:-1]:
+            self._send(out, "ids" if argmax_only else "logits", peer)
+        return PendingDecode(rows, argmax_only, out)
+
+    def collect(self, pending: "PendingDecode") -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The result of a pass `launch_decode` started, on every rank: (ids, None) or (None, logits)."""
+        if pending.argmax_only:
+            ids = pending.result if self.last else self._receive("ids", (pending.rows,), torch.long, True,
+                                                                 peer=self.ranks[-1])
+            return ids, None
+        shape = (pending.rows, self.model.params.vocab_size)
+        logits = pending.result if self.last else self._receive("logits", shape, torch.float32, True,
+                                                                peer=self.ranks[-1])
+        return None, logits
+
+    # -- the engine's plan header, rank 0 to every rank -------------------------
+
+    def send_plan(self, header: torch.Tensor) -> None:
+        """Rank 0: `header` to every other rank, without waiting for them."""
+        header = header.contiguous()
+        tag = _tag("plan", header.shape, header.dtype)
+        self._sends = [(w, x) for w, x in self._sends if not w.is_completed()]
+        for peer in range(1, dist.get_world_size()):
+            self._sends.append((dist.isend(header, peer, tag=tag), header))
+
+    def receive_plan(self, shape, dtype, device) -> torch.Tensor:
+        """A rank other than 0: rank 0's next `send_plan` header (receives
+        posted ahead on gloo; on NCCL a posted receive would hold up the
+        world group's collectives, and it needs no ready notice)."""
+        tag = _tag("plan", shape, dtype)
+        queue = self._posted.setdefault(("plan", tag), deque())
+        while len(queue) < (AHEAD + 1 if dist.get_backend() == "gloo" else 1):
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+            queue.append((buffer, dist.irecv(buffer, 0, tag=tag)))
+        buffer, request = queue.popleft()
+        request.wait()
+        return buffer
+
+    def drain(self) -> None:
+        """Waits for this rank's sends (the peers have received them)."""
+        for request, _ in self._sends:
+            request.wait()
+        self._sends = []
 
     def prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int],
                 all_logits: Sequence[bool] = (), starts: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
@@ -168,6 +229,16 @@ class ModelRunner:
         buffer, request = queue.popleft()
         request.wait()
         return buffer
+
+
+@dataclass
+class PendingDecode:
+    """A decoding pass `ModelRunner.launch_decode` started: its rows, its kind,
+    and on the last stage its result (ids (rows,) or logits (rows, vocab))."""
+
+    rows: int
+    argmax_only: bool
+    result: Optional[torch.Tensor]
 
 
 def _tag(kind: str, shape, dtype) -> int:

@@ -80,8 +80,11 @@ class NativeDecoding:
     """Transformer.decode_hook for our CPU kernels (see the module docstring)."""
 
     def __init__(self):
-        self._blocks: dict = {}  # id(block) -> (what it was decided for, BlockWeights or None)
-        self._layers: Optional[native.Layers] = None
+        # Per KV-cache set (Transformer.select_cache swaps the cache tensors):
+        # (id(block), id(cache_k)) -> (what it was decided for, BlockWeights or None),
+        # and id(first block's cache_k) -> native.Layers, so alternating sets rebuild nothing.
+        self._blocks: dict = {}
+        self._layers: dict = {}
 
     def __call__(self, model: Transformer, h: torch.Tensor, inputs: AttentionInputs) -> Optional[torch.Tensor]:
         if inputs.self_attention or not native.fused(h):
@@ -98,12 +101,17 @@ class NativeDecoding:
     def layers(self, model: Transformer, dtype: torch.dtype) -> Optional[native.Layers]:
         """Every block for native.decode_layers, or None unless each block
         can (`block_weights`)."""
+        key = id(model.layers[0].attention.__dict__["cache_k"]) if model.layers else None
+        if key not in self._layers and len(self._layers) >= max(1, model.__dict__.get("cache_sets", 1)):
+            self._layers.clear()  # a new cache (setup_caches again): drop the old sets' state and tensors
+            self._blocks.clear()
         blocks = [self.block_weights(layer, dtype) for layer in model.layers]
         if not blocks or any(b is None for b in blocks):
             return None
-        if self._layers is None or any(new is not old for new, old in zip(blocks, self._layers.blocks)):
-            self._layers = native.Layers(blocks)
-        return self._layers
+        layers = self._layers.get(key)
+        if layers is None or any(new is not old for new, old in zip(blocks, layers.blocks)):
+            layers = self._layers[key] = native.Layers(blocks)
+        return layers
 
     def block_weights(self, block: TransformerBlock, dtype: torch.dtype) -> Optional[native.BlockWeights]:
         """`block` for native.decode_layers (decode_layers_parallel under
@@ -116,9 +124,10 @@ class NativeDecoding:
         linears = (a._modules["wqkv"], a._modules["wo"], f._modules["w13"], f._modules["w2"])
         key = (dtype, a.__dict__["cache_k"], a.__dict__["cache_v"], m["attention_norm"]._parameters["weight"],
                m["ffn_norm"]._parameters["weight"], *(layer._modules.get("matmul") for layer in linears))
-        seen = self._blocks.get(id(block))
+        slot = (id(block), id(key[1]))
+        seen = self._blocks.get(slot)
         if seen is None or any(new is not old for new, old in zip(key, seen[0])):
-            seen = self._blocks[id(block)] = (key, _block_weights(block, dtype))
+            seen = self._blocks[slot] = (key, _block_weights(block, dtype))
         return seen[1]
 
 

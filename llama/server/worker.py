@@ -210,7 +210,7 @@ class EngineWorker:
             last_step = time.monotonic()
             self.steps += 1
             # Counts first: a client that has its event may look at them at once.
-            self.running, self.waiting = len(engine.running), len(engine.waiting)
+            self.running, self.waiting = engine.n_running, len(engine.waiting)
             for event in events:
                 h = self._handles.get(event.row)
                 if h is None:

@@ -257,7 +257,8 @@ def worker_run(gen, follow: bool) -> dict:
     """Rank 0 runs long prompts joining running rows (one cancelled mid-prefill,
     one with prompt logprobs) with a prefix cache; with `follow`, the other
     ranks follow its steps, as under a server."""
-    engine = Engine(gen.model, gen.tokenizer, prefill_chunk=CHUNK, prefix_cache_bytes=MiB)
+    # Stage at a time (no lanes): the cancellation lands at the same step as in one process.
+    engine = Engine(gen.model, gen.tokenizer, prefill_chunk=CHUNK, prefix_cache_bytes=MiB, overlap=False)
     if follow and torch.distributed.get_rank() != 0:
         engine.follow()
         result = {}
