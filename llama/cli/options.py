@@ -30,6 +30,11 @@ def add_model_args(p: argparse.ArgumentParser, max_seq_len: int = 2048, max_batc
     g.add_argument("--pipeline_stages", metavar="P", type=int, default=1,
                    help="under torchrun: split the layers into P stages (world size / P processes each, "
                         "tensor-parallel within a stage), for nodes behind slow links (default 1)")
+    g.add_argument("--pipeline_overlap", choices=["on", "off"], default="on",
+                   help="with --pipeline_stages P: on splits the KV-cache rows into P lanes whose decoding passes "
+                        "flow through the stages one behind the other, so every stage works at once with several "
+                        "requests (needs --max_batch_size a multiple of P, else the stages take turns); off: the "
+                        "stages take turns (default on)")
     g.add_argument("--max_seq_len", metavar="N", type=int, default=max_seq_len,
                    help=f"prompt plus answer, in tokens (sizes the KV cache; default {max_seq_len})")
     g.add_argument("--max_batch_size", metavar="N", type=int, default=max_batch_size,
@@ -168,6 +173,8 @@ def build_generator(a: argparse.Namespace):
         device=a.device, dtype=a.dtype, quantize=a.quantize, threads=a.threads, compile=a.compile,
         pipeline_stages=a.pipeline_stages,
     )
+    if getattr(a, "pipeline_overlap", "on") == "off":
+        generator.engine.set_overlap(False)
     if hasattr(a, "speculate"):
         apply_speculation(generator, a)
     return generator

@@ -268,6 +268,20 @@ class Engine:
         self._lanes = [self._lanes[0]] + [_Lane(i) for i in range(1, lanes)]
         self._lane_rows = self.max_batch_size // lanes
 
+    def set_overlap(self, overlap: Optional[bool]) -> None:
+        """Lanes on (True, or None: where max_batch_size allows) or off (False:
+        the stages run one at a time), between steps while no request is in
+        the engine. Under torchrun every rank must set the same. ValueError
+        while requests are queued or running, or as `Engine(overlap=...)`."""
+        if self.has_work():
+            raise ValueError("set_overlap changes how the KV-cache rows are split: call it while no request is "
+                             "queued or running")
+        self._set_lanes(overlap)
+        self._turn = 0
+        self.running = self._lanes[0].running
+        if self.lanes > 1:
+            self.model.select_cache(0)
+
     @property
     def lanes(self) -> int:
         """How many lanes the rows are split into (1: the stages run one at a time)."""

@@ -125,6 +125,9 @@ def test_lanes_split_refused_or_skipped(gen):
         assert engine.lanes == 1 and gen.model.cache_sets == 1
         with pytest.raises(ValueError, match="overlap must be true, false or unset"):
             engine._set_lanes("yes")
+        engine.submit(Request(gen.tokenizer.encode("Hi", bos=True, eos=False), SamplingParams(max_tokens=1)))
+        with pytest.raises(ValueError, match="call it while no request is queued or running"):
+            engine.set_overlap(True)
     finally:
         engine.passes.stages = 1
         engine._set_lanes(False)
@@ -174,6 +177,7 @@ def test_two_stages_with_lanes_give_the_tokens_of_one_process(gen, make_ckpt, tm
         if last[i][2] is not None:
             torch.testing.assert_close(torch.tensor(lps), torch.tensor(last[i][2]), atol=1e-4, rtol=1e-4)
     assert result["alone"] == alone
+    assert result["alone_off"] == alone and result["lanes_off"] == 1
 
 
 def _worker(ckpt: str, out: str, stop: str) -> None:
@@ -195,6 +199,9 @@ def _worker(ckpt: str, out: str, stop: str) -> None:
     # One request alone, every rank stepping (as Llama.generate does).
     alone, _, _ = drive(engine, {0: [requests(gen.tokenizer)[0][0]]})
     result["alone"] = alone[0]
+    engine.set_overlap(False)  # --pipeline_overlap off: the stages take turns, the same tokens
+    again, _, _ = drive(engine, {0: [requests(gen.tokenizer)[0][0]]})
+    result["alone_off"], result["lanes_off"] = again[0], engine.lanes
     if dist.get_rank() == 0:
         torch.save(result, out)
 
