@@ -34,13 +34,17 @@ distribution plain decoding gives it, and greedy output is plain greedy
 output (up to the float rounding of a k + 1 token pass against a 1 token
 one, about 1e-6 in fp32).
 
-Adaptive: each request counts the tokens proposed and accepted; after
-`probation` proposals, if fewer than `min_acceptance` of them were accepted,
-that request stops proposing (it decodes plainly from then on, at plain
-speed). A verification pass costs more than a decode step (it computes k + 1
-positions, and skips the fused one-token CPU kernel), so proposals that are
-mostly wrong make decoding slower; see docs/engine.md for the measured break
-even.
+Adaptive: each request judges its proposals in windows of `probation`
+proposed tokens; a window with fewer than `min_acceptance` of them accepted
+pauses the request's proposals for PAUSE_STEPS steps (it decodes plainly,
+at plain speed), a pause that doubles with each failed window after it (up
+to MAX_PAUSE_STEPS) and starts again from PAUSE_STEPS after a good one. So
+an answer that copies its input after a preamble of its own still
+speculates where it copies, and free text pays a failed probe only every
+few hundred steps. A verification pass costs more than a decode step (it
+computes k + 1 positions, and skips the fused one-token CPU kernel), so
+proposals that are mostly wrong make decoding slower; see docs/engine.md
+for the measured break even.
 
 Limits: one process only (under torchrun the ranks would have to agree on
 every proposal and the runner's stages return only last-position logits):
@@ -121,12 +125,21 @@ def accept_token(p: torch.Tensor, x: int, q: Optional[torch.Tensor],
     return False, int(torch.multinomial(residual / total, 1, generator=generator))
 
 
+# Steps a request's proposals pause after a window of poor acceptance; each
+# failed window after it doubles the pause, up to MAX_PAUSE_STEPS.
+PAUSE_STEPS = 4
+MAX_PAUSE_STEPS = 256
+
+
 @dataclass
 class _Stats:
     proposed: int = 0
     accepted: int = 0
     rounds: int = 0
-    off: bool = False
+    window_proposed: int = 0  # since the window began
+    window_accepted: int = 0
+    paused: int = 0  # steps left without proposals
+    pause: int = PAUSE_STEPS  # the next pause's length
 
 
 class NgramProposer:
@@ -257,12 +270,12 @@ class DraftProposer:
 class Speculator:
     """What the engine asks: proposals per running row, and the verdict on them.
 
-    `tokens`: k, the most tokens proposed per row and step. A request stops
-    proposing once it had `probation` tokens proposed and accepted fewer than
-    `min_acceptance` of them.
+    `tokens`: k, the most tokens proposed per row and step. A request pauses
+    its proposals after a window of `probation` proposed tokens of which it
+    accepted fewer than `min_acceptance` (see Adaptive above).
     """
 
-    def __init__(self, proposer, tokens: int = 4, min_acceptance: float = 0.5, probation: int = 8):
+    def __init__(self, proposer, tokens: int = 4, min_acceptance: float = 0.3, probation: int = 4):
         check_tokens(tokens)
         if not 0.0 <= min_acceptance <= 1.0:
             raise ValueError(f"min_acceptance must be in [0, 1], got {min_acceptance!r}")
@@ -285,8 +298,7 @@ class Speculator:
 
     def propose(self, rows, limits: Sequence[int]) -> List[Optional[Proposal]]:
         """Per row (engine sequences), a Proposal of at most its limit tokens, or None."""
-        limits = [0 if self._stats.setdefault(s.id, _Stats()).off else min(k, self.tokens)
-                  for s, k in zip(rows, limits)]
+        limits = [0 if self._paused(s.id) else min(k, self.tokens) for s, k in zip(rows, limits)]
         contexts = [list(s.request.prompt_tokens) + s.tokens for s in rows]
         return self.proposer.propose(rows, limits, contexts)
 
@@ -338,8 +350,22 @@ class Speculator:
         st.rounds += 1
         self.proposed += proposed
         self.accepted += accepted
-        if st.proposed >= self.probation and st.accepted < self.min_acceptance * st.proposed:
-            st.off = True
+        st.window_proposed += proposed
+        st.window_accepted += accepted
+        if st.window_proposed >= self.probation:  # judge the window, start the next
+            if st.window_accepted < self.min_acceptance * st.window_proposed:
+                st.paused, st.pause = st.pause, min(2 * st.pause, MAX_PAUSE_STEPS)
+            else:
+                st.pause = PAUSE_STEPS
+            st.window_proposed = st.window_accepted = 0
+
+    def _paused(self, rid: int) -> bool:
+        """Whether request `rid` proposes nothing this step (counts down its pause)."""
+        st = self._stats.setdefault(rid, _Stats())
+        if st.paused:
+            st.paused -= 1
+            return True
+        return False
 
     def finish(self, rid: int) -> Tuple[int, int]:
         """Forgets request `rid`; returns its (proposed, accepted) tokens."""

@@ -226,14 +226,34 @@ def test_ngram_proposer_takes_the_longest_most_recent_match():
     assert ngram.propose([types.SimpleNamespace(id=1)], [3], [[5, 5, 5, 5, 5]])[0].tokens == [5, 5]
 
 
-def test_low_acceptance_turns_a_request_off():
+def test_low_acceptance_pauses_a_request_with_growing_pauses():
+    from llama.engine.speculative import MAX_PAUSE_STEPS, PAUSE_STEPS
+
     spec = Speculator.ngram(4, min_acceptance=0.5, probation=8)
     seq = types.SimpleNamespace(id=7, request=types.SimpleNamespace(prompt_tokens=(1, 2, 1, 2), params=GREEDY), tokens=[1])
+
+    def steps_paused():
+        n = 0
+        while spec.propose([seq], [4])[0] is None:
+            n += 1
+        return n
+
     assert spec.propose([seq], [4])[0] is not None
     for _ in range(2):
         spec._record(7, 4, 0)
-    assert spec.propose([seq], [4])[0] is None  # off for the rest of the request
-    assert spec.finish(7) == (8, 0)
+    assert spec.propose([seq], [4])[0] is None  # paused after a window with nothing accepted
+    assert 1 + steps_paused() == PAUSE_STEPS  # then it proposes again
+    spec._record(7, 8, 1)  # another poor window: a pause twice as long
+    assert steps_paused() == 2 * PAUSE_STEPS
+    spec._record(7, 8, 8)  # a good window: the next pause is short again
+    assert spec.propose([seq], [4])[0] is not None
+    spec._record(7, 8, 0)
+    assert steps_paused() == PAUSE_STEPS
+    for _ in range(10):  # pauses stop growing at MAX_PAUSE_STEPS
+        spec._record(7, 8, 0)
+        n = steps_paused()
+    assert n == MAX_PAUSE_STEPS
+    assert spec.finish(7) == (4 * 2 + 8 * 13, 9)
 
 
 def test_bad_settings_are_refused(gen, tmp_path):
