@@ -309,6 +309,38 @@ def run_config(a, procs: Processes, whole: Path, stages: int, delay_ms: float) -
             for i in range(stages)], "peak_bytes": peaks, "loads": result}
 
 
+def weight_bytes(ckpt: Path) -> int:
+    """Bytes of weights a decoding step reads: every tensor but the embedding (one row a token)."""
+    import torch
+
+    from llama.weights.checkpoint import find_shards
+
+    state = torch.load(find_shards(ckpt)[0], mmap=True, weights_only=True)
+    return sum(t.nbytes for k, t in state.items() if k != "tok_embeddings.weight")
+
+
+def decode_s(load: dict) -> float:
+    """Seconds per decoded token of one request: its time after the first token over the tokens after it."""
+    return (load["seconds"] - load["ttft_p50_s"]) / max(1, load["tokens"] - 1)
+
+
+def summary(runs: list, weights: int) -> dict:
+    """The one node's decode figures at 1 and at the most clients: seconds per
+    step, and the bandwidth they imply (weights read per step / step time)."""
+    one = next((r for r in runs if r["stages"] == 1), None)
+    if one is None:
+        return {}
+    loads = {x["clients"]: x for x in one["loads"]}
+    out = {"weight_bytes": weights}
+    if 1 in loads and loads[1]["requests"] == 1:
+        step = decode_s(loads[1])
+        out.update(step_1_s=step, bandwidth_bytes_per_s=weights / step)
+    most = max(loads)
+    if most > 1:
+        out.update(clients_most=most, step_most_s=most / loads[most]["tokens_per_s"])
+    return out
+
+
 def table(shape: str, runs: list) -> str:
     one = next((r for r in runs if r["stages"] == 1), None)
     one_peak = max(one["peak_bytes"]) if one else None
@@ -327,6 +359,65 @@ def table(shape: str, runs: list) -> str:
     return "\n".join(lines)
 
 
+LLAMA_70B = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 4096,
+             "ffn_dim_multiplier": 1.3}  # Llama 3.1 70B: FFN 28672
+
+
+def stored_int4(config: dict) -> tuple:
+    """(bytes a decoding step reads, parameters it multiplies by) of `config`
+    stored as random_weights writes int4: q4_1 layers, q8_0 output, embedding not read."""
+    from llama.weights import quantized
+    from llama.weights.args import ModelArgs
+    from llama.weights.random_weights import quantized_types, random_params
+    from llama.weights.schema import model_weights
+
+    args = ModelArgs.from_params(random_params("llama3.1", vocab_size=VOCAB, **config))
+    types, nbytes, params = quantized_types(args, "int4"), 0, 0
+    for name, w in model_weights(args).items():
+        if name in types:
+            wt, st = quantized.empty_stored(types[name], *w.shape)
+            nbytes, params = nbytes + wt.nbytes + st.nbytes, params + w.shape[0] * w.shape[1]
+    return nbytes, params
+
+
+def predict(s: dict, shape: str, config: dict = LLAMA_70B, nodes=(3, 4), links_gbit=(1, 10), latency_ms: float = 0.1,
+            rows: int = 8) -> str:
+    """The model of docs/distributed.md (#what-the-rehearsal-predicts) fed with this shape's one-node figures:
+    step(b) = R + b K on one node (R the weight reads, K a row's compute, from 1 and `rows` clients), scaled to
+    `config` by its bytes (R) and parameters (K); P stages add P hops of latency + b dim 2 bytes / link rate."""
+    if "step_most_s" not in s or s.get("clients_most") != rows:
+        return ""
+    w_meas, p_meas = stored_int4(SHAPES[shape])
+    w_big, p_big = stored_int4(config)
+    k = max(0.0, (s["step_most_s"] - s["step_1_s"]) / (rows - 1))
+    r = s["step_1_s"] - k
+    r_big, k_big = r * w_big / w_meas, k * p_big / p_meas
+    lines = [f"\nPredicted (model of docs/distributed.md), Llama 3.1 70B int4 as stored here: {w_big / 1e9:.1f} GB read "
+             f"a step; from {shape}: weight reads {r * 1000:.1f} ms ({s['weight_bytes'] / r / 1e9:.1f} GB/s), a row's "
+             f"compute {k * 1000:.1f} ms -> 70B: {r_big:.2f} s + {k_big:.2f} s a row; link latency {latency_ms} ms",
+             f"{'nodes':>5} {'link':>7} {'GB/node':>8} {'s/token b=1':>12} {f'tok/s b={rows} today':>16} "
+             f"{f'tok/s b={rows} overlapped':>21}"]
+    for p in nodes:
+        for gbit in links_gbit:
+            def hops(b):
+                return p * (latency_ms / 1000 + b * config["dim"] * 2 * 8 / (gbit * 1e9))
+            one = r_big + k_big + hops(1)
+            today = rows / (r_big + rows * k_big + hops(rows))
+            overlapped = rows / (r_big + rows * k_big / p + hops(rows / p))
+            lines.append(f"{p:>5} {gbit:>4} GbE {w_big / p / 1e9:>8.1f} {one:>12.2f} {today:>16.2f} {overlapped:>21.2f}")
+    return "\n".join(lines)
+
+
+def summary_text(s: dict) -> str:
+    if "bandwidth_bytes_per_s" not in s:
+        return ""
+    text = (f"\none node, 1 client: {s['step_1_s'] * 1000:.1f} ms a decoded token, {s['weight_bytes'] / 1e9:.2f} GB "
+            f"of weights read each: {s['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    if "step_most_s" in s:
+        text += f"; {s['clients_most']} clients: {s['step_most_s'] * 1000:.1f} ms a step (tokens/s incl. prefill)"
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="1b", choices=sorted(SHAPES))
@@ -339,12 +430,19 @@ def main() -> None:
     p.add_argument("--load_timeout", type=float, default=900, help="seconds for a configuration's load and clients")
     p.add_argument("--dist_timeout", type=float, default=600, help="LLAMA_DIST_TIMEOUT of the nodes")
     p.add_argument("--out", type=Path, help="JSON results (default: <cache>/<shape>-results.json)")
+    p.add_argument("--report", action="store_true", help="print the table of the JSON results (--out) again; run nothing")
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--ready_timeout", type=float, default=600, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.client:
         return client_main(a)
+    out = a.out or CACHE / f"{a.shape}-results.json"
+    if a.report:
+        saved = json.loads(out.read_text())
+        facts = saved.get("summary") or summary(saved["runs"], weight_bytes(CACHE / f"{saved['shape']}-int4"))
+        print(table(saved["shape"], saved["runs"]) + summary_text(facts) + predict(facts, saved["shape"]))
+        return
     if any(s < 1 for s in a.stages) or any(c < 1 for c in a.clients) or any(d < 0 for d in a.delays_ms):
         p.error("--stages and --clients must be 1 or more, --delays_ms 0 or more")
     if any(s > 1 for s in a.stages) and os.geteuid() != 0:
@@ -362,7 +460,6 @@ def main() -> None:
     signal.signal(signal.SIGINT, interrupted)
     a.logs = CACHE / "logs"
     a.logs.mkdir(parents=True, exist_ok=True)
-    out = a.out or CACHE / f"{a.shape}-results.json"
     whole = checkpoint(a.shape)
     runs = []
     try:
@@ -375,7 +472,9 @@ def main() -> None:
                     "cpu_count": os.cpu_count(), "runs": runs}, indent=1))
     finally:
         procs.stop(timeout=5)
-    print(table(a.shape, runs))
+    facts = summary(runs, weight_bytes(whole))
+    out.write_text(json.dumps({**json.loads(out.read_text()), "summary": facts}, indent=1))
+    print(table(a.shape, runs) + summary_text(facts) + predict(facts, a.shape))
     print(f"\nJSON: {out}; node logs: {a.logs}")
 
 
