@@ -320,8 +320,11 @@ def weight_bytes(ckpt: Path) -> int:
 
 
 def decode_s(load: dict) -> float:
-    """Seconds per decoded token of one request: its time after the first token over the tokens after it."""
-    return (load["seconds"] - load["ttft_p50_s"]) / max(1, load["tokens"] - 1)
+    """Seconds a decoding step takes with load["clients"] rows: the time after
+    the (median) first token over the tokens a request gets after its first
+    (the requests start together, so their steps are shared; prefill is out)."""
+    per_request = load["tokens"] / max(1, load["requests"])
+    return (load["seconds"] - load["ttft_p50_s"]) / max(1.0, per_request - 1)
 
 
 def summary(runs: list, weights: int) -> dict:
@@ -336,8 +339,8 @@ def summary(runs: list, weights: int) -> dict:
         step = decode_s(loads[1])
         out.update(step_1_s=step, bandwidth_bytes_per_s=weights / step)
     most = max(loads)
-    if most > 1:
-        out.update(clients_most=most, step_most_s=most / loads[most]["tokens_per_s"])
+    if most > 1 and loads[most]["requests"] == most:
+        out.update(clients_most=most, step_most_s=decode_s(loads[most]))
     return out
 
 
@@ -395,7 +398,8 @@ def predict(s: dict, shape: str, config: dict = LLAMA_70B, nodes=(3, 4), links_g
     lines = [f"\nPredicted (model of docs/distributed.md), Llama 3.1 70B int4 as stored here: {w_big / 1e9:.1f} GB read "
              f"a step; from {shape}: weight reads {r * 1000:.1f} ms ({s['weight_bytes'] / r / 1e9:.1f} GB/s), a row's "
              f"compute {k * 1000:.1f} ms -> 70B: {r_big:.2f} s + {k_big:.2f} s a row; link latency {latency_ms} ms",
-             f"{'nodes':>5} {'link':>7} {'GB/node':>8} {'s/token b=1':>12} {f'tok/s b={rows} today':>16} "
+             f"{'nodes':>5} {'link':>7} {'GB/node':>8} {'s/token b=1':>12} {'of it network':>14} "
+             f"{f'tok/s b={rows} today':>16} "
              f"{f'tok/s b={rows} overlapped':>21}"]
     for p in nodes:
         for gbit in links_gbit:
@@ -404,7 +408,7 @@ def predict(s: dict, shape: str, config: dict = LLAMA_70B, nodes=(3, 4), links_g
             one = r_big + k_big + hops(1)
             today = rows / (r_big + rows * k_big + hops(rows))
             overlapped = rows / (r_big + rows * k_big / p + hops(rows / p))
-            lines.append(f"{p:>5} {gbit:>4} GbE {w_big / p / 1e9:>8.1f} {one:>12.2f} {today:>16.2f} {overlapped:>21.2f}")
+            lines.append(f"{p:>5} {gbit:>4} GbE {w_big / p / 1e9:>8.1f} {one:>12.2f} {hops(1) * 1000:>11.2f} ms {today:>16.2f} {overlapped:>21.2f}")
     return "\n".join(lines)
 
 
@@ -414,7 +418,7 @@ def summary_text(s: dict) -> str:
     text = (f"\none node, 1 client: {s['step_1_s'] * 1000:.1f} ms a decoded token, {s['weight_bytes'] / 1e9:.2f} GB "
             f"of weights read each: {s['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
     if "step_most_s" in s:
-        text += f"; {s['clients_most']} clients: {s['step_most_s'] * 1000:.1f} ms a step (tokens/s incl. prefill)"
+        text += f"; {s['clients_most']} clients: {s['step_most_s'] * 1000:.1f} ms a step"
     return text
 
 
@@ -440,7 +444,7 @@ def main() -> None:
     out = a.out or CACHE / f"{a.shape}-results.json"
     if a.report:
         saved = json.loads(out.read_text())
-        facts = saved.get("summary") or summary(saved["runs"], weight_bytes(CACHE / f"{saved['shape']}-int4"))
+        facts = summary(saved["runs"], weight_bytes(CACHE / f"{saved['shape']}-int4"))
         print(table(saved["shape"], saved["runs"]) + summary_text(facts) + predict(facts, saved["shape"]))
         return
     if any(s < 1 for s in a.stages) or any(c < 1 for c in a.clients) or any(d < 0 for d in a.delays_ms):
