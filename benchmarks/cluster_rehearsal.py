@@ -462,7 +462,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGINT, interrupted)
-    a.logs = CACHE / "logs"
+    a.logs = CACHE / "logs" / a.shape
     a.logs.mkdir(parents=True, exist_ok=True)
     whole = checkpoint(a.shape)
     runs = []
