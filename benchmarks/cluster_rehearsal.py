@@ -32,9 +32,9 @@ stopped (SIGTERM, then SIGKILL) on exit, on an error and on Ctrl-C or
 SIGTERM; the link removes its namespaces when stopped, and namespaces of the
 same names left by a killed run are removed before a run starts.
 
-What it measures is the pipeline as it is: stages run one after another for
-each step of the whole batch (stage-at-a-time). A pipeline that overlaps
-stages over micro-batches is compared by the same command.
+Each staged configuration runs twice by default: with the stages taking
+turns for each step of the whole batch (`--pipeline_overlap off`) and with
+lanes, one group of rows per stage in flight at once (`on`); --overlap picks.
 """
 
 import argparse
@@ -188,11 +188,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_args(a, ckpt: Path, port: int, stages: int) -> list:
+def serve_args(a, ckpt: Path, port: int, stages: int, overlap: str = "off") -> list:
+    # max_batch_size: the most clients, rounded up to a multiple of the stages so the lanes can split it.
+    rows = -(-max(a.clients) // stages) * stages
     return ["-m", "llama", "serve", "--ckpt_dir", str(ckpt), "--tokenizer_path", str(ckpt_tokenizer(ckpt)),
-            "--threads", "1", "--max_batch_size", str(max(a.clients)), "--max_seq_len", str(a.max_seq_len),
-            "--pipeline_stages", str(stages), "--port", str(port), "--shutdown_timeout", "0",
-            "--prefix_cache_mb", "0", "--max_queue", "64"]
+            "--threads", "1", "--max_batch_size", str(rows), "--max_seq_len", str(a.max_seq_len),
+            "--pipeline_stages", str(stages), "--pipeline_overlap", overlap, "--port", str(port),
+            "--shutdown_timeout", "0", "--prefix_cache_mb", "0", "--max_queue", "64"]
 
 
 def ckpt_tokenizer(ckpt: Path) -> Path:
@@ -256,7 +258,7 @@ def check_alive(procs: list, where: str) -> None:
             raise RuntimeError(f"a node's process exited with status {p.returncode} {where}; its log is above")
 
 
-def run_config(a, procs: Processes, whole: Path, stages: int, delay_ms: float) -> dict:
+def run_config(a, procs: Processes, whole: Path, stages: int, delay_ms: float, overlap: str = "off") -> dict:
     """One configuration: start the nodes (and the link), load them, read the workers' peaks, stop everything."""
     avail = cores()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LLAMA_SHM": "0",
@@ -286,8 +288,8 @@ def run_config(a, procs: Processes, whole: Path, stages: int, delay_ms: float) -
                                              sys.executable, "-m", "torch.distributed.run", "--nnodes", str(stages),
                                              "--node_rank", str(i), "--nproc_per_node", "1",
                                              "--master_addr", "10.215.0.1", "--master_port", str(MASTER_PORT),
-                                             *serve_args(a, ckpt, SERVE_PORT, stages)])
-                logf = open(a.logs / f"node{i}-{stages}stages-{delay_ms:g}ms.log", "w")
+                                             *serve_args(a, ckpt, SERVE_PORT, stages, overlap)])
+                logf = open(a.logs / f"node{i}-{stages}stages-{delay_ms:g}ms-overlap-{overlap}.log", "w")
                 logs.append(logf)
                 nodes.append(procs.start(cmd, env=env, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT))
             workers = lambda: [c for n in nodes for c in children(n.pid)]  # noqa: E731  torchrun's workers
@@ -305,7 +307,8 @@ def run_config(a, procs: Processes, whole: Path, stages: int, delay_ms: float) -
         procs.stop()
         for f in logs:
             f.close()
-    return {"stages": stages, "delay_ms": delay_ms if stages > 1 else 0.0, "cores": [avail[i % len(avail)]
+    return {"stages": stages, "delay_ms": delay_ms if stages > 1 else 0.0, "overlap": overlap if stages > 1 else "-",
+            "cores": [avail[i % len(avail)]
             for i in range(stages)], "peak_bytes": peaks, "loads": result}
 
 
@@ -348,7 +351,7 @@ def table(shape: str, runs: list) -> str:
     one = next((r for r in runs if r["stages"] == 1), None)
     one_peak = max(one["peak_bytes"]) if one else None
     lines = [f"\nCluster rehearsal, {shape} int4 (random weights), 1 thread per node\n",
-             f"{'nodes':>5} {'delay':>7} {'clients':>7} {'tokens/s':>9} {'x 1 node':>8} {'TTFT p50':>9} "
+             f"{'nodes':>5} {'delay':>7} {'overlap':>7} {'clients':>7} {'tokens/s':>9} {'x 1 node':>8} {'TTFT p50':>9} "
              f"{'peak GB per node':>24} {'x 1 node':>8}"]
     for r in runs:
         peaks = r["peak_bytes"]
@@ -356,7 +359,8 @@ def table(shape: str, runs: list) -> str:
             base = next((x for x in one["loads"] if x["clients"] == load["clients"]), None) if one else None
             speed = f"{load['tokens_per_s'] / base['tokens_per_s']:.2f}" if base and base["tokens_per_s"] else "-"
             mem = f"{max(peaks) / one_peak:.2f}" if one_peak and peaks else "-"
-            lines.append(f"{r['stages']:>5} {r['delay_ms']:>5g}ms {load['clients']:>7} {load['tokens_per_s']:>9.2f} "
+            lines.append(f"{r['stages']:>5} {r['delay_ms']:>5g}ms {r.get('overlap', 'off'):>7} {load['clients']:>7} "
+                         f"{load['tokens_per_s']:>9.2f} "
                          f"{speed:>8} {load['ttft_p50_s']:>8.2f}s {' '.join(f'{p / 1e9:.2f}' for p in peaks):>24} "
                          f"{mem:>8}")
     return "\n".join(lines)
@@ -428,6 +432,9 @@ def main() -> None:
     p.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], help="configurations: 1 = one node")
     p.add_argument("--delays_ms", type=float, nargs="+", default=[1.0, 5.0], help="one-way link delays")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--overlap", nargs="+", choices=["on", "off"], default=["off", "on"],
+                   help="the staged runs with the stages taking turns (off) and with lanes (on: "
+                        "--pipeline_overlap, docs/distributed.md); both by default")
     p.add_argument("--requests", type=int, default=1, help="requests per client, one after another")
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--max_seq_len", type=int, default=256)
@@ -468,9 +475,10 @@ def main() -> None:
     runs = []
     try:
         for stages in sorted(set(a.stages)):
-            for delay in ([0.0] if stages == 1 else a.delays_ms):
-                log(f"{stages} node(s)" + (f", {delay:g} ms links" if stages > 1 else ""))
-                runs.append(run_config(a, procs, whole, stages, delay))
+            for delay, overlap in ([(0.0, "-")] if stages == 1 else
+                                   [(d, o) for d in a.delays_ms for o in a.overlap]):
+                log(f"{stages} node(s)" + (f", {delay:g} ms links, overlap {overlap}" if stages > 1 else ""))
+                runs.append(run_config(a, procs, whole, stages, delay, overlap))
                 out.write_text(json.dumps({"shape": a.shape, "config": SHAPES[a.shape], "args": {
                     k: v for k, v in vars(a).items() if k in ("clients", "requests", "max_tokens", "max_seq_len")},
                     "cpu_count": os.cpu_count(), "runs": runs}, indent=1))

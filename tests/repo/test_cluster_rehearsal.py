@@ -3,6 +3,7 @@ client figures, the 70B prediction) and benchmarks/delay_link.py's hub
 (packets to their destination's device, after the delay), without root."""
 
 import os
+import socket
 import threading
 import time
 
@@ -36,8 +37,14 @@ def test_decode_steps_leave_the_prefill_out_and_predict_follows_the_model():
     assert 40e9 < w70 < 48e9 and 69e9 < p70 < 71e9  # Llama 3.1 70B's linear layers and output
 
 
+def _packet_pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return a.detach(), b.detach()
+
+
 def test_the_hub_delivers_to_the_destinations_device_after_the_delay():
-    (r0, w0), (r1, w1), (r2, w2) = os.pipe(), os.pipe(), os.pipe()  # node 0 sends on w0; nodes 1, 2 read r1, r2
+    # Sequenced-packet socket pairs keep each write one read, as a TUN device does (a pipe would merge them).
+    (r0, w0), (r1, w1), (r2, w2) = (_packet_pair() for _ in range(3))  # node 0 sends on w0; nodes 1, 2 read r1, r2
     outs = {bytes([10, 215, 0, 2]): delay_link.Delayed(w1, 0.05), bytes([10, 215, 0, 3]): delay_link.Delayed(w2, 0.05)}
     threading.Thread(target=delay_link.hub, args=(r0, outs), daemon=True).start()
     packet = bytes([0x45]) + bytes(15) + bytes([10, 215, 0, 3]) + b"payload"
