@@ -44,3 +44,22 @@ def sse_events(lines):
         data = line[len("data: "):]
         out.append(data if data == "[DONE]" else json.loads(data))
     return out
+
+
+def wait_healthy(proc, url, timeout=120):
+    """Waits until the server process `proc` answers 200 on /health; AssertionError
+    with its output if it exits or does not become healthy within `timeout` s."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not become healthy: " + proc.stdout.read())

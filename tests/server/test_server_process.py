@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from llama import Llama
-from server_helpers import free_port, sse_events
+from server_helpers import free_port, sse_events, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +38,6 @@ def serve_cmd(ckpt, port, nproc=None, *extra):
 def start(cmd, env=None):
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
-
-
-def wait_healthy(proc, url, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("server did not become healthy: " + proc.stdout.read())
 
 
 def greedy(ckpt, asks):

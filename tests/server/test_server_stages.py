@@ -4,7 +4,6 @@ on every stage, SIGTERM stops every rank with exit 0; and a lost stage-1 node
 fails the request in flight, turns /health to 503 naming the lost rank, and
 ends the server within LLAMA_DIST_TIMEOUT."""
 
-import json
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from conftest import REPO, build_tiny
 from engine_helpers import FOUR_LAYERS
-from server_helpers import free_port, sse_events
+from server_helpers import free_port, sse_events, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +40,6 @@ def launch(ckpt, port, max_seq_len, node=None, master_port=None):
             *FLAGS]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **ENV})
-
-
-def wait_healthy(proc, url, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the server did not become healthy")
 
 
 def worker_pid(launcher_pid: int) -> int:
