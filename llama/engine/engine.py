@@ -53,20 +53,27 @@ the model holds P cache sets of max_batch_size / P rows
 (Transformer.setup_caches(sets=P)) and each lane is a group of requests with
 its own running rows, rows 0..n-1 of its own set, in the layout above.
 `step` then advances one lane per call, round robin, the same lane on every
-rank: it selects the lane's cache set, COLLECTS the decoding pass the lane
-launched at its previous turn (the last stage's ids or logits) and emits its
-events (sampling, stops, releases), plans (cancellations of this lane's rows
-or of waiting requests; admissions into this lane's free rows from the
-shared queue), prefills the lane's chunk (all stages, synchronously), and
-LAUNCHES the lane's next decoding pass, returning without waiting for the
-stages after this rank's. So at steady state stage 0 computes lane A's next
-pass while stage 1 computes lane B's, across steps: with P lanes busy every
-stage is. A lane alone (one request) waits for its whole pass at its next
-turn, the latency of stage-at-a-time decoding; an idle lane's turn costs
-only its plan header. Request ids, the waiting queue, the metrics and the
-prefix cache (its blocks are copies) are shared by the lanes; a lane's
-prompt-token budget is the chunk while any lane decodes (its prefill runs on
-every stage and holds up every lane). The plan
+rank: it selects the lane's cache set, COLLECTS the passes the lane
+launched at its previous turn (its prompt chunks' logits first, then its
+decoding pass's ids or logits from the last stage) and emits their events
+(first tokens, sampling, stops, releases), plans (cancellations of this
+lane's rows or of waiting requests; admissions into this lane's free rows
+from the shared queue), and LAUNCHES the lane's next passes, its prompt
+chunk and its decoding rows, returning without waiting for the stages after
+this rank's. So at steady state stage 0 computes lane A's next pass while
+stage 1 computes lane B's, across steps: with P lanes busy every stage is,
+and prompts submitted together are prefilled the same way, lane A's on
+stage 1 while lane B's are on stage 0. A lane alone (one request) waits for
+its whole pass at its next turn, the latency of stage-at-a-time decoding;
+an idle lane's turn costs only its plan header. Everything that changes a
+lane's rows (collecting, releasing, admitting) happens at its own turn,
+after its passes are collected, so a pass's rows stay where it was launched.
+Request ids, the waiting queue, the metrics and the prefix cache (its blocks
+are copies) are shared by the lanes; a lane's prompt-token budget is the
+chunk while any lane decodes (its chunk takes every stage's time, so it
+lengthens every lane's round), else PREFILL_TOKEN_BUDGET, as for one lane:
+a lane's prompts still in flight are not yet decoding, so lanes that admit
+at once all get the larger budget. The plan
 header goes point to point from rank 0 (ModelRunner.send_plan, receives
 posted ahead), so planning never waits for a stage busy on another lane;
 the admissions' payload and agreement stay collectives (steps that admit
@@ -92,7 +99,7 @@ from ..parallel.collectives import broadcast_from_first
 from ..text.messages import StopReason
 from .metrics import RequestMetrics
 from .prefix_cache import PrefixCache, capacity_for
-from .runner import ModelRunner, PendingDecode
+from .runner import ModelRunner, PendingDecode, PendingPrefill
 from .sampling import RowState, SamplingParams, row_generator, sample_rows, token_logprobs
 from ..text.stream import StopStrings, TextStream
 
@@ -204,6 +211,8 @@ class _Lane:
     running: List[_Sequence] = field(default_factory=list)
     # The decoding pass launched at the lane's last turn: its rows and the runner's handle.
     pending: Optional[Tuple[List[_Sequence], PendingDecode]] = None
+    # The prefill pass launched then: its chunks (seq, row, start, end) and the runner's handle.
+    prefilling: Optional[Tuple[list, PendingPrefill]] = None
 
 
 class Engine:
@@ -344,7 +353,7 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self._cancelled or self._ended
-                    or any(lane.running or lane.pending for lane in self._lanes))
+                    or any(lane.running or lane.pending or lane.prefilling for lane in self._lanes))
 
     def submit(self, request: Request) -> int:
         """Queues `request`; returns its id. Raises ValueError for a prompt that cannot run."""
@@ -422,7 +431,10 @@ class Engine:
             return events
         ended, self._ended = self._ended, []
         events += [self._finish_event(seq, StopReason.CANCELLED) for seq in ended]
-        events += self._prefill(admitted)
+        events += self._admit(admitted)
+        chunks = self._chunks()
+        if chunks:
+            lane.prefilling = (chunks, self.passes.launch_prefill(*self._prefill_args(chunks)))
         self._launch(lane)
         return events
 
@@ -430,6 +442,9 @@ class Engine:
         """Takes (and drops) every lane's pass in flight, so no message is left
         unreceived when the ranks stop following."""
         for lane in self._lanes:
+            if lane.prefilling is not None:
+                self.passes.collect_prefill(lane.prefilling[1])
+                lane.prefilling = None
             if lane.pending is not None:
                 self.passes.collect(lane.pending[1])
                 lane.pending = None
@@ -468,8 +483,8 @@ class Engine:
 
     def _set_step_budget(self) -> None:
         """This step's prompt-token budget, from rank 0's chunk and the rows every
-        rank holds: the chunk while rows decode (in any lane: a prefill holds up
-        every lane's streams), else at least PREFILL_TOKEN_BUDGET."""
+        rank holds: the chunk while rows decode (in any lane: a lane's chunk
+        lengthens every lane's round), else at least PREFILL_TOKEN_BUDGET."""
         idle = not any(s.prefilled for lane in self._lanes for s in lane.running)
         self._step_budget = max(self._step_chunk, PREFILL_TOKEN_BUDGET) if idle else self._step_chunk
 
@@ -691,17 +706,32 @@ class Engine:
             seq.cached = pos + 1
 
     def _collect(self, lane: _Lane) -> List[TokenEvent]:
-        """The events of the pass the lane launched at its previous turn."""
-        if lane.pending is None:
-            return []
-        (rows, pending), lane.pending = lane.pending, None
-        ids, logits = self.passes.collect(pending)
-        return self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
+        """The events of the passes the lane launched at its previous turn: the
+        prefill first, while its chunks' rows are where they were launched
+        (a decoding row that ends may move a prefilling row)."""
+        events = []
+        if lane.prefilling is not None:
+            (chunks, pending), lane.prefilling = lane.prefilling, None
+            events += self._prefilled(chunks, self.passes.collect_prefill(pending))
+        if lane.pending is not None:
+            (rows, pending), lane.pending = lane.pending, None
+            ids, logits = self.passes.collect(pending)
+            events += self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
+        return events
 
     def _prefill(self, admitted: List[_Sequence]) -> List[TokenEvent]:
         """Puts the admitted requests into rows after the running ones, runs this
         step's chunks of the prompts being prefilled in one pass, and samples
         the first token of each prompt it completes."""
+        events = self._admit(admitted)
+        chunks = self._chunks()
+        if chunks:
+            events += self._prefilled(chunks, self.passes.prefill(*self._prefill_args(chunks)))
+        return events
+
+    def _admit(self, admitted: List[_Sequence]) -> List[TokenEvent]:
+        """Puts the admitted requests into rows after the running ones, with
+        their cached prefixes written; a request for no token ends here."""
         events, joining = [], []
         for seq in admitted:
             if seq in self.waiting:
@@ -722,9 +752,13 @@ class Engine:
             seq.prefix = []
             if seq.request.prompt_logprobs:
                 seq.prompt_logprobs = [0.0]  # the first prompt token has no logits before it
-        # This step's chunks: the prefilling rows in row order, each its whole
-        # rest while the budget lasts (so only the last chunk may stop short).
-        chunks, budget = [], self._step_budget  # (seq, row, start, end)
+        return events
+
+    def _chunks(self) -> list:
+        """This step's chunks (seq, row, start, end): the prefilling rows in row
+        order, each its whole rest while the budget lasts (so only the last
+        chunk may stop short)."""
+        chunks, budget = [], self._step_budget
         for row in range(self.n_decoding, len(self.running)):
             if budget <= 0:
                 break
@@ -732,14 +766,20 @@ class Engine:
             n = min(len(seq.request.prompt_tokens) - seq.cached, budget)
             chunks.append((seq, row, seq.cached, seq.cached + n))
             budget -= n
-        if not chunks:
-            return events
         self.prefilled_tokens += sum(end - start for _, _, start, end in chunks)
-        outs = self.passes.prefill([s.request.prompt_tokens[:end] for s, _, _, end in chunks],
-                                   rows=[row for _, row, _, _ in chunks],
-                                   all_logits=[s.request.prompt_logprobs for s, _, _, _ in chunks],
-                                   starts=[start for _, _, start, _ in chunks])
-        done = []
+        return chunks
+
+    @staticmethod
+    def _prefill_args(chunks: list) -> tuple:
+        """The runner's prefill arguments for `chunks`: prompts, rows, all_logits, starts."""
+        return ([s.request.prompt_tokens[:end] for s, _, _, end in chunks], [row for _, row, _, _ in chunks],
+                [s.request.prompt_logprobs for s, _, _, _ in chunks], [start for _, _, start, _ in chunks])
+
+    def _prefilled(self, chunks: list, outs: List[torch.Tensor]) -> List[TokenEvent]:
+        """Records the chunks a pass wrote (cached positions, prefix-cache
+        blocks, prompt logprobs) and samples the first token of each prompt
+        they complete."""
+        done, events = [], []
         for (seq, row, start, end), out in zip(chunks, outs):
             seq.cached = end
             self._keep_blocks(seq, row, end)  # for the requests that share this prompt, running or not

@@ -32,7 +32,10 @@ its layers, send on; the last: the ids or logits, sent to every other rank
 and kept) and returns at once; `collect` takes the pass's result (the last
 stage's kept one, or the one it sent) at the lane's next turn. Between the
 two, stage 0 runs another lane while stage 1 runs this one. `decode` is the
-two back to back (stage at a time). Each peer pair's messages of one tag
+two back to back (stage at a time). A lane's prompt chunks go the same way
+(`launch_prefill`, `collect_prefill`; `prefill` back to back), so a lane
+being prefilled holds up the others only by its stages' compute, never by
+a wait for a stage busy on another lane. Each peer pair's messages of one tag
 arrive in the order sent, and every rank runs the lanes in the same order,
 so the lanes' passes need no tag of their own.
 
@@ -182,32 +185,43 @@ class ModelRunner:
         cached prefix, which every stage copied into its own layers' rows)."""
         if self.stages == 1:
             return self.model.prefill(prompts, rows, all_logits, starts=starts)
+        return self.collect_prefill(self.launch_prefill(prompts, rows, all_logits, starts))
+
+    def launch_prefill(self, prompts: Sequence[Sequence[int]], rows: Sequence[int],
+                       all_logits: Sequence[bool] = (), starts: Optional[Sequence[int]] = None) -> "PendingPrefill":
+        """Pipeline stages: this rank's part of a prefill pass, as
+        `launch_decode` for decoding (the lanes prefill a chunk the way they
+        decode: stage 0 goes on with another lane while the later stages run
+        this one); `collect_prefill` gives what `prefill` returns."""
+        if self.stages == 1:
+            raise RuntimeError("launch_prefill is for pipeline stages; one stage prefills with prefill()")
         starts = list(starts) if starts is not None else [0] * len(prompts)
         total = sum(len(p) - s for p, s in zip(prompts, starts))
         hidden = None if self.first else self._receive("prefill", (1, total, self.model.params.dim), self._dtype, False)
         out = self.model.prefill(prompts, rows, all_logits, hidden=hidden, starts=starts)
-        if not self.last:
-            self._send(out, "prefill")
         want = list(all_logits) + [False] * (len(prompts) - len(all_logits))
         sizes = [len(p) - s if full else 1 for p, s, full in zip(prompts, starts, want)]
-        logits = torch.cat(out) if self.last else None
-        logits = self._from_last(logits, "prefill logits", (sum(sizes), self.model.params.vocab_size), torch.float32,
-                                 False)
-        return list(logits.split(sizes))
+        if not self.last:
+            self._send(out, "prefill")
+            return PendingPrefill(sizes, None)
+        logits = torch.cat(out)  # (sum(sizes), vocab), sent to every other stage
+        for peer in self.ranks[:-1]:
+            self._send(logits, "prefill logits", peer)
+        return PendingPrefill(sizes, logits)
+
+    def collect_prefill(self, pending: "PendingPrefill") -> List[torch.Tensor]:
+        """The logits of a pass `launch_prefill` started, on every rank: per prompt, as `prefill` gives them."""
+        logits = pending.result
+        if not self.last:
+            shape = (sum(pending.sizes), self.model.params.vocab_size)
+            logits = self._receive("prefill logits", shape, torch.float32, False, peer=self.ranks[-1])
+        return list(logits.split(pending.sizes))
 
     # -- point to point -----------------------------------------------------
 
     @property
     def _dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype  # the activations' dtype (every weight is loaded in it)
-
-    def _from_last(self, t: Optional[torch.Tensor], kind: str, shape, dtype, ahead: bool) -> torch.Tensor:
-        """The last stage's `t`, on every rank: it sends it to every other stage."""
-        if self.last:
-            for peer in self.ranks[:-1]:
-                self._send(t, kind, peer)
-            return t
-        return self._receive(kind, shape, dtype, ahead, peer=self.ranks[-1])
 
     def _send(self, t: torch.Tensor, kind: str, peer: Optional[int] = None) -> None:
         t = t.contiguous()
@@ -238,6 +252,15 @@ class PendingDecode:
 
     rows: int
     argmax_only: bool
+    result: Optional[torch.Tensor]
+
+
+@dataclass
+class PendingPrefill:
+    """A prefill pass `ModelRunner.launch_prefill` started: the logits rows of
+    each prompt, and on the last stage the logits (sum of sizes, vocab)."""
+
+    sizes: List[int]
     result: Optional[torch.Tensor]
 
 

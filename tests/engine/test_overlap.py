@@ -2,8 +2,9 @@
 KV-cache sets of the model (Transformer.setup_caches(sets=), select_cache),
 the lanes' split refused or skipped, and under torchrun 2 stages with lanes
 giving exactly the tokens of one process for many concurrent requests
-(joining and ending at different steps, greedy, seeded sampling, logprobs,
-a stop string, a cancellation) and for one request alone.
+(joining and ending at different steps, prompts prefilled in chunks of 4
+tokens, greedy, seeded sampling, logprobs, a stop string, a cancellation)
+and for one request alone.
 
 Run as a script under torchrun, this file is the worker of the distributed
 test (rank 0 runs the requests, the other rank follows its steps; then every
@@ -190,6 +191,9 @@ def _worker(ckpt: str, out: str, stop: str) -> None:
     engine = gen.engine
     result = {"lanes": engine.lanes}
     if dist.get_rank() == 0:  # as under a server: rank 0 takes the requests, the other rank follows
+        # Chunks of 4 prompt tokens (rank 0's chunk goes to every rank): the
+        # lanes' prompts are prefilled over several turns, in flight like their decoding.
+        engine.set_prefill_chunk(4)
         result["tokens"], result["last"], result["busiest"] = drive(engine, requests(gen.tokenizer, json.loads(stop)),
                                                                     cancel=CANCEL)
         engine.shutdown()
