@@ -248,7 +248,7 @@ class Llama:
         try:
             while pending:
                 events = self.engine.step()
-                recorder.step()
+                recorder.step(gave_tokens=any(e.token is not None for e in events))
                 for event in events:
                     row = index.get(event.row)
                     if row is None:

@@ -18,7 +18,10 @@ whose rows stop at different steps):
   row, the tokens it produced up to and including its stop token. This equals
   B * L / T when every row runs all L steps, and does not count the idle
   slots of rows that stopped early.
-* Time to first token: the first step (prefill plus sampling one token).
+* Time to first token: until the first step that gives tokens has sampled
+  them (the prefill of the prompts admitted first, plus one token each;
+  with chunked prefill or pipeline lanes other prompts may still be
+  prefilling then: RequestMetrics has each request's own).
 * Decode throughput: tokens generated after the first step / time after it.
 * Bandwidth achieved: bytes of weights read per step (all parameters except
   the embedding table, of which a step reads only B rows, summed over all
@@ -174,10 +177,12 @@ class MetricsRecorder:
         self.first_token_time: Optional[float] = None
         self.steps = 0
 
-    def step(self) -> None:
-        """Call after each step's tokens are sampled."""
+    def step(self, gave_tokens: bool = True) -> None:
+        """Call after each step; `gave_tokens`: whether it sampled any (a
+        pipeline lane's first turn only launches its passes). The first step
+        that does is the first token's time."""
         self.steps += 1
-        if self.steps == 1:
+        if gave_tokens and self.first_token_time is None:
             self.synchronize()
             self.first_token_time = self.clock()
 

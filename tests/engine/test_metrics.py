@@ -52,6 +52,15 @@ def test_report_block_format():
     ]
 
 
+def test_first_token_is_the_first_step_that_gives_tokens():
+    # A pipeline lane's first turns only launch passes: the first token comes at step 3.
+    rec = MetricsRecorder(1, 5, 100, clock=FakeClock([0.0, 3.0, 5.0]), peak_memory=lambda: 0)
+    for gave in (False, False, True, True):
+        rec.step(gave_tokens=gave)
+    m = rec.finish(2)
+    assert m.first_token_seconds == 3.0 and m.decode_steps == 4 and m.seconds == 5.0
+
+
 def test_single_step_has_no_decode_rate():
     m = MetricsRecorder(1, 5, 100, clock=FakeClock([0.0, 1.0, 1.0]), peak_memory=lambda: 0)
     m.step()
