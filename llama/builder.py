@@ -208,11 +208,11 @@ def inspect_files(ckpt_dir: str, tokenizer_path: str, args: ModelArgs, raw_vocab
     with the same settings, before any weight is read. Errors are exchanged
     too (check_same_checkpoint raises on every rank if any failed)."""
     rank, size = dist_info.mp_rank, dist_info.mp_size  # within this rank's pipeline stage
-    error, prepared, weights, folder, layers = None, None, {}, Path(ckpt_dir), None
+    error, prepared, weights, folder, layers, split = None, None, {}, Path(ckpt_dir), None, None
     try:
-        folder, held = stage_folder(ckpt_dir, dist_info.stages, dist_info.stage, args.n_layers, dist_info.rank)
+        folder, held, split = stage_folder(ckpt_dir, dist_info.stages, dist_info.stage, args, dist_info.rank)
         if dist_info.stages > 1:
-            layers = stage_layers(args.n_layers, dist_info.stages, dist_info.stage)
+            layers = stage_layers(args, dist_info.stages, dist_info.stage, split)
         check_cache_memory(args if layers is None else dataclasses.replace(args, n_layers=len(layers)), size,
                            dist_info.device, torch_dtype)
         prepared = inspect_rank_files(folder, args, raw_vocab_size, rank, size, held=held)
@@ -224,7 +224,8 @@ def inspect_files(ckpt_dir: str, tokenizer_path: str, args: ModelArgs, raw_vocab
     check_same_checkpoint(folder, tokenizer_path, error=error, extra=weights, stage=dist_info.stage,
                           model=model_digest(folder) if dist_info.stages > 1 else None,
                           dtype=torch_dtype, quantize=quantize, max_seq_len=args.max_seq_len,
-                          max_batch_size=args.max_batch_size, seed=seed, pipeline_stages=dist_info.stages)
+                          max_batch_size=args.max_batch_size, seed=seed, pipeline_stages=dist_info.stages,
+                          **({"stage_split": split} if dist_info.stages > 1 else {}))
     return Files(prepared, folder, layers)
 
 

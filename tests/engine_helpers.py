@@ -31,6 +31,22 @@ PROMPTS = ["A llama", "The transformer has an embedding table and a stack of lay
 FOUR_LAYERS = {"n_layers": 4}
 
 
+def stage_args(ckpt):
+    """params.json's ModelArgs, a vocab_size of -1 taken from the (whole)
+    checkpoint's weights, as the stage splitter and the loader resolve it (llama/weights/stages.py stage_layers)."""
+    import dataclasses
+
+    from llama.weights.args import ModelArgs
+    from llama.weights.checkpoint import find_shards, weights_vocab_size
+    from llama.weights.stages import model_folder
+
+    folder = model_folder(ckpt)
+    args = ModelArgs.from_json(folder / "params.json")
+    if args.vocab_size > 0:
+        return args
+    return dataclasses.replace(args, vocab_size=weights_vocab_size(find_shards(folder)))  # llama2: -1
+
+
 def _stage_model(ckpt, layers):
     """A stage's Transformer, loaded as Llama.build loads it (one process)."""
     from llama.weights.args import ModelArgs

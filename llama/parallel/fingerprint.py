@@ -112,6 +112,10 @@ def explain(key: str, ref: dict, other: dict) -> str:
                     f"{_NO_DIGEST})")
         return (f"{key} ({ranks}: digest {a[:8]} vs {b[:8]}: their stages were split from different "
                 "checkpoints)")
+    if key == "stage_split":  # llama/weights/stages.py: how the layers were split into stages
+        return (f"{key} ({ranks}: {_show(a)} vs {_show(b)}: the stages' layers do not join up; stage folders "
+                "split by an older version hold the even split: split the whole checkpoint again with "
+                "utils/shard_model_checkpoint.py --pipeline_stages N and give every node its new stage folder)")
     if key in _OPTIONAL or key in ("params.json", "tokenizer") or key.startswith("weights"):
         return f"{key} ({ranks}: hash {_show(a)[:8]} vs {_show(b)[:8]})"
     return f"{key} ({ranks}: {_show(a)} vs {_show(b)})"

@@ -5,8 +5,24 @@ which folder a stage reads. No torch.
 stage, `stage0/` .. `stage{P-1}/`, each a checkpoint of its own
 (params.json, tokenizer, consolidated.NN.pth of only that stage's layers,
 keys keeping their global layer numbers, checklist.chk, manifest.json) plus
-`pipeline.json`, which says which stage and layers it holds and, under
-"model", a digest of the whole checkpoint it was split from. A node needs
+`pipeline.json`, which says which stage and layers it holds, by which rule
+the layers were split ("split"), and, under "model", a digest of the whole
+checkpoint it was split from.
+
+The split (stage_layers): contiguous layers, at least one per stage, by
+cost. A token costs a stage about its parameters' multiply-adds: each
+transformer layer its attention and feed-forward weights, and the last stage
+also the output layer (vocab_size x dim: for Llama 3.1 8B 2.4 layers' worth,
+for a tiny test model more than all its layers), while stage 0's embedding
+costs one row a token. Stage boundary k goes to the layer boundary nearest
+k/P of the total cost, so the last stage takes fewer layers. Stages that
+work at once (the engine's lanes) go at the pace of the slowest, so an even
+split left the other stages idle for the output layer's time (the 8B shape
+on 2 stages: 16 layers against 16 and the output). Stage folders written
+before the rule existed have no "split" and hold the even split ("even");
+they still load, and the rule joins the settings every rank compares at
+start-up (a whole checkpoint uses the cost rule), so nodes given folders of
+both rules stop naming it. A node needs
 only its stages' folders. `--ckpt_dir` may name the folder holding the stage
 folders (the same command on every node), one stage's folder, or a whole
 checkpoint (each stage then reads only its layers from it).
@@ -45,12 +61,48 @@ NAME = "pipeline.json"
 _STAGE_DIR = re.compile(r"stage(\d+)")
 
 
-def stage_layers(n_layers: int, stages: int, stage: int) -> range:
-    """The global layer indices stage `stage` of `stages` holds: contiguous, as even as can be."""
-    if n_layers < stages:
-        raise ValueError(f"the model has {n_layers} layers, too few for {stages} pipeline stages (each stage needs "
-                         f"at least one layer): use at most {n_layers} stages")
-    return range(stage * n_layers // stages, (stage + 1) * n_layers // stages)
+# The split rules pipeline.json names: "cost" (this version's), "even" (the
+# folders written before the rule was recorded, which have no "split").
+SPLIT = "cost"
+SPLITS = ("cost", "even")
+
+
+def stage_costs(args) -> Tuple[int, int]:
+    """(a transformer layer's, the output layer's) parameters, each a
+    multiply-add per token: `args` a ModelArgs with vocab_size resolved."""
+    if args.vocab_size < 1:
+        raise ValueError(f"vocab_size {args.vocab_size} is not resolved: take it from the tokenizer or the weights "
+                         "before splitting into stages")
+    kv = args.n_kv_heads * args.head_dim
+    attention = args.dim * (2 * args.n_heads * args.head_dim + 2 * kv)  # wq, wo; wk, wv
+    return attention + 3 * args.dim * args.ffn_hidden_dim, args.vocab_size * args.dim
+
+
+def stage_layers(args, stages: int, stage: int, split: str = SPLIT) -> range:
+    """The global layer indices stage `stage` of `stages` holds (`args` a
+    ModelArgs): contiguous, at least one, by `split` (see the module
+    docstring): "cost", boundary k at the layer boundary nearest k/P of the
+    total cost; "even", as even as can be."""
+    n = args.n_layers
+    if n < stages:
+        raise ValueError(f"the model has {n} layers, too few for {stages} pipeline stages (each stage needs "
+                         f"at least one layer): use at most {n} stages")
+    if split not in SPLITS:
+        raise ValueError(f"unknown stage split {split!r}: one of {', '.join(SPLITS)}")
+    if split == "even":
+        return range(stage * n // stages, (stage + 1) * n // stages)
+    layer, output = stage_costs(args)
+    total = n * layer + output
+
+    def boundary(k: int) -> int:
+        if k in (0, stages):
+            return k and n
+        nearest = (2 * k * total + stages * layer) // (2 * stages * layer)  # round(k * total / (stages * layer))
+        return max(k, min(nearest, n - (stages - k)))  # a layer at least for every stage
+
+    # Boundaries k / stages of the cost apart are at least one layer apart, so
+    # the clamped ones still rise by one layer at least.
+    return range(boundary(stage), boundary(stage + 1))
 
 
 def stage_dir_name(stage: int) -> str:
@@ -90,11 +142,12 @@ def model_digest(folder) -> Optional[str]:
         return None
 
 
-def stage_record(stage: int, stages: int, n_layers: int, shards: int, model: Optional[str] = None) -> str:
-    """The text of a stage folder's pipeline.json; `model`: the whole checkpoint's digest."""
-    layers = stage_layers(n_layers, stages, stage)
-    record = {"stage": stage, "stages": stages, "layers": [layers.start, layers.stop], "n_layers": n_layers,
-              "shards": shards}
+def stage_record(stage: int, stages: int, args, shards: int, model: Optional[str] = None) -> str:
+    """The text of a stage folder's pipeline.json (`args` the ModelArgs, vocab
+    resolved); `model`: the whole checkpoint's digest."""
+    layers = stage_layers(args, stages, stage)
+    record = {"stage": stage, "stages": stages, "layers": [layers.start, layers.stop], "n_layers": args.n_layers,
+              "split": SPLIT, "shards": shards}
     if model is not None:
         record["model"] = model
     return json.dumps(record, indent=1) + "\n"
@@ -115,6 +168,7 @@ def read_record(folder: Path) -> Optional[dict]:
         values += layers
     ok = (len(values) == 5 and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
           and 0 <= data["stage"] < data["stages"] and 0 <= layers[0] <= layers[1] <= data["n_layers"]
+          and data.get("split", "even") in SPLITS
           and ("model" not in data or isinstance(data["model"], str) and _DIGEST.fullmatch(data["model"])))
     if not ok:
         raise ValueError(f"{path} is not a pipeline stage record this version writes; {fix}")
@@ -140,11 +194,13 @@ def model_folder(ckpt_dir) -> Path:
     return folders[min(folders)] if folders else ckpt_dir
 
 
-def stage_folder(ckpt_dir, stages: int, stage: int, n_layers: int, rank: int = 0) -> Tuple[Path, Optional[range]]:
+def stage_folder(ckpt_dir, stages: int, stage: int, args, rank: int = 0) -> Tuple[Path, Optional[range], str]:
     """(the folder stage `stage` of `stages` loads, the layers its files hold:
-    None for a whole checkpoint). Raises ValueError naming both numbers and
-    the fix when the folder was split for another number of stages or holds
-    another stage."""
+    None for a whole checkpoint, the split rule its layers follow: the cost
+    rule for a whole checkpoint). `args`: params.json's ModelArgs, vocab
+    resolved. Raises ValueError naming both numbers and the fix when the
+    folder was split for another number of stages or holds another stage."""
+    n_layers = args.n_layers
     ckpt_dir = Path(ckpt_dir)
     who = f"rank {rank} (pipeline stage {stage} of {stages})"
     record, folder = read_record(ckpt_dir), ckpt_dir
@@ -152,8 +208,8 @@ def stage_folder(ckpt_dir, stages: int, stage: int, n_layers: int, rank: int = 0
         folders = stage_folders(ckpt_dir)
         if not folders:
             if stages > 1:
-                stage_layers(n_layers, stages, stage)  # too few layers: said before anything is read
-            return ckpt_dir, None  # a whole checkpoint: each stage reads its layers from it
+                stage_layers(args, stages, stage)  # too few layers: said before anything is read
+            return ckpt_dir, None, SPLIT  # a whole checkpoint: each stage reads its layers from it
         split = read_record(folders[min(folders)])["stages"]
         if split != stages:
             raise ValueError(_other_split(ckpt_dir, split, stages))
@@ -169,12 +225,12 @@ def stage_folder(ckpt_dir, stages: int, stage: int, n_layers: int, rank: int = 0
         raise ValueError(f"{folder} holds pipeline stage {record['stage']}, but {who} needs stage {stage}: give "
                          f"each node the folder of its own stage (rank = stage x processes per stage + local "
                          f"rank), or pass the folder that holds the {stage_dir_name(0)}/ .. folders")
-    layers = range(*record["layers"])
-    if record["n_layers"] != n_layers or layers != stage_layers(n_layers, stages, stage):
+    layers, split = range(*record["layers"]), record.get("split", "even")
+    if record["n_layers"] != n_layers or layers != stage_layers(args, stages, stage, split):
         raise ValueError(f"{folder / NAME} says stage {stage} holds layers {layers.start}..{layers.stop - 1} of "
-                         f"{record['n_layers']}, not what params.json (n_layers={n_layers}) gives; split the "
-                         "checkpoint again")
-    return folder, layers
+                         f"{record['n_layers']}, not what params.json (n_layers={n_layers}) and its {split} split "
+                         "give; split the checkpoint again")
+    return folder, layers, split
 
 
 def _other_split(folder: Path, split: int, stages: int) -> str:

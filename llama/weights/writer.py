@@ -417,12 +417,12 @@ def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[
         raise FileNotFoundError(f"tokenizer {tokenizer_path} not found")
     params = json.loads((in_dir / "params.json").read_text())
     if pipeline_stages > 1:
-        stages.stage_layers(args.n_layers, pipeline_stages, 0)  # too few layers: said before writing
+        stages.stage_layers(args, pipeline_stages, 0)  # too few layers: said before writing
         # Every stage records the whole input's digest: nodes holding different
         # stages compare it at start-up (llama/parallel/fingerprint.py).
         model = stages.checkpoint_digest(params, {p.name: (p.stat().st_size, manifest.fingerprint(p)) for p in paths})
         for stage in range(pipeline_stages):
-            layers = stages.stage_layers(args.n_layers, pipeline_stages, stage)
+            layers = stages.stage_layers(args, pipeline_stages, stage)
             folder = out_dir / stages.stage_dir_name(stage)
             progress(f"{in_dir}: {len(paths)} shard(s) -> {folder}: layers {layers.start}..{layers.stop - 1}, "
                      f"{n_shards} shard(s)")
@@ -430,7 +430,7 @@ def reshard_checkpoint(in_dir, out_dir, n_shards: int, tokenizer_path: Optional[
             write_checkpoint(folder, params, shards, tokenizer_path=tokenizer_path, force=force, protect=[in_dir],
                              progress=progress, n_shards=n_shards, show_progress=show_progress,
                              extra_files={stages.NAME: stages.stage_record(
-                                 stage, pipeline_stages, args.n_layers, n_shards, model)})
+                                 stage, pipeline_stages, args, n_shards, model)})
         return out_dir
     progress(f"{in_dir}: {len(paths)} shard(s) -> {out_dir}: {n_shards} shard(s)")
     # A fresh memory map per output shard: pages read for one shard are released before the next.

@@ -19,6 +19,7 @@ from llama.common.jsonfile import read_json_object
 from llama.common.userfiles import LIMITS, read_user_bytes
 from llama.text.tokenizer import Tokenizer, TokenizerError
 from llama.weights import manifest, stages
+from llama.weights.args import ModelArgs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -176,8 +177,8 @@ def write_record(folder: Path, text: str) -> Path:
 
 
 def test_pipeline_json_is_capped_and_checked(tmp_path):
-    good = write_record(tmp_path / "good", stages.stage_record(1, 2, 4, 1))
-    assert stages.read_record(good)["layers"] == [2, 4]
+    good = write_record(tmp_path / "good", stages.stage_record(1, 2, ModelArgs(n_layers=4, vocab_size=32000), 1))
+    assert stages.read_record(good)["layers"] == [2, 4] and stages.read_record(good)["split"] == "cost"
     assert stages.read_record(tmp_path) is None  # no pipeline.json: a whole checkpoint
     fix = "split the checkpoint again with utils/shard_model_checkpoint.py --pipeline_stages N"
     big = write_record(tmp_path / "big", '{"stage": 0, "pad": "' + "x" * (2 << 20) + '"}')
@@ -189,7 +190,8 @@ def test_pipeline_json_is_capped_and_checked(tmp_path):
         stages.read_record(deep)
     for bad in ('{"stage": 0, "stages": 2, "layers": [0], "n_layers": 4}', '{"stage": true, "stages": 2, '
                 '"layers": [0, 2], "n_layers": 4}', '{"stage": 0, "stages": 2, "layers": [3, 1], "n_layers": 4}',
-                '[1, 2]', '{"stage": 0, "stages": 2, "layers": [0, 2], "n_layers": NaN}'):
+                '[1, 2]', '{"stage": 0, "stages": 2, "layers": [0, 2], "n_layers": NaN}',
+                '{"stage": 0, "stages": 2, "layers": [0, 2], "n_layers": 4, "split": "by hand"}'):
         with pytest.raises(ValueError, match=fix):
             stages.read_record(write_record(tmp_path / "bad", bad))
 
@@ -199,7 +201,7 @@ def test_pipeline_json_that_is_not_a_file_is_refused_not_ignored(tmp_path):
     (tmp_path / "stage0" / stages.NAME).symlink_to("/dev/zero")
     assert list(stages.stage_folders(tmp_path)) == [0]
     with pytest.raises(ValueError, match=r"stage0/pipeline.json is a character device, not a regular file; split"):
-        stages.stage_folder(tmp_path, 1, 0, 4)
+        stages.stage_folder(tmp_path, 1, 0, ModelArgs(n_layers=4, vocab_size=32000))
 
 
 def test_manifest_linked_to_dev_zero_says_what_it_is(tmp_path):

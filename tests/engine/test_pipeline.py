@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from engine_helpers import FOUR_LAYERS, _stage_model
+from engine_helpers import FOUR_LAYERS, _stage_model, stage_args
 
 
 @pytest.mark.parametrize("family", ["llama2", "llama3"])
@@ -56,12 +56,14 @@ def test_stage_split_round_trip(make_ckpt, tmp_path):
     out = _split(src, tmp_path / "split", 3, shards=2)
     assert sorted(p.name for p in out.iterdir()) == ["stage0", "stage1", "stage2"]
     full = {k: v for p in find_shards(src) for k, v in load_shard(p).items()}
-    for stage, layers in enumerate([[0], [1], [2, 3]]):
+    # The cost split: the tiny model's output layer (vocabulary 128256 x dim 64) costs
+    # more than all its layers, so the last stages get one layer each.
+    for stage, layers in enumerate([[0, 1], [2], [3]]):
         folder = out / f"stage{stage}"
         record = json.loads((folder / "pipeline.json").read_text())
         assert record.pop("model") == json.loads((out / "stage0" / "pipeline.json").read_text())["model"]
         assert record == {"stage": stage, "stages": 3, "layers": [layers[0], layers[-1] + 1], "n_layers": 4,
-                          "shards": 2}
+                          "split": "cost", "shards": 2}
         assert {"params.json", "tokenizer.model", "checklist.chk", "manifest.json"} <= {p.name for p in folder.iterdir()}
         assert "pipeline.json" in (folder / "checklist.chk").read_text()
         for shard in find_shards(folder):
@@ -86,8 +88,8 @@ def test_a_stage_folder_loads_as_the_whole_checkpoint_does(make_ckpt, tmp_path):
         shutil.copytree(out / f"stage{layers.start // 2}", node / f"stage{layers.start // 2}")
         from llama.weights.stages import stage_folder
 
-        folder, held = stage_folder(node, 2, layers.start // 2, 4)
-        assert held == layers
+        folder, held, split = stage_folder(node, 2, layers.start // 2, stage_args(src))
+        assert held == layers and split == "cost"  # llama2's tiny vocabulary: the cost split is even
         _, from_split = _stage_model(folder, layers)
         assert from_whole.keys() == from_split.keys()
         for k in from_whole:
@@ -101,23 +103,26 @@ def test_errors_name_the_numbers_and_the_fix(make_ckpt, tmp_path):
     from llama.parallel.distributed import check_pipeline_stages
     from llama.weights.stages import stage_folder, stage_layers
 
+    from llama.weights.args import ModelArgs
+
     with pytest.raises(ValueError, match="the model has 2 layers, too few for 3 pipeline stages .* at most 2 stages"):
-        stage_layers(2, 3, 0)
+        stage_layers(ModelArgs(n_layers=2), 3, 0)
     with pytest.raises(ValueError, match="pipeline_stages=2 does not divide the 3 processes launched"):
         check_pipeline_stages(2, 3)
     with pytest.raises(ValueError, match="pipeline_stages must be a positive integer, got 0"):
         check_pipeline_stages(0, 2)
     out = _split(make_ckpt("llama3", **FOUR_LAYERS), tmp_path / "split", 2)
+    args = stage_args(out)
     fix = "run it with --pipeline_stages 2 .*or split the whole checkpoint again .*--pipeline_stages 4"
     with pytest.raises(ValueError, match=f"holds a checkpoint split into 2 pipeline stages, but this run has 4 .*{fix}"):
-        stage_folder(out, 4, 0, 4)
+        stage_folder(out, 4, 0, args)
     with pytest.raises(ValueError, match="split into 2 pipeline stages, but this run has 1"):
-        stage_folder(out / "stage1", 1, 0, 4)  # one stage's folder run without stages
+        stage_folder(out / "stage1", 1, 0, args)  # one stage's folder run without stages
     with pytest.raises(ValueError, match="holds pipeline stage 1, but rank 0 .* needs stage 0: give each node"):
-        stage_folder(out / "stage1", 2, 0, 4)
+        stage_folder(out / "stage1", 2, 0, args)
     shutil.rmtree(out / "stage0")
     with pytest.raises(ValueError, match="lacks stage0/, which rank 0 .* needs .*holds stage1.*copy stage0/"):
-        stage_folder(out, 2, 0, 4)
+        stage_folder(out, 2, 0, args)
     with pytest.raises(ValueError, match="too few for 3 pipeline stages"):
         _split(make_ckpt("llama3"), tmp_path / "x", 3)  # TINY has 2 layers
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())

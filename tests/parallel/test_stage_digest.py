@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from conftest import REPO
-from engine_helpers import FOUR_LAYERS
+from engine_helpers import FOUR_LAYERS, stage_args
 from llama.parallel.fingerprint import compare, record
 from llama.weights.stages import NAME, model_digest, read_record, stage_folder
 
@@ -76,7 +76,7 @@ def test_old_stage_folders_without_the_digest_still_load(make_ckpt, tmp_path):
     for stage in (0, 1):
         _drop_digest(out / f"stage{stage}")
         assert model_digest(out / f"stage{stage}") is None
-        assert stage_folder(out, 2, stage, 4)[1] == range(2 * stage, 2 * stage + 2)
+        assert stage_folder(out, 2, stage, stage_args(out))[1] == [range(0, 3), range(3, 4)][stage]
     compare(_stage_records([out / "stage0", out / "stage1"]))  # no rank has one: not compared
     with pytest.raises(ValueError, match=r"differs in whole model \(rank 0 vs rank 1: digest [0-9a-f]{8} vs none; "
                                          r"rank 1 has none: a stage folder split by an older version, .*split the "
@@ -147,3 +147,55 @@ def test_two_nodes_with_stages_of_different_checkpoints_both_stop(make_ckpt, tmp
         assert "exitcode  : 2" in out, out
         assert "differs in whole model (rank 0 vs rank 1: digest" in out, out
         assert "their stages were split from different checkpoints" in out, out
+
+
+# -- the split by cost ---------------------------------------------------------------------
+
+
+def test_the_cost_split_gives_the_last_stage_fewer_layers():
+    from llama.weights.args import ModelArgs
+    from llama.weights.stages import stage_costs, stage_layers
+
+    llama31_8b = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
+                           ffn_dim_multiplier=1.3)
+    assert stage_costs(llama31_8b) == (218103808, 525336576)  # a layer; the output, 2.4 layers' worth
+    splits = {p: [stage_layers(llama31_8b, p, s) for s in range(p)] for p in (2, 3, 4, 32)}
+    assert splits[2] == [range(0, 17), range(17, 32)]  # 17 layers vs 15 and the output
+    assert splits[3] == [range(0, 11), range(11, 23), range(23, 32)]
+    assert splits[32] == [range(s, s + 1) for s in range(32)]  # one layer each, however the cost falls
+    assert [stage_layers(llama31_8b, 2, s, "even") for s in range(2)] == [range(0, 16), range(16, 32)]
+    for parts in splits.values():  # every layer once, in order, at least one a stage
+        assert [i for r in parts for i in r] == list(range(32)) and all(len(r) for r in parts)
+    tiny_vocab = ModelArgs(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=8, multiple_of=32)
+    assert [stage_layers(tiny_vocab, 3, s) for s in range(3)] == [range(0, 2), range(2, 4), range(4, 6)]
+    huge_vocab = ModelArgs(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32)
+    assert [stage_layers(huge_vocab, 3, s) for s in range(3)] == [range(0, 4), range(4, 5), range(5, 6)]
+    with pytest.raises(ValueError, match="vocab_size -1 is not resolved"):
+        stage_layers(ModelArgs(n_layers=4), 2, 0)
+    with pytest.raises(ValueError, match="unknown stage split 'by hand'"):
+        stage_layers(llama31_8b, 2, 0, "by hand")
+
+
+def test_old_even_split_folders_load_and_a_mixed_split_is_named(make_ckpt, tmp_path):
+    src = make_ckpt("llama3", **FOUR_LAYERS)
+    new = _split(src, tmp_path / "new")
+    old = _split(src, tmp_path / "old")
+    args = stage_args(src)
+    for stage, layers in enumerate((range(0, 2), range(2, 4))):  # what an older version wrote: the even split
+        data = json.loads((old / f"stage{stage}" / NAME).read_text())
+        del data["split"]
+        (old / f"stage{stage}" / NAME).write_text(json.dumps({**data, "layers": [layers.start, layers.stop]}))
+        assert stage_folder(old, 2, stage, args)[1:] == (layers, "even")
+    assert stage_folder(new, 2, 1, args)[1:] == (range(3, 4), "cost")
+    tampered = json.loads((new / "stage1" / NAME).read_text())
+    (new / "stage1" / NAME).write_text(json.dumps({**tampered, "layers": [2, 4]}))  # "cost" with even layers
+    with pytest.raises(ValueError, match=r"says stage 1 holds layers 2..3 of 4, not what params.json \(n_layers=4\) "
+                                         "and its cost split give; split the checkpoint again"):
+        stage_folder(new, 2, 1, args)
+    records = _stage_records([new / "stage0", old / "stage1"])
+    for r, split in zip(records, ("cost", "even")):
+        r["about"]["stage_split"] = split  # as Llama.build sends it (llama/builder.py inspect_files)
+    with pytest.raises(ValueError, match=r"differs in stage_split \(rank 0 vs rank 1: cost vs even: the stages' "
+                                         r"layers do not join up; .*split the whole checkpoint again with "
+                                         r"utils/shard_model_checkpoint.py --pipeline_stages N"):
+        compare(records)

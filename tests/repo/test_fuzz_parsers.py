@@ -107,7 +107,8 @@ def test_dialog_file_structures(tmp_path_factory, llama3, content):
 small_ints = st.one_of(st.integers(-2, 6), json_values)
 record = st.fixed_dictionaries({}, optional={
     "stage": small_ints, "stages": small_ints, "n_layers": small_ints, "shards": small_ints,
-    "layers": st.one_of(st.lists(small_ints, max_size=3), json_values)})
+    "layers": st.one_of(st.lists(small_ints, max_size=3), json_values),
+    "split": st.one_of(st.sampled_from(["cost", "even", "by hand"]), json_values)})
 
 
 def check_record(folder, content) -> None:
@@ -121,7 +122,9 @@ def check_record(folder, content) -> None:
     start, stop = data["layers"]
     assert 0 <= data["stage"] < data["stages"] and 0 <= start <= stop <= data["n_layers"]
     try:  # the one caller: which folder and layers a stage loads
-        stages.stage_folder(folder, data["stages"], data["stage"], data["n_layers"])
+        from llama.weights.args import ModelArgs
+
+        stages.stage_folder(folder, data["stages"], data["stage"], ModelArgs(n_layers=data["n_layers"], vocab_size=512))
     except Exception as e:
         refused_well(e, ValueError)
 
