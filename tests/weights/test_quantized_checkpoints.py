@@ -129,14 +129,14 @@ def test_damaged_quantized_files_are_named(quantized_ckpts, tmp_path):
 def test_quantized_checkpoints_split_and_merge_and_run_on_any_rank_count_that_keeps_groups(quantized_ckpts, tmp_path):
     """1 file on 2 ranks, 2 files on 2 ranks: the same tokens; 2 files merged: the same bytes; 4 ranks
     would cut wo's 64 input columns into 16: refused with the sizes that work."""
-    one = run_worker(quantized_ckpts["int4"], tmp_path)
+    one = run_worker(quantized_ckpts["int4"], tmp_path, tokens_only=True)  # greedy tokens and logits only
     two_files = reshard_checkpoint(quantized_ckpts["int4"], tmp_path / "two", 2, progress=lambda msg: None)
     merged = reshard_checkpoint(two_files, tmp_path / "merged", 1, progress=lambda msg: None)
     a = torch.load(quantized_ckpts["int4"] / "consolidated.00.pth", weights_only=True)
     b = torch.load(merged / "consolidated.00.pth", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the bytes survive a split and a merge
     for ckpt, nproc in ((quantized_ckpts["int4"], 2), (two_files, 2)):  # 2 files on 1 rank: the merge above
-        result = run_worker(ckpt, tmp_path, nproc=nproc)
+        result = run_worker(ckpt, tmp_path, nproc=nproc, tokens_only=True)
         assert result["tokens"] == one["tokens"]
         torch.testing.assert_close(result["logits"], one["logits"], atol=1e-3, rtol=1e-3)
     with pytest.raises(CheckpointError, match=r"attention.wo.weight \(64 input columns, q4_1\) cannot be split into 4 "
@@ -200,11 +200,11 @@ def test_info_names_the_types_and_the_rank_counts_that_keep_groups(quantized_ckp
 def test_quantized_pipeline_stages_run_as_one_process(quantized_ckpts, tmp_path):
     """A quantized checkpoint split into 2 stage folders (each node holds its
     stage's quantized layers only) gives the tokens of the whole one."""
-    one = run_worker(quantized_ckpts["int8"], tmp_path)
+    one = run_worker(quantized_ckpts["int8"], tmp_path, tokens_only=True)
     staged = reshard_checkpoint(quantized_ckpts["int8"], tmp_path / "stages", 1, pipeline_stages=2,
                                 progress=lambda msg: None)
     stage1 = torch.load(staged / "stage1" / "consolidated.00.pth", mmap=True, weights_only=True)
     assert "layers.0.attention.wq.weight" not in stage1 and stage1["layers.1.attention.wq.weight"].dtype == torch.int8
     shutil.copy(quantized_ckpts["int8"] / "tokenizer.model", staged / "tokenizer.model")  # run_worker passes ckpt/tokenizer.model
-    result = run_worker(staged, tmp_path, nproc=2, pipeline_stages=2)
+    result = run_worker(staged, tmp_path, nproc=2, pipeline_stages=2, tokens_only=True)
     assert result["tokens"] == one["tokens"]
