@@ -9,11 +9,10 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 from conftest import REPO
 from llama.parallel.fingerprint import describe, differences
-from dist_helpers import free_port, worker_cmd
+from dist_helpers import free_port, node_folder, worker_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -61,35 +60,10 @@ def test_describe_and_differences(make_ckpt, tmp_path):
     assert differences(a, describe(copy, copy / "tokenizer.model", dtype="bfloat16")) == ["dtype", "shard sizes"]
 
 
-def _node_folder(src, dst, shard, extra=()):
-    """What one node of a two-node run needs: params.json, the tokenizer and its own shard."""
-    dst.mkdir()
-    for name in ("params.json", "tokenizer.model", f"consolidated.{shard:02d}.pth", *extra):
-        shutil.copy(src / name, dst / name)
-    return dst
-
-
-def test_each_node_holds_only_its_own_shard(make_ckpt, tmp_path):
-    from dist_helpers import one_process_result
-
-    src = make_ckpt("llama3", shards=2)
-    reference = one_process_result(src, tmp_path)  # one process, every shard
-    a = _node_folder(src, tmp_path / "node_a", 0, extra=("manifest.json", "checklist.chk"))
-    b = _node_folder(src, tmp_path / "node_b", 1)  # no manifest, no checklist: a copy made by hand
-    port, out = free_port(), tmp_path / "two.pt"
-    procs = [subprocess.Popen(worker_cmd(ckpt, out, 1, node=n, port=port), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for n, ckpt in enumerate((a, b))]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
-    result = torch.load(out, weights_only=True)
-    assert result["tokens"] == reference["tokens"]
-    torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-4, rtol=1e-4)
-
-
 def test_a_node_without_the_shard_its_rank_needs_stops_every_node(make_ckpt, tmp_path):
     src = make_ckpt("llama3", shards=2)
-    a = _node_folder(src, tmp_path / "node_a", 0)
-    b = _node_folder(src, tmp_path / "node_b", 0)  # node 1 was given node 0's shard
+    a = node_folder(src, tmp_path / "node_a", 0)
+    b = node_folder(src, tmp_path / "node_b", 0)  # node 1 was given node 0's shard
     procs, outputs, elapsed = run_two_nodes([a, b], tmp_path)
     assert all(p.returncode != 0 for p in procs), "\n".join(outputs)
     msg = f"{b} lacks consolidated.01.pth, which rank 1 of 2 needs (this checkpoint has 2 shards"
