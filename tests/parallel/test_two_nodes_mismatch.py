@@ -43,10 +43,18 @@ def test_nodes_with_different_checkpoints_fail_fast_naming_the_node(make_ckpt, t
 
 
 def test_nodes_with_different_settings_are_named(make_ckpt, tmp_path):
+    """Node 1 is given another max_seq_len and another dtype: both settings
+    are named, in whichever order, on both nodes."""
     ckpt = make_ckpt("llama3", shards=2)
-    procs, outputs, _ = run_two_nodes([ckpt, ckpt], tmp_path, extra=({}, {"max_seq_len": 96}))
-    assert all(p.returncode != 0 for p in procs), "\n".join(outputs)
-    assert "rank 1 on node 1" in outputs[0] and "differs in max_seq_len" in outputs[0]
+    other = {"max_seq_len": 96, "dtype": "bfloat16"}
+    procs, outputs, elapsed = run_two_nodes([ckpt, ckpt], tmp_path, extra=({}, other))
+    assert [p.returncode != 0 for p in procs] == [True, True], "\n".join(outputs)
+    assert "rank 1 on node 1" in outputs[0]
+    for out in outputs:
+        assert "exitcode  : 2" in out and " differs in " in out, out
+        assert "max_seq_len (rank 0 vs rank 1: 64 vs 96)" in out, out
+        assert "dtype (rank 0 vs rank 1: " in out and "bfloat16" in out, out
+    assert elapsed < 60
 
 
 def test_describe_and_differences(make_ckpt, tmp_path):
@@ -90,8 +98,8 @@ def test_nodes_with_other_weights_of_the_same_shape_are_named(make_ckpt, tmp_pat
     assert elapsed < 60
 
 
-@pytest.mark.parametrize("option, value, field", [("dtype", "bfloat16", "differs in dtype"),
-                                                  ("temperature", 0.5, "differs between ranks in params.temperature"),
+# A dtype given to one node only: test_nodes_with_different_settings_are_named.
+@pytest.mark.parametrize("option, value, field", [("temperature", 0.5, "differs between ranks in params.temperature"),
                                                   ("max_gen_len", 5, "differs between ranks in params.max_tokens")])
 def test_nodes_given_other_options_or_requests_all_stop_naming_the_field(option, value, field, make_ckpt, tmp_path):
     ckpt = make_ckpt("llama3", shards=2)
