@@ -2,6 +2,7 @@
 multi-process tests."""
 
 import copy
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,6 +55,14 @@ def one_process_result(ckpt, tmp_path):
     if key not in _ONE_PROCESS:
         _ONE_PROCESS[key] = run_worker(ckpt, tmp_path)
     return copy.deepcopy(_ONE_PROCESS[key])
+
+
+def node_folder(src, dst, shard, extra=()):
+    """What one node of a two-node run needs: params.json, the tokenizer and its own shard."""
+    dst.mkdir()
+    for name in ("params.json", "tokenizer.model", f"consolidated.{shard:02d}.pth", *extra):
+        shutil.copy(src / name, dst / name)
+    return dst
 
 
 def _worker_pid(launcher_pid: int) -> int:

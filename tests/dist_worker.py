@@ -24,7 +24,9 @@ PROMPTS = ["The llama is a domesticated", "Model parallelism splits every layer 
 
 def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, max_seq_len: int = 64,
          step_delay: float = 0.0, progress: Optional[str] = None, temperature: float = 0.0,
-         dtype: str = "float32", compile: bool = False, pipeline_stages: int = 1):
+         dtype: str = "float32", compile: bool = False, pipeline_stages: int = 1, tokens_only: bool = False):
+    """tokens_only: the greedy tokens and the logits of one prompt (with the
+    world size), for tests that compare only those; else every check below."""
     gen = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=len(PROMPTS),
                       device="cpu", dtype=dtype, compile=compile, pipeline_stages=pipeline_stages)
     parallel_steps = []  # decoding steps through our kernels' tensor-parallel path
@@ -40,19 +42,27 @@ def main(ckpt_dir: str, tokenizer_path: str, out: str, max_gen_len: int = 12, ma
                 Path(progress).write_text(str(i + 1))
             time.sleep(step_delay)
     tokens, _ = gen.generate(prompts, max_gen_len, temperature=temperature)
+    if tokens_only:
+        logits = prompt_logits(gen, prompts[1], pipeline_stages)
+        if dist.get_rank() == 0:
+            torch.save({"tokens": tokens, "logits": logits, "world_size": dist.get_world_size()}, out)
+        return
     joined = joining_requests(gen, prompts, max_gen_len)
     followed = rank0_only_requests(gen, prompts, max_gen_len)
-    if pipeline_stages == 1:
-        logits = gen.model.forward(torch.tensor([prompts[1]]), 0)
-        ties = argmax_ties()
-    else:  # every position's logits, from the last stage (the tie test needs one tensor-parallel group of all)
-        logits = gen.engine.passes.prefill([prompts[1]], rows=[0], all_logits=[True])[0][None]
-        ties = True
+    logits = prompt_logits(gen, prompts[1], pipeline_stages)
+    ties = argmax_ties() if pipeline_stages == 1 else True  # the tie test needs one tensor-parallel group of all
     sampled = sampled_requests(gen, prompts, max_gen_len)
     shm = shared_memory_check()
     if dist.get_rank() == 0:
         torch.save({"argmax_ties": ties, "shared_memory": shm, "sampled": sampled, "tokens": tokens, "joined": joined, "followed": followed, "logits": logits, "world_size": dist.get_world_size(),
                     "native": native.library() is not None, "parallel_native_steps": len(parallel_steps)}, out)
+
+
+def prompt_logits(gen, prompt, pipeline_stages):
+    """Every position's logits of `prompt` (1, len, vocab); with stages, from the last stage."""
+    if pipeline_stages == 1:
+        return gen.model.forward(torch.tensor([prompt]), 0)
+    return gen.engine.passes.prefill([prompt], rows=[0], all_logits=[True])[0][None]
 
 
 def argmax_ties():
@@ -128,23 +138,29 @@ def sampled_requests(gen, prompts, max_gen_len):
             out.append(tokens)
         return out
 
-    sizes, gather = [], collectives.all_gather_last_dim
+    sizes, gather, plans = [], collectives.all_gather_last_dim, []
+    plan = vocab_parallel.plan_from_candidates
 
     def counting(t):
         sizes.append(t.numel() * t.element_size())
         return gather(t)
-    collectives.all_gather_last_dim = counting
+
+    def planning(*args):
+        plans.append(1)
+        return plan(*args)
+    collectives.all_gather_last_dim, vocab_parallel.plan_from_candidates = counting, planning
     try:
         tokens = run()
     finally:
-        collectives.all_gather_last_dim = gather
-    plan = vocab_parallel.plan_from_candidates
+        collectives.all_gather_last_dim, vocab_parallel.plan_from_candidates = gather, plan
+    if not plans:  # no step planned from candidates (one process): a second run would take the very same path
+        return {"tokens": tokens, "full": tokens, "bytes": sizes, "planned": 0}
     vocab_parallel.plan_from_candidates = lambda *args: None  # every step falls back to the full logits
     try:
         full = run()
     finally:
         vocab_parallel.plan_from_candidates = plan
-    return {"tokens": tokens, "full": full, "bytes": sizes}
+    return {"tokens": tokens, "full": full, "bytes": sizes, "planned": len(plans)}
 
 
 def joining_requests(gen, prompts, max_gen_len):

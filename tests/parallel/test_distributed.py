@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from dist_helpers import WORKER, _worker_pid, free_port, one_process_result, run_worker, worker_cmd  # noqa: F401
+from dist_helpers import (WORKER, _worker_pid, free_port, node_folder, one_process_result, run_worker,  # noqa: F401
+                          worker_cmd)
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,7 @@ def assert_same(result, ref, world_size, shared_memory=True):
     # seeded sampling: the same tokens from the candidates as from the full logits (and as one process) ...
     assert result["sampled"]["tokens"] == result["sampled"]["full"] == ref["sampled"]["tokens"]
     if world_size > 1:  # ... exchanging 1 KB a row (64 candidates), not the logits (4 * 128256 / N bytes)
+        assert result["sampled"]["planned"] > 0  # "full" above is a second run, every step on the full logits
         sizes = result["sampled"]["bytes"]
         assert sizes and sum(s == 1040 for s in sizes) >= 0.8 * len(sizes), sizes  # one row a step
     torch.testing.assert_close(result["logits"], ref["logits"], atol=1e-4, rtol=1e-4)  # fp32 reduction order
@@ -55,18 +57,13 @@ def test_compiled_mp2_equals_mp1(make_ckpt, reference, tmp_path):
     assert_same(run_worker(make_ckpt("llama3"), tmp_path, nproc=2, compile=True), reference["llama3"], 2)
 
 
-@pytest.mark.parametrize("family", ["llama2", "llama3"])
-def test_mp2_equals_mp1(family, make_ckpt, reference, tmp_path):
-    result = run_worker(make_ckpt(family, shards=2), tmp_path, nproc=2)
-    assert_same(result, reference[family], 2)
+# llama3's MP=2 run is the one without shared memory (LLAMA_SHM=0: gloo only): llama3's 2-rank runs with
+# shared memory are those of an MP=1 checkpoint on two workers, compiled or not, and of two nodes.
+@pytest.mark.parametrize("family, shm", [("llama2", "1"), ("llama3", "0")], ids=["llama2", "llama3-without_shm"])
+def test_mp2_equals_mp1(family, shm, make_ckpt, reference, tmp_path):
+    result = run_worker(make_ckpt(family, shards=2), tmp_path, nproc=2, env={**os.environ, "LLAMA_SHM": shm})
+    assert_same(result, reference[family], 2, shared_memory=shm == "1")
     assert result["parallel_native_steps"] > 0 or not result["native"]  # half a block per call (our kernels)
-
-
-def test_mp2_without_shared_memory(make_ckpt, reference, tmp_path):
-    env = {**os.environ, "LLAMA_SHM": "0"}
-    result = run_worker(make_ckpt("llama3", shards=2), tmp_path, nproc=2, env=env)
-    assert_same(result, reference["llama3"], 2, shared_memory=False)
-    assert result["parallel_native_steps"] > 0 or not result["native"]
 
 
 def test_mp1_checkpoint_on_two_and_four_workers(make_ckpt, reference, tmp_path):
@@ -81,14 +78,24 @@ def test_mp2_checkpoint_on_one_worker(make_ckpt, reference, tmp_path):
         assert_same(one_process_result(make_ckpt(family, shards=2), tmp_path), reference[family], 1)
 
 
-def test_two_nodes(make_ckpt, reference, tmp_path):
-    ckpt, port = make_ckpt("llama3", shards=2), free_port()
-    out = tmp_path / "two_nodes.pt"
+def test_two_nodes_each_holding_only_its_own_shard(make_ckpt, reference, tmp_path):
+    """Two torchrun launches ("nodes" on this host), each given a folder with
+    only its own shard (node 1's a copy made by hand: no manifest, no
+    checklist): the results of one process reading the whole checkpoint,
+    MP=1 and MP=2."""
+    src = make_ckpt("llama3", shards=2)
+    one_process = one_process_result(src, tmp_path)  # one process, every shard
+    a = node_folder(src, tmp_path / "node_a", 0, extra=("manifest.json", "checklist.chk"))
+    b = node_folder(src, tmp_path / "node_b", 1)
+    port, out = free_port(), tmp_path / "two_nodes.pt"
     procs = [subprocess.Popen(worker_cmd(ckpt, out, 1, node=n, port=port), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for n in (0, 1)]
+                              stderr=subprocess.STDOUT, text=True) for n, ckpt in enumerate((a, b))]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
-    assert_same(torch.load(out, weights_only=True), reference["llama3"], 2)
+    result = torch.load(out, weights_only=True)
+    assert_same(result, reference["llama3"], 2)
+    assert result["tokens"] == one_process["tokens"]
+    torch.testing.assert_close(result["logits"], one_process["logits"], atol=1e-4, rtol=1e-4)
 
 
 def _start_two_nodes_and_wait_for_progress(ckpt, tmp_path, env):

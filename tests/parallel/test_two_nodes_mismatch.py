@@ -9,11 +9,10 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 from conftest import REPO
 from llama.parallel.fingerprint import describe, differences
-from dist_helpers import free_port, worker_cmd
+from dist_helpers import free_port, node_folder, worker_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +43,18 @@ def test_nodes_with_different_checkpoints_fail_fast_naming_the_node(make_ckpt, t
 
 
 def test_nodes_with_different_settings_are_named(make_ckpt, tmp_path):
+    """Node 1 is given another max_seq_len and another dtype: both settings
+    are named, in whichever order, on both nodes."""
     ckpt = make_ckpt("llama3", shards=2)
-    procs, outputs, _ = run_two_nodes([ckpt, ckpt], tmp_path, extra=({}, {"max_seq_len": 96}))
-    assert all(p.returncode != 0 for p in procs), "\n".join(outputs)
-    assert "rank 1 on node 1" in outputs[0] and "differs in max_seq_len" in outputs[0]
+    other = {"max_seq_len": 96, "dtype": "bfloat16"}
+    procs, outputs, elapsed = run_two_nodes([ckpt, ckpt], tmp_path, extra=({}, other))
+    assert [p.returncode != 0 for p in procs] == [True, True], "\n".join(outputs)
+    assert "rank 1 on node 1" in outputs[0]
+    for out in outputs:
+        assert "exitcode  : 2" in out and " differs in " in out, out
+        assert "max_seq_len (rank 0 vs rank 1: 64 vs 96)" in out, out
+        assert "dtype (rank 0 vs rank 1: " in out and "bfloat16" in out, out
+    assert elapsed < 60
 
 
 def test_describe_and_differences(make_ckpt, tmp_path):
@@ -61,35 +68,10 @@ def test_describe_and_differences(make_ckpt, tmp_path):
     assert differences(a, describe(copy, copy / "tokenizer.model", dtype="bfloat16")) == ["dtype", "shard sizes"]
 
 
-def _node_folder(src, dst, shard, extra=()):
-    """What one node of a two-node run needs: params.json, the tokenizer and its own shard."""
-    dst.mkdir()
-    for name in ("params.json", "tokenizer.model", f"consolidated.{shard:02d}.pth", *extra):
-        shutil.copy(src / name, dst / name)
-    return dst
-
-
-def test_each_node_holds_only_its_own_shard(make_ckpt, tmp_path):
-    from dist_helpers import one_process_result
-
-    src = make_ckpt("llama3", shards=2)
-    reference = one_process_result(src, tmp_path)  # one process, every shard
-    a = _node_folder(src, tmp_path / "node_a", 0, extra=("manifest.json", "checklist.chk"))
-    b = _node_folder(src, tmp_path / "node_b", 1)  # no manifest, no checklist: a copy made by hand
-    port, out = free_port(), tmp_path / "two.pt"
-    procs = [subprocess.Popen(worker_cmd(ckpt, out, 1, node=n, port=port), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for n, ckpt in enumerate((a, b))]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
-    result = torch.load(out, weights_only=True)
-    assert result["tokens"] == reference["tokens"]
-    torch.testing.assert_close(result["logits"], reference["logits"], atol=1e-4, rtol=1e-4)
-
-
 def test_a_node_without_the_shard_its_rank_needs_stops_every_node(make_ckpt, tmp_path):
     src = make_ckpt("llama3", shards=2)
-    a = _node_folder(src, tmp_path / "node_a", 0)
-    b = _node_folder(src, tmp_path / "node_b", 0)  # node 1 was given node 0's shard
+    a = node_folder(src, tmp_path / "node_a", 0)
+    b = node_folder(src, tmp_path / "node_b", 0)  # node 1 was given node 0's shard
     procs, outputs, elapsed = run_two_nodes([a, b], tmp_path)
     assert all(p.returncode != 0 for p in procs), "\n".join(outputs)
     msg = f"{b} lacks consolidated.01.pth, which rank 1 of 2 needs (this checkpoint has 2 shards"
@@ -116,8 +98,8 @@ def test_nodes_with_other_weights_of_the_same_shape_are_named(make_ckpt, tmp_pat
     assert elapsed < 60
 
 
-@pytest.mark.parametrize("option, value, field", [("dtype", "bfloat16", "differs in dtype"),
-                                                  ("temperature", 0.5, "differs between ranks in params.temperature"),
+# A dtype given to one node only: test_nodes_with_different_settings_are_named.
+@pytest.mark.parametrize("option, value, field", [("temperature", 0.5, "differs between ranks in params.temperature"),
                                                   ("max_gen_len", 5, "differs between ranks in params.max_tokens")])
 def test_nodes_given_other_options_or_requests_all_stop_naming_the_field(option, value, field, make_ckpt, tmp_path):
     ckpt = make_ckpt("llama3", shards=2)

@@ -31,9 +31,16 @@ def chat_through_pipe(cmd):
     return r.stdout
 
 
+@pytest.fixture(scope="module")
+def one_process_transcript(make_ckpt):
+    """The piped chat of one process on the MP=2 checkpoint (it reads both shards): the transcript the
+    pipe test checks and the one the torchrun run must equal, made once."""
+    return chat_through_pipe(command(make_ckpt("llama3", shards=2), "--max_seq_len", "512"))
+
+
 @pytest.mark.slow
-def test_interactive_through_a_pipe(make_ckpt):
-    out = chat_through_pipe(command(make_ckpt("llama3"), "--max_seq_len", "512"))
+def test_interactive_through_a_pipe(one_process_transcript):
+    out = one_process_transcript
     assert out.startswith("Chatting. /help lists the commands; an empty line or Ctrl-D ends, /new starts a new "
                           "conversation, Ctrl-C stops an answer.\nTools: calculator, current_time")
     assert out.count("> Assistant: ") == 3 and out.count("> User: ") == 6
@@ -42,10 +49,10 @@ def test_interactive_through_a_pipe(make_ckpt):
 
 
 @pytest.mark.slow
-def test_interactive_on_two_ranks_equals_one_process(make_ckpt):
+def test_interactive_on_two_ranks_equals_one_process(make_ckpt, one_process_transcript):
     """Under torchrun rank 0 reads the input and broadcasts it; both ranks
     generate together and the transcript is that of a single process."""
-    single = chat_through_pipe(command(make_ckpt("llama3", shards=2), "--max_seq_len", "512"))
+    single = one_process_transcript
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(free_port())]
     two = chat_through_pipe(torchrun + command(make_ckpt("llama3", shards=2), "--max_seq_len", "512")[1:])
