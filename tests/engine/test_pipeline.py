@@ -101,9 +101,8 @@ def test_a_stage_folder_loads_as_the_whole_checkpoint_does(make_ckpt, tmp_path):
 
 def test_errors_name_the_numbers_and_the_fix(make_ckpt, tmp_path):
     from llama.parallel.distributed import check_pipeline_stages
-    from llama.weights.stages import stage_folder, stage_layers
-
     from llama.weights.args import ModelArgs
+    from llama.weights.stages import stage_folder, stage_layers
 
     with pytest.raises(ValueError, match="the model has 2 layers, too few for 3 pipeline stages .* at most 2 stages"):
         stage_layers(ModelArgs(n_layers=2), 3, 0)
