@@ -4,21 +4,42 @@ engine, pipeline and compiled-decoding tests."""
 import torch
 
 
-def run_to_end(engine, schedule, max_steps=200):
-    """Steps `engine`; schedule maps a step number to requests submitted before it.
-    Returns {request id: [tokens]}, {request id: last event}."""
-    tokens, last, ids = {}, {}, []
+def drive(engine, plan, cancel=None, after_step=None, max_steps=500):
+    """Steps `engine` until it has no work: `plan` maps a step number to the
+    requests submitted before it, `cancel` (step, index) cancels the index-th
+    request submitted before that step, `after_step(engine)` runs after each
+    step. Returns ({index: [tokens]}, {index: last event}, [{index: tokens
+    that step}] per step), indexed in submission order; events of requests
+    submitted elsewhere are skipped."""
+    ids, tokens, last, steps = [], {}, {}, []
     for step in range(max_steps):
-        for request in schedule.get(step, []):
+        for request in plan.get(step, []):
             ids.append(engine.submit(request))
-        if not engine.has_work() and step > max(schedule):
+        if cancel is not None and cancel[0] == step:
+            engine.cancel(ids[cancel[1]])
+        if not engine.has_work() and step > max(plan):
             break
+        this = {}
         for e in engine.step():
+            if e.row not in ids:
+                continue
+            i = ids.index(e.row)
             if e.token is not None:
-                tokens.setdefault(e.row, []).append(e.token)
+                tokens.setdefault(i, []).append(e.token)
+                this[i] = this.get(i, 0) + 1
             if e.stop_reason is not None:
-                last[e.row] = e
-    return [tokens.get(i, []) for i in ids], [last[i] for i in ids]
+                last[i] = e
+        steps.append(this)
+        if after_step is not None:
+            after_step(engine)
+    return tokens, last, steps
+
+
+def run_to_end(engine, schedule, max_steps=200):
+    """drive's answers as lists in submission order: ([tokens], [last event])."""
+    tokens, last, _ = drive(engine, schedule, max_steps=max_steps)
+    submitted = range(sum(len(requests) for requests in schedule.values()))
+    return [tokens.get(i, []) for i in submitted], [last[i] for i in submitted]
 
 
 def encode(gen, texts):

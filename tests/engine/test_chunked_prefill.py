@@ -26,6 +26,7 @@ from llama import StopReason  # noqa: E402
 from llama.engine.engine import PREFILL_TOKEN_BUDGET, Engine, Request  # noqa: E402
 from llama.engine.prefix_cache import BLOCK  # noqa: E402
 from llama.engine.sampling import SamplingParams  # noqa: E402
+from engine_helpers import drive as shared_drive  # noqa: E402
 
 CHUNK = 16
 WHOLE = 10_000  # a budget no prompt here reaches: every prompt in one pass
@@ -47,31 +48,11 @@ def schedule(params):
 
 
 def drive(engine, plan, cancel=None):
-    """Steps `engine` to the end; `plan` maps a step to the requests submitted
-    before it, `cancel` (step, index) cancels the index-th request before that
-    step. Returns ({index: tokens}, {index: last event}, [{index: tokens} per step],
-    the number of steps after which a prompt was left part-prefilled)."""
-    ids, tokens, last, steps, partial = [], {}, {}, [], 0
-    for step in range(400):
-        for request in plan.get(step, []):
-            ids.append(engine.submit(request))
-        if cancel is not None and cancel[0] == step:
-            engine.cancel(ids[cancel[1]])
-        if not engine.has_work() and step > max(plan):
-            break
-        this = {}
-        for e in engine.step():
-            if e.row not in ids:  # a request submitted before this call
-                continue
-            i = ids.index(e.row)
-            if e.token is not None:
-                tokens.setdefault(i, []).append(e.token)
-                this[i] = this.get(i, 0) + 1
-            if e.stop_reason is not None:
-                last[i] = e
-        steps.append(this)
-        partial += engine.n_decoding < len(engine.running)
-    return tokens, last, steps, partial
+    """engine_helpers.drive, and the number of steps after which a prompt was left part-prefilled."""
+    partial = []
+    tokens, last, steps = shared_drive(engine, plan, cancel,
+                                       after_step=lambda e: partial.append(e.n_decoding < len(e.running)))
+    return tokens, last, steps, sum(partial)
 
 
 @pytest.fixture(scope="module")

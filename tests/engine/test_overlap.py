@@ -25,6 +25,7 @@ if __name__ == "__main__":  # the torchrun worker: this checkout's llama and tes
 from llama.engine.engine import Engine, Request  # noqa: E402
 from llama.engine.sampling import SamplingParams  # noqa: E402
 from llama.text.messages import StopReason  # noqa: E402
+from engine_helpers import drive as shared_drive  # noqa: E402
 
 ROWS = 4  # max_batch_size: 2 lanes of 2 rows with 2 stages
 TEXTS = ["The llama is a domesticated", "Alpacas", "Model parallelism splits every layer across workers: each",
@@ -50,24 +51,14 @@ CANCEL = (3, 4)  # before step 3, cancel the request submitted 5th
 
 
 def drive(engine, plan, cancel=None):
-    """Steps to the end: ({index: [tokens]}, {index: (reason, text, logprobs)}, the most lanes running at once)."""
-    ids, tokens, last, busiest = [], {}, {}, 0
-    for step in range(500):
-        for request in plan.get(step, []):
-            ids.append(engine.submit(request))
-        if cancel is not None and cancel[0] == step:
-            engine.cancel(ids[cancel[1]])
-        if not engine.has_work() and step > max(plan):
-            break
-        for e in engine.step():
-            i = ids.index(e.row)
-            if e.token is not None:
-                tokens.setdefault(i, []).append(e.token)
-            if e.stop_reason is not None:
-                c = e.completion
-                last[i] = (e.stop_reason.value, c.text, c.logprobs, c.tokens)
-        busiest = max(busiest, sum(bool(lane.running) for lane in engine._lanes))
-    return tokens, last, busiest
+    """engine_helpers.drive to the end: ({index: [tokens]}, {index: (reason, text,
+    logprobs, tokens)} (saved by the torchrun worker), the most lanes running at once)."""
+    busiest = []
+    tokens, last, _ = shared_drive(engine, plan, cancel, after_step=lambda e: busiest.append(
+        sum(bool(lane.running) for lane in e._lanes)))
+    last = {i: (e.stop_reason.value, e.completion.text, e.completion.logprobs, e.completion.tokens)
+            for i, e in last.items()}
+    return tokens, last, max(busiest, default=0)
 
 
 # -- the model's cache sets and the lanes' split ------------------------------------------
