@@ -46,6 +46,27 @@ def sse_events(lines):
     return out
 
 
+def stream_in_background(url, body, headers=None):
+    """Starts the streaming chat completion `body` on a thread of its own and
+    returns once its first line arrived (or the thread ended): (thread, got);
+    got["events"] holds sse_events of the whole stream once the thread ends."""
+    import httpx
+
+    got = {}
+
+    def stream():
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
+            lines = r.iter_lines()
+            got["first"] = next(lines)
+            got["events"] = sse_events([got["first"], *lines])
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    while "first" not in got and thread.is_alive():
+        time.sleep(0.01)
+    return thread, got
+
+
 def wait_healthy(proc, url, timeout=120):
     """Waits until the server process `proc` answers 200 on /health; AssertionError
     with its output if it exits or does not become healthy within `timeout` s."""

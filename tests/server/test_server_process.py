@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from llama import Llama
-from server_helpers import free_port, sse_events, wait_healthy
+from server_helpers import free_port, sse_events, stream_in_background, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -63,19 +63,9 @@ def test_sigterm_finishes_the_running_request_and_exits_0(make_ckpt):
         assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401  # LLAMA_API_KEY protects it
         headers = {"Authorization": "Bearer k"}
         assert chat(url, "Hello", 8).status_code == 401
-        got = {}
-
-        def stream():
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 60,
-                    "temperature": 0, "stream": True}
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
-                lines = r.iter_lines()
-                got["first"] = next(lines)
-                got["events"] = sse_events([got["first"], *lines])
-        t = threading.Thread(target=stream)
-        t.start()
-        while "first" not in got and t.is_alive():
-            time.sleep(0.01)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 60,
+                "temperature": 0, "stream": True}
+        t, got = stream_in_background(url, body, headers)
         proc.send_signal(signal.SIGTERM)
         t.join(60)
         out, _ = proc.communicate(timeout=60)
@@ -92,19 +82,9 @@ def test_sigterm_past_the_shutdown_timeout_ends_the_stream_with_an_error_and_don
     proc = start(serve_cmd(ckpt, port, None, "--max_seq_len", "1024", "--shutdown_timeout", "0.2"))
     try:
         wait_healthy(proc, url)
-        got = {}
-
-        def stream():
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1000,
-                    "temperature": 1.0, "seed": 1, "stream": True}
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
-                lines = r.iter_lines()
-                got["first"] = next(lines)
-                got["events"] = sse_events([got["first"], *lines])
-        t = threading.Thread(target=stream)
-        t.start()
-        while "first" not in got and t.is_alive():
-            time.sleep(0.01)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1000,
+                "temperature": 1.0, "seed": 1, "stream": True}
+        t, got = stream_in_background(url, body)
         proc.send_signal(signal.SIGTERM)
         t.join(60)
         out, _ = proc.communicate(timeout=60)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from conftest import REPO, build_tiny
 from engine_helpers import FOUR_LAYERS
-from server_helpers import free_port, sse_events, wait_healthy
+from server_helpers import free_port, sse_events, stream_in_background, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -142,18 +142,7 @@ def test_a_lost_stage_node_is_named_and_the_server_exits(make_ckpt):
     try:
         wait_healthy(nodes[0], url)
         stage1 = worker_pid(nodes[1].pid)
-        got = {}
-
-        def stream():
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body("Hello", 1000, {}, True),
-                              timeout=60) as r:
-                lines = r.iter_lines()
-                got["first"] = next(lines)
-                got["events"] = sse_events([got["first"], *lines])
-        t = threading.Thread(target=stream)
-        t.start()
-        while "first" not in got and t.is_alive():
-            time.sleep(0.01)
+        t, got = stream_in_background(url, body("Hello", 1000, {}, True))
         killed = time.monotonic()
         os.kill(stage1, signal.SIGKILL)
         health = None
