@@ -615,22 +615,28 @@ class Engine:
             events = self._decode_speculative(rows)
             if events is not None:  # None: no row had proposals this step
                 return events
-        tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
-        positions = [s.next_pos for s in rows]
-        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
+        tokens, start, argmax_only = self._decode_inputs(rows)
         # Logprobs need the full logits. Without them, rows whose token is the
         # raw arg-max need only that, sampled ones each rank's best candidates:
         # the runner exchanges those across tensor-parallel ranks, not the logits.
-        params = [s.request.params for s in rows]
-        needs_logits = any(p.wants_logprobs for p in params)
-        argmax_only = not needs_logits and all(p.argmax_only for p in params)
         states = None
-        if not argmax_only and not needs_logits:
+        if not argmax_only and not any(s.request.params.wants_logprobs for s in rows):
             states = lambda: self._row_states(rows)  # noqa: E731
         ids, logits = self.passes.decode(tokens, start, argmax_only=argmax_only, row_states=states)
+        return self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
+
+    def _decode_inputs(self, rows: List[_Sequence]) -> Tuple[torch.Tensor, object, bool]:
+        """A decoding pass's inputs for `rows`: (their last tokens (rows, 1), the
+        position they go to: one int, or a tensor of one per row, whether every
+        row's token is the raw logits' arg-max with no logprobs asked). Each row
+        counts that position as written (the pass writes it)."""
+        tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
+        positions = [s.next_pos for s in rows]
+        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
         for seq, pos in zip(rows, positions):
             seq.cached = pos + 1
-        return self._emit(rows, ids, None) if logits is None else self._sample_and_emit(rows, logits)
+        argmax_only = all(s.request.params.argmax_only and not s.request.params.wants_logprobs for s in rows)
+        return tokens, start, argmax_only
 
     def _decode_speculative(self, rows: List[_Sequence]) -> Optional[List[TokenEvent]]:
         """Up to k + 1 tokens for every running row in one pass (speculative.py):
@@ -696,14 +702,8 @@ class Engine:
         rows = self.running[:self.n_decoding]
         if not rows:
             return
-        tokens = torch.tensor([[s.tokens[-1]] for s in rows], dtype=torch.long, device=self.device)
-        positions = [s.next_pos for s in rows]
-        start = positions[0] if len(set(positions)) == 1 else torch.tensor(positions, device=self.device)
-        params = [s.request.params for s in rows]
-        argmax_only = all(p.argmax_only and not p.wants_logprobs for p in params)
+        tokens, start, argmax_only = self._decode_inputs(rows)
         lane.pending = (rows, self.passes.launch_decode(tokens, start, argmax_only))
-        for seq, pos in zip(rows, positions):
-            seq.cached = pos + 1
 
     def _collect(self, lane: _Lane) -> List[TokenEvent]:
         """The events of the passes the lane launched at its previous turn: the
